@@ -1,0 +1,84 @@
+// LoRA adapters on the transformer's linear layers.
+//
+// Two modes:
+//  * easycontrol: one adapter set per condition (--lora_num N). In double blocks q, k, v (slices
+//    of img_attn.qkv) and the attention output projection (img_attn.proj); in single blocks q, k, v
+//    (slices of linear1). Each adapter acts only on the tokens of its own condition.
+//  * standard: adapters on a configurable list of linears (diffusers names: to_q, to_k, to_v,
+//    to_out.0, add_q_proj, ..., proj_mlp, proj_out, ff.net.0.proj, ...), acting on every token
+//    that passes through the linear. Saved in the diffusers/peft key format.
+//
+// An adapter adds scale * up(down(x)) to rows [out_begin, out_end) of a fused BFL linear's output.
+// Masters are float32; compute casts them to the activation dtype (gradients flow back in float32).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "core/tensor_map.h"
+#include "model/flux_config.h"
+
+namespace fluxtrain {
+
+enum class LoraMode { EasyControl, Standard };
+
+struct LoraConfig {
+  LoraMode mode = LoraMode::EasyControl;
+  int lora_num = 1;                  // easycontrol: number of conditions
+  std::vector<int64_t> ranks{128};   // one per condition (easycontrol) or one value (standard)
+  std::vector<double> alphas{128};   // network_alphas, same count as ranks
+  // standard mode: diffusers-style linear names; empty = to_q,to_k,to_v,to_out.0 (+ single q,k,v)
+  std::vector<std::string> targets;
+  // standard mode: restrict to these global block indices (empty = all)
+  std::vector<int> blocks;
+  void validate() const;
+};
+
+struct LoraAdapter {
+  std::string key;       // export key stem (format depends on mode), e.g.
+                         // "transformer_blocks.0.attn.processor.q_loras.0"
+  int block = 0;         // global block index (doubles first, then singles)
+  std::string linear;    // fused BFL linear: "img_attn.qkv", "img_attn.proj", "txt_attn.qkv",
+                         // "img_mlp.0", "linear1", "linear2", ...
+  int64_t out_begin = 0, out_end = 0;  // rows of the linear's output the adapter adds to
+  int cond = -1;         // condition index it acts on (easycontrol); -1: all tokens
+  at::Tensor down;       // [rank, in_features], float32 master, requires_grad
+  at::Tensor up;         // [out_end - out_begin, rank], float32 master, requires_grad
+  double scale = 1.0;    // network_alpha / rank
+};
+
+class LoraSet {
+ public:
+  LoraSet() = default;
+  // New adapters: down ~ N(0, (1/rank)^2), up = 0 (EasyControl's init). Deterministic in seed.
+  static LoraSet create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t seed,
+                        at::ScalarType dtype = at::kFloat);
+  const LoraConfig& config() const { return config_; }
+  std::vector<LoraAdapter>& adapters() { return adapters_; }
+  const std::vector<LoraAdapter>& adapters() const { return adapters_; }
+  bool empty() const { return adapters_.empty(); }
+  // Adapters on (block, linear) acting on tokens of condition `cond` (-1 = the main streams);
+  // standard-mode adapters match every cond. Sorted by out_begin.
+  std::vector<const LoraAdapter*> find(int block, const std::string& linear, int cond) const;
+  std::vector<at::Tensor> parameters() const;  // down, up of every adapter, in order
+  // "<key>.down.weight" / "<key>.up.weight" (easycontrol) or peft "lora_A"/"lora_B" (standard).
+  TensorMap state() const;
+  // Loads weights saved by state() (or by EasyControl / peft); strict on keys and shapes.
+  void load_state(const TensorMap& tensors, const std::string& file);
+  void to(const at::TensorOptions& opts);
+
+ private:
+  LoraConfig config_;
+  std::vector<LoraAdapter> adapters_;
+  std::map<std::pair<int, std::string>, std::vector<size_t>> index_;
+  void build_index();
+};
+
+// y = x W^T + b, plus every matching adapter's scale * up(down(x)) on its rows.
+at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const LoraSet* lora, int block, const std::string& linear, int cond);
+
+}  // namespace fluxtrain
