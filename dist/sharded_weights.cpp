@@ -139,13 +139,19 @@ ShardedBlockWeights::Slot* ShardedBlockWeights::free_slot(bool allow_evict_unuse
 
 void ShardedBlockWeights::check_unreferenced(const Slot& s) const {
   if (s.views.empty()) return;
-  for (size_t k = 0; k < s.buffers.size(); ++k) {
-    if (static_cast<int64_t>(s.buffers[k].storage().use_count()) > s.baseline_refs[k])
-      throw Error("sharded weights: a tensor of block " + std::to_string(s.block) +
-                      " is still referenced after release(); its memory is about to hold another "
-                      "block (weights from acquire() are only valid until release())",
+  // Two ways to keep a weight: a copy of the handle we gave out (its TensorImpl has more than
+  // our one reference) or a tensor derived from it as a view (one more storage reference).
+  std::string which;
+  for (const auto& [name, v] : s.views)
+    if (which.empty() && v.use_count() > 1) which = name;
+  for (size_t k = 0; k < s.buffers.size(); ++k)
+    if (which.empty() && static_cast<int64_t>(s.buffers[k].storage().use_count()) > s.baseline_refs[k])
+      which = "a view of its " + std::string(c10::toString(s.buffers[k].scalar_type())) + " weights";
+  if (!which.empty())
+    throw Error("sharded weights: block " + std::to_string(s.block) + ": " + which +
+                    " is still referenced after release(); its memory is about to hold another block "
+                    "(weights from acquire() are only valid until release())",
                   ErrorKind::Internal);
-  }
 }
 
 void ShardedBlockWeights::start_gather(Slot& s, int block) {
