@@ -83,6 +83,7 @@ int cmd_bench(int argc, char** argv) {
   if (ckpt_s != "off") modes.push_back(true);
   for (const auto& bc : cases) {
     for (bool ckpt : modes) {
+      try {
       LoraConfig lc;
       lc.ranks = {bc.rank};
       lc.alphas = {static_cast<double>(bc.rank)};
@@ -153,6 +154,15 @@ int cmd_bench(int argc, char** argv) {
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
       std::cout << j.dump() << std::endl;
+      } catch (const c10::OutOfMemoryError& e) {
+        // Report and go on with the next configuration (everything of this one is freed).
+        nlohmann::json j = {{"name", "lora_step"}, {"device", device_label},
+                            {"config", {{"cond_size", bc.cond}, {"noise_size", bc.noise}, {"rank", bc.rank},
+                                        {"gradient_checkpointing", ckpt}}},
+                            {"error", "out of memory"}};
+        std::cout << j.dump() << std::endl;
+      }
+      if (!dev.is_cpu()) at::accelerator::emptyCache();
     }
   }
   return 0;

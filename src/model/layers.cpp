@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 namespace fluxtrain {
 
@@ -29,7 +30,41 @@ at::Tensor layer_norm(const at::Tensor& x) {
   return at::layer_norm(x, {x.size(-1)}, {}, {}, 1e-6);
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale) {
+namespace {
+
+// RMSNorm with a hand-written backward: saves x and the per-row 1/rms (float32) instead of
+// the float32 copies of x that the op-by-op graph would keep for every q and k.
+//   y = (x * r) * s,  r = 1/sqrt(mean(x^2) + eps)
+//   dx = r * (g - xhat * mean(g * xhat)),  g = dy * s,  xhat = x * r
+//   ds = sum over rows of dy * xhat
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale) {
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor xf = x.to(acc);
+    at::Tensor r = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-6);
+    ctx->save_for_backward({x, scale, r});
+    return (xf * r).to(x.scalar_type()) * scale;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &scale = s[1], &r = s[2];
+    const auto acc = r.scalar_type();
+    at::Tensor dy = grads[0].to(acc);
+    at::Tensor xhat = x.to(acc) * r;
+    at::Tensor g = dy * scale.to(acc);
+    at::Tensor dx = (r * (g - xhat * (g * xhat).mean(-1, true))).to(x.scalar_type());
+    at::Tensor ds;
+    if (scale.requires_grad()) ds = (dy * xhat).reshape({-1, scale.numel()}).sum(0).view(scale.sizes()).to(scale.scalar_type());
+    return {dx, ds};
+  }
+};
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale) { return RmsNormFunction::apply(x, scale); }
+
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor xf = x.to(acc);
   at::Tensor rrms = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-6);

@@ -14,6 +14,8 @@ at::Tensor mlp_embedder(const at::Tensor& x, const TensorMap& g, const std::stri
 at::Tensor layer_norm(const at::Tensor& x);
 // RMSNorm over the last dim in float32, eps 1e-6, then times scale (FLUX's QK norm).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale);
+// Plain-autograd version of the same (tests compare values and gradients).
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale);
 // (1 + scale) * LayerNorm(x) + shift; shift/scale are [B, 1, H].
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
 // Linear layer weight[prefix.weight], bias[prefix.bias] (bias optional).

@@ -1,6 +1,7 @@
 #include "model/rope.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 namespace fluxtrain {
 
@@ -19,7 +20,38 @@ Rope rope_from_ids(const at::Tensor& ids, const std::vector<int64_t>& axes_dim, 
   return {at::cos(ang).to(acc), at::sin(ang).to(acc)};
 }
 
+namespace {
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  auto shape = x.sizes().vec();
+  at::Tensor xf = x.to(cos.scalar_type()).reshape({shape[0], shape[1], shape[2], shape[3] / 2, 2});
+  at::Tensor x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);
+  return at::stack({cos * x0 - sin * x1, sin * x0 + cos * x1}, -1).reshape(shape).to(x.scalar_type());
+}
+
+// A rotation's backward is the rotation by the opposite angle. Written as a custom function,
+// backward needs only cos/sin (shared by all blocks) instead of float32 copies of q and k per
+// block, which plain autograd would keep alive.
+struct RopeFunction : public torch::autograd::Function<RopeFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    return rotate(x, cos, sin);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {rotate(grads[0], saved[0], -saved[1]), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor apply_rope(const at::Tensor& x, const Rope& r) {
+  return RopeFunction::apply(x, r.cos, r.sin);
+}
+
+at::Tensor apply_rope_reference(const at::Tensor& x, const Rope& r) {
   auto shape = x.sizes().vec();
   at::Tensor xf = x.to(r.cos.scalar_type()).reshape({shape[0], shape[1], shape[2], shape[3] / 2, 2});
   at::Tensor x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);

@@ -17,6 +17,8 @@ Rope rope_from_ids(const at::Tensor& ids, const std::vector<int64_t>& axes_dim, 
                    at::ScalarType acc);
 // x: [B, heads, L, D]; returns x rotated, in x's dtype (math in cos' dtype).
 at::Tensor apply_rope(const at::Tensor& x, const Rope& r);
+// The same rotation through plain autograd ops (tests compare the two, gradients included).
+at::Tensor apply_rope_reference(const at::Tensor& x, const Rope& r);
 Rope rope_cat(const std::vector<Rope>& parts);  // along L
 
 }  // namespace fluxtrain
