@@ -77,8 +77,10 @@ class LoraSet {
   void build_index();
 };
 
-// y = x W^T + b, plus every matching adapter's scale * up(down(x)) on its rows.
+// y = x W[rows]^T + b[rows], plus every matching adapter's scale * up(down(x)) on its rows.
+// rows = [row_begin, row_end) of the fused linear (row_end -1: all); adapters outside are skipped.
 at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                            const LoraSet* lora, int block, const std::string& linear, int cond);
+                            const LoraSet* lora, int block, const std::string& linear, int cond,
+                            int64_t row_begin = 0, int64_t row_end = -1);
 
 }  // namespace fluxtrain

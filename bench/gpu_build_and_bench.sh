@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds fluxtrain with CUDA on the GPU machine, runs the unit tests, a CUDA-vs-CPU forward
+# check, and the LoRA-step benchmark. Usage (repo root, .deps/ holding the Boost and
+# nlohmann-json .debs, see README): bash bench/gpu_build_and_bench.sh [bench args...]
+# Writes logs and bench.jsonl to $OUT (or ./out).
+set -euo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" /tmp/deps
+for f in .deps/*.deb; do dpkg -x "$f" /tmp/deps; done
+TORCH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+NCCL_LIB=$(python3 - <<'PY'
+import glob, os, site
+for d in site.getsitepackages():
+    hits = glob.glob(os.path.join(d, "nvidia", "nccl", "lib", "libnccl.so*"))
+    if hits: print(os.path.dirname(os.path.dirname(hits[0]))); break
+PY
+)
+export LD_LIBRARY_PATH=/tmp/deps/usr/lib/x86_64-linux-gnu:${NCCL_LIB:+$NCCL_LIB/lib:}${LD_LIBRARY_PATH:-}
+export NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXTRAIN_CUDA=ON \
+  -DFLUXTRAIN_TORCH_ROOT="$TORCH" -DFLUXTRAIN_PYTHON=python3 -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DCMAKE_PREFIX_PATH="/tmp/deps/usr;$TORCH/share/cmake" ${NCCL_LIB:+-DNCCL_ROOT=$NCCL_LIB} > "$OUT/cmake.log" 2>&1 \
+  || { tail -40 "$OUT/cmake.log"; exit 1; }
+ninja -C build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A3 "$OUT/build.log" | head -60; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+(cd build-gpu && ctest -L unit -j8 --output-on-failure > "$OUT/ctest.log" 2>&1; tail -4 "$OUT/ctest.log")
+# CUDA vs CPU forward of the tiny model, with a condition (float32).
+B=build-gpu/fluxtrain
+$B init-model --size tiny --output_dir /tmp/tiny > /dev/null
+python3 tests/py/make_forward_inputs.py /tmp/tiny_in.safetensors --cond 1 > /dev/null
+$B forward --pretrained_model_name_or_path /tmp/tiny --inputs /tmp/tiny_in.safetensors --output /tmp/o_cpu.safetensors > /dev/null
+$B forward --pretrained_model_name_or_path /tmp/tiny --inputs /tmp/tiny_in.safetensors --output /tmp/o_gpu.safetensors --device cuda > /dev/null
+python3 -c "
+from safetensors.torch import load_file
+a=load_file('/tmp/o_cpu.safetensors')['output'].double(); b=load_file('/tmp/o_gpu.safetensors')['output'].double()
+print('cuda vs cpu forward (tiny, f32): rel err %.2e' % ((a-b).abs().max()/a.abs().max()))"
+$B bench --device cuda "$@" | tee "$OUT/bench.jsonl"

@@ -1,0 +1,23 @@
+// Shared helpers of the subcommands: option parsing that turns Boost errors into one-line
+// fluxtrain errors, dtype/device names.
+#pragma once
+#include <string>
+
+#include <boost/program_options/options_description.hpp>
+#include <boost/program_options/variables_map.hpp>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+namespace fluxtrain {
+
+// Parses argv (argv[0] = the subcommand name) into vm and runs notify(). Returns false when
+// --help was given (help already printed to stdout).
+bool parse_command_line(const std::string& command, const boost::program_options::options_description& desc,
+                        int argc, char** argv, boost::program_options::variables_map& vm);
+
+// "f32"/"float32", "f64"/"float64", "bf16"/"bfloat16", "f16"/"float16"; throws naming flag.
+at::ScalarType parse_dtype(const std::string& s, const std::string& flag);
+// "cpu", "cuda", "cuda:N"; throws naming flag, or when CUDA is asked for but absent.
+c10::Device parse_device(const std::string& s, const std::string& flag);
+
+}  // namespace fluxtrain

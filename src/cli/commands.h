@@ -1,0 +1,9 @@
+// Subcommands of the `fluxtrain` binary. Each parses its own options (Boost.Program_options)
+// and returns the process exit code; errors are thrown as fluxtrain::Error and printed by main.
+#pragma once
+
+namespace fluxtrain {
+int cmd_init_model(int argc, char** argv);
+int cmd_forward(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
+}  // namespace fluxtrain

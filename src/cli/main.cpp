@@ -1,0 +1,55 @@
+// fluxtrain: one binary, subcommands. Errors print as one line; exit 2 = bad input, 1 = internal.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*fn)(int, char**);
+  const char* help;
+};
+
+const Command kCommands[] = {
+    {"init-model", fluxtrain::cmd_init_model, "write a randomly initialised transformer (BFL + diffusers layouts)"},
+    {"forward", fluxtrain::cmd_forward, "run the transformer on an inputs .safetensors file, write the output"},
+    {"bench", fluxtrain::cmd_bench, "time one LoRA training step (JSON lines)"},
+};
+
+void usage(std::FILE* out) {
+  std::fprintf(out, "usage: fluxtrain <command> [options]   (fluxtrain <command> --help for its options)\n\ncommands:\n");
+  for (const auto& c : kCommands) std::fprintf(out, "  %-12s %s\n", c.name, c.help);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    usage(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  for (const auto& c : kCommands) {
+    if (name != c.name) continue;
+    try {
+      return c.fn(argc - 1, argv + 1);
+    } catch (const fluxtrain::Error& e) {
+      std::fprintf(stderr, "fluxtrain %s: error: %s\n", c.name, e.what());
+      return e.exit_code();
+    } catch (const std::exception& e) {
+      // Internal failures (LibTorch errors carry multi-line backtraces: keep the first line).
+      std::string msg = e.what();
+      msg = msg.substr(0, msg.find('\n'));
+      std::fprintf(stderr, "fluxtrain %s: internal error: %s\n", c.name, msg.c_str());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "fluxtrain: unknown command '%s'\n", name.c_str());
+  usage(stderr);
+  return 2;
+}

@@ -1,0 +1,180 @@
+#include "model/blocks.h"
+
+#include <ATen/ATen.h>
+
+#include "model/layers.h"
+
+namespace fluxtrain {
+namespace {
+
+struct Heads {
+  at::Tensor q, k, v;  // [B, heads, L, D]
+};
+
+// [B, L, 3H] -> q, k, v [B, heads, L, D], with FLUX's QK RMSNorm.
+Heads split_heads(const at::Tensor& qkv, int64_t heads, const at::Tensor& q_scale, const at::Tensor& k_scale) {
+  const int64_t B = qkv.size(0), L = qkv.size(1), D = qkv.size(2) / (3 * heads);
+  at::Tensor t = qkv.view({B, L, 3, heads, D}).permute({2, 0, 3, 1, 4});
+  at::Tensor v = t[2];
+  return {rms_norm(t[0], q_scale).to(v.scalar_type()), rms_norm(t[1], k_scale).to(v.scalar_type()), v};
+}
+
+at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, heads*D]
+  return o.transpose(1, 2).flatten(2);
+}
+
+// A linear applied to the condition stream: condition n's tokens get condition n's adapters.
+at::Tensor cond_linear(const BlockContext& c, const at::Tensor& xc, const TensorMap& w, const std::string& name,
+                       int64_t row_begin = 0, int64_t row_end = -1) {
+  const at::Tensor& W = w.at(name + ".weight");
+  auto bi = w.find(name + ".bias");
+  const at::Tensor b = bi == w.end() ? at::Tensor() : bi->second;
+  if (c.cond_lens.size() == 1) return linear_with_lora(xc, W, b, c.lora, c.block, name, 0, row_begin, row_end);
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (size_t n = 0; n < c.cond_lens.size(); ++n) {
+    parts.push_back(linear_with_lora(xc.narrow(1, off, c.cond_lens[n]), W, b, c.lora, c.block, name,
+                                     static_cast<int>(n), row_begin, row_end));
+    off += c.cond_lens[n];
+  }
+  return at::cat(parts, 1);
+}
+
+at::Tensor main_linear(const BlockContext& c, const at::Tensor& x, const TensorMap& w, const std::string& name,
+                       int64_t row_begin = 0, int64_t row_end = -1) {
+  auto bi = w.find(name + ".bias");
+  return linear_with_lora(x, w.at(name + ".weight"), bi == w.end() ? at::Tensor() : bi->second, c.lora, c.block,
+                          name, -1, row_begin, row_end);
+}
+
+// Modulation vectors: lin(silu(vec)) split into n chunks of [B, 1, H].
+std::vector<at::Tensor> modulation(const at::Tensor& vec, const TensorMap& w, const std::string& name, int64_t n) {
+  return linear(at::silu(vec), w, name).unsqueeze(1).chunk(n, -1);
+}
+
+template <typename Lin>
+at::Tensor mlp(const at::Tensor& x, const std::string& prefix, Lin&& lin) {
+  return lin(at::gelu(lin(x, prefix + ".0"), "tanh"), prefix + ".2");
+}
+
+}  // namespace
+
+at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
+                           const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
+                           const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
+  if (!k_cond.defined()) return merge_heads(at::scaled_dot_product_attention(q_main, k_main, v_main));
+  at::Tensor k_all = at::cat({k_main, k_cond}, 2);
+  at::Tensor v_all = at::cat({v_main, v_cond}, 2);
+  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main, k_all, v_all));
+  if (out_cond && q_cond.defined()) {
+    bool equal = true;
+    for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
+    const int64_t n = static_cast<int64_t>(cond_lens.size());
+    if (equal && n > 1) {
+      // [B, h, n*Lc, D] -> [B*n, h, Lc, D]: all conditions in one batched call.
+      auto fold = [&](const at::Tensor& t) {
+        const int64_t B = t.size(0), h = t.size(1), D = t.size(3);
+        return t.view({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D});
+      };
+      at::Tensor oc = at::scaled_dot_product_attention(fold(q_cond), fold(k_cond), fold(v_cond));
+      const int64_t B = q_cond.size(0), h = q_cond.size(1), D = q_cond.size(3);
+      oc = oc.view({B, n, h, cond_lens[0], D}).transpose(1, 2).reshape({B, h, n * cond_lens[0], D});
+      *out_cond = merge_heads(oc);
+    } else {
+      std::vector<at::Tensor> parts;
+      int64_t off = 0;
+      for (int64_t l : cond_lens) {
+        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l), k_cond.narrow(2, off, l),
+                                                         v_cond.narrow(2, off, l)));
+        off += l;
+      }
+      *out_cond = merge_heads(parts.size() == 1 ? parts[0] : at::cat(parts, 2));
+    }
+  }
+  return om;
+}
+
+std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, const at::Tensor& img,
+                                     const at::Tensor& txt, const at::Tensor& cond, const at::Tensor& vec,
+                                     const at::Tensor& vec_cond) {
+  const int64_t heads = c.cfg->num_heads, T = txt.size(1);
+  const bool has_cond = cond.defined();
+  auto img_lin = [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); };
+  auto cond_lin = [&](const at::Tensor& x, const std::string& n) { return cond_linear(c, x, w, n); };
+
+  auto im = modulation(vec, w, "img_mod.lin", 6);
+  auto tm = modulation(vec, w, "txt_mod.lin", 6);
+  Heads ih = split_heads(img_lin(modulate(img, im[0], im[1]), "img_attn.qkv"), heads,
+                         w.at("img_attn.norm.query_norm.scale"), w.at("img_attn.norm.key_norm.scale"));
+  Heads th = split_heads(main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv"), heads,
+                         w.at("txt_attn.norm.query_norm.scale"), w.at("txt_attn.norm.key_norm.scale"));
+  at::Tensor q = apply_rope(at::cat({th.q, ih.q}, 2), c.rope_main);
+  at::Tensor k = apply_rope(at::cat({th.k, ih.k}, 2), c.rope_main);
+  at::Tensor v = at::cat({th.v, ih.v}, 2);
+
+  std::vector<at::Tensor> cm;
+  Heads ch;
+  if (has_cond) {
+    cm = modulation(vec_cond, w, "img_mod.lin", 6);  // image-stream weights, timestep-0 embedding
+    ch = split_heads(cond_lin(modulate(cond, cm[0], cm[1]), "img_attn.qkv"), heads,
+                     w.at("img_attn.norm.query_norm.scale"), w.at("img_attn.norm.key_norm.scale"));
+    ch.q = apply_rope(ch.q, c.rope_cond);
+    ch.k = apply_rope(ch.k, c.rope_cond);
+  }
+  at::Tensor oc;
+  at::Tensor om = split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
+
+  at::Tensor txt_a = om.narrow(1, 0, T), img_a = om.narrow(1, T, om.size(1) - T);
+  at::Tensor img_out = img + im[2] * img_lin(img_a, "img_attn.proj");
+  img_out = img_out + im[5] * mlp(modulate(img_out, im[3], im[4]), "img_mlp", img_lin);
+  at::Tensor txt_out = txt + tm[2] * main_linear(c, txt_a, w, "txt_attn.proj");
+  txt_out = txt_out + tm[5] * mlp(modulate(txt_out, tm[3], tm[4]), "txt_mlp",
+                                  [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); });
+  at::Tensor cond_out;
+  if (has_cond) {
+    cond_out = cond + cm[2] * cond_lin(oc, "img_attn.proj");
+    cond_out = cond_out + cm[5] * mlp(modulate(cond_out, cm[3], cm[4]), "img_mlp", cond_lin);
+  }
+  return {img_out, txt_out, cond_out};
+}
+
+std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, const at::Tensor& x,
+                                     const at::Tensor& cond, const at::Tensor& vec, const at::Tensor& vec_cond) {
+  const int64_t heads = c.cfg->num_heads, H = c.cfg->hidden_size, M = c.cfg->mlp_hidden();
+  const bool has_cond = cond.defined();
+  const at::Tensor& qs = w.at("norm.query_norm.scale");
+  const at::Tensor& ks = w.at("norm.key_norm.scale");
+
+  auto m = modulation(vec, w, "modulation.lin", 3);
+  at::Tensor xn = modulate(x, m[0], m[1]);
+  Heads h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
+  at::Tensor mlp_in = main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
+  h.q = apply_rope(h.q, c.rope_main);
+  h.k = apply_rope(h.k, c.rope_main);
+
+  std::vector<at::Tensor> cm;
+  Heads ch;
+  at::Tensor cn;
+  if (has_cond) {
+    cm = modulation(vec_cond, w, "modulation.lin", 3);
+    cn = modulate(cond, cm[0], cm[1]);
+    ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
+    ch.q = apply_rope(ch.q, c.rope_cond);
+    ch.k = apply_rope(ch.k, c.rope_cond);
+  }
+  // After the last block only the noise tokens are read: the condition stream's own attention
+  // output and MLP would be discarded, so they are not computed (its keys/values still are).
+  const bool cond_out_needed = has_cond && !c.last_block;
+  at::Tensor oc;
+  at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
+  at::Tensor x_out =
+      x + m[2] * main_linear(c, at::cat({om, at::gelu(mlp_in, "tanh")}, -1), w, "linear2");
+  at::Tensor cond_out = cond;
+  if (cond_out_needed) {
+    at::Tensor cmlp = cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M);
+    cond_out = cond + cm[2] * cond_linear(c, at::cat({oc, at::gelu(cmlp, "tanh")}, -1), w, "linear2");
+  }
+  return {x_out, cond_out};
+}
+
+}  // namespace fluxtrain

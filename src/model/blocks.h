@@ -1,0 +1,44 @@
+// FLUX double- and single-stream blocks with EasyControl's condition stream, and the split
+// attention they share. Pure functions of (activations, block weights): no state, no devices.
+#pragma once
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "core/tensor_map.h"
+#include "model/flux_config.h"
+#include "model/lora.h"
+#include "model/rope.h"
+
+namespace fluxtrain {
+
+struct BlockContext {
+  const FluxConfig* cfg = nullptr;
+  const LoraSet* lora = nullptr;
+  int block = 0;                  // global block index
+  std::vector<int64_t> cond_lens; // tokens per condition (empty: no condition stream)
+  Rope rope_main;                 // text + noise tokens
+  Rope rope_cond;                 // all condition tokens, in order
+  bool last_block = false;        // condition stream's own output is not needed after it
+};
+
+// Text+noise queries attend to all keys (text, noise, every condition); each condition's
+// queries attend only to that condition's keys. No dense mask: one attention call for the
+// main queries and one (batched when condition sizes are equal) for the conditions, so the
+// fused/flash kernels apply. q/k/v: [B, heads, L, D]. Returns [B, L, heads*D] for each.
+// out_cond is left undefined when q_cond is undefined.
+at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
+                           const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
+                           const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
+
+// img [B,L,H], txt [B,T,H], cond [B,Lc,H] or undefined; vec, vec_cond [B,H].
+// Returns {img, txt, cond}.
+std::vector<at::Tensor> double_block(const BlockContext& ctx, const TensorMap& w, const at::Tensor& img,
+                                     const at::Tensor& txt, const at::Tensor& cond, const at::Tensor& vec,
+                                     const at::Tensor& vec_cond);
+
+// x = cat(txt, img) [B,T+L,H]. Returns {x, cond}.
+std::vector<at::Tensor> single_block(const BlockContext& ctx, const TensorMap& w, const at::Tensor& x,
+                                     const at::Tensor& cond, const at::Tensor& vec, const at::Tensor& vec_cond);
+
+}  // namespace fluxtrain

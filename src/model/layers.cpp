@@ -1,0 +1,78 @@
+#include "model/layers.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace fluxtrain {
+
+at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, at::ScalarType out_dtype) {
+  // Computed in float32 (float64 when the model runs in float64) for accuracy at t*1000.
+  const auto acc = out_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t half = dim / 2;
+  at::Tensor freqs = at::exp(-std::log(10000.0) *
+                             at::arange(half, t.options().dtype(acc)) / static_cast<double>(half));
+  at::Tensor args = (t.to(acc) * 1000.0).unsqueeze(1) * freqs.unsqueeze(0);
+  return at::cat({at::cos(args), at::sin(args)}, 1).to(out_dtype);
+}
+
+at::Tensor linear(const at::Tensor& x, const TensorMap& w, const std::string& prefix) {
+  auto b = w.find(prefix + ".bias");
+  return at::linear(x, w.at(prefix + ".weight"), b == w.end() ? at::Tensor() : b->second);
+}
+
+at::Tensor mlp_embedder(const at::Tensor& x, const TensorMap& g, const std::string& prefix) {
+  return linear(at::silu(linear(x, g, prefix + ".in_layer")), g, prefix + ".out_layer");
+}
+
+at::Tensor layer_norm(const at::Tensor& x) {
+  return at::layer_norm(x, {x.size(-1)}, {}, {}, 1e-6);
+}
+
+namespace {
+
+// RMSNorm with a hand-written backward: saves x and the per-row 1/rms (float32) instead of
+// the float32 copies of x that the op-by-op graph would keep for every q and k.
+//   y = (x * r) * s,  r = 1/sqrt(mean(x^2) + eps)
+//   dx = r * (g - xhat * mean(g * xhat)),  g = dy * s,  xhat = x * r
+//   ds = sum over rows of dy * xhat
+struct RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale) {
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor xf = x.to(acc);
+    at::Tensor r = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-6);
+    ctx->save_for_backward({x, scale, r});
+    return (xf * r).to(x.scalar_type()) * scale;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &scale = s[1], &r = s[2];
+    const auto acc = r.scalar_type();
+    at::Tensor dy = grads[0].to(acc);
+    at::Tensor xhat = x.to(acc) * r;
+    at::Tensor g = dy * scale.to(acc);
+    at::Tensor dx = (r * (g - xhat * (g * xhat).mean(-1, true))).to(x.scalar_type());
+    at::Tensor ds;
+    if (scale.requires_grad()) ds = (dy * xhat).reshape({-1, scale.numel()}).sum(0).view(scale.sizes()).to(scale.scalar_type());
+    return {dx, ds};
+  }
+};
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale) { return RmsNormFunction::apply(x, scale); }
+
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xf = x.to(acc);
+  at::Tensor rrms = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-6);
+  return (xf * rrms).to(x.scalar_type()) * scale;
+}
+
+at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
+  return at::addcmul(shift, layer_norm(x), 1 + scale);
+}
+
+}  // namespace fluxtrain

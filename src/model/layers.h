@@ -1,0 +1,24 @@
+// Small building blocks of the FLUX transformer, as pure functions of tensors.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "core/tensor_map.h"
+
+namespace fluxtrain {
+
+// Sinusoidal embedding of t in [0,1] (scaled by 1000 as FLUX does): [B] -> [B, dim], cos first.
+at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, at::ScalarType out_dtype);
+// in_layer -> SiLU -> out_layer  (time_in, vector_in, guidance_in)
+at::Tensor mlp_embedder(const at::Tensor& x, const TensorMap& g, const std::string& prefix);
+// LayerNorm over the last dim without affine parameters, eps 1e-6.
+at::Tensor layer_norm(const at::Tensor& x);
+// RMSNorm over the last dim in float32, eps 1e-6, then times scale (FLUX's QK norm).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale);
+// Plain-autograd version of the same (tests compare values and gradients).
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale);
+// (1 + scale) * LayerNorm(x) + shift; shift/scale are [B, 1, H].
+at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+// Linear layer weight[prefix.weight], bias[prefix.bias] (bias optional).
+at::Tensor linear(const at::Tensor& x, const TensorMap& w, const std::string& prefix);
+
+}  // namespace fluxtrain

@@ -1,0 +1,248 @@
+#include "model/lora.h"
+
+#include <algorithm>
+#include <set>
+
+#include <ATen/ATen.h>
+
+#include "core/error.h"
+
+namespace fluxtrain {
+namespace {
+
+// Where a diffusers-named linear lives inside a block: BFL fused linear, rows, in-features.
+struct TargetSpec {
+  std::string linear;
+  int64_t begin, end, in;
+};
+
+bool target_in_double(const std::string& t, const FluxConfig& c, TargetSpec* out) {
+  const int64_t H = c.hidden_size, M = c.mlp_hidden();
+  if (t == "to_q") *out = {"img_attn.qkv", 0, H, H};
+  else if (t == "to_k") *out = {"img_attn.qkv", H, 2 * H, H};
+  else if (t == "to_v") *out = {"img_attn.qkv", 2 * H, 3 * H, H};
+  else if (t == "to_out.0") *out = {"img_attn.proj", 0, H, H};
+  else if (t == "add_q_proj") *out = {"txt_attn.qkv", 0, H, H};
+  else if (t == "add_k_proj") *out = {"txt_attn.qkv", H, 2 * H, H};
+  else if (t == "add_v_proj") *out = {"txt_attn.qkv", 2 * H, 3 * H, H};
+  else if (t == "to_add_out") *out = {"txt_attn.proj", 0, H, H};
+  else if (t == "ff.net.0.proj") *out = {"img_mlp.0", 0, M, H};
+  else if (t == "ff.net.2") *out = {"img_mlp.2", 0, H, M};
+  else if (t == "ff_context.net.0.proj") *out = {"txt_mlp.0", 0, M, H};
+  else if (t == "ff_context.net.2") *out = {"txt_mlp.2", 0, H, M};
+  else return false;
+  return true;
+}
+
+bool target_in_single(const std::string& t, const FluxConfig& c, TargetSpec* out) {
+  const int64_t H = c.hidden_size, M = c.mlp_hidden();
+  if (t == "to_q") *out = {"linear1", 0, H, H};
+  else if (t == "to_k") *out = {"linear1", H, 2 * H, H};
+  else if (t == "to_v") *out = {"linear1", 2 * H, 3 * H, H};
+  else if (t == "proj_mlp") *out = {"linear1", 3 * H, 3 * H + M, H};
+  else if (t == "proj_out") *out = {"linear2", 0, H, H + M};
+  else return false;
+  return true;
+}
+
+const std::set<std::string>& known_targets() {
+  static const std::set<std::string> s = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                          "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                                          "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"};
+  return s;
+}
+
+// Diffusers path of target t in block b ("transformer_blocks.3.attn.to_q").
+std::string diffusers_path(const FluxConfig& c, int block, const std::string& t) {
+  const bool dbl = block < c.depth;
+  const std::string head = dbl ? "transformer_blocks." + std::to_string(block)
+                               : "single_transformer_blocks." + std::to_string(block - c.depth);
+  const bool in_attn = t.rfind("to_", 0) == 0 || t.rfind("add_", 0) == 0;
+  return head + (in_attn ? ".attn." : ".") + t;
+}
+
+}  // namespace
+
+void LoraConfig::validate() const {
+  if (ranks.empty() || alphas.empty()) throw Error("--ranks and --network_alphas need at least one value");
+  if (ranks.size() != alphas.size())
+    throw Error("--ranks has " + std::to_string(ranks.size()) + " values but --network_alphas has " +
+                std::to_string(alphas.size()));
+  for (int64_t r : ranks)
+    if (r <= 0) throw Error("--ranks values must be positive, got " + std::to_string(r));
+  if (mode == LoraMode::EasyControl) {
+    if (lora_num < 1) throw Error("--lora_num must be at least 1");
+    if (static_cast<int>(ranks.size()) != lora_num)
+      throw Error("--ranks has " + std::to_string(ranks.size()) + " values, expected one per condition (--lora_num " +
+                  std::to_string(lora_num) + ")");
+  } else {
+    if (ranks.size() != 1) throw Error("--ranks takes one value in --lora_mode standard");
+    for (const auto& t : targets)
+      if (!known_targets().count(t)) throw Error("--lora_targets: unknown target '" + t + "'");
+  }
+}
+
+LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t seed, at::ScalarType dtype) {
+  lc.validate();
+  LoraSet set;
+  set.config_ = lc;
+  const int64_t H = cfg.hidden_size;
+  auto add = [&](const std::string& key, int block, const std::string& linear, int64_t b, int64_t e, int64_t in,
+                 int cond, int64_t rank, double alpha) {
+    LoraAdapter a;
+    a.key = key;
+    a.block = block;
+    a.linear = linear;
+    a.out_begin = b;
+    a.out_end = e;
+    a.cond = cond;
+    a.scale = alpha / static_cast<double>(rank);
+    a.down = at::empty({rank, in}, at::TensorOptions().dtype(dtype));
+    a.up = at::zeros({e - b, rank}, at::TensorOptions().dtype(dtype));
+    set.adapters_.push_back(std::move(a));
+  };
+  if (lc.mode == LoraMode::EasyControl) {
+    for (int blk = 0; blk < cfg.num_blocks(); ++blk) {
+      const bool dbl = blk < cfg.depth;
+      const std::string head = dbl ? "transformer_blocks." + std::to_string(blk)
+                                   : "single_transformer_blocks." + std::to_string(blk - cfg.depth);
+      const std::string qkv = dbl ? "img_attn.qkv" : "linear1";
+      for (int n = 0; n < lc.lora_num; ++n) {
+        const std::string p = head + ".attn.processor.";
+        const std::string sn = "." + std::to_string(n);
+        const int64_t r = lc.ranks[n];
+        const double al = lc.alphas[n];
+        add(p + "q_loras" + sn, blk, qkv, 0, H, H, n, r, al);
+        add(p + "k_loras" + sn, blk, qkv, H, 2 * H, H, n, r, al);
+        add(p + "v_loras" + sn, blk, qkv, 2 * H, 3 * H, H, n, r, al);
+        if (dbl) add(p + "proj_loras" + sn, blk, "img_attn.proj", 0, H, H, n, r, al);
+      }
+    }
+  } else {
+    std::vector<std::string> targets = lc.targets;
+    if (targets.empty()) targets = {"to_q", "to_k", "to_v", "to_out.0"};
+    for (int blk = 0; blk < cfg.num_blocks(); ++blk) {
+      if (!lc.blocks.empty() && std::find(lc.blocks.begin(), lc.blocks.end(), blk) == lc.blocks.end()) continue;
+      for (const auto& t : targets) {
+        TargetSpec s;
+        const bool ok = blk < cfg.depth ? target_in_double(t, cfg, &s) : target_in_single(t, cfg, &s);
+        if (!ok) continue;  // e.g. to_out.0 has no single-block counterpart
+        add("transformer." + diffusers_path(cfg, blk, t), blk, s.linear, s.begin, s.end, s.in, -1, lc.ranks[0],
+            lc.alphas[0]);
+      }
+    }
+  }
+  // EasyControl's init: down ~ N(0, 1/r), up = 0. One generator, adapters in a fixed order.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (auto& a : set.adapters_) {
+    const double std = 1.0 / static_cast<double>(a.down.size(0));
+    a.down = at::normal(0.0, std, a.down.sizes(), gen, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+    a.down.set_requires_grad(true);
+    a.up.set_requires_grad(true);
+  }
+  set.build_index();
+  return set;
+}
+
+void LoraSet::build_index() {
+  index_.clear();
+  for (size_t i = 0; i < adapters_.size(); ++i) index_[{adapters_[i].block, adapters_[i].linear}].push_back(i);
+  for (auto& kv : index_)
+    std::sort(kv.second.begin(), kv.second.end(),
+              [&](size_t a, size_t b) { return adapters_[a].out_begin < adapters_[b].out_begin; });
+}
+
+std::vector<const LoraAdapter*> LoraSet::find(int block, const std::string& linear, int cond) const {
+  std::vector<const LoraAdapter*> out;
+  auto it = index_.find({block, linear});
+  if (it == index_.end()) return out;
+  for (size_t i : it->second) {
+    const auto& a = adapters_[i];
+    if (a.cond == -1 || a.cond == cond) out.push_back(&a);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> LoraSet::parameters() const {
+  std::vector<at::Tensor> p;
+  for (const auto& a : adapters_) {
+    p.push_back(a.down);
+    p.push_back(a.up);
+  }
+  return p;
+}
+
+TensorMap LoraSet::state() const {
+  TensorMap m;
+  const bool ec = config_.mode == LoraMode::EasyControl;
+  for (const auto& a : adapters_) {
+    m.emplace(a.key + (ec ? ".down.weight" : ".lora_A.weight"), a.down.detach());
+    m.emplace(a.key + (ec ? ".up.weight" : ".lora_B.weight"), a.up.detach());
+  }
+  return m;
+}
+
+void LoraSet::load_state(const TensorMap& tensors, const std::string& file) {
+  const bool ec = config_.mode == LoraMode::EasyControl;
+  std::set<std::string> used;
+  for (auto& a : adapters_) {
+    for (int which = 0; which < 2; ++which) {
+      const std::string key = a.key + (which == 0 ? (ec ? ".down.weight" : ".lora_A.weight")
+                                                  : (ec ? ".up.weight" : ".lora_B.weight"));
+      at::Tensor& dst = which == 0 ? a.down : a.up;
+      auto it = tensors.find(key);
+      if (it == tensors.end()) throw Error(file + ": missing LoRA key " + key);
+      if (it->second.sizes() != dst.sizes()) {
+        std::ostringstream ss;
+        ss << file << ": LoRA key " << key << ": expected shape " << dst.sizes() << ", found " << it->second.sizes();
+        throw Error(ss.str());
+      }
+      at::NoGradGuard ng;
+      dst.copy_(it->second);
+      used.insert(key);
+    }
+  }
+  for (const auto& kv : tensors)
+    if (!used.count(kv.first)) throw Error(file + ": unexpected LoRA key " + kv.first);
+}
+
+void LoraSet::to(const at::TensorOptions& opts) {
+  for (auto& a : adapters_) {
+    a.down = a.down.detach().to(opts).set_requires_grad(true);
+    a.up = a.up.detach().to(opts).set_requires_grad(true);
+  }
+}
+
+at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const LoraSet* lora, int block, const std::string& linear, int cond,
+                            int64_t row_begin, int64_t row_end) {
+  const int64_t full = weight.size(0);
+  if (row_end < 0) row_end = full;
+  const bool whole = row_begin == 0 && row_end == full;
+  at::Tensor w = whole ? weight : weight.narrow(0, row_begin, row_end - row_begin);
+  at::Tensor b = (!bias.defined() || whole) ? bias : bias.narrow(0, row_begin, row_end - row_begin);
+  at::Tensor y = at::linear(x, w, b);
+  if (!lora) return y;
+  std::vector<const LoraAdapter*> ads;
+  for (const LoraAdapter* a : lora->find(block, linear, cond))
+    if (a->out_begin >= row_begin && a->out_end <= row_end) ads.push_back(a);
+  if (ads.empty()) return y;
+  // Deltas of all adapters, side by side over the rows they cover, zeros in any gap.
+  std::vector<at::Tensor> pieces;
+  auto zeros = [&](int64_t n) {
+    auto sz = x.sizes().vec();
+    sz.back() = n;
+    return at::zeros(sz, x.options());
+  };
+  int64_t pos = row_begin;
+  for (const LoraAdapter* a : ads) {
+    if (a->out_begin > pos) pieces.push_back(zeros(a->out_begin - pos));
+    at::Tensor h = at::linear(x, a->down.to(x.scalar_type()));
+    pieces.push_back(at::linear(h, a->up.to(x.scalar_type())) * a->scale);
+    pos = a->out_end;
+  }
+  if (pos < row_end) pieces.push_back(zeros(row_end - pos));
+  return y + (pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1));
+}
+
+}  // namespace fluxtrain
