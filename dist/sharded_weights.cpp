@@ -113,6 +113,53 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
       stats_.gather_buffer_bytes += capacity[dt] * s.buffers.back().element_size();
     }
   }
+  // Each block group's own storage, empty until the block is unsharded. Not resizable and
+  // without an allocator: its memory only ever comes from a slot (attach) and goes (detach).
+  storage_.resize(num_blocks);
+  tensors_.resize(num_blocks);
+  for (int b = 0; b < num_blocks; ++b)
+    for (const Group& g : layouts_[b].groups) {
+      const at::Device dev = slots_[0].buffers[dtype_index(g.dtype)].device();  // with its index
+      storage_[b].emplace_back(at::Storage::use_byte_size_t(), size_t{0}, c10::DataPtr(nullptr, dev),
+                               /*allocator=*/nullptr, /*resizable=*/false);
+    }
+}
+
+size_t ShardedBlockWeights::dtype_index(at::ScalarType dt) const {
+  return std::find(group_dtypes_.begin(), group_dtypes_.end(), dt) - group_dtypes_.begin();
+}
+
+void ShardedBlockWeights::attach(Slot& s, int block) {
+  const Layout& lay = layouts_[block];
+  for (size_t g = 0; g < lay.groups.size(); ++g) {
+    const Group& grp = lay.groups[g];
+    const at::Tensor& buf = s.buffers[dtype_index(grp.dtype)];
+    c10::StorageImpl* st = storage_[block][g].unsafeGetStorageImpl();
+    // Non-owning: the slot buffer owns the memory and outlives every attachment.
+    st->set_data_ptr_noswap(c10::DataPtr(buf.data_ptr(), buf.device()));
+    st->set_nbytes(static_cast<size_t>(grp.padded) * buf.element_size());
+  }
+  if (tensors_[block].empty()) {
+    // Built once, while the storage has its full size (set_ checks bounds); plain tensors over
+    // the block's storage, not autograd views, so that they carry no base.
+    at::NoGradGuard no_grad;
+    for (size_t g = 0; g < lay.groups.size(); ++g) {
+      const Group& grp = lay.groups[g];
+      const at::TensorOptions o = at::TensorOptions().dtype(grp.dtype).device(storage_[block][g].device());
+      for (const Entry& e : grp.entries) {
+        at::Tensor t = at::empty({0}, o);
+        t.set_(storage_[block][g], e.offset, e.shape, c10::contiguous_strides(e.shape));
+        tensors_[block].emplace(e.name, t);
+      }
+    }
+  }
+}
+
+void ShardedBlockWeights::detach(int block) {
+  for (at::Storage& st : storage_[block]) {
+    st.unsafeGetStorageImpl()->set_data_ptr_noswap(c10::DataPtr(nullptr, st.device()));
+    st.unsafeGetStorageImpl()->set_nbytes(0);
+  }
 }
 
 ShardedBlockWeights::Slot* ShardedBlockWeights::find_slot(int block) {
@@ -137,37 +184,18 @@ ShardedBlockWeights::Slot* ShardedBlockWeights::free_slot(bool allow_evict_unuse
   return nullptr;
 }
 
-void ShardedBlockWeights::check_unreferenced(const Slot& s) const {
-  if (s.views.empty()) return;
-  // Two ways to keep a weight: a copy of the handle we gave out (its TensorImpl has more than
-  // our one reference) or a tensor derived from it as a view (one more storage reference).
-  std::string which;
-  for (const auto& [name, v] : s.views)
-    if (which.empty() && v.use_count() > 1) which = name;
-  for (size_t k = 0; k < s.buffers.size(); ++k)
-    if (which.empty() && static_cast<int64_t>(s.buffers[k].storage().use_count()) > s.baseline_refs[k])
-      which = "a view of its " + std::string(c10::toString(s.buffers[k].scalar_type())) + " weights";
-  if (!which.empty())
-    throw Error("sharded weights: block " + std::to_string(s.block) + ": " + which +
-                    " is still referenced after release(); its memory is about to hold another block "
-                    "(weights from acquire() are only valid until release())",
-                  ErrorKind::Internal);
-}
-
 void ShardedBlockWeights::start_gather(Slot& s, int block) {
   for (auto& w : s.pending) w->wait();
   if (!s.pending.empty() && !s.used) ++stats_.wasted_prefetches;
   s.pending.clear();
-  check_unreferenced(s);
-  s.views.clear();
-  s.baseline_refs.clear();
+  if (s.block >= 0) detach(s.block);
   s.block = block;
   s.used = false;
+  attach(s, block);
   const Layout& lay = layouts_[block];
   for (size_t g = 0; g < lay.groups.size(); ++g) {
     const Group& grp = lay.groups[g];
-    const size_t k = std::find(group_dtypes_.begin(), group_dtypes_.end(), grp.dtype) - group_dtypes_.begin();
-    at::Tensor out = s.buffers[k].narrow(0, 0, grp.padded);
+    at::Tensor out = s.buffers[dtype_index(grp.dtype)].narrow(0, 0, grp.padded);
     s.pending.push_back(comm_.all_gather_async(out, shards_[block][g]));
   }
   ++stats_.gathers;
@@ -193,32 +221,14 @@ const TensorMap& ShardedBlockWeights::acquire(int block) {
   }
   for (auto& w : s->pending) w->wait();
   s->pending.clear();
-  if (s->views.empty()) {
-    const Layout& lay = layouts_[block];
-    for (const Group& grp : lay.groups) {
-      const size_t k = std::find(group_dtypes_.begin(), group_dtypes_.end(), grp.dtype) - group_dtypes_.begin();
-      for (const Entry& e : grp.entries)
-        s->views.emplace(e.name, s->buffers[k].narrow(0, e.offset, e.numel).view(e.shape));
-    }
-    for (const at::Tensor& buf : s->buffers)
-      s->baseline_refs.push_back(static_cast<int64_t>(buf.storage().use_count()));
-  }
   s->held = true;
   s->used = true;
   s->last_use = ++tick_;
 
   if (last_acquired_ >= 0 && block != last_acquired_) direction_ = block > last_acquired_ ? +1 : -1;
   last_acquired_ = block;
-  const bool hinted = hinted_;
-  hinted_ = false;
-  if (opt_.prefetch && !hinted) {
-    const int next = block + direction_;
-    if (next >= 0 && next < num_blocks()) {
-      will_use(next);
-      hinted_ = false;  // our own guess is not a hint from the model
-    }
-  }
-  return s->views;
+  if (opt_.prefetch) will_use(block + direction_);
+  return tensors_[block];
 }
 
 void ShardedBlockWeights::release(int block) {
@@ -229,7 +239,6 @@ void ShardedBlockWeights::release(int block) {
 }
 
 void ShardedBlockWeights::will_use(int block) {
-  hinted_ = true;
   if (!opt_.prefetch || block < 0 || block >= num_blocks() || find_slot(block)) return;
   if (Slot* s = free_slot(/*allow_evict_unused=*/false)) start_gather(*s, block);
 }

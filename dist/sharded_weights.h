@@ -7,21 +7,30 @@
 //   keeps elements [r * S, (r + 1) * S). Padding is zero.
 //
 // Lifecycle of a block's full weights:
-//   will_use(i)  issues the all-gather of block i into a free gather slot (asynchronous: on NCCL
-//                it overlaps the compute queued meanwhile; on MPI it is a non-blocking collective).
-//   acquire(i)   waits for block i's gather (issuing it when no prefetch did) and returns views
-//                into the slot; without a will_use() hint it prefetches its successor in the
-//                current direction (ascending after an ascending step, descending after a
-//                descending one), so a model that gives no hints still overlaps.
-//   release(i)   frees the slot for reuse (the gathered data stays until the slot is reused,
-//                so re-acquiring the same block right away costs nothing).
+//   will_use(i)  issues the all-gather of block i into a free gather slot if it is not
+//                unsharded already (asynchronous: on NCCL it overlaps the compute queued
+//                meanwhile; on MPI it is a non-blocking collective).
+//   acquire(i)   waits for block i's gather (issuing it when no prefetch did), returns its
+//                tensors, and prefetches the block after it in the current direction
+//                (ascending after an ascending step, descending after a descending one) into
+//                the other slot when that slot is free, so that communication overlaps compute
+//                even when the model hints only the block it is about to acquire.
+//   release(i)   makes the slot reusable. The data stays until the slot is reused, so
+//                re-acquiring the same block right away costs nothing (the turn from forward
+//                to backward finds the last two blocks still unsharded).
 // There are two slots, so at most two blocks are unsharded at any time; acquiring a third
-// while two are held throws. Reusing a slot while someone still holds a tensor from it (the
-// views handed out by acquire, or tensors derived from them) throws too: such a tensor would
-// silently change to another block's weights.
+// while two are held throws.
+//
+// Tensor identity (what autograd relies on): acquire(i) returns the same tensor objects for
+// block i every time. Their storage is block i's own StorageImpl, pointed at the slot memory
+// while block i is unsharded and emptied (0 bytes) when the slot is reused for another block.
+// So a graph that saved block i's weights in forward sees block i's values again once
+// backward re-acquires block i, whichever slot it lands in; and a stale tensor can never
+// show another block's weights.
 //
 // Collective contract: every rank must make the same sequence of acquire/will_use calls
-// (true for the model: its control flow over blocks does not depend on the data).
+// (true for the model: its control flow over blocks does not depend on the data). Give the
+// provider its own communicator.
 //
 // globals() stay replicated (small: embedders, final layer).
 #pragma once
@@ -102,24 +111,23 @@ class ShardedBlockWeights : public BlockWeights {
   struct Slot {
     int block = -1;
     bool held = false;
-    std::vector<at::Tensor> buffers;             // one per dtype group, capacity for any block
-    std::vector<std::unique_ptr<Work>> pending;  // gathers in flight
-    TensorMap views;                             // built on first acquire after the gather
-    std::vector<int64_t> baseline_refs;          // per buffer: storage references held by us alone
     bool used = false;                           // acquired since its gather was issued
     int64_t last_use = 0;                        // tick of the last acquire (LRU among free slots)
+    std::vector<at::Tensor> buffers;             // one per dtype, capacity for any block
+    std::vector<std::unique_ptr<Work>> pending;  // gathers in flight
   };
 
   Communicator& comm_;
   ShardedWeightsOptions opt_;
   TensorMap globals_;
   std::vector<Layout> layouts_;
-  std::vector<std::vector<at::Tensor>> shards_;  // [block][group]
-  std::vector<at::ScalarType> group_dtypes_;     // dtype of each buffer in a slot
+  std::vector<std::vector<at::Tensor>> shards_;    // [block][group]
+  std::vector<std::vector<at::Storage>> storage_;  // [block][group]: the block's own storage
+  std::vector<TensorMap> tensors_;                 // [block]: built on first use, then fixed
+  std::vector<at::ScalarType> group_dtypes_;       // dtype of each buffer in a slot
   Slot slots_[2];
   int last_acquired_ = -1;
   int direction_ = +1;
-  bool hinted_ = false;  // will_use() called since the last acquire
   int64_t tick_ = 0;
   ShardedWeightsStats stats_;
 
@@ -127,7 +135,9 @@ class ShardedBlockWeights : public BlockWeights {
   Slot* find_slot(int block);
   Slot* free_slot(bool allow_evict_unused);
   void start_gather(Slot& s, int block);
-  void check_unreferenced(const Slot& s) const;
+  size_t dtype_index(at::ScalarType dt) const;
+  void attach(Slot& s, int block);
+  void detach(int block);
 };
 
 }  // namespace fluxtrain::dist
