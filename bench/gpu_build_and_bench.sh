@@ -39,7 +39,7 @@ print('cuda vs cpu forward (tiny, f32): rel err %.2e' % ((a-b).abs().max()/a.abs
 $B bench --device cuda "$@" | tee "$OUT/bench.jsonl"
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
-print("cond/noise/rank ckpt   ms/step  host_ms  TFLOP/s  peak GiB")
+print("cond/noise/rank ckpt  exec        ms/step  host_ms  TFLOP/s  peak GiB")
 for line in open(sys.argv[1]):
     try:
         j = json.loads(line)
@@ -48,8 +48,9 @@ for line in open(sys.argv[1]):
     c = j["config"]
     tag = "%d/%d/%d" % (c["cond_size"], c["noise_size"], c["rank"])
     ck = "on " if c["gradient_checkpointing"] else "off"
+    ex = c.get("execution", "graph" if c.get("cuda_graph") else "eager")
     if "error" in j:
-        print("%-15s %s    %s" % (tag, ck, j["error"]))
+        print("%-15s %s  %-10s %s" % (tag, ck, ex, j["error"][:100]))
     else:
-        print("%-15s %s %9.1f %8.1f %8.0f %9.1f" % (tag, ck, j["ms_per_step"], j["host_ms_per_step"], j["model_tflops"], j["peak_gib"]))
+        print("%-15s %s  %-10s %8.1f %8.1f %8.0f %9.1f" % (tag, ck, ex, j["ms_per_step"], j["host_ms_per_step"], j["model_tflops"], j["peak_gib"]))
 PY
