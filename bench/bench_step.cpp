@@ -6,18 +6,22 @@
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <cstdlib>
 #include <ATen/DeviceAccelerator.h>
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
 #include "bench/device_info.h"
 #include "bench/flops.h"
+#include "bench/step_runner.h"
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/position_ids.h"
+#include "model/blocks.h"
 
 namespace po = boost::program_options;
 
@@ -51,6 +55,7 @@ void sync(const c10::Device& d) {
 int cmd_bench(int argc, char** argv) {
   std::string size, cases_s, ckpt_s, device_s, dtype_s;
   int warmup = 3, iters = 7, txt_len = 512, batch = 1;
+  std::string graph_s;
   uint64_t seed = 0;
   po::options_description desc("bench options");
   desc.add_options()
@@ -64,11 +69,13 @@ int cmd_bench(int argc, char** argv) {
       ("batch", po::value(&batch)->default_value(1), "batch size")
       ("warmup", po::value(&warmup)->default_value(3), "untimed steps")
       ("iters", po::value(&iters)->default_value(7), "timed steps (median reported)")
-      ("seed", po::value(&seed)->default_value(0), "seed");
+      ("seed", po::value(&seed)->default_value(0), "seed")
+      ("cuda_graph", po::value(&graph_s)->default_value("both"), "off, on or both: replay the step as a CUDA graph");
   po::variables_map vm;
   if (!parse_command_line("bench", desc, argc, argv, vm)) return 0;
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
   const c10::Device dev = parse_device(device_s, "--device");
+  configure_attention_backends();
   const at::ScalarType dtype = parse_dtype(dtype_s, "--dtype");
   const FluxConfig cfg = FluxConfig::preset(size);
   const auto cases = parse_cases(cases_s);
@@ -78,11 +85,15 @@ int cmd_bench(int argc, char** argv) {
   ResidentBlockWeights weights(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single);
   const std::string device_label = device_name(dev);
 
+  std::vector<bool> graph_modes;
+  if (graph_s != "on" || dev.is_cpu()) graph_modes.push_back(false);
+  if (graph_s != "off" && !dev.is_cpu()) graph_modes.push_back(true);
   std::vector<bool> modes;
   if (ckpt_s != "on") modes.push_back(false);
   if (ckpt_s != "off") modes.push_back(true);
   for (const auto& bc : cases) {
     for (bool ckpt : modes) {
+    for (bool graph : graph_modes) {
       try {
       LoraConfig lc;
       lc.ranks = {bc.rank};
@@ -118,20 +129,28 @@ int cmd_bench(int argc, char** argv) {
         std::vector<at::Tensor> grads;
         for (auto& p : params) grads.push_back(p.grad());
         at::_fused_adamw_(params, grads, m1, m2, {}, steps, 1e-4, 0.9, 0.999, 1e-4, 1e-8, false, false);
-        for (auto& p : params) p.mutable_grad().reset();
+        // Eager: drop grads (the next backward creates them). Graph: keep the captured buffers,
+        // which backward overwrites on every replay.
+        if (!graph)
+          for (auto& p : params) p.mutable_grad().reset();
       };
-      for (int i = 0; i < warmup; ++i) step();
+      std::unique_ptr<StepRunner> runner =
+          graph ? make_cuda_graph_runner(step, warmup) : make_eager_runner(step);
+      for (int i = 0; i < warmup; ++i) runner->run();
       sync(dev);
       if (!dev.is_cpu()) at::accelerator::resetPeakStats(dev.index() < 0 ? 0 : dev.index());
-      std::vector<double> ms;
+      std::vector<double> ms, host_ms;
       for (int i = 0; i < iters; ++i) {
         sync(dev);
         auto t0 = std::chrono::steady_clock::now();
-        step();
+        runner->run();
+        // Time to issue the step from the host: close to ms_per_step means launch-bound.
+        host_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         sync(dev);
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
       std::sort(ms.begin(), ms.end());
+      std::sort(host_ms.begin(), host_ms.end());
       const double med = ms[ms.size() / 2];
       double peak_gib = 0;
       if (!dev.is_cpu())
@@ -145,24 +164,28 @@ int cmd_bench(int argc, char** argv) {
                           {"world_size", 1},
                           {"config", {{"model", size}, {"cond_size", bc.cond}, {"noise_size", bc.noise},
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
-                                      {"gradient_checkpointing", ckpt}, {"dtype", dtype_s}}},
+                                      {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
+                                      {"execution", runner->mode()}}},
                           {"ms_per_step", med},
                           {"ms_min", ms.front()},
+                          {"host_ms_per_step", host_ms[host_ms.size() / 2]},
                           {"ms_max", ms.back()},
                           {"tokens_per_s", tokens / (med / 1000.0)},
                           {"model_tflops", flops / (med / 1000.0) / 1e12},
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
       std::cout << j.dump() << std::endl;
-      } catch (const c10::OutOfMemoryError& e) {
-        // Report and go on with the next configuration (everything of this one is freed).
+      } catch (const c10::Error& e) {
+        // Out of memory, or a failed graph capture: report it and go on with the next case.
+        std::string what = e.what_without_backtrace();
         nlohmann::json j = {{"name", "lora_step"}, {"device", device_label},
                             {"config", {{"cond_size", bc.cond}, {"noise_size", bc.noise}, {"rank", bc.rank},
-                                        {"gradient_checkpointing", ckpt}}},
-                            {"error", "out of memory"}};
+                                        {"gradient_checkpointing", ckpt}, {"cuda_graph", graph}}},
+                            {"error", what.substr(0, what.find('\n'))}};
         std::cout << j.dump() << std::endl;
       }
       if (!dev.is_cpu()) at::accelerator::emptyCache();
+    }
     }
   }
   return 0;

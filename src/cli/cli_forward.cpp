@@ -10,6 +10,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "model/blocks.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
@@ -79,6 +80,7 @@ int cmd_forward(int argc, char** argv) {
   const at::ScalarType dtype = parse_dtype(dtype_s, "--dtype");
   const c10::Device device = parse_device(device_s, "--device");
 
+  configure_attention_backends();
   FluxInputs in = read_forward_inputs(inputs);
   LoadedTransformer lt = load_transformer(model, layout, dtype);
   LoraSet lora;

@@ -1,5 +1,6 @@
 // fluxtrain: one binary, subcommands. Errors print as one line; exit 2 = bad input, 1 = internal.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
     } catch (const std::exception& e) {
       // Internal failures (LibTorch errors carry multi-line backtraces: keep the first line).
       std::string msg = e.what();
-      msg = msg.substr(0, msg.find('\n'));
+      if (!std::getenv("FLUXTRAIN_DEBUG")) msg = msg.substr(0, msg.find('\n'));
       std::fprintf(stderr, "fluxtrain %s: internal error: %s\n", c.name, msg.c_str());
       return 1;
     }

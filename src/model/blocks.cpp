@@ -1,6 +1,9 @@
 #include "model/blocks.h"
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include "model/layers.h"
 
@@ -58,6 +61,11 @@ at::Tensor mlp(const at::Tensor& x, const std::string& prefix, Lin&& lin) {
 }
 
 }  // namespace
+
+void configure_attention_backends() {
+  const char* e = std::getenv("FLUXTRAIN_SDP_CUDNN");
+  at::globalContext().setSDPUseCuDNN(e && e[0] == '1');
+}
 
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
@@ -125,15 +133,15 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   at::Tensor om = split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
 
   at::Tensor txt_a = om.narrow(1, 0, T), img_a = om.narrow(1, T, om.size(1) - T);
-  at::Tensor img_out = img + im[2] * img_lin(img_a, "img_attn.proj");
-  img_out = img_out + im[5] * mlp(modulate(img_out, im[3], im[4]), "img_mlp", img_lin);
-  at::Tensor txt_out = txt + tm[2] * main_linear(c, txt_a, w, "txt_attn.proj");
-  txt_out = txt_out + tm[5] * mlp(modulate(txt_out, tm[3], tm[4]), "txt_mlp",
-                                  [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); });
+  at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
+  img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), "img_mlp", img_lin));
+  at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
+  txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), "txt_mlp",
+                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); }));
   at::Tensor cond_out;
   if (has_cond) {
-    cond_out = cond + cm[2] * cond_lin(oc, "img_attn.proj");
-    cond_out = cond_out + cm[5] * mlp(modulate(cond_out, cm[3], cm[4]), "img_mlp", cond_lin);
+    cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
+    cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), "img_mlp", cond_lin));
   }
   return {img_out, txt_out, cond_out};
 }
@@ -167,12 +175,11 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   const bool cond_out_needed = has_cond && !c.last_block;
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor x_out =
-      x + m[2] * main_linear(c, at::cat({om, at::gelu(mlp_in, "tanh")}, -1), w, "linear2");
+  at::Tensor x_out = at::addcmul(x, m[2], main_linear(c, at::cat({om, at::gelu(mlp_in, "tanh")}, -1), w, "linear2"));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
     at::Tensor cmlp = cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M);
-    cond_out = cond + cm[2] * cond_linear(c, at::cat({oc, at::gelu(cmlp, "tanh")}, -1), w, "linear2");
+    cond_out = at::addcmul(cond, cm[2], cond_linear(c, at::cat({oc, at::gelu(cmlp, "tanh")}, -1), w, "linear2"));
   }
   return {x_out, cond_out};
 }

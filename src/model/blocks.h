@@ -31,6 +31,12 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
 
+// Process-wide attention backend choice, called once by each subcommand before running the
+// model: cuDNN's fused attention is taken out of SDPA's choices (its backward failed with
+// "mha_graph.execute ... is_good()" on the H100 with LibTorch 2.11 for FLUX's shapes), leaving
+// flash attention. FLUXTRAIN_SDP_CUDNN=1 puts it back.
+void configure_attention_backends();
+
 // img [B,L,H], txt [B,T,H], cond [B,Lc,H] or undefined; vec, vec_cond [B,H].
 // Returns {img, txt, cond}.
 std::vector<at::Tensor> double_block(const BlockContext& ctx, const TensorMap& w, const at::Tensor& img,

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <filesystem>
 #include <sys/wait.h>
 
@@ -10,8 +11,9 @@
 namespace fluxtrain {
 
 TempDir::TempDir() {
-  char tmpl[] = "/tmp/fluxtrain-test-XXXXXX";
-  dir_ = ::mkdtemp(tmpl);
+  std::string tmpl = (std::filesystem::temp_directory_path() / "fluxtrain-test-XXXXXX").string();
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("TempDir: mkdtemp failed for " + tmpl);
+  dir_ = tmpl;
 }
 TempDir::~TempDir() {
   std::error_code ec;
