@@ -197,6 +197,7 @@ ShardedAdamW::ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, c
   shard_ = padded_ / comm_.size();
   exp_avg_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
   exp_avg_sq_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
+  param_steps_.assign(params_.size(), 0);
 }
 
 at::Tensor ShardedAdamW::flatten_params() const {
@@ -215,8 +216,16 @@ at::Tensor ShardedAdamW::gather_full(const at::Tensor& shard) {
 
 double ShardedAdamW::step(double lr, double max_grad_norm) {
   at::NoGradGuard no_grad;
+  const size_t P = params_.size();
+  // Which parameters have a gradient on some rank: the others are left alone (no decay, no
+  // moment update, no step count), as torch::optim::AdamW skips parameters without grad.
+  at::Tensor has = at::zeros({static_cast<int64_t>(P)}, at::kLong);
+  for (size_t i = 0; i < P; ++i) has.data_ptr<int64_t>()[i] = params_[i].grad().defined() ? 1 : 0;
+  comm_.all_reduce(has, ReduceOp::Max);
+  const int64_t* active = has.data_ptr<int64_t>();
+
   at::Tensor flat_grad = at::zeros({padded_}, params_[0].options().requires_grad(false));
-  for (size_t i = 0; i < params_.size(); ++i)
+  for (size_t i = 0; i < P; ++i)
     if (params_[i].grad().defined())
       flat_grad.narrow(0, offsets_[i], params_[i].numel()).copy_(params_[i].grad().reshape({-1}));
   at::Tensor g = at::empty({shard_}, flat_grad.options());
@@ -230,20 +239,40 @@ double ShardedAdamW::step(double lr, double max_grad_norm) {
   const double coef = max_grad_norm / (norm + 1e-6);
   if (max_grad_norm > 0 && coef < 1) g.mul_(coef);
 
-  // AdamW on this rank's slice, in the order of torch::optim::AdamW.
+  // Per-element step size and bias correction from each parameter's own step count (they
+  // differ once a parameter has been skipped), in the operations of torch::optim::AdamW.
   ++step_;
-  const int64_t begin = comm_.rank() * shard_;
-  at::Tensor p = flatten_params().narrow(0, begin, shard_).clone();
-  p.mul_(1 - lr * opt_.weight_decay);
-  exp_avg_.mul_(opt_.beta1).add_(g, 1 - opt_.beta1);
-  exp_avg_sq_.mul_(opt_.beta2).addcmul_(g, g, 1 - opt_.beta2);
-  const double bc1 = 1 - std::pow(opt_.beta1, static_cast<double>(step_));
-  const double bc2 = 1 - std::pow(opt_.beta2, static_cast<double>(step_));
-  at::Tensor denom = (exp_avg_sq_.sqrt() / std::sqrt(bc2)).add_(opt_.eps);
-  p.addcdiv_(exp_avg_, denom, -lr / bc1);
+  const int64_t lo = comm_.rank() * shard_, hi = lo + shard_;
+  std::vector<double> mask_v(shard_, 0.0), step_size_v(shard_, 0.0), bc2_sqrt_v(shard_, 1.0);
+  for (size_t i = 0; i < P; ++i) {
+    if (!active[i]) continue;
+    const double t = static_cast<double>(++param_steps_[i]);
+    const double step_size = lr / (1 - std::pow(opt_.beta1, t));
+    const double bc2_sqrt = std::sqrt(1 - std::pow(opt_.beta2, t));
+    const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[i] + params_[i].numel());
+    for (int64_t e = a; e < z; ++e) {
+      mask_v[e - lo] = 1.0;
+      step_size_v[e - lo] = step_size;
+      bc2_sqrt_v[e - lo] = bc2_sqrt;
+    }
+  }
+  const auto opts = g.options();
+  at::Tensor mask = at::tensor(mask_v, at::kDouble).to(opts.device()).to(at::kBool);
+  at::Tensor step_size = at::tensor(step_size_v, at::kDouble).to(opts);
+  at::Tensor bc2_sqrt = at::tensor(bc2_sqrt_v, at::kDouble).to(opts);
 
-  at::Tensor full = gather_full(p);
-  for (size_t i = 0; i < params_.size(); ++i)
+  at::Tensor p0 = flatten_params().narrow(0, lo, shard_);
+  at::Tensor p = p0 * (1 - lr * opt_.weight_decay);
+  at::Tensor m = exp_avg_ * opt_.beta1 + g * (1 - opt_.beta1);
+  at::Tensor v = (exp_avg_sq_ * opt_.beta2).addcmul_(g, g, 1 - opt_.beta2);
+  at::Tensor denom = (v.sqrt() / bc2_sqrt).add_(opt_.eps);
+  p = p - step_size * (m / denom);
+  p = at::where(mask, p, p0);
+  exp_avg_ = at::where(mask, m, exp_avg_);
+  exp_avg_sq_ = at::where(mask, v, exp_avg_sq_);
+
+  at::Tensor full = gather_full(p.contiguous());
+  for (size_t i = 0; i < P; ++i)
     params_[i].detach().copy_(full.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()));
   return norm;
 }
@@ -255,29 +284,29 @@ TensorMap ShardedAdamW::state() {
     const std::string k = std::to_string(i);
     out[k + ".exp_avg"] = m.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
     out[k + ".exp_avg_sq"] = v.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
+    out[k + ".step"] = at::scalar_tensor(param_steps_[i], at::kLong);
   }
-  out["step"] = at::scalar_tensor(step_, at::kLong);
   return out;
 }
 
 void ShardedAdamW::load_state(const TensorMap& state) {
   at::Tensor m = at::zeros({padded_}, exp_avg_.options()), v = at::zeros({padded_}, exp_avg_.options());
   for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string k = std::to_string(i);
     for (const std::string kind : {"exp_avg", "exp_avg_sq"}) {
-      const std::string key = std::to_string(i) + "." + kind;
-      auto it = state.find(key);
-      check_input(it != state.end(), "optimizer state: missing " + key);
+      auto it = state.find(k + "." + kind);
+      check_input(it != state.end(), "optimizer state: missing " + k + "." + kind);
       check_input(it->second.sizes() == params_[i].sizes(),
-                  "optimizer state: " + key + " has the wrong shape for parameter " + std::to_string(i));
+                  "optimizer state: " + k + "." + kind + " has the wrong shape for parameter " + k);
       (kind == "exp_avg" ? m : v).narrow(0, offsets_[i], params_[i].numel()).copy_(it->second.reshape({-1}));
     }
+    auto it = state.find(k + ".step");
+    check_input(it != state.end() && it->second.numel() == 1, "optimizer state: missing " + k + ".step");
+    param_steps_[i] = it->second.item<int64_t>();
   }
-  auto it = state.find("step");
-  check_input(it != state.end() && it->second.numel() == 1, "optimizer state: missing step");
-  step_ = it->second.item<int64_t>();
   const int64_t begin = comm_.rank() * shard_;
-  exp_avg_.copy_(m.narrow(0, begin, shard_));
-  exp_avg_sq_.copy_(v.narrow(0, begin, shard_));
+  exp_avg_ = m.narrow(0, begin, shard_).clone();
+  exp_avg_sq_ = v.narrow(0, begin, shard_).clone();
 }
 
 int64_t ShardedAdamW::state_bytes() const { return 2 * shard_ * exp_avg_.element_size(); }

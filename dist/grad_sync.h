@@ -94,14 +94,16 @@ class ShardedAdamW {
   // params: one floating dtype and device. Collective (every rank, same shapes).
   ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, const AdamWOptions& opt = {});
   // Collective: averages the local gradients over ranks (reduce-scatter), clips by the global
-  // norm (max_grad_norm <= 0: no clipping), applies AdamW (PyTorch's formulation, decoupled
-  // weight decay) with learning rate lr to this rank's slice and all-gathers the parameters.
-  // Missing gradients count as zero. Returns the global gradient norm before clipping.
+  // norm (max_grad_norm <= 0: no clipping), applies AdamW (the operations of
+  // torch::optim::AdamW, decoupled weight decay, per-parameter step counts) with learning rate
+  // lr to this rank's slice and all-gathers the parameters. A parameter with a gradient on some
+  // ranks counts as zero on the others; one without a gradient on any rank is left alone, as
+  // torch skips it. Returns the global gradient norm before clipping.
   double step(double lr, double max_grad_norm = 0.0);
 
-  int64_t steps() const { return step_; }
+  int64_t steps() const { return step_; }  // step() calls
   // Full state, gathered on every rank: "<i>.exp_avg", "<i>.exp_avg_sq" shaped like param i
-  // (i = position in params), and "step" (int64 scalar). Collective.
+  // (i = position in params) and "<i>.step" (int64 scalar), as torch keeps it. Collective.
   TensorMap state();
   // Restores a state written by state() with any number of ranks.
   void load_state(const TensorMap& state);
@@ -116,6 +118,7 @@ class ShardedAdamW {
   int64_t total_ = 0, padded_ = 0, shard_ = 0;
   at::Tensor exp_avg_, exp_avg_sq_;  // this rank's slice
   int64_t step_ = 0;
+  std::vector<int64_t> param_steps_;
 
   at::Tensor flatten_params() const;
   at::Tensor gather_full(const at::Tensor& shard);

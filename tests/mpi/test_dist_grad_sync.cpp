@@ -144,11 +144,18 @@ TEST(DistGradSync, ClipGradNormMatchesTheFormula) {
 
 at::Tensor step_grad(size_t i, int rank, int step) { return rand_for(2000 + 100 * step + i, rank, kShapes[i], at::kDouble); }
 
+// Local gradients as in the GradSync tests: none anywhere for kUnused (AdamW leaves it
+// alone), only on rank 0 for kRank0Only (counts as zero on the other ranks).
 void set_local_grads(std::vector<at::Tensor>& p, int rank, int step) {
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (i == kUnused) continue;  // never a gradient: counts as zero
-    p[i].mutable_grad() = step_grad(i, rank, step);
-  }
+  for (size_t i = 0; i < p.size(); ++i)
+    if (uses(rank, i)) p[i].mutable_grad() = step_grad(i, rank, step);
+}
+
+at::Tensor mean_grad(size_t i, int world, int step) {
+  at::Tensor g = at::zeros(kShapes[i], at::kDouble);
+  for (int r = 0; r < world; ++r)
+    if (uses(r, i)) g += step_grad(i, r, step);
+  return g / world;
 }
 
 // Reference: a single process with the mean gradient, torch's clipping formula and AdamW.
@@ -161,12 +168,8 @@ struct Reference {
         p, torch::optim::AdamWOptions(lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
   }
   double step(int world, int step, double max_norm) {
-    for (size_t i = 0; i < p.size(); ++i) {
-      at::Tensor g = at::zeros(kShapes[i], at::kDouble);
-      if (i != kUnused)
-        for (int r = 0; r < world; ++r) g += step_grad(i, r, step);
-      p[i].mutable_grad() = g / world;
-    }
+    for (size_t i = 0; i < p.size(); ++i)
+      if (i != kUnused) p[i].mutable_grad() = mean_grad(i, world, step);  // torch skips kUnused
     const double norm = clip_grad_norm(p, max_norm);
     opt->step();
     return norm;
@@ -204,8 +207,12 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
   }
   // The full state equals the reference optimizer's.
   TensorMap st = opt.state();
-  EXPECT_EQ(st.at("step").item<int64_t>(), 3);
   for (size_t i = 0; i < p.size(); ++i) {
+    EXPECT_EQ(st.at(std::to_string(i) + ".step").item<int64_t>(), i == kUnused ? 0 : 3) << i;
+    if (i == kUnused) {
+      EXPECT_TRUE(bit_equal(p[i], ref.p[i])) << "a parameter without gradients must not move";
+      continue;
+    }
     EXPECT_TRUE(close(st.at(std::to_string(i) + ".exp_avg"), ref.moment(i, false), 1e-12, 1e-14)) << i;
     EXPECT_TRUE(close(st.at(std::to_string(i) + ".exp_avg_sq"), ref.moment(i, true), 1e-12, 1e-14)) << i;
   }
@@ -225,12 +232,8 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
     set_local_grads(p, comm().rank(), s);
     set_local_grads(pn, comm().rank(), s);
     // The single-rank run sees the mean gradient directly.
-    for (size_t i = 0; i < p1.size(); ++i) {
-      at::Tensor g = at::zeros(kShapes[i], at::kDouble);
-      if (i != kUnused)
-        for (int r = 0; r < N; ++r) g += step_grad(i, r, s);
-      p1[i].mutable_grad() = g / N;
-    }
+    for (size_t i = 0; i < p1.size(); ++i)
+      if (i != kUnused) p1[i].mutable_grad() = mean_grad(i, N, s);
     opt.step(lr, max_norms[s]);
     again.step(lr, max_norms[s]);
     one.step(lr, max_norms[s]);
