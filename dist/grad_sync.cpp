@@ -200,12 +200,15 @@ ShardedAdamW::ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, c
   param_steps_.assign(params_.size(), 0);
 }
 
-at::Tensor ShardedAdamW::flatten_params() const {
-  at::Tensor flat = at::zeros({padded_}, params_[0].options().requires_grad(false));
-  at::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i)
-    flat.narrow(0, offsets_[i], params_[i].numel()).copy_(params_[i].detach().reshape({-1}));
-  return flat;
+at::Tensor ShardedAdamW::shard_of_params() const {
+  // Only the parts of the parameters that fall into this rank's slice (the rest is padding).
+  const int64_t lo = comm_.rank() * shard_, hi = lo + shard_;
+  at::Tensor out = at::zeros({shard_}, params_[0].options().requires_grad(false));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[i] + params_[i].numel());
+    if (a < z) out.narrow(0, a - lo, z - a).copy_(params_[i].detach().reshape({-1}).narrow(0, a - offsets_[i], z - a));
+  }
+  return out;
 }
 
 at::Tensor ShardedAdamW::gather_full(const at::Tensor& shard) {
@@ -239,37 +242,43 @@ double ShardedAdamW::step(double lr, double max_grad_norm) {
   const double coef = max_grad_norm / (norm + 1e-6);
   if (max_grad_norm > 0 && coef < 1) g.mul_(coef);
 
-  // Per-element step size and bias correction from each parameter's own step count (they
-  // differ once a parameter has been skipped), in the operations of torch::optim::AdamW.
+  // AdamW in the operations of torch::optim::AdamW. Each parameter has its own step count
+  // (they differ once a parameter has been skipped); in the usual case all are active with one
+  // count, and the step size and bias correction are scalars.
   ++step_;
   const int64_t lo = comm_.rank() * shard_, hi = lo + shard_;
-  std::vector<double> mask_v(shard_, 0.0), step_size_v(shard_, 0.0), bc2_sqrt_v(shard_, 1.0);
+  bool uniform = true;
   for (size_t i = 0; i < P; ++i) {
-    if (!active[i]) continue;
-    const double t = static_cast<double>(++param_steps_[i]);
-    const double step_size = lr / (1 - std::pow(opt_.beta1, t));
-    const double bc2_sqrt = std::sqrt(1 - std::pow(opt_.beta2, t));
-    const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[i] + params_[i].numel());
-    for (int64_t e = a; e < z; ++e) {
-      mask_v[e - lo] = 1.0;
-      step_size_v[e - lo] = step_size;
-      bc2_sqrt_v[e - lo] = bc2_sqrt;
-    }
+    if (active[i]) ++param_steps_[i];
+    uniform = uniform && active[i] && param_steps_[i] == param_steps_[0];
   }
-  const auto opts = g.options();
-  at::Tensor mask = at::tensor(mask_v, at::kDouble).to(opts.device()).to(at::kBool);
-  at::Tensor step_size = at::tensor(step_size_v, at::kDouble).to(opts);
-  at::Tensor bc2_sqrt = at::tensor(bc2_sqrt_v, at::kDouble).to(opts);
+  auto step_size_of = [&](int64_t t) { return lr / (1 - std::pow(opt_.beta1, static_cast<double>(t))); };
+  auto bc2_sqrt_of = [&](int64_t t) { return std::sqrt(1 - std::pow(opt_.beta2, static_cast<double>(t))); };
 
-  at::Tensor p0 = flatten_params().narrow(0, lo, shard_);
+  at::Tensor p0 = shard_of_params();
   at::Tensor p = p0 * (1 - lr * opt_.weight_decay);
   at::Tensor m = exp_avg_ * opt_.beta1 + g * (1 - opt_.beta1);
   at::Tensor v = (exp_avg_sq_ * opt_.beta2).addcmul_(g, g, 1 - opt_.beta2);
-  at::Tensor denom = (v.sqrt() / bc2_sqrt).add_(opt_.eps);
-  p = p - step_size * (m / denom);
-  p = at::where(mask, p, p0);
-  exp_avg_ = at::where(mask, m, exp_avg_);
-  exp_avg_sq_ = at::where(mask, v, exp_avg_sq_);
+  if (uniform) {
+    at::Tensor denom = (v.sqrt() / bc2_sqrt_of(param_steps_[0])).add_(opt_.eps);
+    p.addcdiv_(m, denom, -step_size_of(param_steps_[0]));
+    exp_avg_ = m;
+    exp_avg_sq_ = v;
+  } else {
+    at::Tensor mask = at::zeros({shard_}, g.options().dtype(at::kBool));
+    at::Tensor step_size = at::zeros({shard_}, g.options()), bc2_sqrt = at::ones({shard_}, g.options());
+    for (size_t i = 0; i < P; ++i) {
+      const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[i] + params_[i].numel());
+      if (!active[i] || a >= z) continue;
+      mask.narrow(0, a - lo, z - a).fill_(true);
+      step_size.narrow(0, a - lo, z - a).fill_(step_size_of(param_steps_[i]));
+      bc2_sqrt.narrow(0, a - lo, z - a).fill_(bc2_sqrt_of(param_steps_[i]));
+    }
+    at::Tensor denom = (v.sqrt() / bc2_sqrt).add_(opt_.eps);
+    p = at::where(mask, p - step_size * (m / denom), p0);
+    exp_avg_ = at::where(mask, m, exp_avg_);
+    exp_avg_sq_ = at::where(mask, v, exp_avg_sq_);
+  }
 
   at::Tensor full = gather_full(p.contiguous());
   for (size_t i = 0; i < P; ++i)

@@ -120,7 +120,7 @@ class ShardedAdamW {
   int64_t step_ = 0;
   std::vector<int64_t> param_steps_;
 
-  at::Tensor flatten_params() const;
+  at::Tensor shard_of_params() const;
   at::Tensor gather_full(const at::Tensor& shard);
 };
 

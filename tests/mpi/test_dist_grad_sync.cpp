@@ -248,3 +248,31 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
 
 }  // namespace
 }  // namespace fluxtrain::dist::testing
+
+namespace fluxtrain::dist::testing {
+namespace {
+
+TEST(DistShardedAdamW, AllParametersActiveMatchesTorch) {
+  // Every parameter has a gradient on every rank: the scalar (uniform step count) path.
+  const int N = comm().size();
+  AdamWOptions o;
+  auto p = make_params(8, at::kDouble);
+  std::vector<at::Tensor> q;
+  for (auto& t : p) q.push_back(t.detach().clone().requires_grad_(true));
+  torch::optim::AdamW ref(q, torch::optim::AdamWOptions(0.05).weight_decay(o.weight_decay));
+  ShardedAdamW opt(comm(), p, o);
+  for (int s = 0; s < 3; ++s) {
+    for (size_t i = 0; i < p.size(); ++i) {
+      p[i].mutable_grad() = step_grad(i, comm().rank(), s);
+      at::Tensor g = at::zeros(kShapes[i], at::kDouble);
+      for (int r = 0; r < N; ++r) g += step_grad(i, r, s);
+      q[i].mutable_grad() = g / N;
+    }
+    opt.step(0.05, 0);
+    ref.step();
+    for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(close(p[i], q[i], 1e-12, 1e-13)) << "step " << s << " param " << i;
+  }
+}
+
+}  // namespace
+}  // namespace fluxtrain::dist::testing
