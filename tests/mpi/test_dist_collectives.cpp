@@ -234,7 +234,9 @@ TEST(DistProcessGroup, RankLayoutIsConsistent) {
   EXPECT_EQ(in.node_index, 0);
   EXPECT_EQ(in.local_size, in.world_size);
   EXPECT_EQ(in.local_rank, in.rank);
-  if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) EXPECT_EQ(std::atoi(v), in.local_rank);
+  if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) {
+    EXPECT_EQ(std::atoi(v), in.local_rank);
+  }
 }
 
 TEST(DistProcessGroup, LocalRankCrossCheck) {

@@ -71,9 +71,12 @@ TEST(DistGradSync, BucketedAverageEqualsTheMean) {
         backward_pass(p, comm().rank(), 0);
         // With hooks, buckets whose parameters all got gradients were issued during backward,
         // in order: the 5 well-behaved ones everywhere (the rank-0-only one too on rank 0).
-        if (overlap && bucket_bytes == 1)
+        if (overlap && bucket_bytes == 1) {
           EXPECT_EQ(sync.buckets_issued_during_backward(), comm().rank() == 0 ? 6 : 5);
-        if (!overlap) EXPECT_EQ(sync.buckets_issued_during_backward(), 0);
+        }
+        if (!overlap) {
+          EXPECT_EQ(sync.buckets_issued_during_backward(), 0);
+        }
         sync.finish();
         check_mean(p, 1, std::string(overlap ? "overlap" : "after") + " bucket " + std::to_string(bucket_bytes) +
                              " " + c10::toString(dt));
@@ -132,11 +135,15 @@ TEST(DistGradSync, ClipGradNormMatchesTheFormula) {
   for (auto& t : p) before.push_back(t.grad().defined() ? t.grad().clone() : at::Tensor());
   EXPECT_NEAR(clip_grad_norm(p, 1e9), total, 1e-12 * total);  // no clipping
   for (size_t i = 0; i < p.size(); ++i)
-    if (before[i].defined()) EXPECT_TRUE(bit_equal(p[i].grad(), before[i]));
+    if (before[i].defined()) {
+      EXPECT_TRUE(bit_equal(p[i].grad(), before[i]));
+    }
   EXPECT_NEAR(clip_grad_norm(p, 0.5), total, 1e-12 * total);
   const double coef = 0.5 / (total + 1e-6);
   for (size_t i = 0; i < p.size(); ++i)
-    if (before[i].defined()) EXPECT_TRUE(close(p[i].grad(), before[i] * coef, 1e-14, 1e-15));
+    if (before[i].defined()) {
+      EXPECT_TRUE(close(p[i].grad(), before[i] * coef, 1e-14, 1e-15));
+    }
   EXPECT_NEAR(clip_grad_norm(p, 0), 0.5 * total / (total + 1e-6), 1e-9);  // max_norm 0: only measures
 }
 
