@@ -1,0 +1,143 @@
+// ShardedBlockWeights: an FSDP-style BlockWeights provider over generic per-block TensorMaps.
+//
+// Layout (identical on every rank, derived from names, shapes and dtypes only):
+//   A block's tensors are grouped by dtype; within a group, tensors in name order are laid out
+//   in one flat buffer, each starting at a multiple of kAlign elements. The group's length is
+//   padded to a multiple of world_size * kAlign and split into world_size equal shards; rank r
+//   keeps elements [r * S, (r + 1) * S). Padding is zero.
+//
+// Lifecycle of a block's full weights:
+//   will_use(i)  issues the all-gather of block i into a free gather slot if it is not
+//                unsharded already (asynchronous: on NCCL it overlaps the compute queued
+//                meanwhile; on MPI it is a non-blocking collective).
+//   acquire(i)   waits for block i's gather (issuing it when no prefetch did), returns its
+//                tensors, and prefetches the block after it in the current direction
+//                (ascending after an ascending step, descending after a descending one) into
+//                the other slot when that slot is free, so that communication overlaps compute
+//                even when the model hints only the block it is about to acquire.
+//   release(i)   makes the slot reusable. The data stays until the slot is reused, so
+//                re-acquiring the same block right away costs nothing (the turn from forward
+//                to backward finds the last two blocks still unsharded).
+// There are two slots, so at most two blocks are unsharded at any time; acquiring a third
+// while two are held throws.
+//
+// Tensor identity (what autograd relies on): acquire(i) returns the same tensor objects for
+// block i every time. Their storage is block i's own StorageImpl, pointed at the slot memory
+// while block i is unsharded and emptied (0 bytes) when the slot is reused for another block.
+// So a graph that saved block i's weights in forward sees block i's values again once
+// backward re-acquires block i, whichever slot it lands in; and a stale tensor can never
+// show another block's weights.
+//
+// Collective contract: every rank must make the same sequence of acquire/will_use calls
+// (true for the model: its control flow over blocks does not depend on the data). Give the
+// provider its own communicator.
+//
+// globals() stay replicated (small: embedders, final layer).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "core/tensor_map.h"
+#include "model/block_weights.h"
+
+namespace fluxtrain::dist {
+
+class Communicator;
+class Work;
+
+struct ShardedWeightsOptions {
+  at::Device device = at::kCPU;              // where shards and gathered blocks live
+  std::optional<at::ScalarType> dtype;       // cast every weight to this dtype (none: keep)
+  bool prefetch = true;                      // issue the next block's gather ahead
+};
+
+struct ShardedWeightsStats {
+  int64_t full_block_bytes = 0;   // all blocks' weights, unpadded, as one rank would hold them
+  int64_t shard_bytes = 0;        // this rank's shards of all blocks (padding included)
+  int64_t replicated_bytes = 0;   // globals, held in full by every rank
+  int64_t gather_buffer_bytes = 0;// the two reusable slots for unsharded blocks
+  int64_t resident_bytes() const { return shard_bytes + replicated_bytes + gather_buffer_bytes; }
+  int64_t gathers = 0;            // all-gathers issued so far
+  int64_t prefetch_hits = 0;      // acquires whose block was already gathered or in flight
+  int64_t wasted_prefetches = 0;  // gathers evicted before use
+};
+
+class ShardedBlockWeights : public BlockWeights {
+ public:
+  static constexpr int64_t kAlign = 64;  // elements; keeps views and shards 128-byte aligned in bf16
+
+  // load_block(i) returns block i's full weights on any device (typically CPU memory mapped
+  // from a file); only this rank's slice of each tensor is copied, so a rank never holds more
+  // than one full block at a time. Collective: every rank constructs with the same layout
+  // (checked: a mismatch throws on every rank).
+  ShardedBlockWeights(Communicator& comm, const TensorMap& globals, int num_blocks,
+                      const std::function<TensorMap(int)>& load_block, const ShardedWeightsOptions& opt);
+  // Convenience: from blocks already in memory.
+  ShardedBlockWeights(Communicator& comm, const TensorMap& globals, const std::vector<TensorMap>& blocks,
+                      const ShardedWeightsOptions& opt);
+  ~ShardedBlockWeights() override;
+
+  const TensorMap& globals() override { return globals_; }
+  int num_blocks() const override { return static_cast<int>(layouts_.size()); }
+  const TensorMap& acquire(int block) override;
+  void release(int block) override;
+  void will_use(int block) override;
+  bool transient() const override { return true; }
+
+  const ShardedWeightsStats& stats() const { return stats_; }
+  // Waits for any gather in flight (e.g. before destroying buffers or at the end of a step).
+  void quiesce();
+
+ private:
+  struct Entry {
+    std::string name;
+    std::vector<int64_t> shape;
+    int64_t offset = 0, numel = 0;  // within the group's flat buffer
+  };
+  struct Group {
+    at::ScalarType dtype;
+    std::vector<Entry> entries;
+    int64_t padded = 0;  // multiple of world * kAlign
+    int64_t shard = 0;   // padded / world
+  };
+  struct Layout {
+    std::vector<Group> groups;
+  };
+  struct Slot {
+    int block = -1;
+    bool held = false;
+    bool used = false;                           // acquired since its gather was issued
+    int64_t last_use = 0;                        // tick of the last acquire (LRU among free slots)
+    std::vector<at::Tensor> buffers;             // one per dtype, capacity for any block
+    std::vector<std::unique_ptr<Work>> pending;  // gathers in flight
+  };
+
+  Communicator& comm_;
+  ShardedWeightsOptions opt_;
+  TensorMap globals_;
+  std::vector<Layout> layouts_;
+  std::vector<std::vector<at::Tensor>> shards_;    // [block][group]
+  std::vector<std::vector<at::Storage>> storage_;  // [block][group]: the block's own storage
+  std::vector<TensorMap> tensors_;                 // [block]: built on first use, then fixed
+  std::vector<at::ScalarType> group_dtypes_;       // dtype of each buffer in a slot
+  Slot slots_[2];
+  int last_acquired_ = -1;
+  int direction_ = +1;
+  int64_t tick_ = 0;
+  ShardedWeightsStats stats_;
+
+  void build(const std::function<TensorMap(int)>& load_block, int num_blocks);
+  Slot* find_slot(int block);
+  Slot* free_slot(bool allow_evict_unused);
+  void start_gather(Slot& s, int block);
+  size_t dtype_index(at::ScalarType dt) const;
+  void attach(Slot& s, int block);
+  void detach(int block);
+};
+
+}  // namespace fluxtrain::dist
