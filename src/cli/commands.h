@@ -6,4 +6,6 @@ namespace fluxtrain {
 int cmd_init_model(int argc, char** argv);
 int cmd_forward(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
+int cmd_train(int argc, char** argv);
+int cmd_synth_data(int argc, char** argv);
 }  // namespace fluxtrain

@@ -20,6 +20,8 @@ const Command kCommands[] = {
     {"init-model", fluxtrain::cmd_init_model, "write a randomly initialised transformer (BFL + diffusers layouts)"},
     {"forward", fluxtrain::cmd_forward, "run the transformer on an inputs .safetensors file, write the output"},
     {"bench", fluxtrain::cmd_bench, "time one LoRA training step (JSON lines)"},
+    {"train", fluxtrain::cmd_train, "train a LoRA (EasyControl flags, INI presets in configs/)"},
+    {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
 };
 
 void usage(std::FILE* out) {

@@ -322,3 +322,38 @@ TEST(CustomBackward, RopeAndRmsNormMatchPlainAutograd) {
   EXPECT_LT(rel_err(g1[1], g2[1]), 1e-12);
   EXPECT_GT(g1[1].abs().max().item<double>(), 0.0);
 }
+
+// --- standard (diffusers/peft-style) LoRA: equal to merging scale * up @ down into the weights --
+TEST(StandardLora, EqualsMergedWeights) {
+  const FluxConfig cfg = tiny();
+  const TensorMap full = init_random_weights(cfg, 40, at::kDouble);
+  LoraConfig lc;
+  lc.mode = LoraMode::Standard;
+  lc.ranks = {3};
+  lc.alphas = {6};
+  lc.targets = {"to_q", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_mlp", "proj_out"};
+  LoraSet lora = LoraSet::create(cfg, lc, 41, at::kDouble);
+  at::manual_seed(42);
+  for (auto& a : lora.adapters()) {
+    at::NoGradGuard ng;
+    a.up.copy_(at::randn(a.up.sizes(), kF64) * 0.2);
+  }
+  // Merge every adapter into a copy of the weights: W[rows] += scale * up @ down.
+  TensorMap merged;
+  for (const auto& kv : full) merged.emplace(kv.first, kv.second.clone());
+  for (const auto& a : lora.adapters()) {
+    const std::string key = block_prefix(a.block, cfg.depth) + a.linear + ".weight";
+    at::NoGradGuard ng;
+    merged.at(key).narrow(0, a.out_begin, a.out_end - a.out_begin).add_(at::matmul(a.up, a.down) * a.scale);
+  }
+  ResidentBlockWeights w(full, cfg.depth, cfg.depth_single), wm(merged, cfg.depth, cfg.depth_single);
+  FluxInputs in = make_inputs(cfg, 2, 4, {3}, 43);
+  at::NoGradGuard ng;
+  at::Tensor with_lora = flux_forward(cfg, w, &lora, in), with_merge = flux_forward(cfg, wm, nullptr, in);
+  EXPECT_LT(rel_err(with_lora, with_merge), 1e-12);
+  EXPECT_GT(rel_err(with_lora, flux_forward(cfg, w, nullptr, in)), 1e-4);  // the adapters do something
+  // peft key format
+  auto st = lora.state();
+  EXPECT_TRUE(st.count("transformer.transformer_blocks.0.attn.to_q.lora_A.weight"));
+  EXPECT_TRUE(st.count("transformer.single_transformer_blocks.1.proj_out.lora_B.weight"));
+}

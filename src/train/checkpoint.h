@@ -1,0 +1,58 @@
+// Training checkpoints: one HDF5 file per checkpoint, <output_dir>/checkpoint-<step>.h5
+// (layout: docs/checkpoint.md). Written to "<file>.tmp.<pid>" and renamed into place, so a file
+// with the final name is always complete; `latest` only considers final names.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/tensor_map.h"
+#include "model/flux_config.h"
+#include "model/lora.h"
+
+namespace fluxtrain {
+
+struct TrainState {
+  int64_t step = 0;                // completed optimizer updates
+  int64_t micro_batch = 0;         // next global micro-batch of the data stream
+  int64_t nonfinite_in_a_row = 0;
+  int64_t nonfinite_total = 0;
+  int64_t optimizer_steps = 0;     // AdamW's t (bias correction)
+  uint64_t seed = 0;               // every draw derives from it (no other RNG state exists)
+  double lr = 0;                   // learning rate of the last update (informative)
+};
+
+struct Checkpoint {
+  TrainState state;
+  TensorMap lora;          // LoraSet::state() keys, float32 masters
+  TensorMap optimizer;     // AdamW::state() keys
+  FluxConfig model;        // the transformer it was trained on
+  nlohmann::json config;   // resolved RunConfig::to_json()
+  nlohmann::json scheduler;  // {"kind", "base_lr", "warmup_steps", "total_steps"}
+};
+
+std::string checkpoint_path(const std::string& output_dir, int64_t step);
+// Complete checkpoints in dir (final names only), sorted by step.
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& output_dir);
+// Newest complete checkpoint in dir, or "" if there is none.
+std::string latest_checkpoint(const std::string& output_dir);
+
+// Writes atomically. The environment variable FLUXTRAIN_TEST_ABORT_BEFORE_RENAME=<step> makes the
+// process die (exit 134, no cleanup) after the temp file of that step is written and before it is
+// renamed: the test of a checkpoint killed mid-write.
+void save_checkpoint(const std::string& path, const Checkpoint& ck);
+Checkpoint load_checkpoint(const std::string& path);
+// Keeps the newest `limit` checkpoints (limit 0 = keep all); returns the removed paths.
+std::vector<std::string> prune_checkpoints(const std::string& output_dir, int64_t limit);
+
+// Model and LoRA structure must match the run that is resuming; a checkpoint of another model
+// size is an Error naming the file and the differing dimension.
+void check_checkpoint_matches(const Checkpoint& ck, const std::string& path, const FluxConfig& model,
+                              const LoraSet& lora);
+
+nlohmann::json flux_config_json(const FluxConfig& c);
+
+}  // namespace fluxtrain

@@ -1,0 +1,350 @@
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <nlohmann/json.hpp>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/rng.h"
+#include "model/flux_transformer.h"
+#include "model/flux_weights.h"
+#include "model/lora_io.h"
+#include "model/position_ids.h"
+#include "train/flow_matching.h"
+#include "train/progress.h"
+
+namespace fluxtrain {
+namespace {
+
+// Validation draws use an epoch number no training run reaches, so they never coincide with a
+// training draw and stay fixed for the whole run.
+constexpr uint64_t kValidationEpoch = std::numeric_limits<uint64_t>::max();
+
+std::string shape_key(const Sample& s) {
+  std::ostringstream ss;
+  ss << s.target.sizes();
+  for (const auto& c : s.conds) ss << c.sizes();
+  return ss.str();
+}
+
+}  // namespace
+
+Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), opt_(opt) {
+  cfg_.validate();
+  if (cfg_.train.num_threads > 0) at::set_num_threads(static_cast<int>(cfg_.train.num_threads));
+
+  // Device and precision.
+  const std::string& d = cfg_.model.device;
+  if (d == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build or machine has no CUDA");
+  device_ = (d == "cuda" || (d == "auto" && at::hasCUDA())) ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  dtype_ = opt.compute_dtype != at::ScalarType::Undefined ? opt.compute_dtype
+           : cfg_.model.mixed_precision == "bf16"         ? at::kBFloat16
+                                                          : at::kFloat;
+
+  // Dataset first: it is cheap to open and the most common source of mistakes.
+  dataset_ = std::make_unique<Dataset>(cfg_.data.train_data);
+
+  LoadedTransformer lt;
+  try {
+    lt = load_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout, dtype_);
+  } catch (...) {
+    rethrow_with_context("--pretrained_model_name_or_path");
+  }
+  model_cfg_ = lt.config;
+  dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
+                             cfg_.data.noise_size, cfg_.data.cond_size);
+  weights_ = std::make_unique<ResidentBlockWeights>(lt.weights, model_cfg_.depth, model_cfg_.depth_single);
+  lt.weights.clear();
+  weights_->to(at::TensorOptions().device(device_).dtype(dtype_));
+
+  if (cfg_.lora.mode == LoraMode::Standard)
+    for (int b : cfg_.lora.blocks)
+      if (b >= model_cfg_.num_blocks())
+        throw Error("--lora_blocks: block " + std::to_string(b) + " does not exist (the model has " +
+                    std::to_string(model_cfg_.num_blocks()) + " blocks)");
+
+  // Float32 masters (float64 when the whole computation is float64, for exactness tests).
+  const at::ScalarType master = dtype_ == at::kDouble ? at::kDouble : at::kFloat;
+  lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
+  lora_.to(at::TensorOptions().device(device_).dtype(master));
+
+  order_ = std::make_unique<DataOrder>(dataset_->size(), cfg_.data.train_batch_size, opt.rank, opt.world_size,
+                                       cfg_.train.seed);
+  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  updates_per_epoch_ = (order_->micro_batches_per_epoch() + accum - 1) / accum;
+  max_steps_ = cfg_.train.max_train_steps > 0 ? cfg_.train.max_train_steps
+                                              : cfg_.train.num_train_epochs * updates_per_epoch_;
+  schedule_.kind = cfg_.train.lr_scheduler;
+  schedule_.base_lr = cfg_.train.learning_rate;
+  schedule_.warmup_steps = cfg_.train.lr_warmup_steps;
+  schedule_.total_steps = max_steps_;
+  if ((schedule_.kind == "linear" || schedule_.kind == "cosine") && schedule_.warmup_steps >= max_steps_)
+    throw Error("--lr_warmup_steps " + std::to_string(schedule_.warmup_steps) + " must be below the " +
+                std::to_string(max_steps_) + " training steps for --lr_scheduler " + schedule_.kind);
+  sampler_ = TimestepSampler::from_config(cfg_.train);
+  state_.seed = cfg_.train.seed;
+
+  AdamWConfig ac;
+  ac.beta1 = cfg_.train.adam_beta1;
+  ac.beta2 = cfg_.train.adam_beta2;
+  ac.eps = cfg_.train.adam_epsilon;
+  ac.weight_decay = cfg_.train.adam_weight_decay;
+  optimizer_ = AdamW(lora_.parameters(), ac);
+
+  // Resume (still before anything is written).
+  const std::string& r = cfg_.checkpoint.resume_from_checkpoint;
+  std::string path = r == "latest" ? latest_checkpoint(cfg_.checkpoint.output_dir) : r;
+  if (!path.empty()) {
+    Checkpoint ck;
+    try {
+      ck = load_checkpoint(path);
+    } catch (...) {
+      rethrow_with_context("--resume_from_checkpoint");
+    }
+    check_checkpoint_matches(ck, path, model_cfg_, lora_);
+    if (cfg_.train.seed_given && ck.state.seed != cfg_.train.seed)
+      throw Error("--seed " + std::to_string(cfg_.train.seed) + " differs from the seed " +
+                  std::to_string(ck.state.seed) + " of " + path + " (omit --seed to continue that run)");
+    // The checkpoint's seed wins: the data order and every draw continue where they were.
+    cfg_.train.seed = ck.state.seed;
+    cfg_.train.seed_given = true;
+    order_ = std::make_unique<DataOrder>(dataset_->size(), cfg_.data.train_batch_size, opt.rank, opt.world_size,
+                                         cfg_.train.seed);
+    TensorMap lw;
+    for (const auto& kv : ck.lora) lw.emplace(kv.first, kv.second.to(master));
+    lora_.load_state(lw, path);
+    TensorMap os;
+    for (const auto& kv : ck.optimizer) os.emplace(kv.first, kv.second.to(device_).to(master));
+    optimizer_.load_state(os, ck.state.optimizer_steps, path);
+    state_ = ck.state;
+    resumed_from_ = path;
+  }
+}
+
+Trainer::~Trainer() = default;
+
+Batch Trainer::next_batch() {
+  if (!prefetch_)
+    prefetch_ = std::make_unique<Prefetcher>(*dataset_, *order_, state_.micro_batch, cfg_.data.prefetch_batches);
+  Batch b = prefetch_->next();
+  if (b.micro_batch != state_.micro_batch)
+    throw Error("data stream out of order: expected micro-batch " + std::to_string(state_.micro_batch),
+                ErrorKind::Internal);
+  state_.micro_batch = b.micro_batch + 1;
+  return b;
+}
+
+at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
+  const int64_t b = static_cast<int64_t>(group.size());
+  const auto opts = at::TensorOptions().device(device_).dtype(dtype_);
+  const uint64_t seed = cfg_.train.seed;
+  const uint64_t draw_epoch = validation ? kValidationEpoch : epoch;
+
+  std::vector<at::Tensor> xs, noises, t5s, pooled;
+  std::vector<double> sigmas;
+  for (const Sample* s : group) {
+    xs.push_back(s->target.to(at::kFloat));
+    noises.push_back(sample_noise(s->target.sizes().vec(), seed, draw_epoch, static_cast<uint64_t>(s->index)));
+    sigmas.push_back(sampler_.sigma_for(seed, draw_epoch, static_cast<uint64_t>(s->index)));
+    t5s.push_back(s->t5);
+    pooled.push_back(s->pooled);
+  }
+  // Noise and sigma are drawn on the CPU in float32/float64, so every device and layout sees the
+  // same values; the mix happens in float32 (float64 in float64 runs) before the cast.
+  const at::ScalarType mix = dtype_ == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x0 = at::stack(xs).to(mix);
+  const at::Tensor noise = at::stack(noises).to(mix);
+  const at::Tensor sigma = at::tensor(sigmas, at::TensorOptions().dtype(at::kDouble)).to(mix);
+  const at::Tensor xt = noisy_latents(x0, noise, sigma);
+  const at::Tensor target = pack_latents(flow_target(x0, noise)).to(device_);
+  const int64_t h = x0.size(2), w = x0.size(3);
+
+  FluxInputs in;
+  in.img = pack_latents(xt).to(opts);
+  in.img_ids = noise_position_ids(h / 2, w / 2).to(device_);
+  in.txt = at::stack(t5s).to(opts);
+  in.txt_ids = text_position_ids(in.txt.size(1)).to(device_);
+  in.y = at::stack(pooled).to(opts);
+  in.timesteps = sigma.to(device_);
+  in.guidance = at::full({b}, cfg_.model.guidance_scale, at::TensorOptions().dtype(mix)).to(device_);
+  const auto& kinds = dataset_->info().cond_kinds;
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    std::vector<at::Tensor> cs;
+    for (const Sample* s : group) cs.push_back(s->conds[k].to(mix));
+    const at::Tensor c = at::stack(cs);
+    const int64_t ch = c.size(2), cw = c.size(3);
+    in.cond.push_back(pack_latents(c).to(opts));
+    in.cond_ids.push_back((kinds[k] == "subject" ? subject_position_ids(ch / 2, cw / 2)
+                                                 : spatial_position_ids(ch / 2, cw / 2, h / 2, w / 2))
+                              .to(device_));
+  }
+  ForwardOptions fo;
+  fo.gradient_checkpointing = cfg_.model.gradient_checkpointing && !validation;
+  const at::Tensor pred = flux_forward(model_cfg_, *weights_, &lora_, in, fo);
+  return per_sample_mse(pred, target).sum();
+}
+
+double Trainer::accumulate(const Batch& batch, double grad_scale) {
+  // Group equally shaped samples (first-appearance order) so that each group is one forward.
+  std::map<std::string, size_t> slot;
+  std::vector<std::vector<const Sample*>> groups;
+  for (const auto& s : batch.samples) {
+    auto key = shape_key(s);
+    auto it = slot.find(key);
+    if (it == slot.end()) {
+      slot.emplace(key, groups.size());
+      groups.emplace_back();
+      groups.back().push_back(&s);
+    } else {
+      groups[it->second].push_back(&s);
+    }
+  }
+  const double n = static_cast<double>(batch.samples.size());
+  double total = 0;
+  for (const auto& g : groups) {
+    at::Tensor sum = group_loss_sum(g, static_cast<uint64_t>(batch.epoch), false);
+    const double v = sum.item<double>();
+    total += v;
+    if (!std::isfinite(v)) return std::numeric_limits<double>::quiet_NaN();  // no backward of garbage
+    (sum * (grad_scale / n)).backward();
+  }
+  return total / n;
+}
+
+StepResult Trainer::train_step() {
+  StepResult r;
+  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  const auto params = lora_.parameters();
+  for (auto p : params) p.mutable_grad().reset();
+  r.lr = schedule_.lr(state_.step);
+  bool bad = false;
+  double loss_sum = 0;
+  for (int64_t a = 0; a < accum; ++a) {
+    const Batch b = next_batch();
+    if (bad) continue;  // consume the data of a skipped update so the stream stays aligned
+    const double l = accumulate(b, 1.0 / static_cast<double>(accum));
+    if (!std::isfinite(l)) bad = true;
+    loss_sum += l;
+  }
+  r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / static_cast<double>(accum);
+  r.grad_norm = bad ? std::numeric_limits<double>::quiet_NaN() : clip_grad_norm(params, cfg_.train.max_grad_norm);
+  if (bad || !std::isfinite(r.grad_norm)) {
+    r.skipped = true;
+    ++state_.nonfinite_in_a_row;
+    ++state_.nonfinite_total;
+    for (auto p : params) p.mutable_grad().reset();
+    if (state_.nonfinite_in_a_row >= cfg_.train.max_nonfinite_steps)
+      throw Error("stopping: " + std::to_string(state_.nonfinite_in_a_row) +
+                  " updates in a row had a non-finite loss or gradient (--max_nonfinite_steps " +
+                  std::to_string(cfg_.train.max_nonfinite_steps) + "; lower --learning_rate or check the data)");
+    return r;
+  }
+  optimizer_.step(r.lr);
+  for (auto p : params) p.mutable_grad().reset();
+  state_.optimizer_steps = optimizer_.steps();
+  state_.nonfinite_in_a_row = 0;
+  state_.lr = r.lr;
+  ++state_.step;
+  return r;
+}
+
+double Trainer::validation_loss() {
+  at::NoGradGuard ng;
+  const int64_t n = std::min(cfg_.validation.validation_samples, dataset_->size());
+  std::vector<Sample> samples;
+  for (int64_t i = 0; i < n; ++i) samples.push_back(dataset_->read(i));
+  double total = 0;
+  for (const auto& s : samples) total += group_loss_sum({&s}, 0, true).item<double>();
+  return total / static_cast<double>(n);
+}
+
+Checkpoint Trainer::make_checkpoint() const {
+  Checkpoint ck;
+  ck.state = state_;
+  for (const auto& kv : lora_.state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
+  for (const auto& kv : optimizer_.state()) ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
+  ck.model = model_cfg_;
+  ck.config = cfg_.to_json();
+  ck.scheduler = {{"kind", schedule_.kind},
+                  {"base_lr", schedule_.base_lr},
+                  {"warmup_steps", schedule_.warmup_steps},
+                  {"total_steps", schedule_.total_steps},
+                  {"next_lr", schedule_.lr(state_.step)}};
+  return ck;
+}
+
+std::string Trainer::run() {
+  const std::string& out = cfg_.checkpoint.output_dir;
+  make_directories(out);
+  Progress progress(max_steps_, state_.step, opt_.log, opt_.tty);
+  progress.message("fluxtrain train: config " + cfg_.to_json().dump());
+  write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
+  {
+    std::ostringstream ss;
+    ss << "fluxtrain train: " << dataset_->size() << " samples, " << updates_per_epoch_ << " updates per epoch, "
+       << max_steps_ << " updates, device " << device_ << ", " << c10::toString(dtype_) << ", seed "
+       << cfg_.train.seed;
+    if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
+    progress.message(ss.str());
+  }
+  MetricsWriter metrics(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
+
+  int64_t last_saved = resumed_from_.empty() ? -1 : state_.step;
+  auto save = [&] {
+    const std::string path = checkpoint_path(out, state_.step);
+    save_checkpoint(path, make_checkpoint());
+    last_saved = state_.step;
+    for (const auto& removed : prune_checkpoints(out, cfg_.checkpoint.checkpoints_total_limit))
+      progress.message("removed old checkpoint " + removed);
+    progress.message("saved " + path);
+  };
+
+  auto t_prev = std::chrono::steady_clock::now();
+  double sps_avg = 0;
+  while (state_.step < max_steps_) {
+    const StepResult r = train_step();
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - t_prev).count();
+    t_prev = now;
+    sps_avg = sps_avg == 0 ? dt : 0.9 * sps_avg + 0.1 * dt;
+    nlohmann::json m = {{"step", state_.step},
+                        {"epoch", order_->epoch_of(std::max<int64_t>(0, state_.micro_batch - 1))},
+                        {"loss", r.loss},
+                        {"lr", r.lr},
+                        {"grad_norm", r.grad_norm},
+                        {"s_per_step", dt},
+                        {"skipped", r.skipped},
+                        {"nonfinite_total", state_.nonfinite_total}};
+    if (r.skipped) {
+      progress.message("update skipped after step " + std::to_string(state_.step) +
+                       ": non-finite loss or gradient (" + std::to_string(state_.nonfinite_in_a_row) + " in a row)");
+      metrics.write(m);
+      continue;
+    }
+    const int64_t vs = cfg_.validation.validation_steps;
+    if (vs > 0 && (state_.step % vs == 0 || state_.step == max_steps_)) {
+      const double vl = validation_loss();
+      m["val_loss"] = vl;
+      progress.message("step " + std::to_string(state_.step) + ": validation loss " + std::to_string(vl));
+    }
+    metrics.write(m);
+    progress.update(state_.step, r.loss, r.lr, sps_avg);
+    if (state_.step % cfg_.checkpoint.checkpointing_steps == 0 || state_.step == max_steps_) save();
+  }
+  if (last_saved != state_.step) save();
+  progress.finish();
+  const std::string lora_path = path_join(out, "lora.safetensors");
+  save_lora_file(lora_path, lora_);
+  progress.message("fluxtrain train: wrote " + lora_path);
+  return lora_path;
+}
+
+}  // namespace fluxtrain

@@ -1,0 +1,103 @@
+// The training loop: data -> flux_forward -> flow-matching loss -> backward -> accumulate ->
+// clip -> AdamW -> schedule -> metrics / validation / checkpoints.
+//
+// Construction loads and checks everything (config, dataset, model, LoRA, resume checkpoint) and
+// writes nothing, so that bad input fails before the output directory is touched. run() creates
+// the output directory and trains.
+//
+// Loss of a micro-batch = mean over its samples of the per-sample MSE; the update's gradient is the
+// mean over the accumulated micro-batches. Samples of different latent sizes in one micro-batch
+// go through the model in groups of equal shape; the result is the same as one big batch would be.
+// A non-finite loss or gradient norm skips the update (the data is consumed, the step and the
+// learning-rate schedule do not advance); --max_nonfinite_steps such updates in a row stop the run.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "core/config.h"
+#include "data/dataset.h"
+#include "model/block_weights.h"
+#include "model/flux_config.h"
+#include "model/lora.h"
+#include "train/checkpoint.h"
+#include "train/lr_schedule.h"
+#include "train/optimizer.h"
+#include "train/timestep_sampling.h"
+
+namespace fluxtrain {
+
+struct TrainerOptions {
+  // Overrides --mixed_precision (tests use float64). Undefined = from the config.
+  at::ScalarType compute_dtype = at::ScalarType::Undefined;
+  int rank = 0, world_size = 1;  // data split (the distributed issue fills these)
+  std::FILE* log = stderr;
+  int tty = -1;                  // progress bar: -1 detect, 0 plain lines, 1 bar
+};
+
+struct StepResult {
+  double loss = 0;       // mean over the update's samples
+  double grad_norm = 0;  // before clipping
+  double lr = 0;
+  bool skipped = false;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const RunConfig& cfg, const TrainerOptions& opt = {});
+  ~Trainer();
+
+  // Trains to max_train_steps with checkpoints, metrics and the final LoRA file. Returns the
+  // path of the LoRA .safetensors it wrote.
+  std::string run();
+
+  // Pieces of run(), public for tests.
+  // Forward + backward of one micro-batch; gradients are added to the LoRA parameters' .grad()
+  // scaled by grad_scale. Returns the micro-batch's mean loss.
+  double accumulate(const Batch& batch, double grad_scale);
+  // One update from the data stream (reads gradient_accumulation_steps micro-batches).
+  StepResult train_step();
+  // Mean loss over the first --validation_samples samples with fixed draws, no gradients.
+  double validation_loss();
+  // Snapshot of the current state for a checkpoint.
+  Checkpoint make_checkpoint() const;
+
+  const RunConfig& config() const { return cfg_; }
+  const FluxConfig& model_config() const { return model_cfg_; }
+  LoraSet& lora() { return lora_; }
+  const TrainState& state() const { return state_; }
+  int64_t max_train_steps() const { return max_steps_; }
+  int64_t updates_per_epoch() const { return updates_per_epoch_; }
+  const std::string& resumed_from() const { return resumed_from_; }
+  const Dataset& dataset() const { return *dataset_; }
+  at::ScalarType compute_dtype() const { return dtype_; }
+
+ private:
+  RunConfig cfg_;
+  TrainerOptions opt_;
+  c10::Device device_{c10::kCPU};
+  at::ScalarType dtype_ = at::kFloat;
+  std::unique_ptr<Dataset> dataset_;
+  FluxConfig model_cfg_;
+  std::unique_ptr<ResidentBlockWeights> weights_;
+  LoraSet lora_;
+  AdamW optimizer_;
+  std::unique_ptr<DataOrder> order_;
+  std::unique_ptr<Prefetcher> prefetch_;
+  LrSchedule schedule_;
+  TimestepSampler sampler_;
+  TrainState state_;
+  int64_t max_steps_ = 0, updates_per_epoch_ = 0;
+  std::string resumed_from_;
+
+  Batch next_batch();
+  // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
+  at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
+};
+
+}  // namespace fluxtrain
