@@ -70,10 +70,12 @@ void configure_attention_backends() {
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
-  if (!k_cond.defined()) return merge_heads(at::scaled_dot_product_attention(q_main, k_main, v_main));
+  // Dense [B, h, L, D] operands: fused attention backends (cuDNN in particular) want them.
+  if (!k_cond.defined())
+    return merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_main.contiguous(), v_main.contiguous()));
   at::Tensor k_all = at::cat({k_main, k_cond}, 2);
   at::Tensor v_all = at::cat({v_main, v_cond}, 2);
-  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main, k_all, v_all));
+  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_all, v_all));
   if (out_cond && q_cond.defined()) {
     bool equal = true;
     for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
@@ -82,7 +84,7 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       // [B, h, n*Lc, D] -> [B*n, h, Lc, D]: all conditions in one batched call.
       auto fold = [&](const at::Tensor& t) {
         const int64_t B = t.size(0), h = t.size(1), D = t.size(3);
-        return t.view({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D});
+        return t.reshape({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D}).contiguous();
       };
       at::Tensor oc = at::scaled_dot_product_attention(fold(q_cond), fold(k_cond), fold(v_cond));
       const int64_t B = q_cond.size(0), h = q_cond.size(1), D = q_cond.size(3);
@@ -92,8 +94,9 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       std::vector<at::Tensor> parts;
       int64_t off = 0;
       for (int64_t l : cond_lens) {
-        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l), k_cond.narrow(2, off, l),
-                                                         v_cond.narrow(2, off, l)));
+        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l).contiguous(),
+                                                         k_cond.narrow(2, off, l).contiguous(),
+                                                         v_cond.narrow(2, off, l).contiguous()));
         off += l;
       }
       *out_cond = merge_heads(parts.size() == 1 ? parts[0] : at::cat(parts, 2));
