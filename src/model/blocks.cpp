@@ -60,6 +60,24 @@ at::Tensor mlp(const at::Tensor& x, const std::string& prefix, Lin&& lin) {
   return lin(at::gelu(lin(x, prefix + ".0"), "tanh"), prefix + ".2");
 }
 
+// linear2 of a single block applied to cat(attn, act) without materialising the concatenation:
+// attn @ W[:, :H]^T + b, then act @ W[:, H:]^T accumulated into it by the same GEMM (addmm).
+// Falls back to the concatenated input when an adapter targets linear2 for these tokens.
+at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::Tensor& attn, const at::Tensor& act,
+                          int cond) {
+  const bool adapted = c.lora && !c.lora->find(c.block, "linear2", cond).empty();
+  if (adapted) {
+    at::Tensor in = at::cat({attn, act}, -1);
+    return cond >= 0 ? cond_linear(c, in, w, "linear2") : main_linear(c, in, w, "linear2");
+  }
+  const at::Tensor& W = w.at("linear2.weight");
+  const int64_t H = attn.size(-1);
+  at::Tensor y = at::linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"));
+  auto sz = y.sizes().vec();
+  return at::addmm(y.reshape({-1, sz.back()}), act.reshape({-1, act.size(-1)}), W.narrow(1, H, W.size(1) - H).t())
+      .view(sz);
+}
+
 }  // namespace
 
 void configure_attention_backends() {
@@ -178,11 +196,11 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   const bool cond_out_needed = has_cond && !c.last_block;
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor x_out = at::addcmul(x, m[2], main_linear(c, at::cat({om, at::gelu(mlp_in, "tanh")}, -1), w, "linear2"));
+  at::Tensor x_out = at::addcmul(x, m[2], single_linear2(c, w, om, at::gelu(mlp_in, "tanh"), -1));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
     at::Tensor cmlp = cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M);
-    cond_out = at::addcmul(cond, cm[2], cond_linear(c, at::cat({oc, at::gelu(cmlp, "tanh")}, -1), w, "linear2"));
+    cond_out = at::addcmul(cond, cm[2], single_linear2(c, w, oc, at::gelu(cmlp, "tanh"), 0));
   }
   return {x_out, cond_out};
 }
