@@ -141,21 +141,43 @@ std::map<std::string, std::string> snapshot(const std::string& dir) {
   return s;
 }
 
-TEST(TrainLoop, OverfitHalvesTheLoss) {
+// Overfit: the same micro-batch again and again (same samples, so the same noise and timesteps)
+// through the trainer's own update (loss, backward, clipping, AdamW). The condition LoRA must drive
+// the loss on that batch down by at least half in a fixed number of CPU steps.
+TEST(TrainLoop, OverfitAFixedBatchHalvesItsLoss) {
+  TinyRun s;
+  Trainer t(make_config(s.flags({"--ranks", "16", "--network_alphas", "16", "--learning_rate", "1e-2",
+                                 "--max_grad_norm", "1"})),
+            f64());
+  const Batch b = batch_of(t.dataset(), {0, 1, 2, 3}, 0);
+  double first = 0, last = 0;
+  for (int i = 0; i < 150; ++i) {
+    const StepResult r = t.train_step_on({b});
+    if (i == 0) first = r.loss;
+    last = r.loss;
+  }
+  std::cout << "fixed-batch loss " << first << " -> " << last << "\n";
+  EXPECT_LT(last, 0.5 * first);
+}
+
+// The ordinary loop (fresh noise and timesteps every epoch): the validation loss on fixed draws
+// falls clearly. It cannot fall much further: the noise in the target is unpredictable for a
+// LoRA that only sees condition tokens, and neither can it cancel the random model's own output
+// (docs/training.md has the numbers).
+TEST(TrainLoop, ValidationLossFallsOnTheDataStream) {
   SynthSpec spec = tiny_spec();
   spec.num_samples = 16;
   TinyRun s(spec);
-  RunConfig c = make_config(s.flags({"--ranks", "16", "--network_alphas", "16", "--train_batch_size", "4",
-                                     "--learning_rate", "3e-2", "--max_train_steps", "300", "--validation_samples", "8",
-                                     "--max_grad_norm", "1"}));
   TrainerOptions o;
   o.tty = 0;
-  Trainer t(c, o);
+  Trainer t(make_config(s.flags({"--ranks", "16", "--network_alphas", "16", "--train_batch_size", "4",
+                                 "--learning_rate", "3e-2", "--max_grad_norm", "1", "--validation_samples", "8"})),
+            o);
   const double before = t.validation_loss();
   for (int i = 0; i < 300; ++i) t.train_step();
   const double after = t.validation_loss();
   std::cout << "validation loss " << before << " -> " << after << "\n";
-  EXPECT_LT(after, 0.5 * before);
+  EXPECT_LT(after, 0.8 * before);
 }
 
 TEST(TrainLoop, AccumulationAndRankSplitEqualOneBigBatchInFloat64) {
