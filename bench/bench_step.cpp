@@ -22,6 +22,9 @@
 #include "model/flux_weights.h"
 #include "model/position_ids.h"
 #include "model/blocks.h"
+#include "dist/communicator.h"
+#include "dist/process_group.h"
+#include "dist/sharded_weights.h"
 
 namespace po = boost::program_options;
 
@@ -56,6 +59,7 @@ int cmd_bench(int argc, char** argv) {
   std::string size, cases_s, ckpt_s, device_s, dtype_s;
   int warmup = 3, iters = 7, txt_len = 512, batch = 1;
   std::string graph_s;
+  bool sharded = false;
   uint64_t seed = 0;
   po::options_description desc("bench options");
   desc.add_options()
@@ -70,11 +74,20 @@ int cmd_bench(int argc, char** argv) {
       ("warmup", po::value(&warmup)->default_value(3), "untimed steps")
       ("iters", po::value(&iters)->default_value(7), "timed steps (median reported)")
       ("seed", po::value(&seed)->default_value(0), "seed")
-      ("cuda_graph", po::value(&graph_s)->default_value("both"), "off, on or both: replay the step as a CUDA graph");
+      ("cuda_graph", po::value(&graph_s)->default_value("both"), "off, on or both: replay the step as a CUDA graph")
+      ("sharded", po::bool_switch(&sharded), "FSDP-style sharded frozen weights over the MPI ranks "
+       "(run under mpirun; implies --cuda_graph off)");
   po::variables_map vm;
   if (!parse_command_line("bench", desc, argc, argv, vm)) return 0;
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
-  const c10::Device dev = parse_device(device_s, "--device");
+  c10::Device dev = parse_device(device_s, "--device");
+  dist::ProcessGroup* pg = nullptr;
+  if (sharded) {
+    pg = &dist::ProcessGroup::init();
+    if (dev.is_cuda()) dev = pg->select_cuda_device();
+    graph_s = "off";  // the provider's host-side slot logic cannot be captured
+  }
+  const bool print = !pg || pg->rank() == 0;
   configure_attention_backends();
   const at::ScalarType dtype = parse_dtype(dtype_s, "--dtype");
   const FluxConfig cfg = FluxConfig::preset(size);
@@ -82,7 +95,24 @@ int cmd_bench(int argc, char** argv) {
   const auto opts = at::TensorOptions().device(dev).dtype(dtype);
 
   // Random frozen weights made directly on the device (no 24 GB host round trip).
-  ResidentBlockWeights weights(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single);
+  ResidentBlockWeights resident(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single);
+  BlockWeights* weights_ptr = &resident;
+  std::unique_ptr<dist::Communicator> comm;
+  std::unique_ptr<dist::ShardedBlockWeights> shards;
+  nlohmann::json weight_bytes;
+  if (sharded) {
+    comm = pg->make_communicator(dev);
+    dist::ShardedWeightsOptions so;
+    so.device = dev;
+    shards = std::make_unique<dist::ShardedBlockWeights>(*comm, resident.globals(), resident.blocks(), so);
+    for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
+    weights_ptr = shards.get();
+    const auto& st = shards->stats();
+    weight_bytes = {{"full_block_bytes", st.full_block_bytes}, {"shard_bytes", st.shard_bytes},
+                    {"replicated_bytes", st.replicated_bytes}, {"gather_buffer_bytes", st.gather_buffer_bytes},
+                    {"resident_frozen_bytes_per_rank", st.resident_bytes()}};
+  }
+  BlockWeights& weights = *weights_ptr;
   const std::string device_label = device_name(dev);
 
   std::vector<bool> graph_modes;
@@ -161,7 +191,8 @@ int cmd_bench(int argc, char** argv) {
       const int64_t tokens = batch * (txt_len + nh * nh + ch * ch);
       nlohmann::json j = {{"name", "lora_step"},
                           {"device", device_label},
-                          {"world_size", 1},
+                          {"world_size", pg ? pg->world_size() : 1},
+                          {"sharded", sharded},
                           {"config", {{"model", size}, {"cond_size", bc.cond}, {"noise_size", bc.noise},
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
                                       {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
@@ -174,7 +205,8 @@ int cmd_bench(int argc, char** argv) {
                           {"model_tflops", flops / (med / 1000.0) / 1e12},
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
-      std::cout << j.dump() << std::endl;
+      if (sharded) j["weights"] = weight_bytes;
+      if (print) std::cout << j.dump() << std::endl;
       } catch (const c10::Error& e) {
         // Out of memory, or a failed graph capture: report it and go on with the next case.
         std::string what = e.what_without_backtrace();
@@ -188,6 +220,10 @@ int cmd_bench(int argc, char** argv) {
     }
     }
   }
+  if (shards) shards->quiesce();
+  shards.reset();
+  comm.reset();
+  if (pg) dist::ProcessGroup::finalize();
   return 0;
 }
 

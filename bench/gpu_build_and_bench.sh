@@ -26,6 +26,13 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXTRAIN_CUDA=ON 
 ninja -C build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" -A3 "$OUT/build.log" | head -60; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 (cd build-gpu && { ctest -L unit -j8 --output-on-failure > "$OUT/ctest.log" 2>&1 || true; tail -4 "$OUT/ctest.log"; })
+# Multi-rank tests with one GPU: NCCL communicator and the sharded model on CUDA.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if [ -x build-gpu/tests/fluxtrain_mpi_tests ]; then
+  timeout 300 mpirun --allow-run-as-root -np 1 build-gpu/tests/fluxtrain_mpi_tests > "$OUT/mpi_gpu.log" 2>&1 \
+    && echo "mpi tests on GPU (np 1): $(grep -E 'PASSED|FAILED' "$OUT/mpi_gpu.log" | tr '\n' ' ')" \
+    || { echo "mpi tests on GPU FAILED"; grep -E "FAILED|Failure|error" -A3 "$OUT/mpi_gpu.log" | head -30; }
+fi
 # CUDA vs CPU forward of the tiny model, with a condition (float32).
 B=build-gpu/fluxtrain
 $B init-model --size tiny --output_dir /tmp/tiny > /dev/null
@@ -37,6 +44,11 @@ from safetensors.torch import load_file
 a=load_file('/tmp/o_cpu.safetensors')['output'].double(); b=load_file('/tmp/o_gpu.safetensors')['output'].double()
 print('cuda vs cpu forward (tiny, f32): rel err %.2e' % ((a-b).abs().max()/a.abs().max()))"
 $B bench --device cuda "$@" | tee "$OUT/bench.jsonl"
+# Sharded frozen weights (one rank: every block still all-gathered through NCCL) vs resident.
+if [ -z "${SKIP_SHARDED:-}" ]; then
+  mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE $B bench --device cuda --sharded \
+    --configs 384/768/64 --cuda_graph off "$@" | tee -a "$OUT/bench.jsonl"
+fi
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
 print("cond/noise/rank ckpt  exec        ms/step  host_ms  TFLOP/s  peak GiB")
@@ -48,7 +60,7 @@ for line in open(sys.argv[1]):
     c = j["config"]
     tag = "%d/%d/%d" % (c["cond_size"], c["noise_size"], c["rank"])
     ck = "on " if c["gradient_checkpointing"] else "off"
-    ex = c.get("execution", "graph" if c.get("cuda_graph") else "eager")
+    ex = c.get("execution", "graph" if c.get("cuda_graph") else "eager") + ("+shard" if j.get("sharded") else "")
     if "error" in j:
         print("%-15s %s  %-10s %s" % (tag, ck, ex, j["error"][:100]))
     else:

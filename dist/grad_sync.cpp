@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -164,20 +165,6 @@ void GradSync::reset_pass() {
   next_to_issue_ = 0;
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
-  double sq = 0;
-  for (const auto& p : params)
-    if (p.grad().defined()) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
-  const double total = std::sqrt(sq);
-  const double coef = max_norm / (total + 1e-6);
-  if (max_norm > 0 && coef < 1) {
-    at::NoGradGuard no_grad;
-    for (const auto& p : params)
-      if (p.grad().defined()) p.grad().mul_(coef);
-  }
-  return total;
-}
-
 // ---------------------------------------------------------------------------------------------
 // ShardedAdamW
 
@@ -197,7 +184,6 @@ ShardedAdamW::ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, c
   shard_ = padded_ / comm_.size();
   exp_avg_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
   exp_avg_sq_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
-  param_steps_.assign(params_.size(), 0);
 }
 
 at::Tensor ShardedAdamW::shard_of_params() const {
@@ -239,43 +225,36 @@ double ShardedAdamW::step(double lr, double max_grad_norm) {
   at::Tensor sq = g.to(at::kDouble).pow(2).sum().reshape({1});
   comm_.all_reduce(sq, ReduceOp::Sum);
   const double norm = std::sqrt(sq.item<double>());
+  if (!std::isfinite(norm)) return norm;  // same on every rank: all skip this update
   const double coef = max_grad_norm / (norm + 1e-6);
   if (max_grad_norm > 0 && coef < 1) g.mul_(coef);
 
-  // AdamW in the operations of torch::optim::AdamW. Each parameter has its own step count
-  // (they differ once a parameter has been skipped); in the usual case all are active with one
-  // count, and the step size and bias correction are scalars.
+  // AdamW in the operations (and order) of the trainer's AdamW (src/train/optimizer.cpp) and
+  // torch::optim::AdamW: one step count t for the bias corrections; parameters without a
+  // gradient on any rank are left alone (their moments too).
   ++step_;
   const int64_t lo = comm_.rank() * shard_, hi = lo + shard_;
-  bool uniform = true;
-  for (size_t i = 0; i < P; ++i) {
-    if (active[i]) ++param_steps_[i];
-    uniform = uniform && active[i] && param_steps_[i] == param_steps_[0];
-  }
-  auto step_size_of = [&](int64_t t) { return lr / (1 - std::pow(opt_.beta1, static_cast<double>(t))); };
-  auto bc2_sqrt_of = [&](int64_t t) { return std::sqrt(1 - std::pow(opt_.beta2, static_cast<double>(t))); };
+  const double bc1 = 1 - std::pow(opt_.beta1, static_cast<double>(step_));
+  const double bc2 = 1 - std::pow(opt_.beta2, static_cast<double>(step_));
+  bool all_active = true;
+  for (size_t i = 0; i < P; ++i) all_active = all_active && active[i];
 
   at::Tensor p0 = shard_of_params();
   at::Tensor p = p0 * (1 - lr * opt_.weight_decay);
   at::Tensor m = exp_avg_ * opt_.beta1 + g * (1 - opt_.beta1);
   at::Tensor v = (exp_avg_sq_ * opt_.beta2).addcmul_(g, g, 1 - opt_.beta2);
-  if (uniform) {
-    at::Tensor denom = (v.sqrt() / bc2_sqrt_of(param_steps_[0])).add_(opt_.eps);
-    p.addcdiv_(m, denom, -step_size_of(param_steps_[0]));
+  at::Tensor denom = (v.sqrt() / std::sqrt(bc2)).add_(opt_.eps);
+  p.addcdiv_(m, denom, -lr / bc1);
+  if (all_active) {
     exp_avg_ = m;
     exp_avg_sq_ = v;
   } else {
     at::Tensor mask = at::zeros({shard_}, g.options().dtype(at::kBool));
-    at::Tensor step_size = at::zeros({shard_}, g.options()), bc2_sqrt = at::ones({shard_}, g.options());
     for (size_t i = 0; i < P; ++i) {
       const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[i] + params_[i].numel());
-      if (!active[i] || a >= z) continue;
-      mask.narrow(0, a - lo, z - a).fill_(true);
-      step_size.narrow(0, a - lo, z - a).fill_(step_size_of(param_steps_[i]));
-      bc2_sqrt.narrow(0, a - lo, z - a).fill_(bc2_sqrt_of(param_steps_[i]));
+      if (active[i] && a < z) mask.narrow(0, a - lo, z - a).fill_(true);
     }
-    at::Tensor denom = (v.sqrt() / bc2_sqrt).add_(opt_.eps);
-    p = at::where(mask, p - step_size * (m / denom), p0);
+    p = at::where(mask, p, p0);
     exp_avg_ = at::where(mask, m, exp_avg_);
     exp_avg_sq_ = at::where(mask, v, exp_avg_sq_);
   }
@@ -291,28 +270,27 @@ TensorMap ShardedAdamW::state() {
   at::Tensor m = gather_full(exp_avg_), v = gather_full(exp_avg_sq_);
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string k = std::to_string(i);
-    out[k + ".exp_avg"] = m.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
-    out[k + ".exp_avg_sq"] = v.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
-    out[k + ".step"] = at::scalar_tensor(param_steps_[i], at::kLong);
+    out["exp_avg." + k] = m.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
+    out["exp_avg_sq." + k] = v.narrow(0, offsets_[i], params_[i].numel()).view(params_[i].sizes()).clone();
   }
   return out;
 }
 
-void ShardedAdamW::load_state(const TensorMap& state) {
+void ShardedAdamW::load_state(const TensorMap& state, int64_t steps) {
+  check_input(state.size() == 2 * params_.size(),
+              "optimizer state has " + std::to_string(state.size() / 2) + " parameters, expected " +
+                  std::to_string(params_.size()));
   at::Tensor m = at::zeros({padded_}, exp_avg_.options()), v = at::zeros({padded_}, exp_avg_.options());
   for (size_t i = 0; i < params_.size(); ++i) {
-    const std::string k = std::to_string(i);
-    for (const std::string kind : {"exp_avg", "exp_avg_sq"}) {
-      auto it = state.find(k + "." + kind);
-      check_input(it != state.end(), "optimizer state: missing " + k + "." + kind);
-      check_input(it->second.sizes() == params_[i].sizes(),
-                  "optimizer state: " + k + "." + kind + " has the wrong shape for parameter " + k);
-      (kind == "exp_avg" ? m : v).narrow(0, offsets_[i], params_[i].numel()).copy_(it->second.reshape({-1}));
+    for (const std::string kind : {"exp_avg.", "exp_avg_sq."}) {
+      const std::string key = kind + std::to_string(i);
+      auto it = state.find(key);
+      check_input(it != state.end(), "optimizer state lacks " + key);
+      check_input(it->second.sizes() == params_[i].sizes(), "optimizer state " + key + " has the wrong shape");
+      (kind == "exp_avg." ? m : v).narrow(0, offsets_[i], params_[i].numel()).copy_(it->second.reshape({-1}));
     }
-    auto it = state.find(k + ".step");
-    check_input(it != state.end() && it->second.numel() == 1, "optimizer state: missing " + k + ".step");
-    param_steps_[i] = it->second.item<int64_t>();
   }
+  step_ = steps;
   const int64_t begin = comm_.rank() * shard_;
   exp_avg_ = m.narrow(0, begin, shard_).clone();
   exp_avg_sq_ = v.narrow(0, begin, shard_).clone();

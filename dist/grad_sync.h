@@ -79,11 +79,9 @@ class GradSync {
   void reset_pass();
 };
 
-// Global-norm clipping of replicated gradients (identical on every rank after GradSync, so the
-// local norm is the global one), as torch.nn.utils.clip_grad_norm_: total = sqrt(sum g^2) over
-// all gradients (accumulated in float64); if max_norm > 0 and total > max_norm, gradients are
-// scaled by max_norm / (total + 1e-6). Returns the norm before clipping.
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+// Clipping: after GradSync::finish() the gradients are identical on every rank, so the
+// trainer's clip_grad_norm (src/train/optimizer.h) on the local gradients uses the global norm.
+// ShardedAdamW clips inside step(), from the norm of all ranks' slices.
 
 struct AdamWOptions {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-2;
@@ -94,19 +92,21 @@ class ShardedAdamW {
   // params: one floating dtype and device. Collective (every rank, same shapes).
   ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, const AdamWOptions& opt = {});
   // Collective: averages the local gradients over ranks (reduce-scatter), clips by the global
-  // norm (max_grad_norm <= 0: no clipping), applies AdamW (the operations of
-  // torch::optim::AdamW, decoupled weight decay, per-parameter step counts) with learning rate
-  // lr to this rank's slice and all-gathers the parameters. A parameter with a gradient on some
-  // ranks counts as zero on the others; one without a gradient on any rank is left alone, as
-  // torch skips it. Returns the global gradient norm before clipping.
+  // norm (max_grad_norm <= 0: no clipping), applies AdamW with learning rate lr to this rank's
+  // slice and all-gathers the parameters. The update is the trainer's AdamW
+  // (src/train/optimizer.h: decoupled weight decay, one step count t for the bias corrections,
+  // the operations of torch::optim::AdamW). A parameter with a gradient on some ranks counts as
+  // zero on the others; one without a gradient on any rank is left alone, moments included.
+  // Returns the global gradient norm before clipping; when it is not finite, nothing is
+  // updated (parameters, moments and t stay as they were) and the caller skips the step.
   double step(double lr, double max_grad_norm = 0.0);
 
-  int64_t steps() const { return step_; }  // step() calls
-  // Full state, gathered on every rank: "<i>.exp_avg", "<i>.exp_avg_sq" shaped like param i
-  // (i = position in params) and "<i>.step" (int64 scalar), as torch keeps it. Collective.
+  int64_t steps() const { return step_; }  // t, as AdamW::steps()
+  // Full state, gathered on every rank, in the trainer's AdamW::state() format:
+  // "exp_avg.<i>", "exp_avg_sq.<i>" shaped like parameter i. Collective.
   TensorMap state();
-  // Restores a state written by state() with any number of ranks.
-  void load_state(const TensorMap& state);
+  // Restores a state written by state() or AdamW::state() (with any number of ranks), and t.
+  void load_state(const TensorMap& state, int64_t steps);
   // Bytes of optimizer state held by this rank (2 moments of its slice).
   int64_t state_bytes() const;
 
@@ -118,7 +118,6 @@ class ShardedAdamW {
   int64_t total_ = 0, padded_ = 0, shard_ = 0;
   at::Tensor exp_avg_, exp_avg_sq_;  // this rank's slice
   int64_t step_ = 0;
-  std::vector<int64_t> param_steps_;
 
   at::Tensor shard_of_params() const;
   at::Tensor gather_full(const at::Tensor& shard);

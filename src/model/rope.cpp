@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "kernels/rope.h"
+
 namespace fluxtrain {
 
 Rope rope_from_ids(const at::Tensor& ids, const std::vector<int64_t>& axes_dim, double theta,
@@ -22,15 +24,6 @@ Rope rope_from_ids(const at::Tensor& ids, const std::vector<int64_t>& axes_dim, 
 
 namespace {
 
-// Pairs (x[2j], x[2j+1]) as complex numbers times (cos + i sin): three kernels (upcast, complex
-// multiply, downcast) instead of a dozen elementwise ops; launch count matters at FLUX's 57 blocks.
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  auto shape = x.sizes().vec();
-  at::Tensor xc = at::view_as_complex(x.to(cos.scalar_type()).reshape({shape[0], shape[1], shape[2], shape[3] / 2, 2}));
-  at::Tensor f = at::view_as_complex(at::stack({cos, sin}, -1));
-  return at::view_as_real(xc * f).reshape(shape).to(x.scalar_type());
-}
-
 // A rotation's backward is the rotation by the opposite angle. Written as a custom function,
 // backward needs only cos/sin (shared by all blocks) instead of float32 copies of q and k per
 // block, which plain autograd would keep alive.
@@ -38,12 +31,12 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
                             const at::Tensor& sin) {
     ctx->save_for_backward({cos, sin});
-    return rotate(x, cos, sin);
+    return kernels::rope_rotate(x, cos, sin, /*inverse=*/false);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    return {rotate(grads[0], saved[0], -saved[1]), at::Tensor(), at::Tensor()};
+    return {kernels::rope_rotate(grads[0], saved[0], saved[1], /*inverse=*/true), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
 #include "dist/communicator.h"
@@ -22,6 +23,31 @@ inline Communicator& comm() {
     return pg.make_communicator(at::kCPU);
   }();
   return *c;
+}
+
+// A NCCL communicator on this rank's GPU, or nullptr when the build has no NCCL or some rank
+// sees no GPU (decided together, so that every rank skips or runs the same tests).
+inline at::Device& nccl_device() {
+  static at::Device d = at::kCPU;
+  return d;
+}
+inline Communicator* nccl_comm() {
+  static std::unique_ptr<Communicator> c = []() -> std::unique_ptr<Communicator> {
+    ProcessGroup& pg = ProcessGroup::init();
+    int ok = 0;
+#ifdef FLUXTRAIN_WITH_NCCL
+    try {
+      ok = at::hasCUDA() ? 1 : 0;
+    } catch (...) {
+    }
+#endif
+    at::Tensor t = at::full({1}, -ok, at::kLong);
+    comm().all_reduce(t, ReduceOp::Max);  // max(-ok) == -1 iff every rank has a GPU
+    if (t.item<int64_t>() != -1) return nullptr;
+    nccl_device() = pg.select_cuda_device();
+    return pg.make_communicator(nccl_device());
+  }();
+  return c.get();
 }
 
 // Deterministic tensor for (seed, rank): identical on whichever rank computes it.

@@ -1,14 +1,13 @@
 // Data-parallel LoRA training with the dist/ pieces put together (sharded frozen weights,
-// data partition, bucketed gradient averaging with overlap, global-norm clipping, AdamW or the
-// sharded AdamW): N ranks x local batch 1 for several steps give the same LoRA weights as one
+// data partition, bucketed gradient averaging with overlap, the trainer's clipping and AdamW,
+// or the sharded AdamW): N ranks x local batch 1 for several steps give the same LoRA weights as one
 // process with global batch N on resident weights (float64, 1e-10). The training loop here is a
 // minimal stand-in for the trainer: loss = mean squared error of the prediction to a per-sample
 // target, every input drawn from the sample index.
-#include <torch/optim/adamw.h>
-
 #include "dist/data_partition.h"
 #include "dist/grad_sync.h"
 #include "dist/sharded_weights.h"
+#include "train/optimizer.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/position_ids.h"
@@ -67,22 +66,28 @@ LoraSet make_lora(const FluxConfig& cfg) {
 
 constexpr double kLr = 1e-2, kMaxNorm = 0.05;  // small max norm: clipping is active
 
+AdamWConfig adamw_config() {
+  AdamWConfig c;
+  c.weight_decay = 0.01;
+  return c;
+}
+
 // One process, global batch N, resident weights, torch AdamW.
 std::vector<at::Tensor> train_single(const FluxConfig& cfg, const TensorMap& full, int world, int steps, bool ckpt) {
   ResidentBlockWeights w(full, cfg.depth, cfg.depth_single);
   LoraSet lora = make_lora(cfg);
   auto params = lora.parameters();
-  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(kLr).weight_decay(0.01));
+  fluxtrain::AdamW opt(params, adamw_config());
   DataPartition part(kSamples, world, 1, 0, 2024);
   ForwardOptions fo;
   fo.gradient_checkpointing = ckpt;
   for (int s = 0; s < steps; ++s) {
     const int64_t epoch = s / part.steps_per_epoch(), step = s % part.steps_per_epoch();
     auto [in, target] = batch(cfg, part.global_batch_indices(epoch, step));
-    opt.zero_grad();
+    for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
-    clip_grad_norm(params, kMaxNorm);
-    opt.step();
+    fluxtrain::clip_grad_norm(params, kMaxNorm);
+    opt.step(kLr);
   }
   std::vector<at::Tensor> out;
   for (auto& p : params) out.push_back(p.detach().clone());
@@ -100,7 +105,7 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
   LoraSet lora = make_lora(cfg);
   auto params = lora.parameters();
   std::unique_ptr<GradSync> sync;
-  std::unique_ptr<torch::optim::AdamW> adamw;
+  std::unique_ptr<fluxtrain::AdamW> adamw;
   std::unique_ptr<ShardedAdamW> sharded;
   if (shard_optimizer) {
     AdamWOptions o;
@@ -108,7 +113,7 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
     sharded = std::make_unique<ShardedAdamW>(*grad_comm, params, o);
   } else {
     sync = std::make_unique<GradSync>(*grad_comm, params, GradSyncOptions{4096, true});
-    adamw = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(kLr).weight_decay(0.01));
+    adamw = std::make_unique<fluxtrain::AdamW>(params, adamw_config());
   }
   DataPartition part(kSamples, c.size(), c.size(), c.rank(), 2024);
   ForwardOptions fo;
@@ -116,14 +121,14 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
   for (int s = 0; s < steps; ++s) {
     const int64_t epoch = s / part.steps_per_epoch(), step = s % part.steps_per_epoch();
     auto [in, target] = batch(cfg, part.local_batch_indices(epoch, step));
-    for (auto& p : params) p.mutable_grad().reset();  // as opt.zero_grad() in the reference
+    for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
     if (shard_optimizer) {
       sharded->step(kLr, kMaxNorm);
     } else {
       sync->finish();
-      clip_grad_norm(params, kMaxNorm);
-      adamw->step();
+      fluxtrain::clip_grad_norm(params, kMaxNorm);
+      adamw->step(kLr);
     }
   }
   std::vector<at::Tensor> out;

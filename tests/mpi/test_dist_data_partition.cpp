@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "data/dataset.h"
 #include "dist/data_partition.h"
 #include "tests/mpi/dist_test_util.h"
 
@@ -91,6 +92,22 @@ TEST(DistDataPartition, RealRanksCoverTheGlobalBatch) {
     at::Tensor all = c.all_gather(t).reshape({-1});
     std::vector<int64_t> got(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
     EXPECT_EQ(got, single.global_batch_indices(2, s));
+  }
+}
+
+// The trainer's DataOrder (src/data/dataset.h: per-rank micro-batch, global micro-batch =
+// batch x world) has the same contract; checked across the real ranks, over an epoch boundary.
+TEST(DistDataPartition, TrainerDataOrderRanksCoverTheSingleRankBatch) {
+  Communicator& c = comm();
+  const int64_t local = 2, n = 3 * local * c.size() + 1;
+  DataOrder mine(n, local, c.rank(), c.size(), 77);
+  DataOrder single(n, local * c.size(), 0, 1, 77);
+  EXPECT_EQ(mine.micro_batches_per_epoch(), single.micro_batches_per_epoch());
+  for (int64_t m = 0; m < 2 * mine.micro_batches_per_epoch() + 1; ++m) {
+    at::Tensor t = at::tensor(mine.indices(m), at::kLong);
+    at::Tensor all = c.all_gather(t).reshape({-1});
+    std::vector<int64_t> got(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
+    EXPECT_EQ(got, single.indices(m)) << "micro-batch " << m;
   }
 }
 

@@ -102,8 +102,9 @@ TEST(DistEncoderRank, GradientsComeBackToTheEncoder) {
     (total / N).backward();
     if (c.rank() == root) {
       EXPECT_TRUE(enc.w.grad().defined());
-      if (enc.w.grad().defined())
+      if (enc.w.grad().defined()) {
         EXPECT_TRUE(close(enc.w.grad(), ref.w.grad(), 1e-12, 1e-12 * ref.w.grad().abs().max().item<double>()));
+      }
     } else {
       EXPECT_FALSE(enc.w.grad().defined()) << "only the encoder rank runs the encoder's backward";
     }

@@ -61,10 +61,13 @@ struct Result {
 
 // interleave: a no-grad forward between forward and backward moves every block to the other
 // gather slot, so backward finds its blocks in different memory than forward used.
-Result run(const FluxConfig& cfg, BlockWeights& w, LoraMode mode, bool ckpt, bool with_cond, bool interleave = false) {
+Result run(const FluxConfig& cfg, BlockWeights& w, LoraMode mode, bool ckpt, bool with_cond, bool interleave = false,
+           at::Device dev = at::kCPU) {
   FluxInputs in = make_inputs(cfg, 1000 + comm().rank(), with_cond);
+  in.txt = in.txt.to(dev);
   in.txt.set_requires_grad(true);  // conditioning gradients (encoder rank) must match too
   LoraSet lora = make_lora(cfg, mode, 77);
+  lora.to(at::TensorOptions().dtype(at::kDouble).device(dev));
   ForwardOptions o;
   o.gradient_checkpointing = ckpt;
   at::Tensor out = flux_forward(cfg, w, &lora, in, o);
@@ -73,10 +76,10 @@ Result run(const FluxConfig& cfg, BlockWeights& w, LoraMode mode, bool ckpt, boo
     flux_forward(cfg, w, &lora, in, o);
   }
   auto gen = at::detail::createCPUGenerator(5);
-  at::Tensor r = at::randn(out.sizes(), gen, kF64);
+  at::Tensor r = at::randn(out.sizes(), gen, kF64).to(dev);
   (out * r).sum().backward();
-  Result res{out.detach(), in.txt.grad(), {}};
-  for (const at::Tensor& p : lora.parameters()) res.lora_grads.push_back(p.grad());
+  Result res{out.detach().cpu(), in.txt.grad().cpu(), {}};
+  for (const at::Tensor& p : lora.parameters()) res.lora_grads.push_back(p.grad().defined() ? p.grad().cpu() : at::Tensor());
   return res;
 }
 
@@ -116,6 +119,31 @@ void compare(LoraMode mode, bool with_cond) {
 }
 
 TEST(DistFluxSharded, EasyControlWithConditionsMatchesResident) { compare(LoraMode::EasyControl, true); }
+
+// The same on the GPU with the NCCL communicator (skipped without NCCL or a GPU on every rank):
+// sharded (NCCL gathers on the side stream) against resident weights on the same GPU.
+TEST(DistFluxSharded, OnCudaWithNcclMatchesResident) {
+  Communicator* nc = nccl_comm();
+  if (!nc) GTEST_SKIP() << "no NCCL in this build or no GPU on some rank";
+  const at::Device dev = nccl_device();
+  const FluxConfig cfg = deeper_tiny();
+  ResidentBlockWeights resident(init_random_weights(cfg, 13, at::kDouble), cfg.depth, cfg.depth_single);
+  resident.to(at::TensorOptions().dtype(at::kDouble).device(dev));
+  ShardedWeightsOptions opt;
+  opt.device = dev;
+  ShardedBlockWeights sharded(*nc, resident.globals(), resident.blocks(), opt);
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool ckpt = variant == 1, interleave = variant == 2;
+    SCOPED_TRACE(std::string(ckpt ? "checkpointing" : "no checkpointing") + (interleave ? ", interleaved" : ""));
+    Result want = run(cfg, resident, LoraMode::EasyControl, ckpt, true, false, dev);
+    Result got = run(cfg, sharded, LoraMode::EasyControl, ckpt, true, interleave, dev);
+    expect_rel(got.out, want.out, "output");
+    expect_rel(got.txt_grad, want.txt_grad, "txt gradient");
+    for (size_t k = 0; k < std::min(got.lora_grads.size(), want.lora_grads.size()); ++k)
+      expect_rel(got.lora_grads[k], want.lora_grads[k], "lora gradient " + std::to_string(k));
+  }
+  EXPECT_GT(sharded.stats().prefetch_hits, 0);
+}
 TEST(DistFluxSharded, StandardLoraMatchesResident) { compare(LoraMode::Standard, false); }
 
 TEST(DistFluxSharded, InferenceWithoutGradMatchesResidentBitwise) {

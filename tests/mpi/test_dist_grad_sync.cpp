@@ -5,6 +5,7 @@
 #include <torch/optim/adamw.h>
 
 #include "dist/grad_sync.h"
+#include "train/optimizer.h"
 #include "tests/mpi/dist_test_util.h"
 
 namespace fluxtrain::dist::testing {
@@ -71,9 +72,12 @@ TEST(DistGradSync, BucketedAverageEqualsTheMean) {
         backward_pass(p, comm().rank(), 0);
         // With hooks, buckets whose parameters all got gradients were issued during backward,
         // in order: the 5 well-behaved ones everywhere (the rank-0-only one too on rank 0).
-        if (overlap && bucket_bytes == 1)
+        if (overlap && bucket_bytes == 1) {
           EXPECT_EQ(sync.buckets_issued_during_backward(), comm().rank() == 0 ? 6 : 5);
-        if (!overlap) EXPECT_EQ(sync.buckets_issued_during_backward(), 0);
+        }
+        if (!overlap) {
+          EXPECT_EQ(sync.buckets_issued_during_backward(), 0);
+        }
         sync.finish();
         check_mean(p, 1, std::string(overlap ? "overlap" : "after") + " bucket " + std::to_string(bucket_bytes) +
                              " " + c10::toString(dt));
@@ -120,26 +124,6 @@ TEST(DistGradSync, AccumulationAndRepeatedBackward) {
   }
 }
 
-TEST(DistGradSync, ClipGradNormMatchesTheFormula) {
-  auto p = make_params(5, at::kDouble);
-  for (size_t i = 0; i < p.size(); ++i)
-    if (i != kUnused) p[i].mutable_grad() = rand_for(900 + i, 0, kShapes[i], at::kDouble);
-  std::vector<at::Tensor> flat;
-  for (auto& t : p)
-    if (t.grad().defined()) flat.push_back(t.grad().reshape({-1}));
-  const double total = at::cat(flat).norm().item<double>();
-  std::vector<at::Tensor> before;
-  for (auto& t : p) before.push_back(t.grad().defined() ? t.grad().clone() : at::Tensor());
-  EXPECT_NEAR(clip_grad_norm(p, 1e9), total, 1e-12 * total);  // no clipping
-  for (size_t i = 0; i < p.size(); ++i)
-    if (before[i].defined()) EXPECT_TRUE(bit_equal(p[i].grad(), before[i]));
-  EXPECT_NEAR(clip_grad_norm(p, 0.5), total, 1e-12 * total);
-  const double coef = 0.5 / (total + 1e-6);
-  for (size_t i = 0; i < p.size(); ++i)
-    if (before[i].defined()) EXPECT_TRUE(close(p[i].grad(), before[i] * coef, 1e-14, 1e-15));
-  EXPECT_NEAR(clip_grad_norm(p, 0), 0.5 * total / (total + 1e-6), 1e-9);  // max_norm 0: only measures
-}
-
 // ---- sharded AdamW ---------------------------------------------------------------------------
 
 at::Tensor step_grad(size_t i, int rank, int step) { return rand_for(2000 + 100 * step + i, rank, kShapes[i], at::kDouble); }
@@ -170,7 +154,7 @@ struct Reference {
   double step(int world, int step, double max_norm) {
     for (size_t i = 0; i < p.size(); ++i)
       if (i != kUnused) p[i].mutable_grad() = mean_grad(i, world, step);  // torch skips kUnused
-    const double norm = clip_grad_norm(p, max_norm);
+    const double norm = fluxtrain::clip_grad_norm(p, max_norm);  // the trainer's
     opt->step();
     return norm;
   }
@@ -207,41 +191,55 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
   }
   // The full state equals the reference optimizer's.
   TensorMap st = opt.state();
+  EXPECT_EQ(opt.steps(), 3);
+  EXPECT_EQ(st.size(), 2 * p.size());
   for (size_t i = 0; i < p.size(); ++i) {
-    EXPECT_EQ(st.at(std::to_string(i) + ".step").item<int64_t>(), i == kUnused ? 0 : 3) << i;
     if (i == kUnused) {
       EXPECT_TRUE(bit_equal(p[i], ref.p[i])) << "a parameter without gradients must not move";
+      EXPECT_EQ(st.at("exp_avg." + std::to_string(i)).abs().max().item<double>(), 0.0);
       continue;
     }
-    EXPECT_TRUE(close(st.at(std::to_string(i) + ".exp_avg"), ref.moment(i, false), 1e-12, 1e-14)) << i;
-    EXPECT_TRUE(close(st.at(std::to_string(i) + ".exp_avg_sq"), ref.moment(i, true), 1e-12, 1e-14)) << i;
+    EXPECT_TRUE(close(st.at("exp_avg." + std::to_string(i)), ref.moment(i, false), 1e-12, 1e-14)) << i;
+    EXPECT_TRUE(close(st.at("exp_avg_sq." + std::to_string(i)), ref.moment(i, true), 1e-12, 1e-14)) << i;
   }
 
-  // Resume from that state on one rank (a communicator over MPI_COMM_SELF) and on the same N
-  // ranks, and continue alongside the uninterrupted optimizer: all three stay together.
+  // Resume from that state on one rank (a communicator over MPI_COMM_SELF), on the same N
+  // ranks, and in the trainer's replicated AdamW (same state format), and continue alongside
+  // the uninterrupted optimizer: all of them stay together.
   auto self_comm = make_mpi_communicator(MPI_COMM_SELF);
-  std::vector<at::Tensor> p1, pn;
+  std::vector<at::Tensor> p1, pn, pt;
   for (auto& t : p) {
     p1.push_back(t.detach().clone().requires_grad_(true));
     pn.push_back(t.detach().clone().requires_grad_(true));
+    pt.push_back(t.detach().clone().requires_grad_(true));
   }
   ShardedAdamW one(*self_comm, p1, o), again(comm(), pn, o);
-  one.load_state(st);
-  again.load_state(st);
+  one.load_state(st, opt.steps());
+  again.load_state(st, opt.steps());
+  AdamWConfig tc;
+  tc.beta1 = o.beta1, tc.beta2 = o.beta2, tc.eps = o.eps, tc.weight_decay = o.weight_decay;
+  fluxtrain::AdamW trainer_opt(pt, tc);
+  trainer_opt.load_state(st, opt.steps(), "state from ShardedAdamW");
   for (int s = 3; s < 5; ++s) {
     set_local_grads(p, comm().rank(), s);
     set_local_grads(pn, comm().rank(), s);
-    // The single-rank run sees the mean gradient directly.
+    // The single-rank runs see the mean gradient directly.
     for (size_t i = 0; i < p1.size(); ++i)
-      if (i != kUnused) p1[i].mutable_grad() = mean_grad(i, N, s);
+      if (i != kUnused) {
+        p1[i].mutable_grad() = mean_grad(i, N, s);
+        pt[i].mutable_grad() = mean_grad(i, N, s);
+      }
     opt.step(lr, max_norms[s]);
     again.step(lr, max_norms[s]);
     one.step(lr, max_norms[s]);
+    fluxtrain::clip_grad_norm(pt, max_norms[s]);
+    trainer_opt.step(lr);
     ref.step(N, s, max_norms[s]);
     compare_params("step " + std::to_string(s));
     for (size_t i = 0; i < p.size(); ++i) {
       EXPECT_TRUE(bit_equal(pn[i], p[i])) << "resumed on " << N << " ranks, param " << i;
       EXPECT_TRUE(close(p1[i], p[i], 1e-12, 1e-13)) << "resumed on 1 rank, param " << i;
+      EXPECT_TRUE(close(pt[i], p[i], 1e-12, 1e-13)) << "resumed in the trainer's AdamW, param " << i;
     }
   }
 }

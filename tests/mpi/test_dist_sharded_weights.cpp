@@ -39,7 +39,9 @@ void expect_block_equal(const TensorMap& got, const TensorMap& want, int block) 
   for (const auto& [name, t] : want) {
     auto it = got.find(name);
     EXPECT_TRUE(it != got.end()) << "block " << block << " lacks " << name;
-    if (it != got.end()) EXPECT_TRUE(bit_equal(it->second, t)) << "block " << block << " " << name;
+    if (it != got.end()) {
+      EXPECT_TRUE(bit_equal(it->second, t)) << "block " << block << " " << name;
+    }
   }
 }
 
