@@ -85,7 +85,7 @@ std::vector<po::options_description> make_groups(RunConfig& c, Raw& raw) {
   auto dv = [](double* p, double def, const char* shown) {
     return po::value<double>(p)->default_value(def, shown);
   };
-  auto bv = [](bool* p) { return po::value<bool>(p)->default_value(false)->implicit_value(true)->value_name("[=BOOL]"); };
+  auto bv = [](bool* p) { return po::value<bool>(p)->default_value(false)->implicit_value(true)->value_name("BOOL"); };
 
   std::vector<po::options_description> g;
   g.emplace_back("General");
