@@ -164,11 +164,14 @@ int cmd_bench(int argc, char** argv) {
         if (!graph)
           for (auto& p : params) p.mutable_grad().reset();
       };
+      // Peak memory is measured from here: it covers warm-up and, in graph mode, the capture,
+      // whose allocations stay reserved for the graph's private pool.
+      sync(dev);
+      if (!dev.is_cpu()) at::accelerator::resetPeakStats(dev.index() < 0 ? 0 : dev.index());
       std::unique_ptr<StepRunner> runner =
           graph ? make_cuda_graph_runner(step, warmup) : make_eager_runner(step);
       for (int i = 0; i < warmup; ++i) runner->run();
       sync(dev);
-      if (!dev.is_cpu()) at::accelerator::resetPeakStats(dev.index() < 0 ? 0 : dev.index());
       std::vector<double> ms, host_ms;
       for (int i = 0; i < iters; ++i) {
         sync(dev);

@@ -47,7 +47,7 @@ $B bench --device cuda "$@" | tee "$OUT/bench.jsonl"
 # Sharded frozen weights (one rank: every block still all-gathered through NCCL) vs resident.
 if [ -z "${SKIP_SHARDED:-}" ]; then
   mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE $B bench --device cuda --sharded \
-    --configs 384/768/64 --cuda_graph off "$@" | tee -a "$OUT/bench.jsonl"
+    --configs ${SHARDED_CONFIGS:-384/768/64} --cuda_graph off --warmup 2 --iters 5 | tee -a "$OUT/bench.jsonl"
 fi
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys

@@ -6,7 +6,9 @@
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
+#include <dirent.h>
+#include <ftw.h>
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -56,8 +58,15 @@ void commit_temp(const std::string& tmp, const std::string& path) {
   }
 }
 
-bool path_exists(const std::string& path) { return std::filesystem::exists(path); }
-bool is_directory(const std::string& path) { return std::filesystem::is_directory(path); }
+bool path_exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
 
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -74,13 +83,43 @@ void write_text_file_atomic(const std::string& path, const std::string& text) {
 }
 
 void make_directories(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) throw Error(path + ": cannot create directory (" + ec.message() + ")");
+  if (path.empty() || is_directory(path)) return;
+  const size_t slash = path.find_last_of('/', path.size() - 2);
+  if (slash != std::string::npos && slash > 0) make_directories(path.substr(0, slash));
+  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST)
+    throw Error(path + ": cannot create directory (" + std::strerror(errno) + ")");
+  if (!is_directory(path)) throw Error(path + ": exists and is not a directory");
 }
 
 std::string path_join(const std::string& a, const std::string& b) {
-  return (std::filesystem::path(a) / b).string();
+  if (a.empty() || (!b.empty() && b[0] == '/')) return b;
+  return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+std::vector<std::string> list_directory(const std::string& dir) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return out;
+  while (struct dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(n);
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+bool remove_file(const std::string& path) { return ::unlink(path.c_str()) == 0; }
+
+void remove_tree(const std::string& path) {
+  auto rm = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
+  ::nftw(path.c_str(), rm, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+std::string file_extension(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  const size_t dot = path.find_last_of('.');
+  return (dot == std::string::npos || (slash != std::string::npos && dot < slash)) ? "" : path.substr(dot);
 }
 
 }  // namespace fluxtrain

@@ -60,6 +60,24 @@ at::Tensor mlp(const at::Tensor& x, const std::string& prefix, Lin&& lin) {
   return lin(at::gelu(lin(x, prefix + ".0"), "tanh"), prefix + ".2");
 }
 
+// linear2 of a single block applied to cat(attn, act) without materialising the concatenation:
+// attn @ W[:, :H]^T + b, then act @ W[:, H:]^T accumulated into it by the same GEMM (addmm).
+// Falls back to the concatenated input when an adapter targets linear2 for these tokens.
+at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::Tensor& attn, const at::Tensor& act,
+                          int cond) {
+  const bool adapted = c.lora && !c.lora->find(c.block, "linear2", cond).empty();
+  if (adapted) {
+    at::Tensor in = at::cat({attn, act}, -1);
+    return cond >= 0 ? cond_linear(c, in, w, "linear2") : main_linear(c, in, w, "linear2");
+  }
+  const at::Tensor& W = w.at("linear2.weight");
+  const int64_t H = attn.size(-1);
+  at::Tensor y = at::linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"));
+  auto sz = y.sizes().vec();
+  return at::addmm(y.reshape({-1, sz.back()}), act.reshape({-1, act.size(-1)}), W.narrow(1, H, W.size(1) - H).t())
+      .view(sz);
+}
+
 }  // namespace
 
 void configure_attention_backends() {
@@ -70,10 +88,12 @@ void configure_attention_backends() {
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
-  if (!k_cond.defined()) return merge_heads(at::scaled_dot_product_attention(q_main, k_main, v_main));
+  // Dense [B, h, L, D] operands: fused attention backends (cuDNN in particular) want them.
+  if (!k_cond.defined())
+    return merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_main.contiguous(), v_main.contiguous()));
   at::Tensor k_all = at::cat({k_main, k_cond}, 2);
   at::Tensor v_all = at::cat({v_main, v_cond}, 2);
-  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main, k_all, v_all));
+  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_all, v_all));
   if (out_cond && q_cond.defined()) {
     bool equal = true;
     for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
@@ -82,7 +102,7 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       // [B, h, n*Lc, D] -> [B*n, h, Lc, D]: all conditions in one batched call.
       auto fold = [&](const at::Tensor& t) {
         const int64_t B = t.size(0), h = t.size(1), D = t.size(3);
-        return t.view({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D});
+        return t.reshape({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D}).contiguous();
       };
       at::Tensor oc = at::scaled_dot_product_attention(fold(q_cond), fold(k_cond), fold(v_cond));
       const int64_t B = q_cond.size(0), h = q_cond.size(1), D = q_cond.size(3);
@@ -92,8 +112,9 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       std::vector<at::Tensor> parts;
       int64_t off = 0;
       for (int64_t l : cond_lens) {
-        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l), k_cond.narrow(2, off, l),
-                                                         v_cond.narrow(2, off, l)));
+        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l).contiguous(),
+                                                         k_cond.narrow(2, off, l).contiguous(),
+                                                         v_cond.narrow(2, off, l).contiguous()));
         off += l;
       }
       *out_cond = merge_heads(parts.size() == 1 ? parts[0] : at::cat(parts, 2));
@@ -175,11 +196,11 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   const bool cond_out_needed = has_cond && !c.last_block;
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor x_out = at::addcmul(x, m[2], main_linear(c, at::cat({om, at::gelu(mlp_in, "tanh")}, -1), w, "linear2"));
+  at::Tensor x_out = at::addcmul(x, m[2], single_linear2(c, w, om, at::gelu(mlp_in, "tanh"), -1));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
     at::Tensor cmlp = cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M);
-    cond_out = at::addcmul(cond, cm[2], cond_linear(c, at::cat({oc, at::gelu(cmlp, "tanh")}, -1), w, "linear2"));
+    cond_out = at::addcmul(cond, cm[2], single_linear2(c, w, oc, at::gelu(cmlp, "tanh"), 0));
   }
   return {x_out, cond_out};
 }

@@ -1,7 +1,6 @@
 #include "model/flux_weights.h"
 
 #include <cmath>
-#include <filesystem>
 #include <set>
 
 #include <ATen/ATen.h>
@@ -225,7 +224,6 @@ TensorMap diffusers_to_bfl(const FluxConfig& cfg, const TensorMap& diff, const s
 
 namespace {
 
-namespace fs = std::filesystem;
 
 FluxConfig infer_config_from_bfl(const safetensors::File& f) {
   // The file's own metadata wins (files fluxtrain writes carry it); else infer from shapes.

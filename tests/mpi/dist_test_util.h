@@ -57,11 +57,13 @@ inline at::Tensor rand_for(uint64_t seed, int rank, at::IntArrayRef shape, at::S
   return at::randn(shape, gen, at::TensorOptions().dtype(at::kDouble)).to(dt);
 }
 
-// |a - b| <= atol + rtol * |b| elementwise, in float64; reports the worst element.
+// |a - b| <= atol + rtol * |b| elementwise, in float64; reports the worst element. Both sides
+// are brought to the CPU first: a result on the GPU (NCCL backend) is compared with a reference
+// computed on the CPU, and elementwise ops must not mix devices.
 inline ::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b, double rtol, double atol) {
   if (a.sizes() != b.sizes()) return ::testing::AssertionFailure() << "shape " << a.sizes() << " vs " << b.sizes();
   if (a.numel() == 0) return ::testing::AssertionSuccess();
-  at::Tensor x = a.to(at::kDouble), y = b.to(at::kDouble);
+  at::Tensor x = a.detach().to(at::kCPU, at::kDouble), y = b.detach().to(at::kCPU, at::kDouble);
   at::Tensor excess = (x - y).abs() - (atol + rtol * y.abs());
   double worst = excess.max().item<double>();
   if (worst <= 0) return ::testing::AssertionSuccess();
@@ -71,11 +73,12 @@ inline ::testing::AssertionResult close(const at::Tensor& a, const at::Tensor& b
                                        << ")";
 }
 
-// Bitwise equality (dtype, shape, bytes).
+// Bitwise equality (dtype, shape, bytes), on the CPU (either side may be on the GPU).
 inline ::testing::AssertionResult bit_equal(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != b.scalar_type()) return ::testing::AssertionFailure() << "dtype differs";
   if (a.sizes() != b.sizes()) return ::testing::AssertionFailure() << "shape " << a.sizes() << " vs " << b.sizes();
-  at::Tensor x = a.contiguous().reshape({-1}).view(at::kByte), y = b.contiguous().reshape({-1}).view(at::kByte);
+  at::Tensor x = a.detach().cpu().contiguous().reshape({-1}).view(at::kByte);
+  at::Tensor y = b.detach().cpu().contiguous().reshape({-1}).view(at::kByte);
   if (a.numel() == 0 || at::equal(x, y)) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "bytes differ";
 }

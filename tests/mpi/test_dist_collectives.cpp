@@ -48,7 +48,8 @@ bool identical_on_all_ranks(const at::Tensor& t_any) {
 }
 
 // The same tests on both backends: "mpi" (CPU tensors) and "nccl" (CUDA tensors; skipped on
-// every rank unless the build has NCCL and every rank has a GPU).
+// every rank unless the build has NCCL and every rank has a GPU). References are computed on
+// the CPU; results are brought to the CPU (.cpu()) before they are compared.
 class DistCollectives : public ::testing::TestWithParam<std::string> {
  protected:
   Communicator* c_ = nullptr;
@@ -77,7 +78,7 @@ TEST_P(DistCollectives, AllReduceMatchesSingleProcess) {
         c.all_reduce(t, op);
         at::Tensor ref = reference_reduce(seed, c.size(), {n}, dt, op);
         Tol tol = op == ReduceOp::Max ? Tol{0, 0} : sum_tol(dt, c.size());
-        EXPECT_TRUE(close(t, ref, tol.rtol, tol.atol))
+        EXPECT_TRUE(close(t.cpu(), ref, tol.rtol, tol.atol))
             << c10::toString(dt) << " " << reduce_op_name(op) << " n=" << n;
         EXPECT_EQ(t.scalar_type(), dt);
         EXPECT_TRUE(identical_on_all_ranks(t)) << c10::toString(dt) << " " << reduce_op_name(op) << " n=" << n;
@@ -95,8 +96,8 @@ TEST_P(DistCollectives, AllReduceAsyncAndMultiDim) {
   wb->wait();
   wa->wait();
   wa->wait();  // idempotent
-  EXPECT_TRUE(close(a, reference_reduce(7, c.size(), {3, 5, 7}, at::kFloat, ReduceOp::Avg), 1e-6, 1e-6));
-  EXPECT_TRUE(close(b, reference_reduce(8, c.size(), {11, 13}, at::kDouble, ReduceOp::Sum), 1e-13, 1e-12));
+  EXPECT_TRUE(close(a.cpu(), reference_reduce(7, c.size(), {3, 5, 7}, at::kFloat, ReduceOp::Avg), 1e-6, 1e-6));
+  EXPECT_TRUE(close(b.cpu(), reference_reduce(8, c.size(), {11, 13}, at::kDouble, ReduceOp::Sum), 1e-13, 1e-12));
 }
 
 TEST_P(DistCollectives, AllGatherIsRankOrderedConcatenation) {
@@ -134,7 +135,7 @@ TEST_P(DistCollectives, ReduceScatterKeepsOwnSlice) {
         c.reduce_scatter(out, in, op);
         at::Tensor ref = reference_reduce(seed, c.size(), {c.size() * n}, dt, op).narrow(0, c.rank() * n, n);
         Tol tol = op == ReduceOp::Max ? Tol{0, 0} : sum_tol(dt, c.size());
-        EXPECT_TRUE(close(out, ref, tol.rtol, tol.atol)) << c10::toString(dt) << " " << reduce_op_name(op) << " n=" << n;
+        EXPECT_TRUE(close(out.cpu(), ref, tol.rtol, tol.atol)) << c10::toString(dt) << " " << reduce_op_name(op) << " n=" << n;
       }
     }
   }

@@ -1,9 +1,10 @@
 #include "support/test_util.h"
 
+#include "core/fs.h"
+
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
-#include <filesystem>
 #include <sys/wait.h>
 
 #include <ATen/ATen.h>
@@ -11,13 +12,13 @@
 namespace fluxtrain {
 
 TempDir::TempDir() {
-  std::string tmpl = (std::filesystem::temp_directory_path() / "fluxtrain-test-XXXXXX").string();
+  const char* t = std::getenv("TMPDIR");
+  std::string tmpl = std::string(t && *t ? t : "/tmp") + "/fluxtrain-test-XXXXXX";
   if (!::mkdtemp(tmpl.data())) throw std::runtime_error("TempDir: mkdtemp failed for " + tmpl);
   dir_ = tmpl;
 }
 TempDir::~TempDir() {
-  std::error_code ec;
-  std::filesystem::remove_all(dir_, ec);
+  remove_tree(dir_);
 }
 
 double rel_err(const at::Tensor& a, const at::Tensor& b) {
