@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
+#include <sys/stat.h>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -17,6 +17,7 @@
 
 #include "core/config.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/safetensors.h"
 #include "data/dataset.h"
 #include "data/synth_data.h"
@@ -28,8 +29,6 @@
 
 namespace fluxtrain {
 namespace {
-
-namespace fs = std::filesystem;
 
 SynthSpec tiny_spec() {
   SynthSpec s;
@@ -126,18 +125,25 @@ Batch batch_of(const Dataset& ds, const std::vector<int64_t>& idx, int64_t epoch
   return b;
 }
 
-// Every file under dir (relative name -> size, mtime and content), to prove it was not touched.
+// Every file under dir (relative name -> mtime and content), to prove it was not touched.
+// (POSIX, not std::filesystem: see core/fs.h.)
+void snapshot_into(const std::string& dir, const std::string& rel, std::map<std::string, std::string>& s) {
+  for (const auto& name : list_directory(dir)) {
+    const std::string p = dir + "/" + name;
+    struct stat st;
+    if (::stat(p.c_str(), &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      snapshot_into(p, rel + name + "/", s);
+    } else {
+      s[rel + name] = std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + ":" +
+                      read_text_file(p);
+    }
+  }
+}
+
 std::map<std::string, std::string> snapshot(const std::string& dir) {
   std::map<std::string, std::string> s;
-  if (!fs::exists(dir)) return s;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file()) continue;
-    std::ifstream in(e.path(), std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    s[fs::relative(e.path(), dir).string()] =
-        std::to_string(fs::last_write_time(e.path()).time_since_epoch().count()) + ":" + ss.str();
-  }
+  snapshot_into(dir, "", s);
   return s;
 }
 
@@ -249,17 +255,16 @@ TEST(TrainLoop, ResumeIsBitIdenticalAndAKilledCheckpointIsIgnored) {
   std::string log;
   ASSERT_EQ(run_command(s.cli(a), &log), 0) << log;
   EXPECT_EQ(list_checkpoints(s.tmp.path("a")).size(), 1u);  // pruned to the newest
-  EXPECT_TRUE(fs::exists(s.tmp.path("a/checkpoint-8.h5")));
+  EXPECT_TRUE(path_exists(s.tmp.path("a/checkpoint-8.h5")));
 
   // B: the same run killed while writing checkpoint 8 (after the temp file, before the rename).
   std::vector<std::string> b = common;
   b.insert(b.end(), {"--output_dir", s.tmp.path("b")});
   const int rc = run_command("FLUXTRAIN_TEST_ABORT_BEFORE_RENAME=8 " + s.cli(b), &log);
   ASSERT_EQ(rc, 134) << log;
-  EXPECT_FALSE(fs::exists(s.tmp.path("b/checkpoint-8.h5")));
+  EXPECT_FALSE(path_exists(s.tmp.path("b/checkpoint-8.h5")));
   bool temp_left = false;
-  for (const auto& e : fs::directory_iterator(s.tmp.path("b")))
-    temp_left |= e.path().filename().string().rfind("checkpoint-8.h5.tmp.", 0) == 0;
+  for (const auto& name : list_directory(s.tmp.path("b"))) temp_left |= name.rfind("checkpoint-8.h5.tmp.", 0) == 0;
   EXPECT_TRUE(temp_left);
   EXPECT_EQ(latest_checkpoint(s.tmp.path("b")), s.tmp.path("b/checkpoint-4.h5"));
   const Checkpoint ck4 = load_checkpoint(s.tmp.path("b/checkpoint-4.h5"));  // the previous one loads
@@ -415,7 +420,7 @@ TEST(TrainBinary, BadDataAndCheckpointsFailWithOneLineAndNoDamage) {
   }
   // A fresh output directory is not even created when the input is bad.
   EXPECT_EQ(run_command(s.cli({"--train_data", tmp.path("garbage.h5"), "--output_dir", tmp.path("fresh")}), &log), 2);
-  EXPECT_FALSE(fs::exists(tmp.path("fresh")));
+  EXPECT_FALSE(path_exists(tmp.path("fresh")));
 }
 
 }  // namespace
