@@ -85,7 +85,7 @@ std::vector<po::options_description> make_groups(RunConfig& c, Raw& raw) {
   auto dv = [](double* p, double def, const char* shown) {
     return po::value<double>(p)->default_value(def, shown);
   };
-  auto bv = [](bool* p) { return po::value<bool>(p)->default_value(false)->implicit_value(true)->value_name("[=BOOL]"); };
+  auto bv = [](bool* p) { return po::value<bool>(p)->default_value(false)->implicit_value(true)->value_name("BOOL"); };
 
   std::vector<po::options_description> g;
   g.emplace_back("General");
@@ -238,7 +238,11 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
     try {
       auto parsed = po::parse_config_file<char>(in, all, /*allow_unregistered=*/true);
       for (auto& o : parsed.options) {
-        if (!o.unregistered) continue;
+        if (!o.unregistered) {
+          if (o.string_key == "config" || o.string_key == "help")
+            throw Error(file + ": unknown option '" + o.string_key + "' (not allowed in an INI file)");
+          continue;
+        }
         // "[lora]\nranks = 64" arrives as "lora.ranks": sections are for readability only.
         std::string name = o.string_key.substr(o.string_key.rfind('.') + 1);
         if (name == "config" || name == "help" || !all.find_nothrow(name, false))

@@ -3,11 +3,11 @@
 #include <hdf5.h>
 
 #include <algorithm>
-#include <filesystem>
 
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace fluxtrain::h5 {
 namespace {
@@ -417,9 +417,8 @@ std::vector<std::string> Location::read_strings(const std::string& name) const {
 // ---------------------------------------------------------------------------------------------
 File File::open(const std::string& path, bool writable) {
   Guard g;
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) throw Error(path + ": no such file");
-  if (std::filesystem::is_directory(path, ec)) throw Error(path + ": is a directory, expected an HDF5 file");
+  if (!path_exists(path)) throw Error(path + ": no such file");
+  if (is_directory(path)) throw Error(path + ": is a directory, expected an HDF5 file");
   const htri_t is = H5Fis_hdf5(path.c_str());
   if (is <= 0) throw Error(path + ": not an HDF5 file (corrupt, truncated or another format)");
   hid_t id = H5Fopen(path.c_str(), writable ? H5F_ACC_RDWR : H5F_ACC_RDONLY, H5P_DEFAULT);

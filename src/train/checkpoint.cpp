@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
+#include <sys/stat.h>
 #include <regex>
 #include <sstream>
 
@@ -43,14 +43,14 @@ std::string checkpoint_path(const std::string& output_dir, int64_t step) {
 
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& output_dir) {
   std::vector<std::pair<int64_t, std::string>> out;
-  std::error_code ec;
-  if (!std::filesystem::is_directory(output_dir, ec)) return out;
   // Final names only: "checkpoint-500.h5.tmp.1234" (an interrupted write) never matches.
   static const std::regex re(R"(^checkpoint-(\d+)\.h5$)");
-  for (const auto& e : std::filesystem::directory_iterator(output_dir, ec)) {
+  for (const auto& name : list_directory(output_dir)) {  // POSIX helpers: see core/fs.h
     std::smatch m;
-    const std::string name = e.path().filename().string();
-    if (e.is_regular_file() && std::regex_match(name, m, re)) out.emplace_back(std::stoll(m[1]), e.path().string());
+    const std::string path = path_join(output_dir, name);
+    struct stat st;
+    if (std::regex_match(name, m, re) && ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+      out.emplace_back(std::stoll(m[1]), path);
   }
   std::sort(out.begin(), out.end());
   return out;
@@ -146,8 +146,7 @@ std::vector<std::string> prune_checkpoints(const std::string& output_dir, int64_
   if (limit <= 0) return removed;
   auto all = list_checkpoints(output_dir);
   while (static_cast<int64_t>(all.size()) > limit) {
-    std::error_code ec;
-    std::filesystem::remove(all.front().second, ec);
+    remove_file(all.front().second);
     removed.push_back(all.front().second);
     all.erase(all.begin());
   }

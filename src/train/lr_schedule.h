@@ -5,7 +5,8 @@
 //   constant_with_warmup:  k < W ? k / W : 1
 //   linear:                k < W ? k / W : max(0, (T - k) / (T - W))
 //   cosine:                k < W ? k / W : max(0, 0.5 * (1 + cos(pi * (k - W) / (T - W))))
-// (W = max(1, warmup) in the divisions, T = total updates; cosine has diffusers' 0.5 cycles.)
+// (W = max(1, warmup) in the divisions, T = total updates; cosine has diffusers' 0.5 cycles and
+// stays at 0 after T instead of rising again.)
 #pragma once
 #include <cstdint>
 #include <string>

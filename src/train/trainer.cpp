@@ -220,21 +220,28 @@ double Trainer::accumulate(const Batch& batch, double grad_scale) {
 }
 
 StepResult Trainer::train_step() {
+  std::vector<Batch> mbs;
+  for (int64_t a = 0; a < cfg_.train.gradient_accumulation_steps; ++a) mbs.push_back(next_batch());
+  return train_step_on(mbs);
+}
+
+StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
   StepResult r;
-  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  const double accum = static_cast<double>(micro_batches.size());
   const auto params = lora_.parameters();
   for (auto p : params) p.mutable_grad().reset();
   r.lr = schedule_.lr(state_.step);
   bool bad = false;
   double loss_sum = 0;
-  for (int64_t a = 0; a < accum; ++a) {
-    const Batch b = next_batch();
-    if (bad) continue;  // consume the data of a skipped update so the stream stays aligned
-    const double l = accumulate(b, 1.0 / static_cast<double>(accum));
-    if (!std::isfinite(l)) bad = true;
+  for (const Batch& b : micro_batches) {
+    const double l = accumulate(b, 1.0 / accum);
     loss_sum += l;
+    if (!std::isfinite(l)) {
+      bad = true;  // the rest of the update's data is consumed but not computed
+      break;
+    }
   }
-  r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / static_cast<double>(accum);
+  r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / accum;
   r.grad_norm = bad ? std::numeric_limits<double>::quiet_NaN() : clip_grad_norm(params, cfg_.train.max_grad_norm);
   if (bad || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
@@ -284,7 +291,8 @@ Checkpoint Trainer::make_checkpoint() const {
 std::string Trainer::run() {
   const std::string& out = cfg_.checkpoint.output_dir;
   make_directories(out);
-  Progress progress(max_steps_, state_.step, opt_.log, opt_.tty);
+  // Plain (non-terminal) output: about 50 progress lines per run.
+  Progress progress(max_steps_, state_.step, opt_.log, opt_.tty, std::max<int64_t>(1, max_steps_ / 50));
   progress.message("fluxtrain train: config " + cfg_.to_json().dump());
   write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
   {
@@ -307,6 +315,8 @@ std::string Trainer::run() {
     progress.message("saved " + path);
   };
 
+  if (cfg_.validation.validation_steps > 0 && resumed_from_.empty())
+    progress.message("step 0: validation loss " + std::to_string(validation_loss()));
   auto t_prev = std::chrono::steady_clock::now();
   double sps_avg = 0;
   while (state_.step < max_steps_) {

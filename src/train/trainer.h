@@ -62,6 +62,9 @@ class Trainer {
   double accumulate(const Batch& batch, double grad_scale);
   // One update from the data stream (reads gradient_accumulation_steps micro-batches).
   StepResult train_step();
+  // One update from the given micro-batches (the data stream is not touched). Feeding the same
+  // batch again repeats its draws (they depend on epoch and sample index): an overfit test.
+  StepResult train_step_on(const std::vector<Batch>& micro_batches);
   // Mean loss over the first --validation_samples samples with fixed draws, no gradients.
   double validation_loss();
   // Snapshot of the current state for a checkpoint.
