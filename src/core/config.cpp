@@ -182,7 +182,30 @@ std::vector<po::options_description> make_groups(RunConfig& c, Raw& raw) {
       ("text_encoder_rank", iv(&c.text_encoder.text_encoder_rank, d.text_encoder.text_encoder_rank), "")
       ("text_encoder_alpha", dv(&c.text_encoder.text_encoder_alpha, d.text_encoder.text_encoder_alpha, "64"), "")
       ("text_encoder_lr", dv(&c.text_encoder.text_encoder_lr, d.text_encoder.text_encoder_lr, "5e-6"), "");
+  g.emplace_back("Distributed (mpirun -np N fluxtrain train ...; docs/distributed.md)");
+  g.back().add_options()
+      ("shard_weights", bv(&c.dist.shard_weights),
+       "shard the frozen transformer blocks over the ranks (always on with more than one rank; "
+       "with one rank: exercises the sharded path)")
+      ("shard_optimizer", bv(&c.dist.shard_optimizer),
+       "reduce-scatter the LoRA gradients and keep each rank's 1/N of the AdamW state")
+      ("encoder_rank", iv(&c.dist.encoder_rank, d.dist.encoder_rank),
+       "rank that computes the conditioning of the global batch (used once encoders run in the trainer)")
+      ("nccl_timeout", dv(&c.dist.nccl_timeout, d.dist.nccl_timeout, "600"),
+       "seconds after which a stuck NCCL collective aborts the whole job");
   return g;
+}
+
+// Test-only options: parsed like the others, never shown by --help.
+po::options_description make_hidden(RunConfig& c) {
+  po::options_description h("Debug (hidden)");
+  h.add_options()
+      ("debug_fail_at_step", po::value<int64_t>(&c.debug.fail_at_step)->default_value(-1),
+       "throw on --debug_fail_rank once this many updates are done")
+      ("debug_fail_rank", po::value<int64_t>(&c.debug.fail_rank)->default_value(0), "")
+      ("debug_float64", po::value<bool>(&c.debug.float64)->default_value(false)->implicit_value(true), "")
+      ("debug_save_masters", po::value<bool>(&c.debug.save_masters)->default_value(false)->implicit_value(true), "");
+  return h;
 }
 
 // Turns Boost's messages into ours: one line, the flag spelled as the user typed it.
@@ -200,8 +223,10 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
   RunConfig& c = result.config;
   Raw raw;
   auto groups = make_groups(c, raw);
-  po::options_description all("fluxtrain train: LoRA training of FLUX.1 (EasyControl condition LoRA or plain LoRA)");
-  for (auto& g : groups) all.add(g);
+  po::options_description visible("fluxtrain train: LoRA training of FLUX.1 (EasyControl condition LoRA or plain LoRA)");
+  for (auto& g : groups) visible.add(g);
+  po::options_description all;
+  all.add(visible).add(make_hidden(c));
 
   // No prefix guessing ("--rank" must not silently mean "--ranks"); no sticky short options.
   const int style = po::command_line_style::allow_long | po::command_line_style::long_allow_adjacent |
@@ -227,7 +252,7 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
     rethrow_po(e, "");
   }
   if (vm.count("help")) {
-    out << all << "\n";
+    out << visible << "\n";
     result.help = true;
     return result;
   }
@@ -376,6 +401,11 @@ void RunConfig::validate() const {
   mult16("test_h", validation.test_h);
   mult16("test_w", validation.test_w);
 
+  // Distributed (encoder_rank < world size is checked by the trainer, which knows the world)
+  non_negative("encoder_rank", dist.encoder_rank);
+  need(std::isfinite(dist.nccl_timeout) && dist.nccl_timeout > 0, "--nccl_timeout must be a positive number of seconds");
+  need(debug.fail_rank >= 0, "--debug_fail_rank must be >= 0");
+
   // Text encoders
   need(!(text_encoder.train_text_encoder && text_encoder.train_text_encoder_one_only),
        "--train_text_encoder and --train_text_encoder_one_only contradict each other: choose one "
@@ -442,6 +472,10 @@ nlohmann::json RunConfig::to_json() const {
                        {"text_encoder_rank", text_encoder.text_encoder_rank},
                        {"text_encoder_alpha", text_encoder.text_encoder_alpha},
                        {"text_encoder_lr", text_encoder.text_encoder_lr}};
+  j["distributed"] = {{"shard_weights", dist.shard_weights},
+                      {"shard_optimizer", dist.shard_optimizer},
+                      {"encoder_rank", dist.encoder_rank},
+                      {"nccl_timeout", dist.nccl_timeout}};
   return j;
 }
 

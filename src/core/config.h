@@ -73,6 +73,21 @@ struct TextEncoderConfig {                // parsed now; trained in the encoders
   double text_encoder_lr = 5e-6;
 };
 
+struct DistConfig {                       // docs/distributed.md
+  bool shard_weights = false;             // FSDP-style frozen blocks (always on with > 1 rank)
+  bool shard_optimizer = false;           // reduce-scattered gradients, AdamW state split over ranks
+  int64_t encoder_rank = 0;               // rank that encodes conditioning (encoders issue)
+  double nccl_timeout = 600;              // seconds before a stuck NCCL collective aborts the job
+};
+
+// Hidden options for tests (not in --help, not stored in config.json).
+struct DebugConfig {
+  int64_t fail_at_step = -1;              // throw on fail_rank when this many updates are done
+  int64_t fail_rank = 0;
+  bool float64 = false;                   // whole computation in float64 (exactness tests)
+  bool save_masters = false;              // also write lora_masters.safetensors (master dtype)
+};
+
 struct RunConfig {
   std::string config_file;  // the INI it came from, if any
   ModelConfig model;
@@ -82,6 +97,8 @@ struct RunConfig {
   CheckpointConfig checkpoint;
   ValidationConfig validation;
   TextEncoderConfig text_encoder;
+  DistConfig dist;
+  DebugConfig debug;
 
   // Every cross-field and range check; throws Error naming the flag and what was expected.
   void validate() const;

@@ -74,6 +74,7 @@ void save_checkpoint(const std::string& path, const Checkpoint& ck) {
     f.set_attr("optimizer_steps", ck.state.optimizer_steps);
     f.set_attr("seed", static_cast<int64_t>(ck.state.seed));
     f.set_attr("lr", ck.state.lr);
+    f.set_attr("global_batch", ck.state.global_batch);
     f.write_strings("config_json", {ck.config.dump()});
     f.write_strings("model_json", {flux_config_json(ck.model).dump()});
     f.write_strings("scheduler_json", {ck.scheduler.dump()});
@@ -117,6 +118,8 @@ Checkpoint load_checkpoint(const std::string& path) {
     ck.state.optimizer_steps = f.attr_int("optimizer_steps");
     ck.state.seed = static_cast<uint64_t>(f.attr_int("seed"));
     ck.state.lr = f.attr_double("lr");
+    // Absent in checkpoints written before distributed training: 0 = unknown (one rank).
+    ck.state.global_batch = f.has_attr("global_batch") ? f.attr_int("global_batch") : 0;
     auto one = [&](const std::string& name) {
       auto v = f.read_strings(name);
       if (v.size() != 1) throw Error(path + ": /" + name + " must hold one string");

@@ -23,6 +23,9 @@ struct TrainState {
   int64_t optimizer_steps = 0;     // AdamW's t (bias correction)
   uint64_t seed = 0;               // every draw derives from it (no other RNG state exists)
   double lr = 0;                   // learning rate of the last update (informative)
+  // Samples per global micro-batch (train_batch_size x ranks). micro_batch counts global
+  // micro-batches, so a run resumes on any number of ranks that keeps this fixed.
+  int64_t global_batch = 0;
 };
 
 struct Checkpoint {

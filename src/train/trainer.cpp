@@ -14,6 +14,11 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/rng.h"
+#include "dist/communicator.h"
+#include "dist/grad_sync.h"
+#include "dist/process_group.h"
+#include "dist/sharded_weights.h"
+#include "core/safetensors.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
@@ -44,10 +49,31 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // Device and precision.
   const std::string& d = cfg_.model.device;
   if (d == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build or machine has no CUDA");
-  device_ = (d == "cuda" || (d == "auto" && at::hasCUDA())) ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  device_ = (d == "cuda" || (d == "auto" && at::hasCUDA()))
+                ? c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, opt.cuda_device)))
+                : c10::Device(c10::kCPU);
   dtype_ = opt.compute_dtype != at::ScalarType::Undefined ? opt.compute_dtype
+           : cfg_.debug.float64                           ? at::kDouble
            : cfg_.model.mixed_precision == "bf16"         ? at::kBFloat16
                                                           : at::kFloat;
+
+  // Distributed set-up. Communicators are created in the same order on every rank (collective).
+  check_input(opt.world_size >= 1 && opt.rank >= 0 && opt.rank < opt.world_size, "trainer: bad rank/world size");
+  if (cfg_.dist.encoder_rank >= opt.world_size)
+    throw Error("--encoder_rank " + std::to_string(cfg_.dist.encoder_rank) + ": the job has " +
+                std::to_string(opt.world_size) + " rank(s), 0.." + std::to_string(opt.world_size - 1));
+  const bool sharding = cfg_.dist.shard_weights || cfg_.dist.shard_optimizer;
+  if (dist::ProcessGroup::initialized() && (opt.world_size > 1 || sharding)) {
+    dist::ProcessGroup& pg = dist::ProcessGroup::get();
+    if (pg.rank() != opt.rank || pg.world_size() != opt.world_size)
+      throw Error("trainer: rank/world size differ from the process group's", ErrorKind::Internal);
+    weights_comm_ = pg.make_communicator(device_, cfg_.dist.nccl_timeout);
+    grad_comm_ = pg.make_communicator(device_, cfg_.dist.nccl_timeout);
+    ctl_comm_ = pg.make_communicator(c10::Device(c10::kCPU));  // small host-side agreements
+  } else if (sharding) {
+    throw Error("--shard_weights / --shard_optimizer need MPI (run through `fluxtrain train`, which starts it)",
+                ErrorKind::Internal);
+  }
 
   // Dataset first: it is cheap to open and the most common source of mistakes.
   dataset_ = std::make_unique<Dataset>(cfg_.data.train_data);
@@ -61,9 +87,20 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   model_cfg_ = lt.config;
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size);
-  weights_ = std::make_unique<ResidentBlockWeights>(lt.weights, model_cfg_.depth, model_cfg_.depth_single);
-  lt.weights.clear();
-  weights_->to(at::TensorOptions().device(device_).dtype(dtype_));
+  {
+    auto resident = std::make_unique<ResidentBlockWeights>(lt.weights, model_cfg_.depth, model_cfg_.depth_single);
+    lt.weights.clear();
+    if (weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights)) {
+      // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
+      dist::ShardedWeightsOptions so;
+      so.device = device_;
+      so.dtype = dtype_;
+      weights_ = std::make_unique<dist::ShardedBlockWeights>(*weights_comm_, resident->globals(), resident->blocks(), so);
+    } else {
+      resident->to(at::TensorOptions().device(device_).dtype(dtype_));
+      weights_ = std::move(resident);
+    }
+  }
 
   if (cfg_.lora.mode == LoraMode::Standard)
     for (int b : cfg_.lora.blocks)
@@ -91,13 +128,21 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
                 std::to_string(max_steps_) + " training steps for --lr_scheduler " + schedule_.kind);
   sampler_ = TimestepSampler::from_config(cfg_.train);
   state_.seed = cfg_.train.seed;
+  state_.global_batch = global_batch();
 
   AdamWConfig ac;
   ac.beta1 = cfg_.train.adam_beta1;
   ac.beta2 = cfg_.train.adam_beta2;
   ac.eps = cfg_.train.adam_epsilon;
   ac.weight_decay = cfg_.train.adam_weight_decay;
-  optimizer_ = AdamW(lora_.parameters(), ac);
+  if (cfg_.dist.shard_optimizer) {
+    dist::AdamWOptions ao;
+    ao.beta1 = ac.beta1, ao.beta2 = ac.beta2, ao.eps = ac.eps, ao.weight_decay = ac.weight_decay;
+    sharded_opt_ = std::make_unique<dist::ShardedAdamW>(*grad_comm_, lora_.parameters(), ao);
+  } else {
+    optimizer_ = AdamW(lora_.parameters(), ac);
+    if (grad_comm_ && opt.world_size > 1) grad_sync_ = std::make_unique<dist::GradSync>(*grad_comm_, lora_.parameters());
+  }
 
   // Resume (still before anything is written).
   const std::string& r = cfg_.checkpoint.resume_from_checkpoint;
@@ -110,6 +155,20 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
       rethrow_with_context("--resume_from_checkpoint");
     }
     check_checkpoint_matches(ck, path, model_cfg_, lora_);
+    // The data stream counts global micro-batches: it continues on M ranks only with the global
+    // batch of the run that wrote it. Older checkpoints (no attribute) were written by one rank.
+    int64_t ck_global = ck.state.global_batch;
+    if (ck_global <= 0 && ck.config.contains("data") && ck.config["data"].contains("train_batch_size"))
+      ck_global = ck.config["data"]["train_batch_size"].get<int64_t>();
+    if (ck_global > 0 && ck_global != global_batch()) {
+      const int64_t w = opt.world_size;
+      throw Error("--resume_from_checkpoint " + path + ": written with a global batch of " + std::to_string(ck_global) +
+                  " samples, but --train_batch_size " + std::to_string(cfg_.data.train_batch_size) + " x " +
+                  std::to_string(w) + " rank(s) = " + std::to_string(global_batch()) +
+                  (ck_global % w == 0 ? " (use --train_batch_size " + std::to_string(ck_global / w) + ")"
+                                      : " (" + std::to_string(ck_global) + " is not divisible by " + std::to_string(w) +
+                                            " ranks)"));
+    }
     if (cfg_.train.seed_given && ck.state.seed != cfg_.train.seed)
       throw Error("--seed " + std::to_string(cfg_.train.seed) + " differs from the seed " +
                   std::to_string(ck.state.seed) + " of " + path + " (omit --seed to continue that run)");
@@ -123,8 +182,10 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     lora_.load_state(lw, path);
     TensorMap os;
     for (const auto& kv : ck.optimizer) os.emplace(kv.first, kv.second.to(device_).to(master));
-    optimizer_.load_state(os, ck.state.optimizer_steps, path);
+    if (sharded_opt_) sharded_opt_->load_state(os, ck.state.optimizer_steps);
+    else optimizer_.load_state(os, ck.state.optimizer_steps, path);
     state_ = ck.state;
+    state_.global_batch = global_batch();
     resumed_from_ = path;
   }
 }
@@ -226,6 +287,8 @@ StepResult Trainer::train_step() {
 }
 
 StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
+  if (opt_.world_size > 1 && !ctl_comm_)
+    throw Error("trainer: an update with world_size > 1 needs dist::ProcessGroup::init() first", ErrorKind::Internal);
   StepResult r;
   const double accum = static_cast<double>(micro_batches.size());
   const auto params = lora_.parameters();
@@ -233,8 +296,11 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
   r.lr = schedule_.lr(state_.step);
   bool bad = false;
   double loss_sum = 0;
-  for (const Batch& b : micro_batches) {
-    const double l = accumulate(b, 1.0 / accum);
+  for (size_t i = 0; i < micro_batches.size(); ++i) {
+    // Gradients stay local until the last micro-batch of the window; its backward averages them
+    // over the ranks (bucket by bucket, overlapping the rest of backward).
+    if (grad_sync_) grad_sync_->set_enabled(i + 1 == micro_batches.size());
+    const double l = accumulate(micro_batches[i], 1.0 / accum);
     loss_sum += l;
     if (!std::isfinite(l)) {
       bad = true;  // the rest of the update's data is consumed but not computed
@@ -242,7 +308,25 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
     }
   }
   r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / accum;
-  r.grad_norm = bad ? std::numeric_limits<double>::quiet_NaN() : clip_grad_norm(params, cfg_.train.max_grad_norm);
+  if (grad_sync_) {
+    // Every rank finishes the averaging, also one that stopped early on a non-finite loss, so
+    // that all ranks issue the same collectives (its gradients are discarded below anyway).
+    grad_sync_->set_enabled(true);
+    grad_sync_->finish();
+  }
+  if (ctl_comm_) {
+    // One all-reduce: the mean loss over ranks (equal local batches: the global mean) for the
+    // logs, and whether any rank saw a non-finite loss, so that all ranks skip together.
+    at::Tensor t = at::tensor({bad ? 0.0 : r.loss, bad ? 1.0 : 0.0}, at::TensorOptions().dtype(at::kDouble));
+    ctl_comm_->all_reduce(t, dist::ReduceOp::Sum);
+    bad = t[1].item<double>() > 0;
+    r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : t[0].item<double>() / opt_.world_size;
+  }
+  // After the averaging the gradients are identical on every rank, so the local norm is the
+  // global one and every rank reaches the same skip decision; ShardedAdamW computes it itself.
+  if (bad) r.grad_norm = std::numeric_limits<double>::quiet_NaN();
+  else if (sharded_opt_) r.grad_norm = sharded_opt_->step(r.lr, cfg_.train.max_grad_norm);
+  else r.grad_norm = clip_grad_norm(params, cfg_.train.max_grad_norm);
   if (bad || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     ++state_.nonfinite_in_a_row;
@@ -254,9 +338,9 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
                   std::to_string(cfg_.train.max_nonfinite_steps) + "; lower --learning_rate or check the data)");
     return r;
   }
-  optimizer_.step(r.lr);
+  if (!sharded_opt_) optimizer_.step(r.lr);  // ShardedAdamW updated inside step() above
   for (auto p : params) p.mutable_grad().reset();
-  state_.optimizer_steps = optimizer_.steps();
+  state_.optimizer_steps = sharded_opt_ ? sharded_opt_->steps() : optimizer_.steps();
   state_.nonfinite_in_a_row = 0;
   state_.lr = r.lr;
   ++state_.step;
@@ -277,7 +361,8 @@ Checkpoint Trainer::make_checkpoint() const {
   Checkpoint ck;
   ck.state = state_;
   for (const auto& kv : lora_.state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
-  for (const auto& kv : optimizer_.state()) ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
+  for (const auto& kv : sharded_opt_ ? sharded_opt_->state() : optimizer_.state())
+    ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
   ck.model = model_cfg_;
   ck.config = cfg_.to_json();
   ck.scheduler = {{"kind", schedule_.kind},
@@ -290,26 +375,38 @@ Checkpoint Trainer::make_checkpoint() const {
 
 std::string Trainer::run() {
   const std::string& out = cfg_.checkpoint.output_dir;
-  make_directories(out);
+  // Rank 0 speaks and writes for the job; the other ranks compute the same steps silently.
+  const bool root = is_root();
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> devnull(root ? nullptr : std::fopen("/dev/null", "w"), &std::fclose);
+  if (!root && !devnull) throw Error("cannot open /dev/null");
+  std::FILE* log = root ? opt_.log : devnull.get();
+  if (root) make_directories(out);
   // Plain (non-terminal) output: about 50 progress lines per run.
-  Progress progress(max_steps_, state_.step, opt_.log, opt_.tty, std::max<int64_t>(1, max_steps_ / 50));
+  Progress progress(max_steps_, state_.step, log, opt_.tty, std::max<int64_t>(1, max_steps_ / 50));
   progress.message("fluxtrain train: config " + cfg_.to_json().dump());
-  write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
+  if (root) write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
   {
     std::ostringstream ss;
     ss << "fluxtrain train: " << dataset_->size() << " samples, " << updates_per_epoch_ << " updates per epoch, "
        << max_steps_ << " updates, device " << device_ << ", " << c10::toString(dtype_) << ", seed "
        << cfg_.train.seed;
+    if (opt_.world_size > 1 || weights_->transient())
+      ss << ", " << opt_.world_size << " rank(s) x batch " << cfg_.data.train_batch_size << " (global "
+         << global_batch() << ")" << (weights_->transient() ? ", sharded weights" : "")
+         << (sharded_opt_ ? ", sharded optimizer" : "");
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }
-  MetricsWriter metrics(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
+  std::unique_ptr<MetricsWriter> metrics;
+  if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
 
   int64_t last_saved = resumed_from_.empty() ? -1 : state_.step;
   auto save = [&] {
     const std::string path = checkpoint_path(out, state_.step);
-    save_checkpoint(path, make_checkpoint());
+    const Checkpoint ck = make_checkpoint();  // collective with --shard_optimizer: every rank
     last_saved = state_.step;
+    if (!root) return;
+    save_checkpoint(path, ck);
     for (const auto& removed : prune_checkpoints(out, cfg_.checkpoint.checkpoints_total_limit))
       progress.message("removed old checkpoint " + removed);
     progress.message("saved " + path);
@@ -320,6 +417,8 @@ std::string Trainer::run() {
   auto t_prev = std::chrono::steady_clock::now();
   double sps_avg = 0;
   while (state_.step < max_steps_) {
+    if (cfg_.debug.fail_at_step == state_.step && cfg_.debug.fail_rank == opt_.rank)
+      throw Error("injected failure at step " + std::to_string(state_.step) + " (--debug_fail_at_step)");
     const StepResult r = train_step();
     const auto now = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(now - t_prev).count();
@@ -336,7 +435,7 @@ std::string Trainer::run() {
     if (r.skipped) {
       progress.message("update skipped after step " + std::to_string(state_.step) +
                        ": non-finite loss or gradient (" + std::to_string(state_.nonfinite_in_a_row) + " in a row)");
-      metrics.write(m);
+      if (metrics) metrics->write(m);
       continue;
     }
     const int64_t vs = cfg_.validation.validation_steps;
@@ -345,14 +444,22 @@ std::string Trainer::run() {
       m["val_loss"] = vl;
       progress.message("step " + std::to_string(state_.step) + ": validation loss " + std::to_string(vl));
     }
-    metrics.write(m);
+    if (metrics) metrics->write(m);
     progress.update(state_.step, r.loss, r.lr, sps_avg);
     if (state_.step % cfg_.checkpoint.checkpointing_steps == 0 || state_.step == max_steps_) save();
   }
   if (last_saved != state_.step) save();
   progress.finish();
   const std::string lora_path = path_join(out, "lora.safetensors");
-  save_lora_file(lora_path, lora_);
+  if (root) {
+    save_lora_file(lora_path, lora_);  // atomic (safetensors::save)
+    if (cfg_.debug.save_masters) {
+      // The LoRA file is float32; exactness tests compare the float64 masters themselves.
+      TensorMap m;
+      for (const auto& kv : lora_.state()) m.emplace(kv.first, kv.second.detach().cpu().contiguous());
+      safetensors::save(path_join(out, "lora_masters.safetensors"), m);
+    }
+  }
   progress.message("fluxtrain train: wrote " + lora_path);
   return lora_path;
 }

@@ -32,10 +32,21 @@
 
 namespace fluxtrain {
 
+namespace dist {
+class Communicator;
+class GradSync;
+class ShardedAdamW;
+}  // namespace dist
+
 struct TrainerOptions {
   // Overrides --mixed_precision (tests use float64). Undefined = from the config.
   at::ScalarType compute_dtype = at::ScalarType::Undefined;
-  int rank = 0, world_size = 1;  // data split (the distributed issue fills these)
+  // This process's place in the data-parallel job. With world_size > 1 (or --shard_weights /
+  // --shard_optimizer) training needs dist::ProcessGroup::init() first and must equal its
+  // rank/world; without an initialised group only accumulate() and friends work (unit tests).
+  int rank = 0, world_size = 1;
+  // CUDA device this rank drives (from ProcessGroup::select_cuda_device); -1: cuda:0.
+  int cuda_device = -1;
   std::FILE* log = stderr;
   int tty = -1;                  // progress bar: -1 detect, 0 plain lines, 1 bar
 };
@@ -67,8 +78,12 @@ class Trainer {
   StepResult train_step_on(const std::vector<Batch>& micro_batches);
   // Mean loss over the first --validation_samples samples with fixed draws, no gradients.
   double validation_loss();
-  // Snapshot of the current state for a checkpoint.
+  // Snapshot of the current state for a checkpoint. Collective with --shard_optimizer (the
+  // sharded AdamW state is gathered): call it on every rank.
   Checkpoint make_checkpoint() const;
+  // Samples per global micro-batch: train_batch_size x world_size.
+  int64_t global_batch() const { return cfg_.data.train_batch_size * opt_.world_size; }
+  bool is_root() const { return opt_.rank == 0; }
 
   const RunConfig& config() const { return cfg_; }
   const FluxConfig& model_config() const { return model_cfg_; }
@@ -87,9 +102,14 @@ class Trainer {
   at::ScalarType dtype_ = at::kFloat;
   std::unique_ptr<Dataset> dataset_;
   FluxConfig model_cfg_;
-  std::unique_ptr<ResidentBlockWeights> weights_;
+  // Distributed pieces; all null in a single-process run without --shard_* flags. Declared
+  // before the objects that hold references to them, so that they are destroyed after them.
+  std::unique_ptr<dist::Communicator> weights_comm_, grad_comm_, ctl_comm_;
+  std::unique_ptr<BlockWeights> weights_;  // resident, or dist::ShardedBlockWeights
   LoraSet lora_;
-  AdamW optimizer_;
+  AdamW optimizer_;                        // unused with --shard_optimizer
+  std::unique_ptr<dist::GradSync> grad_sync_;          // replicated optimizer
+  std::unique_ptr<dist::ShardedAdamW> sharded_opt_;   // --shard_optimizer
   std::unique_ptr<DataOrder> order_;
   std::unique_ptr<Prefetcher> prefetch_;
   LrSchedule schedule_;
