@@ -204,7 +204,10 @@ po::options_description make_hidden(RunConfig& c) {
        "throw on --debug_fail_rank once this many updates are done")
       ("debug_fail_rank", po::value<int64_t>(&c.debug.fail_rank)->default_value(0), "")
       ("debug_float64", po::value<bool>(&c.debug.float64)->default_value(false)->implicit_value(true), "")
-      ("debug_save_masters", po::value<bool>(&c.debug.save_masters)->default_value(false)->implicit_value(true), "");
+      ("debug_save_masters", po::value<bool>(&c.debug.save_masters)->default_value(false)->implicit_value(true), "")
+      ("debug_nan_at_step", po::value<int64_t>(&c.debug.nan_at_step)->default_value(-1),
+       "--debug_nan_rank's first update at this step counts as non-finite")
+      ("debug_nan_rank", po::value<int64_t>(&c.debug.nan_rank)->default_value(0), "");
   return h;
 }
 
@@ -405,6 +408,7 @@ void RunConfig::validate() const {
   non_negative("encoder_rank", dist.encoder_rank);
   need(std::isfinite(dist.nccl_timeout) && dist.nccl_timeout > 0, "--nccl_timeout must be a positive number of seconds");
   need(debug.fail_rank >= 0, "--debug_fail_rank must be >= 0");
+  need(debug.nan_rank >= 0, "--debug_nan_rank must be >= 0");
 
   // Text encoders
   need(!(text_encoder.train_text_encoder && text_encoder.train_text_encoder_one_only),

@@ -86,6 +86,8 @@ struct DebugConfig {
   int64_t fail_rank = 0;
   bool float64 = false;                   // whole computation in float64 (exactness tests)
   bool save_masters = false;              // also write lora_masters.safetensors (master dtype)
+  int64_t nan_at_step = -1;               // nan_rank's first update at this step is non-finite
+  int64_t nan_rank = 0;
 };
 
 struct RunConfig {

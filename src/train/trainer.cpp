@@ -307,6 +307,9 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
       break;
     }
   }
+  // Test hook: this rank's first update at step K counts as non-finite (the others' do not).
+  if (cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank && state_.nonfinite_total == 0)
+    bad = true;
   r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / accum;
   if (grad_sync_) {
     // Every rank finishes the averaging, also one that stopped early on a non-finite loss, so

@@ -1,10 +1,10 @@
 // Data-parallel LoRA training with the dist/ pieces put together (sharded frozen weights,
-// data partition, bucketed gradient averaging with overlap, the trainer's clipping and AdamW,
+// trainer's data order, bucketed gradient averaging with overlap, the trainer's clipping and AdamW,
 // or the sharded AdamW): N ranks x local batch 1 for several steps give the same LoRA weights as one
 // process with global batch N on resident weights (float64, 1e-10). The training loop here is a
 // minimal stand-in for the trainer: loss = mean squared error of the prediction to a per-sample
 // target, every input drawn from the sample index.
-#include "dist/data_partition.h"
+#include "data/dataset.h"
 #include "dist/grad_sync.h"
 #include "dist/sharded_weights.h"
 #include "train/optimizer.h"
@@ -78,12 +78,11 @@ std::vector<at::Tensor> train_single(const FluxConfig& cfg, const TensorMap& ful
   LoraSet lora = make_lora(cfg);
   auto params = lora.parameters();
   fluxtrain::AdamW opt(params, adamw_config());
-  DataPartition part(kSamples, world, 1, 0, 2024);
+  DataOrder order(kSamples, world, 0, 1, 2024);  // the trainer's data order, one rank, batch N
   ForwardOptions fo;
   fo.gradient_checkpointing = ckpt;
   for (int s = 0; s < steps; ++s) {
-    const int64_t epoch = s / part.steps_per_epoch(), step = s % part.steps_per_epoch();
-    auto [in, target] = batch(cfg, part.global_batch_indices(epoch, step));
+    auto [in, target] = batch(cfg, order.indices(s));
     for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
     fluxtrain::clip_grad_norm(params, kMaxNorm);
@@ -115,12 +114,11 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
     sync = std::make_unique<GradSync>(*grad_comm, params, GradSyncOptions{4096, true});
     adamw = std::make_unique<fluxtrain::AdamW>(params, adamw_config());
   }
-  DataPartition part(kSamples, c.size(), c.size(), c.rank(), 2024);
+  DataOrder order(kSamples, 1, c.rank(), c.size(), 2024);  // this rank's sample of each global batch
   ForwardOptions fo;
   fo.gradient_checkpointing = ckpt;
   for (int s = 0; s < steps; ++s) {
-    const int64_t epoch = s / part.steps_per_epoch(), step = s % part.steps_per_epoch();
-    auto [in, target] = batch(cfg, part.local_batch_indices(epoch, step));
+    auto [in, target] = batch(cfg, order.indices(s));
     for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
     if (shard_optimizer) {

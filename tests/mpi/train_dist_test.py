@@ -6,7 +6,9 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
 
   data_parallel  2 ranks x batch 1 (replicated and --shard_optimizer) for 5 updates, across an
                  epoch boundary, give the LoRA masters of 1 process x batch 2 (no mpirun: the MPI
-                 singleton path) to 1e-10 relative; and 1 process with --shard_weights too.
+                 singleton path) to 1e-10 relative; and 1 process with --shard_weights too; and
+                 with 2 gradient-accumulation steps; a non-finite loss on one rank skips the update
+                 on all ranks.
   resume         a checkpoint written by 2 ranks x batch 2 resumes on 1 rank x batch 4 and on
                  4 ranks x batch 1 and ends where the uninterrupted 2-rank run ends (1e-10); a
                  resume with another global batch fails with a clear error.
@@ -14,6 +16,7 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  stderr says "rank 1: injected failure at step 3"; resuming from the newest
                  checkpoint left behind finishes with the uninterrupted result.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -102,6 +105,22 @@ def data_parallel():
         out = os.path.join(TMP, name.replace(" ", "_").replace(",", ""))
         train(np_, out, 1 if np_ == 2 else 2, 5, extra)
         compare(name, ref, out)
+    # Gradient accumulation: averaging only on the last micro-batch of each window.
+    acc = ("--gradient_accumulation_steps", "2")
+    ref_acc = os.path.join(TMP, "ref_acc")
+    train(0, ref_acc, 2, 3, acc)
+    out = os.path.join(TMP, "acc_np2")
+    train(2, out, 1, 3, acc)
+    compare("2 ranks x batch 1 x 2 accumulation steps", ref_acc, out)
+    # A non-finite loss on one rank skips the update on every rank: the same result as one
+    # process whose whole update was non-finite (without the agreement the ranks would diverge).
+    nan_ref = os.path.join(TMP, "nan_ref")
+    train(0, nan_ref, 2, 5, ("--debug_nan_at_step", "2", "--debug_nan_rank", "0"))
+    out = os.path.join(TMP, "nan_np2")
+    train(2, out, 1, 5, ("--debug_nan_at_step", "2", "--debug_nan_rank", "1"))
+    compare("non-finite loss on rank 1 of 2 at step 2", nan_ref, out)
+    skipped = [json.loads(l)["skipped"] for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert skipped == [False, False, True, False, False, False], skipped
     # Only rank 0 writes: one metrics line per update, not one per rank.
     lines = open(os.path.join(TMP, "2_ranks_x_batch_1", "metrics.jsonl")).read().splitlines()
     assert len(lines) == 5, f"metrics.jsonl has {len(lines)} lines, expected 5"
