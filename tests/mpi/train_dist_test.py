@@ -19,6 +19,7 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,13 +38,23 @@ MODEL = os.path.join(TMP, "model")
 DATA = os.path.join(TMP, "data.h5")
 
 
-def run(cmd, expect_ok=True, timeout=300):
+def run(cmd, expect_ok=True, timeout=int(os.environ.get("RUN_TIMEOUT", "120"))):
+    # Own process group: a job that hangs (ranks out of step in a collective) is killed whole,
+    # and reported as a failure instead of stalling ctest.
     t0 = time.time()
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        sys.exit(f"FAILED (hung for {timeout} s): {' '.join(cmd)}")
     dt = time.time() - t0
+    res = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if expect_ok and p.returncode != 0:
-        sys.exit(f"FAILED ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
-    return p, dt
+        sys.exit(f"FAILED ({p.returncode}): {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}")
+    return res, dt
 
 
 def setup():
