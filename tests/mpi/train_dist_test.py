@@ -8,7 +8,7 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  epoch boundary, give the LoRA masters of 1 process x batch 2 (no mpirun: the MPI
                  singleton path) to 1e-10 relative; and 1 process with --shard_weights too; and
                  with 2 gradient-accumulation steps; a non-finite loss on one rank skips the update
-                 on all ranks.
+                 on all ranks; an unseeded run uses rank 0's seed on every rank.
   resume         a checkpoint written by 2 ranks x batch 2 resumes on 1 rank x batch 4 and on
                  4 ranks x batch 1 and ends where the uninterrupted 2-rank run ends (1e-10); a
                  resume with another global batch fails with a clear error.
@@ -74,8 +74,12 @@ def flags(out, batch, steps, extra=()):
             *extra]
 
 
-def train(np_, out, batch, steps, extra=(), expect_ok=True):
-    cmd = [BIN, "train", *flags(out, batch, steps, extra)]
+def train(np_, out, batch, steps, extra=(), expect_ok=True, seed=True):
+    f = flags(out, batch, steps, extra)
+    if not seed:
+        i = f.index("--seed")
+        del f[i:i + 2]
+    cmd = [BIN, "train", *f]
     if np_ > 0:  # 0: no mpirun at all (MPI singleton)
         cmd = [MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), *cmd]
     return run(cmd, expect_ok)
@@ -132,6 +136,13 @@ def data_parallel():
     compare("non-finite loss on rank 1 of 2 at step 2", nan_ref, out)
     skipped = [json.loads(l)["skipped"] for l in open(os.path.join(out, "metrics.jsonl"))]
     assert skipped == [False, False, True, False, False, False], skipped
+    # Without --seed every rank draws one; rank 0's must win (same LoRA init, data, noise).
+    out = os.path.join(TMP, "unseeded_np2")
+    train(2, out, 1, 2, seed=False)
+    seed = json.load(open(os.path.join(out, "config.json")))["train"]["seed"]
+    seeded = os.path.join(TMP, "seeded_np0")
+    train(0, seeded, 2, 2, ("--seed", str(seed)), seed=False)
+    compare(f"unseeded 2-rank run vs 1 process with its seed {seed}", seeded, out)
     # Only rank 0 writes: one metrics line per update, not one per rank.
     lines = open(os.path.join(TMP, "2_ranks_x_batch_1", "metrics.jsonl")).read().splitlines()
     assert len(lines) == 5, f"metrics.jsonl has {len(lines)} lines, expected 5"
