@@ -175,6 +175,42 @@ TEST(TrainConfig, BadAndContradictoryFlagsGiveOneClearLine) {
   expect_bad({"--pretrained_model_name_or_path", "m"}, "--train_data is required", false);
 }
 
+TEST(TrainConfig, DistributedOptionsAndHiddenDebugOptions) {
+  RunConfig c = parse({});
+  EXPECT_FALSE(c.dist.shard_weights);
+  EXPECT_FALSE(c.dist.shard_optimizer);
+  EXPECT_EQ(c.dist.encoder_rank, 0);
+  EXPECT_EQ(c.dist.nccl_timeout, 600);
+  c = parse({"--shard_weights", "--shard_optimizer", "--encoder_rank", "3", "--nccl_timeout", "90.5"});
+  EXPECT_TRUE(c.dist.shard_weights && c.dist.shard_optimizer);
+  EXPECT_EQ(c.dist.encoder_rank, 3);
+  EXPECT_EQ(c.dist.nccl_timeout, 90.5);
+  const nlohmann::json j = c.to_json();
+  EXPECT_EQ(j["distributed"]["shard_optimizer"], true);
+  EXPECT_EQ(j["distributed"]["nccl_timeout"], 90.5);
+  EXPECT_FALSE(j.contains("debug"));  // test hooks are not part of a run's configuration
+
+  c = parse({"--debug_fail_at_step", "3", "--debug_fail_rank", "1", "--debug_float64", "--debug_nan_at_step", "2"});
+  EXPECT_EQ(c.debug.fail_at_step, 3);
+  EXPECT_EQ(c.debug.fail_rank, 1);
+  EXPECT_TRUE(c.debug.float64);
+  EXPECT_EQ(c.debug.nan_at_step, 2);
+  EXPECT_EQ(parse({}).debug.fail_at_step, -1);
+
+  std::ostringstream out;
+  const char* argv[] = {"train", "--help"};
+  parse_train_args(2, argv, out);
+  const std::string h = out.str();
+  for (const char* s : {"Distributed", "--shard_weights", "--shard_optimizer", "--encoder_rank", "--nccl_timeout", "(=600)"})
+    EXPECT_NE(h.find(s), std::string::npos) << s;
+  EXPECT_EQ(h.find("debug"), std::string::npos) << "hidden options shown by --help";
+
+  expect_bad({"--nccl_timeout", "0"}, "--nccl_timeout must be a positive number of seconds");
+  expect_bad({"--nccl_timeout", "nan"}, "--nccl_timeout must be a positive number of seconds");
+  expect_bad({"--encoder_rank", "-1"}, "--encoder_rank must be >= 0");
+  expect_bad({"--debug_fail_rank", "-1"}, "--debug_fail_rank must be >= 0");
+}
+
 TEST(TrainConfig, BadIniFilesNameTheFile) {
   TempDir tmp;
   expect_bad({"--config", tmp.path("missing.ini")}, "--config " + tmp.path("missing.ini") + ": cannot open file");
