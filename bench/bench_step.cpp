@@ -59,7 +59,7 @@ int cmd_bench(int argc, char** argv) {
   std::string size, cases_s, ckpt_s, device_s, dtype_s;
   int warmup = 3, iters = 7, txt_len = 512, batch = 1;
   std::string graph_s;
-  bool sharded = false;
+  bool sharded = false, compare_resident = false;
   uint64_t seed = 0;
   po::options_description desc("bench options");
   desc.add_options()
@@ -76,7 +76,10 @@ int cmd_bench(int argc, char** argv) {
       ("seed", po::value(&seed)->default_value(0), "seed")
       ("cuda_graph", po::value(&graph_s)->default_value("both"), "off, on or both: replay the step as a CUDA graph")
       ("sharded", po::bool_switch(&sharded), "FSDP-style sharded frozen weights over the MPI ranks "
-       "(run under mpirun; implies --cuda_graph off)");
+       "(run under mpirun; implies --cuda_graph off)")
+      ("compare_resident", po::bool_switch(&compare_resident),
+       "with --sharded: also keep the weights resident and time both paths alternately, step by step "
+       "(same process, same inputs), reporting the sharded overhead");
   po::variables_map vm;
   if (!parse_command_line("bench", desc, argc, argv, vm)) return 0;
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
@@ -105,14 +108,16 @@ int cmd_bench(int argc, char** argv) {
     dist::ShardedWeightsOptions so;
     so.device = dev;
     shards = std::make_unique<dist::ShardedBlockWeights>(*comm, resident.globals(), resident.blocks(), so);
-    for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
+    if (!compare_resident)
+      for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
     weights_ptr = shards.get();
     const auto& st = shards->stats();
     weight_bytes = {{"full_block_bytes", st.full_block_bytes}, {"shard_bytes", st.shard_bytes},
                     {"replicated_bytes", st.replicated_bytes}, {"gather_buffer_bytes", st.gather_buffer_bytes},
                     {"resident_frozen_bytes_per_rank", st.resident_bytes()}};
   }
-  BlockWeights& weights = *weights_ptr;
+  compare_resident = compare_resident && sharded;
+  BlockWeights* current = weights_ptr;  // what the step runs on (alternates with --compare_resident)
   const std::string device_label = device_name(dev);
 
   std::vector<bool> graph_modes;
@@ -153,7 +158,7 @@ int cmd_bench(int argc, char** argv) {
       fo.gradient_checkpointing = ckpt;
 
       auto step = [&] {
-        at::Tensor out = flux_forward(cfg, weights, &lora, in, fo);
+        at::Tensor out = flux_forward(cfg, *current, &lora, in, fo);
         at::Tensor loss = at::mse_loss(out.to(at::kFloat), target);
         loss.backward();
         std::vector<at::Tensor> grads;
@@ -170,10 +175,27 @@ int cmd_bench(int argc, char** argv) {
       if (!dev.is_cpu()) at::accelerator::resetPeakStats(dev.index() < 0 ? 0 : dev.index());
       std::unique_ptr<StepRunner> runner =
           graph ? make_cuda_graph_runner(step, warmup) : make_eager_runner(step);
-      for (int i = 0; i < warmup; ++i) runner->run();
+      for (int i = 0; i < warmup; ++i) {
+        runner->run();
+        if (compare_resident) {
+          current = &resident;
+          runner->run();
+          current = weights_ptr;
+        }
+      }
       sync(dev);
-      std::vector<double> ms, host_ms;
+      std::vector<double> ms, host_ms, resident_ms;
       for (int i = 0; i < iters; ++i) {
+        if (compare_resident) {
+          // A/B in alternation: host and clock drift hit both paths alike.
+          current = &resident;
+          sync(dev);
+          auto r0 = std::chrono::steady_clock::now();
+          runner->run();
+          sync(dev);
+          resident_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - r0).count());
+          current = weights_ptr;
+        }
         sync(dev);
         auto t0 = std::chrono::steady_clock::now();
         runner->run();
@@ -209,6 +231,12 @@ int cmd_bench(int argc, char** argv) {
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
       if (sharded) j["weights"] = weight_bytes;
+      if (compare_resident) {
+        std::sort(resident_ms.begin(), resident_ms.end());
+        const double rmed = resident_ms[resident_ms.size() / 2];
+        j["resident_ms_per_step"] = rmed;
+        j["sharded_overhead_pct"] = 100.0 * (med - rmed) / rmed;
+      }
       if (print) std::cout << j.dump() << std::endl;
       } catch (const c10::Error& e) {
         // Out of memory, or a failed graph capture: report it and go on with the next case.

@@ -47,7 +47,7 @@ $B bench --device cuda "$@" | tee "$OUT/bench.jsonl"
 # Sharded frozen weights (one rank: every block still all-gathered through NCCL) vs resident.
 if [ -z "${SKIP_SHARDED:-}" ]; then
   mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE $B bench --device cuda --sharded \
-    --configs ${SHARDED_CONFIGS:-384/768/64} --cuda_graph off --warmup 2 --iters 5 | tee -a "$OUT/bench.jsonl"
+    --configs ${SHARDED_CONFIGS:-384/768/64} --cuda_graph off --compare_resident --warmup 3 --iters ${SHARDED_ITERS:-9} | tee -a "$OUT/bench.jsonl"
 fi
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
@@ -64,5 +64,8 @@ for line in open(sys.argv[1]):
     if "error" in j:
         print("%-15s %s  %-10s %s" % (tag, ck, ex, j["error"][:100]))
     else:
-        print("%-15s %s  %-10s %8.1f %8.1f %8.0f %9.1f" % (tag, ck, ex, j["ms_per_step"], j["host_ms_per_step"], j["model_tflops"], j["peak_gib"]))
+        extra = ""
+        if "sharded_overhead_pct" in j:
+            extra = "  resident %.1f ms in alternation: overhead %+.1f%%" % (j["resident_ms_per_step"], j["sharded_overhead_pct"])
+        print("%-15s %s  %-10s %8.1f %8.1f %8.0f %9.1f%s" % (tag, ck, ex, j["ms_per_step"], j["host_ms_per_step"], j["model_tflops"], j["peak_gib"], extra))
 PY
