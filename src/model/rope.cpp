@@ -47,12 +47,7 @@ at::Tensor apply_rope(const at::Tensor& x, const Rope& r) {
 }
 
 at::Tensor apply_rope_reference(const at::Tensor& x, const Rope& r) {
-  auto shape = x.sizes().vec();
-  at::Tensor xf = x.to(r.cos.scalar_type()).reshape({shape[0], shape[1], shape[2], shape[3] / 2, 2});
-  at::Tensor x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);
-  at::Tensor out0 = r.cos * x0 - r.sin * x1;
-  at::Tensor out1 = r.sin * x0 + r.cos * x1;
-  return at::stack({out0, out1}, -1).reshape(shape).to(x.scalar_type());
+  return kernels::rope_rotate_reference(x, r.cos, r.sin, /*inverse=*/false);  // plain ATen ops
 }
 
 Rope rope_cat(const std::vector<Rope>& parts) {
