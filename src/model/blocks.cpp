@@ -181,6 +181,9 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   h.q = apply_rope(h.q, c.rope_main);
   h.k = apply_rope(h.k, c.rope_main);
 
+  // After the last block only the noise tokens are read: the condition stream's own attention
+  // output and MLP would be discarded, so they are not computed (its keys/values still are).
+  const bool cond_out_needed = has_cond && !c.last_block;
   std::vector<at::Tensor> cm;
   Heads ch;
   at::Tensor cn;
@@ -188,12 +191,9 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
     cm = modulation(vec_cond, w, "modulation.lin", 3);
     cn = modulate(cond, cm[0], cm[1]);
     ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
-    ch.q = apply_rope(ch.q, c.rope_cond);
+    ch.q = cond_out_needed ? apply_rope(ch.q, c.rope_cond) : at::Tensor();  // queries only feed its own output
     ch.k = apply_rope(ch.k, c.rope_cond);
   }
-  // After the last block only the noise tokens are read: the condition stream's own attention
-  // output and MLP would be discarded, so they are not computed (its keys/values still are).
-  const bool cond_out_needed = has_cond && !c.last_block;
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
   at::Tensor x_out = at::addcmul(x, m[2], single_linear2(c, w, om, at::gelu(mlp_in, "tanh"), -1));
