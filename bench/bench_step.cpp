@@ -102,7 +102,7 @@ int cmd_bench(int argc, char** argv) {
   BlockWeights* weights_ptr = &resident;
   std::unique_ptr<dist::Communicator> comm;
   std::unique_ptr<dist::ShardedBlockWeights> shards;
-  nlohmann::json weight_bytes;
+  nlohmann::json weight_bytes, gather_json;
   if (sharded) {
     comm = pg->make_communicator(dev);
     dist::ShardedWeightsOptions so;
@@ -111,7 +111,28 @@ int cmd_bench(int argc, char** argv) {
     if (!compare_resident)
       for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
     weights_ptr = shards.get();
+    // All blocks gathered once in forward order with nothing else on the GPU: the bare cost of
+    // unsharding (on one rank: the local copies; on several: the transfers too).
+    auto gather_pass = [&] {
+      for (int b = 0; b < shards->num_blocks(); ++b) {
+        shards->acquire(b);
+        shards->release(b);
+      }
+      shards->quiesce();
+      sync(dev);
+    };
+    gather_pass();
+    std::vector<double> pass_ms;
+    for (int i = 0; i < 5; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      gather_pass();
+      pass_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(pass_ms.begin(), pass_ms.end());
     const auto& st = shards->stats();
+    gather_json = {{"pass_ms", pass_ms[pass_ms.size() / 2]},
+                   {"gathered_gb_per_s", st.full_block_bytes / (pass_ms[pass_ms.size() / 2] / 1000.0) / 1e9},
+                   {"local_copy", std::getenv("FLUXTRAIN_GATHER_LOCAL_COPY") ? std::getenv("FLUXTRAIN_GATHER_LOCAL_COPY") : "ce"}};
     weight_bytes = {{"full_block_bytes", st.full_block_bytes}, {"shard_bytes", st.shard_bytes},
                     {"replicated_bytes", st.replicated_bytes}, {"gather_buffer_bytes", st.gather_buffer_bytes},
                     {"resident_frozen_bytes_per_rank", st.resident_bytes()}};
@@ -230,7 +251,10 @@ int cmd_bench(int argc, char** argv) {
                           {"model_tflops", flops / (med / 1000.0) / 1e12},
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
-      if (sharded) j["weights"] = weight_bytes;
+      if (sharded) {
+        j["weights"] = weight_bytes;
+        j["gather"] = gather_json;
+      }
       if (compare_resident) {
         std::sort(resident_ms.begin(), resident_ms.end());
         const double rmed = resident_ms[resident_ms.size() / 2];

@@ -45,9 +45,17 @@ a=load_file('/tmp/o_cpu.safetensors')['output'].double(); b=load_file('/tmp/o_gp
 print('cuda vs cpu forward (tiny, f32): rel err %.2e' % ((a-b).abs().max()/a.abs().max()))"
 $B bench --device cuda "$@" | tee "$OUT/bench.jsonl"
 # Sharded frozen weights (one rank: every block still all-gathered through NCCL) vs resident.
+# SHARDED_VARIANTS: space-separated local-copy modes of the gather (ce memcpy nccl), each
+# optionally with ":normal" for a normal-priority communication stream.
 if [ -z "${SKIP_SHARDED:-}" ]; then
-  mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE $B bench --device cuda --sharded \
-    --configs ${SHARDED_CONFIGS:-384/768/64} --cuda_graph off --compare_resident --warmup 3 --iters ${SHARDED_ITERS:-9} | tee -a "$OUT/bench.jsonl"
+  for v in ${SHARDED_VARIANTS:-ce}; do
+    export FLUXTRAIN_GATHER_LOCAL_COPY=${v%%:*} FLUXTRAIN_NCCL_STREAM_PRIORITY=high
+    [[ $v == *:normal ]] && export FLUXTRAIN_NCCL_STREAM_PRIORITY=normal
+    mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x FLUXTRAIN_GATHER_LOCAL_COPY \
+      -x FLUXTRAIN_NCCL_STREAM_PRIORITY $B bench --device cuda --sharded --configs ${SHARDED_CONFIGS:-384/768/64} \
+      --gradient_checkpointing ${SHARDED_CKPT:-both} --cuda_graph off --compare_resident --warmup 3 \
+      --iters ${SHARDED_ITERS:-9} | sed "s/^{/{\"variant\":\"$v\",/" | tee -a "$OUT/bench.jsonl"
+  done
 fi
 python3 - "$OUT/bench.jsonl" <<'PY'
 import json, sys
@@ -66,6 +74,7 @@ for line in open(sys.argv[1]):
     else:
         extra = ""
         if "sharded_overhead_pct" in j:
-            extra = "  resident %.1f ms in alternation: overhead %+.1f%%" % (j["resident_ms_per_step"], j["sharded_overhead_pct"])
+            extra = "  resident %.1f ms in alternation: overhead %+.1f%%; gather pass %.1f ms [%s]" % (
+                j["resident_ms_per_step"], j["sharded_overhead_pct"], j["gather"]["pass_ms"], j.get("variant", ""))
         print("%-15s %s  %-10s %8.1f %8.1f %8.0f %9.1f%s" % (tag, ck, ex, j["ms_per_step"], j["host_ms_per_step"], j["model_tflops"], j["peak_gib"], extra))
 PY
