@@ -47,7 +47,8 @@ class Communicator {
   virtual std::unique_ptr<Work> all_reduce_async(at::Tensor& t, ReduceOp op) = 0;
 
   // out (numel = size * in.numel(), any shape, contiguous) receives every rank's `in`
-  // concatenated in rank order (flat).
+  // concatenated in rank order (flat). In place when `in` is this rank's part of `out`
+  // (in.data_ptr() == out.data_ptr() + rank * in.nbytes()): only the other parts move.
   virtual void all_gather(at::Tensor& out, const at::Tensor& in) = 0;
   virtual std::unique_ptr<Work> all_gather_async(at::Tensor& out, const at::Tensor& in) = 0;
   // Convenience: returns a new tensor [size, *in.shape].

@@ -150,7 +150,10 @@ class MpiCommunicator : public Communicator {
     auto w = std::make_unique<MpiWork>();
     w->reqs.resize(1);
     int n = checked_count(in.numel(), "all_gather");
-    MPI_Iallgather(in.data_ptr(), n, raw_type(in), out.data_ptr(), n, raw_type(out), comm_, &w->reqs[0]);
+    // In place when `in` already is this rank's part of `out` (MPI forbids aliased buffers).
+    const bool in_place = in.data_ptr() == static_cast<char*>(out.data_ptr()) + rank_ * in.nbytes();
+    MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data_ptr(), n, raw_type(in), out.data_ptr(), n, raw_type(out), comm_,
+                   &w->reqs[0]);
     w->keep = {in, out};
     return w;
   }

@@ -18,7 +18,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -90,7 +89,7 @@ class NcclCommunicator : public Communicator {
   NcclCommunicator(MPI_Comm parent, int device, double timeout_s)
       : device_(static_cast<c10::DeviceIndex>(device)),
         timeout_(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s))),
-        stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/high_priority_from_env(), static_cast<c10::DeviceIndex>(device))) {
+        stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device))) {
     MPI_Comm_dup(parent, &mpi_);
     MPI_Comm_set_errhandler(mpi_, MPI_ERRORS_ARE_FATAL);
     MPI_Comm_rank(mpi_, &rank_);
@@ -146,19 +145,12 @@ class NcclCommunicator : public Communicator {
                 "all_gather: output has " + std::to_string(out.numel()) + " elements, expected " +
                     std::to_string(in.numel() * size_));
     const ncclDataType_t type = nccl_type(in.scalar_type());
-    // This rank's part goes to its place in `out` first, then NCCL gathers in place and moves
-    // only the other ranks' parts. The local part is copied by a DMA copy engine where the
-    // driver allows it, not by an SM kernel: a sharded block's own shard is 1/N of its bytes
-    // (all of them on one rank), and a copy engine overlaps that with the compute kernels
-    // instead of taking their SMs.
-    char* mine = static_cast<char*>(out.data_ptr()) + static_cast<int64_t>(rank_) * in.nbytes();
+    // NCCL gathers in place when `in` is this rank's part of `out` (the sharded weights' case):
+    // then only the other ranks' parts move, and with one rank nothing does.
+    const bool in_place = in.data_ptr() == static_cast<char*>(out.data_ptr()) + static_cast<int64_t>(rank_) * in.nbytes();
     return enqueue("all_gather", {in, out}, [&](cudaStream_t s) {
-      if (local_copy_ == LocalCopy::Nccl) {
-        check(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), type, comm_, s), "ncclAllGather");
-        return;
-      }
-      if (in.data_ptr() != mine && local_copy_ != LocalCopy::Skip) copy_local(mine, in.data_ptr(), in.nbytes(), s);
-      if (size_ > 1) check(ncclAllGather(mine, out.data_ptr(), in.numel(), type, comm_, s), "ncclAllGather");
+      if (in_place && size_ == 1) return;
+      check(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), type, comm_, s), "ncclAllGather");
     });
   }
 
@@ -274,44 +266,6 @@ class NcclCommunicator : public Communicator {
   std::deque<Pending> pending_;
   bool stop_ = false;
   std::thread watchdog_;
-
-  // How the all-gather moves this rank's own part (FLUXTRAIN_GATHER_LOCAL_COPY): a copy
-  // engine (ce, default), cudaMemcpyAsync (memcpy), or NCCL's own out-of-place gather (nccl).
-  enum class LocalCopy { CopyEngine, Memcpy, Nccl, Skip };
-  LocalCopy local_copy_ = local_copy_from_env();
-  bool batch_copy_ok_ = true;  // cudaMemcpyBatchAsync accepted (else plain cudaMemcpyAsync)
-
-  static bool high_priority_from_env() {
-    const char* v = std::getenv("FLUXTRAIN_NCCL_STREAM_PRIORITY");
-    return !v || std::string(v) != "normal";
-  }
-
-  static LocalCopy local_copy_from_env() {
-    const char* v = std::getenv("FLUXTRAIN_GATHER_LOCAL_COPY");
-    const std::string s = v ? v : "ce";
-    if (s == "ce") return LocalCopy::CopyEngine;
-    if (s == "memcpy") return LocalCopy::Memcpy;
-    if (s == "nccl") return LocalCopy::Nccl;
-    if (s == "skip") return LocalCopy::Skip;  // timing experiments only: the gathered data is stale
-    throw Error("FLUXTRAIN_GATHER_LOCAL_COPY: '" + s + "' is not ce, memcpy or nccl");
-  }
-
-  void copy_local(void* dst, const void* src, size_t bytes, cudaStream_t s) {
-    if (local_copy_ == LocalCopy::CopyEngine && batch_copy_ok_) {
-      cudaMemcpyAttributes attr{};
-      attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-      attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-      size_t attr_idx = 0;
-      void* dsts[1] = {dst};
-      const void* srcs[1] = {src};
-      size_t sizes[1] = {bytes};
-      if (cudaMemcpyBatchAsync(dsts, srcs, sizes, 1, &attr, &attr_idx, 1, s) == cudaSuccess) return;
-      cudaGetLastError();     // clear it: the hint is optional, the copy is not
-      batch_copy_ok_ = false;  // e.g. a driver without batched copies
-    }
-    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s);
-    if (e != cudaSuccess) fatal(rank_, std::string("all_gather: local copy failed: ") + cudaGetErrorString(e));
-  }
 
   static bool on_host(const at::Tensor& t) { return t.defined() && t.device().is_cpu(); }
 

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "dist/communicator.h"
+#include "dist/mapped_memory.h"
 
 namespace fluxtrain::dist {
 
@@ -32,6 +33,9 @@ ShardedBlockWeights::ShardedBlockWeights(Communicator& comm, const TensorMap& gl
                                          const std::function<TensorMap(int)>& load_block,
                                          const ShardedWeightsOptions& opt)
     : comm_(comm), opt_(opt) {
+  memory_ = opt_.device.is_cuda() ? make_cuda_mapped_memory(opt_.device.index() < 0 ? 0 : opt_.device.index())
+                                  : make_host_mapped_memory();
+  stats_.granularity = static_cast<int64_t>(memory_->granularity());
   for (const auto& [name, t] : globals) {
     at::Tensor g = t.detach().to(opt_.device, opt_.dtype.value_or(t.scalar_type())).contiguous();
     stats_.replicated_bytes += g.numel() * g.element_size();
@@ -46,55 +50,83 @@ ShardedBlockWeights::ShardedBlockWeights(Communicator& comm, const TensorMap& gl
                           [&blocks](int i) { return blocks[i]; }, opt) {}
 
 ShardedBlockWeights::~ShardedBlockWeights() {
-  // Gathers in flight write into our buffers (and, on MPI, are requests that must complete).
+  // Gathers in flight write into our windows (and, on MPI, are requests that must complete).
   try {
     quiesce();
   } catch (...) {
   }
+  // Tensors handed out may outlive us: leave them with empty storage, not unmapped addresses.
+  for (int b = 0; b < static_cast<int>(storage_.size()); ++b) detach(b);
 }
 
 void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block, int num_blocks) {
   const int world = comm_.size(), rank = comm_.rank();
-  const int64_t unit = world * kAlign;
+  const int64_t granule = static_cast<int64_t>(memory_->granularity());
+  const c10::Device dev = memory_->device();
   layouts_.resize(num_blocks);
-  shards_.resize(num_blocks);
-  std::map<at::ScalarType, int64_t> capacity;  // max padded length per dtype over blocks
+  int64_t slot_bytes = 0;  // the largest block's other parts, all groups together
   Hasher hash;
+  hash.i64(granule);
   for (int b = 0; b < num_blocks; ++b) {
     TensorMap full = load_block(b);
     std::map<at::ScalarType, Group> groups;
+    std::map<at::ScalarType, int64_t> ends;
     for (const auto& [name, t] : full) {
       check_input(t.defined(), "sharded weights: block " + std::to_string(b) + ": " + name + " is undefined");
       const at::ScalarType dt = opt_.dtype.value_or(t.scalar_type());
       Group& g = groups.try_emplace(dt, Group{dt, {}, 0, 0}).first->second;
-      Entry e{name, t.sizes().vec(), 0, t.numel()};
-      e.offset = g.padded;  // `padded` doubles as the running end while laying out
-      g.padded = round_up(e.offset + e.numel, kAlign);
+      Entry e{name, t.sizes().vec(), round_up(ends[dt], kAlign), t.numel()};
+      ends[dt] = e.offset + e.numel;
       g.entries.push_back(std::move(e));
     }
+    int64_t others_offset = 0;  // running offset of this block's other parts inside a slot
     for (auto& [dt, g] : groups) {
-      g.padded = round_up(std::max<int64_t>(g.padded, 1), unit);
-      g.shard = g.padded / world;
-      capacity[dt] = std::max(capacity[dt], g.padded);
+      const int64_t esize = static_cast<int64_t>(c10::elementSize(dt));
+      if (granule % (esize * kAlign) != 0)
+        throw Error("sharded weights: mapping granularity " + std::to_string(granule) + " bytes does not hold whole " +
+                        std::to_string(kAlign) + "-element units",
+                    ErrorKind::Internal);
+      const int64_t unit = granule / esize;
+      const int64_t used = std::max<int64_t>(ends[dt], 1);
+      g.part = round_up((used + world - 1) / world, unit);
+      g.part_bytes = g.part * esize;
       hash.i64(static_cast<int64_t>(dt));
+      hash.i64(g.part);
       for (const Entry& e : g.entries) {
         hash.str(e.name);
         for (int64_t d : e.shape) hash.i64(d);
       }
+
+      // Two windows of the full buffer; this rank's part in both comes from its own memory.
+      GroupMemory m;
+      m.own = memory_->create(static_cast<size_t>(g.part_bytes));
+      char* base = memory_->reserve(static_cast<size_t>(2 * world * g.part_bytes));
+      const at::TensorOptions o = at::TensorOptions().dtype(dt).device(dev);
+      for (int s = 0; s < 2; ++s) {
+        m.window[s] = base + s * world * g.part_bytes;
+        memory_->map(m.window[s] + rank * g.part_bytes, static_cast<size_t>(g.part_bytes), m.own, 0);
+        m.full[s] = at::from_blob(m.window[s], {world * g.part}, o);
+        m.mine[s] = m.full[s].narrow(0, rank * g.part, g.part);
+      }
+      m.slot_offset = others_offset;
+      others_offset += (world - 1) * g.part_bytes;
+
       // This rank's slice of the flat buffer; only the overlapping part of each tensor is read.
-      const int64_t lo = rank * g.shard, hi = lo + g.shard;
-      at::Tensor shard = at::zeros({g.shard}, at::TensorOptions().dtype(dt).device(opt_.device));
+      at::Tensor shard = m.mine[0];
+      shard.zero_();
+      const int64_t lo = rank * g.part, hi = lo + g.part;
       for (const Entry& e : g.entries) {
         const int64_t a = std::max(lo, e.offset), z = std::min(hi, e.offset + e.numel);
         if (a >= z) continue;
         at::Tensor src = full.at(e.name).detach().reshape({-1}).narrow(0, a - e.offset, z - a);
         shard.narrow(0, a - lo, z - a).copy_(src);  // copy_ converts dtype and device
       }
-      stats_.shard_bytes += shard.numel() * shard.element_size();
-      for (const Entry& e : g.entries) stats_.full_block_bytes += e.numel * shard.element_size();
+      stats_.shard_bytes += g.part_bytes;
+      for (const Entry& e : g.entries) stats_.full_block_bytes += e.numel * esize;
       layouts_[b].groups.push_back(std::move(g));
-      shards_[b].push_back(shard);
+      layouts_[b].memory.push_back(std::move(m));
     }
+    slot_bytes = std::max(slot_bytes, others_offset);
     hash.i64(-1);  // block separator
   }
 
@@ -107,38 +139,42 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
                 "sharded weights: rank " + std::to_string(r) + " has a different block layout than rank " +
                     std::to_string(rank) + " (different weights files or options?)");
 
-  for (const auto& [dt, cap] : capacity) group_dtypes_.push_back(dt);
-  for (Slot& s : slots_) {
-    for (at::ScalarType dt : group_dtypes_) {
-      s.buffers.push_back(at::empty({capacity[dt]}, at::TensorOptions().dtype(dt).device(opt_.device)));
-      stats_.gather_buffer_bytes += capacity[dt] * s.buffers.back().element_size();
+  // The other ranks' parts of every window: from the slot's shared allocation (none on one rank).
+  if (slot_bytes > 0) {
+    for (int s = 0; s < 2; ++s) {
+      const int slot_memory = memory_->create(static_cast<size_t>(slot_bytes));
+      for (Layout& lay : layouts_)
+        for (size_t g = 0; g < lay.groups.size(); ++g) {
+          const int64_t pb = lay.groups[g].part_bytes;
+          const GroupMemory& m = lay.memory[g];
+          memory_->map(m.window[s], static_cast<size_t>(rank * pb), slot_memory, static_cast<size_t>(m.slot_offset));
+          memory_->map(m.window[s] + (rank + 1) * pb, static_cast<size_t>((world - 1 - rank) * pb), slot_memory,
+                       static_cast<size_t>(m.slot_offset + rank * pb));
+        }
     }
+    stats_.gather_buffer_bytes = 2 * slot_bytes;
   }
+
   // Each block group's own storage, empty until the block is unsharded. Not resizable and
-  // without an allocator: its memory only ever comes from a slot (attach) and goes (detach).
+  // without an allocator: its memory only ever comes from a window (attach) and goes (detach).
   storage_.resize(num_blocks);
   tensors_.resize(num_blocks);
   for (int b = 0; b < num_blocks; ++b)
-    for (const Group& g : layouts_[b].groups) {
-      const at::Device dev = slots_[0].buffers[dtype_index(g.dtype)].device();  // with its index
+    for (size_t g = 0; g < layouts_[b].groups.size(); ++g)
       storage_[b].emplace_back(at::Storage::use_byte_size_t(), size_t{0}, c10::DataPtr(nullptr, dev),
                                /*allocator=*/nullptr, /*resizable=*/false);
-    }
-}
-
-size_t ShardedBlockWeights::dtype_index(at::ScalarType dt) const {
-  return std::find(group_dtypes_.begin(), group_dtypes_.end(), dt) - group_dtypes_.begin();
 }
 
 void ShardedBlockWeights::attach(Slot& s, int block) {
   const Layout& lay = layouts_[block];
+  const int si = slot_index(s);
+  const c10::Device dev = memory_->device();
   for (size_t g = 0; g < lay.groups.size(); ++g) {
     const Group& grp = lay.groups[g];
-    const at::Tensor& buf = s.buffers[dtype_index(grp.dtype)];
     c10::StorageImpl* st = storage_[block][g].unsafeGetStorageImpl();
-    // Non-owning: the slot buffer owns the memory and outlives every attachment.
-    st->set_data_ptr_noswap(c10::DataPtr(buf.data_ptr(), buf.device()));
-    st->set_nbytes(static_cast<size_t>(grp.padded) * buf.element_size());
+    // Non-owning: the mapping lives as long as this provider.
+    st->set_data_ptr_noswap(c10::DataPtr(lay.memory[g].window[si], dev));
+    st->set_nbytes(static_cast<size_t>(comm_.size() * grp.part_bytes));
   }
   if (tensors_[block].empty()) {
     // Built once, while the storage has its full size (set_ checks bounds); plain tensors over
@@ -146,7 +182,7 @@ void ShardedBlockWeights::attach(Slot& s, int block) {
     at::NoGradGuard no_grad;
     for (size_t g = 0; g < lay.groups.size(); ++g) {
       const Group& grp = lay.groups[g];
-      const at::TensorOptions o = at::TensorOptions().dtype(grp.dtype).device(storage_[block][g].device());
+      const at::TensorOptions o = at::TensorOptions().dtype(grp.dtype).device(dev);
       for (const Entry& e : grp.entries) {
         at::Tensor t = at::empty({0}, o);
         t.set_(storage_[block][g], e.offset, e.shape, c10::contiguous_strides(e.shape));
@@ -193,12 +229,10 @@ void ShardedBlockWeights::start_gather(Slot& s, int block) {
   s.block = block;
   s.used = false;
   attach(s, block);
-  const Layout& lay = layouts_[block];
-  for (size_t g = 0; g < lay.groups.size(); ++g) {
-    const Group& grp = lay.groups[g];
-    at::Tensor out = s.buffers[dtype_index(grp.dtype)].narrow(0, 0, grp.padded);
-    s.pending.push_back(comm_.all_gather_async(out, shards_[block][g]));
-  }
+  // In place: this rank's part is already in the window, only the others' parts arrive.
+  Layout& lay = layouts_[block];
+  const int si = slot_index(s);
+  for (GroupMemory& m : lay.memory) s.pending.push_back(comm_.all_gather_async(m.full[si], m.mine[si]));
   ++stats_.gathers;
 }
 

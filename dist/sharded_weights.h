@@ -1,10 +1,18 @@
 // ShardedBlockWeights: an FSDP-style BlockWeights provider over generic per-block TensorMaps.
 //
-// Layout (identical on every rank, derived from names, shapes and dtypes only):
+// Layout (identical on every rank, derived from names, shapes, dtypes, world size and the
+// mapping granularity only):
 //   A block's tensors are grouped by dtype; within a group, tensors in name order are laid out
-//   in one flat buffer, each starting at a multiple of kAlign elements. The group's length is
-//   padded to a multiple of world_size * kAlign and split into world_size equal shards; rank r
-//   keeps elements [r * S, (r + 1) * S). Padding is zero.
+//   in one flat buffer, each starting at a multiple of kAlign elements. The group's buffer is
+//   cut into world_size equal parts (each a multiple of the mapping granularity, so padding
+//   is below one granule per rank); rank r keeps part r. Padding is zero.
+//
+// Memory (see mapped_memory.h): each (block, group) has two virtual windows of the full
+// buffer's size, one per gather slot. In both windows, part `rank` is mapped from this rank's
+// permanent shard memory; the other parts are mapped from slot 0's or slot 1's shared
+// allocation (sized for the largest block's other parts). Gathering block i into slot s is an
+// in-place all-gather in window s: only the other ranks' parts move, this rank's part is never
+// copied. With one rank there is nothing to move at all.
 //
 // Lifecycle of a block's full weights:
 //   will_use(i)  issues the all-gather of block i into a free gather slot if it is not
@@ -22,11 +30,11 @@
 // while two are held throws.
 //
 // Tensor identity (what autograd relies on): acquire(i) returns the same tensor objects for
-// block i every time. Their storage is block i's own StorageImpl, pointed at the slot memory
-// while block i is unsharded and emptied (0 bytes) when the slot is reused for another block.
-// So a graph that saved block i's weights in forward sees block i's values again once
-// backward re-acquires block i, whichever slot it lands in; and a stale tensor can never
-// show another block's weights.
+// block i every time. Their storage is block i's own StorageImpl, pointed at block i's window
+// of the slot it occupies while block i is unsharded, and emptied (0 bytes) when that slot is
+// reused for another block. So a graph that saved block i's weights in forward sees block i's
+// values again once backward re-acquires block i, whichever slot it lands in; and a stale
+// tensor can never show another block's weights.
 //
 // Collective contract: every rank must make the same sequence of acquire/will_use calls
 // (true for the model: its control flow over blocks does not depend on the data). Give the
@@ -43,6 +51,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "core/tensor_map.h"
+#include "dist/mapped_memory.h"
 #include "model/block_weights.h"
 
 namespace fluxtrain::dist {
@@ -60,7 +69,8 @@ struct ShardedWeightsStats {
   int64_t full_block_bytes = 0;   // all blocks' weights, unpadded, as one rank would hold them
   int64_t shard_bytes = 0;        // this rank's shards of all blocks (padding included)
   int64_t replicated_bytes = 0;   // globals, held in full by every rank
-  int64_t gather_buffer_bytes = 0;// the two reusable slots for unsharded blocks
+  int64_t gather_buffer_bytes = 0;// the two slots receiving the other ranks' parts (0 on one rank)
+  int64_t granularity = 0;        // bytes: the mapping unit that parts are padded to
   int64_t resident_bytes() const { return shard_bytes + replicated_bytes + gather_buffer_bytes; }
   int64_t gathers = 0;            // all-gathers issued so far
   int64_t prefetch_hits = 0;      // acquires whose block was already gathered or in flight
@@ -102,29 +112,35 @@ class ShardedBlockWeights : public BlockWeights {
   struct Group {
     at::ScalarType dtype;
     std::vector<Entry> entries;
-    int64_t padded = 0;  // multiple of world * kAlign
-    int64_t shard = 0;   // padded / world
+    int64_t part = 0;        // elements per rank; the full buffer has world * part
+    int64_t part_bytes = 0;  // a multiple of the mapping granularity
+  };
+  struct GroupMemory {
+    int own = -1;              // physical allocation holding this rank's part
+    char* window[2] = {};      // the full buffer as seen through slot 0 / slot 1
+    int64_t slot_offset = 0;   // bytes: where this group's other parts sit in a slot allocation
+    at::Tensor full[2], mine[2];  // flat views of a window and of this rank's part in it
   };
   struct Layout {
     std::vector<Group> groups;
+    std::vector<GroupMemory> memory;  // per group
   };
   struct Slot {
     int block = -1;
     bool held = false;
     bool used = false;                           // acquired since its gather was issued
     int64_t last_use = 0;                        // tick of the last acquire (LRU among free slots)
-    std::vector<at::Tensor> buffers;             // one per dtype, capacity for any block
     std::vector<std::unique_ptr<Work>> pending;  // gathers in flight
   };
 
   Communicator& comm_;
   ShardedWeightsOptions opt_;
+  // Declared first so that it is destroyed last: every view below points into its mappings.
+  std::unique_ptr<MappedMemory> memory_;
   TensorMap globals_;
   std::vector<Layout> layouts_;
-  std::vector<std::vector<at::Tensor>> shards_;    // [block][group]
   std::vector<std::vector<at::Storage>> storage_;  // [block][group]: the block's own storage
   std::vector<TensorMap> tensors_;                 // [block]: built on first use, then fixed
-  std::vector<at::ScalarType> group_dtypes_;       // dtype of each buffer in a slot
   Slot slots_[2];
   int last_acquired_ = -1;
   int direction_ = +1;
@@ -135,7 +151,7 @@ class ShardedBlockWeights : public BlockWeights {
   Slot* find_slot(int block);
   Slot* free_slot(bool allow_evict_unused);
   void start_gather(Slot& s, int block);
-  size_t dtype_index(at::ScalarType dt) const;
+  int slot_index(const Slot& s) const { return &s == &slots_[0] ? 0 : 1; }
   void attach(Slot& s, int block);
   void detach(int block);
 };

@@ -86,23 +86,26 @@ TEST(DistShardedWeights, ResidentBytesAreAboutTotalOverN) {
   // One large-ish block type (float64) so that padding is a small fraction.
   std::vector<TensorMap> blocks(4);
   for (int i = 0; i < 4; ++i) {
-    blocks[i]["w1"] = rand_for(20 + i, 0, {301, 67}, at::kDouble);
-    blocks[i]["w2"] = rand_for(30 + i, 0, {67, 301}, at::kDouble);
-    blocks[i]["b"] = rand_for(40 + i, 0, {301}, at::kDouble);
+    blocks[i]["w1"] = rand_for(20 + i, 0, {601, 267}, at::kDouble);
+    blocks[i]["w2"] = rand_for(30 + i, 0, {267, 601}, at::kDouble);
+    blocks[i]["b"] = rand_for(40 + i, 0, {601}, at::kDouble);
   }
   TensorMap globals{{"g", at::zeros({10}, at::kDouble)}};
   ShardedBlockWeights w(comm(), globals, blocks, {});
   const ShardedWeightsStats& s = w.stats();
-  const int64_t full = 4 * (301 * 67 * 2 + 301) * 8;
+  const int64_t full = 4 * (601 * 267 * 2 + 601) * 8, block = full / 4;
   EXPECT_EQ(s.full_block_bytes, full);
   EXPECT_EQ(s.replicated_bytes, 80);
-  // Padding: per tensor < kAlign elements, per block group < N * kAlign elements.
-  const int64_t pad_bound = 4 * (3 * ShardedBlockWeights::kAlign + N * ShardedBlockWeights::kAlign) * 8;
+  // Padding: per tensor < kAlign elements; per block, each rank's part is rounded up to the
+  // mapping granularity (< one granule per rank).
+  const int64_t G = s.granularity;
+  EXPECT_GT(G, 0);
+  const int64_t align_pad = 3 * ShardedBlockWeights::kAlign * 8;
   EXPECT_GE(s.shard_bytes * N, full);
-  EXPECT_LE(s.shard_bytes * N, full + pad_bound);
-  EXPECT_NEAR(static_cast<double>(s.shard_bytes), static_cast<double>(full) / N, 0.02 * full / N);
-  // Two gather slots, each the size of the largest padded block.
-  EXPECT_LE(s.gather_buffer_bytes, 2 * (full / 4 + pad_bound / 4));
+  EXPECT_LE(s.shard_bytes, 4 * ((block + align_pad + N - 1) / N + G));
+  EXPECT_NEAR(static_cast<double>(s.shard_bytes), static_cast<double>(full) / N, 0.03 * full / N);
+  // Two slots receive the other ranks' parts of one block: none with one rank.
+  EXPECT_EQ(s.gather_buffer_bytes, 2 * (N - 1) * (s.shard_bytes / 4));
   EXPECT_EQ(s.resident_bytes(), s.shard_bytes + s.replicated_bytes + s.gather_buffer_bytes);
   // Every rank holds the same amount (even split).
   at::Tensor mine = at::full({1}, s.shard_bytes, at::kLong), mx = mine.clone();
