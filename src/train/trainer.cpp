@@ -353,11 +353,29 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
 double Trainer::validation_loss() {
   at::NoGradGuard ng;
   const int64_t n = std::min(cfg_.validation.validation_samples, dataset_->size());
-  std::vector<Sample> samples;
-  for (int64_t i = 0; i < n; ++i) samples.push_back(dataset_->read(i));
-  double total = 0;
-  for (const auto& s : samples) total += group_loss_sum({&s}, 0, true).item<double>();
-  return total / static_cast<double>(n);
+  if (n <= 0) return std::numeric_limits<double>::quiet_NaN();
+  const int64_t world = ctl_comm_ ? opt_.world_size : 1, rank = ctl_comm_ ? opt_.rank : 0;
+  // Rank r takes samples r, r + N, ...; every rank runs the same number of forwards (sharded
+  // weights gather collectively), the surplus ones on a repeated sample that is not counted.
+  const int64_t rounds = (n + world - 1) / world;
+  double local[2] = {0, 0};  // loss sum, samples counted
+  for (int64_t k = 0; k < rounds; ++k) {
+    const int64_t i = k * world + rank;
+    const bool counted = i < n;
+    const Sample s = dataset_->read(counted ? i : rank % n);
+    const double l = group_loss_sum({&s}, 0, true).item<double>();
+    if (counted) {
+      local[0] += l;
+      local[1] += 1;
+    }
+  }
+  if (world > 1) {
+    at::Tensor t = at::tensor({local[0], local[1]}, at::TensorOptions().dtype(at::kDouble));
+    ctl_comm_->all_reduce(t, dist::ReduceOp::Sum);
+    local[0] = t[0].item<double>();
+    local[1] = t[1].item<double>();
+  }
+  return local[0] / local[1];
 }
 
 Checkpoint Trainer::make_checkpoint() const {

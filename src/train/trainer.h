@@ -77,6 +77,7 @@ class Trainer {
   // batch again repeats its draws (they depend on epoch and sample index): an overfit test.
   StepResult train_step_on(const std::vector<Batch>& micro_batches);
   // Mean loss over the first --validation_samples samples with fixed draws, no gradients.
+  // Collective when distributed: call on every rank; each rank computes its share.
   double validation_loss();
   // Snapshot of the current state for a checkpoint. Collective with --shard_optimizer (the
   // sharded AdamW state is gathered): call it on every rank.

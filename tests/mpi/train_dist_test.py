@@ -7,8 +7,9 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
   data_parallel  2 ranks x batch 1 (replicated and --shard_optimizer) for 5 updates, across an
                  epoch boundary, give the LoRA masters of 1 process x batch 2 (no mpirun: the MPI
                  singleton path) to 1e-10 relative; and 1 process with --shard_weights too; and
-                 with 2 gradient-accumulation steps; a non-finite loss on one rank skips the update
-                 on all ranks; an unseeded run uses rank 0's seed on every rank.
+                 with 2 gradient-accumulation steps; the validation loss split over 2 and 4 ranks
+                 (uneven shares, sharded weights) equals one process's; a non-finite loss on one
+                 rank skips the update on all ranks; an unseeded run uses rank 0's seed on every rank.
   resume         a checkpoint written by 2 ranks x batch 2 resumes on 1 rank x batch 4 and on
                  4 ranks x batch 1 and ends where the uninterrupted 2-rank run ends (1e-10); a
                  resume with another global batch fails with a clear error, as does an
@@ -64,22 +65,29 @@ def setup():
          "--cond_latent_size", "8", "--text_len", "4"])
 
 
-def flags(out, batch, steps, extra=()):
+def flags(out, batch, steps, extra=(), seed=True):
+    f = base_flags(out, batch, steps)
+    if not seed:
+        i = f.index("--seed")
+        del f[i:i + 2]
+    for opt in [e for e in extra if e.startswith("--") and e in f]:  # extra overrides a default
+        i = f.index(opt)
+        del f[i:i + 2]
+    return f + list(extra)
+
+
+def base_flags(out, batch, steps):
     return ["--pretrained_model_name_or_path", MODEL, "--train_data", DATA, "--output_dir", out,
             "--mixed_precision", "no", "--device", "cpu", "--debug_float64", "--debug_save_masters",
             "--ranks", "4", "--network_alphas", "4", "--cond_size", "64", "--noise_size", "64",
             "--seed", "5", "--validation_steps", "0", "--learning_rate", "1e-3",
             "--max_grad_norm", "0.05",  # small: clipping by the global norm is active
             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--num_threads", "1",
-            "--prefetch_batches", "1", "--train_batch_size", str(batch), "--max_train_steps", str(steps),
-            *extra]
+            "--prefetch_batches", "1", "--train_batch_size", str(batch), "--max_train_steps", str(steps)]
 
 
 def train(np_, out, batch, steps, extra=(), expect_ok=True, seed=True):
-    f = flags(out, batch, steps, extra)
-    if not seed:
-        i = f.index("--seed")
-        del f[i:i + 2]
+    f = flags(out, batch, steps, extra, seed)
     cmd = [BIN, "train", *f]
     if np_ > 0:  # 0: no mpirun at all (MPI singleton)
         cmd = [MPIEXEC, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), *cmd]
@@ -128,6 +136,20 @@ def data_parallel():
     out = os.path.join(TMP, "acc_np2")
     train(2, out, 1, 3, acc)
     compare("2 ranks x batch 1 x 2 accumulation steps", ref_acc, out)
+    # Validation is split over the ranks (3 samples: uneven shares, with sharded weights every
+    # rank still runs the same forwards) and gives the single-process value.
+    val = ("--validation_steps", "2", "--validation_samples", "3")
+    ref_val = os.path.join(TMP, "ref_val")
+    train(0, ref_val, 4, 2, val)
+    want = [json.loads(l)["val_loss"] for l in open(os.path.join(ref_val, "metrics.jsonl")) if "val_loss" in l]
+    assert len(want) == 1 and np.isfinite(want[0]), want
+    for np_, extra in [(2, ()), (4, ("--shard_weights",))]:
+        out = os.path.join(TMP, f"val_np{np_}")
+        train(np_, out, 4 // np_, 2, val + extra)
+        got = [json.loads(l)["val_loss"] for l in open(os.path.join(out, "metrics.jsonl")) if "val_loss" in l]
+        rel = abs(got[0] - want[0]) / abs(want[0])
+        print(f"validation loss on {np_} ranks: {got[0]!r} vs {want[0]!r} (relative {rel:.1e})")
+        assert rel <= TOL, f"FAILED: validation loss on {np_} ranks differs by {rel:.1e}"
     # A non-finite loss on one rank skips the update on every rank: the same result as one
     # process whose whole update was non-finite (without the agreement the ranks would diverge).
     nan_ref = os.path.join(TMP, "nan_ref")
