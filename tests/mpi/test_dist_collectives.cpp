@@ -122,6 +122,25 @@ TEST_P(DistCollectives, AllGatherIsRankOrderedConcatenation) {
   }
 }
 
+TEST_P(DistCollectives, AllGatherInPlace) {
+  // `in` is this rank's part of `out` (how the sharded weights gather): the other parts arrive,
+  // this rank's part is left as it is.
+  Communicator& c = *c_;
+  uint64_t seed = 400;
+  for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+    for (int64_t n : kOddSizes) {
+      ++seed;
+      std::vector<at::Tensor> parts;
+      for (int r = 0; r < c.size(); ++r) parts.push_back(rand_for(seed, r, {n}, dt));
+      at::Tensor out = at::full({c.size() * n}, 42, at::TensorOptions().dtype(dt).device(dev_));
+      at::Tensor mine = out.narrow(0, c.rank() * n, n);
+      mine.copy_(on(parts[c.rank()]));
+      c.all_gather_async(out, mine)->wait();
+      EXPECT_TRUE(bit_equal(out.cpu(), at::cat(parts))) << c10::toString(dt) << " n=" << n;
+    }
+  }
+}
+
 TEST_P(DistCollectives, ReduceScatterKeepsOwnSlice) {
   Communicator& c = *c_;
   uint64_t seed = 500;
