@@ -283,15 +283,18 @@ struct TransformerSource::Impl {
   std::map<std::string, const safetensors::File*> where;  // stored name -> file holding it
   std::vector<std::vector<KeyRule>> parts;                // [0]: globals, [1 + i]: block i
 
-  // Validated names and shapes of everything stored, and the rules of the layout: checked
-  // once here, then split into parts.
+  // Checks the names and shapes of everything stored (headers only) against the layout, then
+  // sorts the layout's rules into the parts that read them.
   void finish(const ShapeMap& stored, std::vector<KeyRule> rules) {
     if (layout == "bfl")
       check_bfl_shapes(config, stored, source);
     else
       check_diffusers_shapes(config, stored, source);
     parts.assign(static_cast<size_t>(1 + config.num_blocks()), {});
-    for (auto& rule : rules) parts.at(static_cast<size_t>(1 + block_of(rule.bfl, config.depth))).push_back(std::move(rule));
+    for (auto& rule : rules) {
+      const int b = block_of(rule.bfl, config.depth);
+      parts.at(static_cast<size_t>(1 + b)).push_back(std::move(rule));
+    }
   }
 
   // Part p's tensors, named by their BFL key with `prefix` removed (relative names in blocks).

@@ -97,7 +97,8 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     weights_ = std::make_unique<dist::ShardedBlockWeights>(
         *weights_comm_, source.globals(), source.num_blocks(), [&source](int i) { return source.block(i); }, so);
   } else {
-    auto resident = std::make_unique<ResidentBlockWeights>(source.load_all(), model_cfg_.depth, model_cfg_.depth_single);
+    auto resident =
+        std::make_unique<ResidentBlockWeights>(source.load_all(), model_cfg_.depth, model_cfg_.depth_single);
     resident->to(at::TensorOptions().device(device_).dtype(dtype_));
     weights_ = std::move(resident);
   }
