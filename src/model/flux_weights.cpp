@@ -1,6 +1,9 @@
 #include "model/flux_weights.h"
 
 #include <cmath>
+#include <functional>
+#include <map>
+#include <memory>
 #include <set>
 
 #include <ATen/ATen.h>
@@ -9,6 +12,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "model/block_weights.h"
 
 namespace fluxtrain {
 namespace {
@@ -90,7 +94,85 @@ at::Tensor swap_halves(const at::Tensor& t) {
   return at::cat({halves[1], halves[0]}, 0);
 }
 
+// Names and shapes only: what every strict check needs, whether the tensors are in memory or
+// still in a file (then the shapes come from the safetensors header, no data is read).
+using ShapeMap = std::map<std::string, Shape>;
+
+ShapeMap shapes_of(const TensorMap& w) {
+  ShapeMap s;
+  for (const auto& kv : w) s.emplace(kv.first, kv.second.sizes().vec());
+  return s;
+}
+
+// BFL layout: every tensor is stored under its own name, so its rule is the identity.
+std::vector<KeyRule> identity_rules(const FluxConfig& c) {
+  std::vector<KeyRule> r;
+  for (const auto& [name, shape] : flux_weight_shapes(c)) r.push_back({name, {name}, {}, false});
+  return r;
+}
+
+// Block index (BlockWeights numbering) of a BFL key, -1 for the globals. The keys come from
+// our own rule lists, so they are well formed.
+int block_of(const std::string& bfl, int64_t depth) {
+  for (const char* kind : {"double_blocks.", "single_blocks."}) {
+    const std::string p(kind);
+    if (bfl.compare(0, p.size(), p) != 0) continue;
+    const int idx = std::stoi(bfl.substr(p.size()));
+    return p[0] == 'd' ? idx : static_cast<int>(depth) + idx;
+  }
+  return -1;
+}
+
+// BFL layout: every expected key present with its shape, nothing unexpected. Expected keys are
+// checked in flux_weight_shapes order, so the first problem reported is always the same one.
+void check_bfl_shapes(const FluxConfig& cfg, const ShapeMap& stored, const std::string& file) {
+  std::set<std::string> expected;
+  for (const auto& [name, shape] : flux_weight_shapes(cfg)) {
+    expected.insert(name);
+    auto it = stored.find(name);
+    if (it == stored.end()) throw Error(file + ": missing key " + name + " (expected shape " + shape_str(shape) + ")");
+    if (it->second != shape)
+      throw Error(file + ": key " + name + ": expected shape " + shape_str(shape) + ", found " +
+                  shape_str(it->second));
+  }
+  for (const auto& kv : stored)
+    if (!expected.count(kv.first)) throw Error(file + ": unexpected key " + kv.first);
+}
+
+// Diffusers layout: every part of every rule present, each with the shape of its slice of the
+// fused BFL tensor (the error names the diffusers key), nothing unexpected; in key_rules order.
+void check_diffusers_shapes(const FluxConfig& cfg, const ShapeMap& stored, const std::string& file) {
+  const auto shapes = flux_weight_shapes(cfg);
+  const std::map<std::string, Shape> expected(shapes.begin(), shapes.end());
+  std::set<std::string> used;
+  for (const auto& rule : key_rules(cfg)) {
+    for (size_t i = 0; i < rule.parts.size(); ++i) {
+      const auto& key = rule.parts[i];
+      auto it = stored.find(key);
+      if (it == stored.end()) throw Error(file + ": missing key " + key);
+      Shape want = expected.at(rule.bfl);
+      if (!rule.part_rows.empty()) want[0] = rule.part_rows[i];
+      if (it->second != want)
+        throw Error(file + ": key " + key + ": expected shape " + shape_str(want) + ", found " +
+                    shape_str(it->second));
+      used.insert(key);
+    }
+  }
+  for (const auto& kv : stored)
+    if (!used.count(kv.first)) throw Error(file + ": unexpected key " + kv.first);
+}
+
+// One BFL tensor from its stored parts. Every conversion (whole model in memory, one block
+// read from files, either layout) goes through here, so they cannot drift apart.
+at::Tensor assemble(const KeyRule& rule, const std::function<at::Tensor(const std::string&)>& fetch) {
+  std::vector<at::Tensor> parts;
+  for (const auto& key : rule.parts) parts.push_back(fetch(key));
+  at::Tensor t = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+  return rule.swap_halves ? swap_halves(t) : t;
+}
+
 }  // namespace
+
 
 std::vector<std::pair<std::string, Shape>> flux_weight_shapes(const FluxConfig& c) {
   const int64_t H = c.hidden_size, M = c.mlp_hidden(), D = c.head_dim();
@@ -165,17 +247,7 @@ TensorMap init_random_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarTy
 }
 
 void check_weights(const FluxConfig& cfg, const TensorMap& w, const std::string& file) {
-  std::set<std::string> expected;
-  for (const auto& [name, shape] : flux_weight_shapes(cfg)) {
-    expected.insert(name);
-    auto it = w.find(name);
-    if (it == w.end()) throw Error(file + ": missing key " + name + " (expected shape " + shape_str(shape) + ")");
-    if (it->second.sizes() != at::IntArrayRef(shape))
-      throw Error(file + ": key " + name + ": expected shape " + shape_str(shape) + ", found " +
-                  shape_str(it->second.sizes()));
-  }
-  for (const auto& kv : w)
-    if (!expected.count(kv.first)) throw Error(file + ": unexpected key " + kv.first);
+  check_bfl_shapes(cfg, shapes_of(w), file);
 }
 
 TensorMap bfl_to_diffusers(const FluxConfig& cfg, const TensorMap& bfl) {
@@ -195,35 +267,74 @@ TensorMap bfl_to_diffusers(const FluxConfig& cfg, const TensorMap& bfl) {
 }
 
 TensorMap diffusers_to_bfl(const FluxConfig& cfg, const TensorMap& diff, const std::string& file) {
+  check_diffusers_shapes(cfg, shapes_of(diff), file);
   TensorMap out;
-  std::set<std::string> used;
-  const auto shapes = flux_weight_shapes(cfg);
-  std::map<std::string, Shape> expected(shapes.begin(), shapes.end());
-  for (const auto& rule : key_rules(cfg)) {
-    std::vector<at::Tensor> parts;
-    for (size_t i = 0; i < rule.parts.size(); ++i) {
-      const auto& key = rule.parts[i];
-      auto it = diff.find(key);
-      if (it == diff.end()) throw Error(file + ": missing key " + key);
-      // Check each part's shape against its slice of the fused BFL tensor, naming the diffusers key.
-      Shape want = expected.at(rule.bfl);
-      if (!rule.part_rows.empty()) want[0] = rule.part_rows[i];
-      if (it->second.sizes() != at::IntArrayRef(want))
-        throw Error(file + ": key " + key + ": expected shape " + shape_str(want) + ", found " +
-                    shape_str(it->second.sizes()));
-      parts.push_back(it->second);
-      used.insert(key);
+  for (const auto& rule : key_rules(cfg))
+    out.emplace(rule.bfl, assemble(rule, [&](const std::string& key) { return diff.at(key); }));
+  return out;
+}
+
+// The open files and, per part of the model, the rules that build its BFL tensors.
+struct TransformerSource::Impl {
+  FluxConfig config;
+  std::string source, layout;
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  std::vector<std::unique_ptr<safetensors::File>> files;
+  std::map<std::string, const safetensors::File*> where;  // stored name -> file holding it
+  std::vector<std::vector<KeyRule>> parts;                // [0]: globals, [1 + i]: block i
+
+  // Checks the names and shapes of everything stored (headers only) against the layout, then
+  // sorts the layout's rules into the parts that read them.
+  void finish(const ShapeMap& stored, std::vector<KeyRule> rules) {
+    if (layout == "bfl")
+      check_bfl_shapes(config, stored, source);
+    else
+      check_diffusers_shapes(config, stored, source);
+    parts.assign(static_cast<size_t>(1 + config.num_blocks()), {});
+    for (auto& rule : rules) {
+      const int b = block_of(rule.bfl, config.depth);
+      parts.at(static_cast<size_t>(1 + b)).push_back(std::move(rule));
     }
-    at::Tensor t = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
-    out.emplace(rule.bfl, rule.swap_halves ? swap_halves(t) : t);
   }
-  for (const auto& kv : diff)
-    if (!used.count(kv.first)) throw Error(file + ": unexpected key " + kv.first);
+
+  // Part p's tensors, named by their BFL key with `prefix` removed (relative names in blocks).
+  TensorMap read_part(size_t p, const std::string& prefix) const {
+    auto fetch = [&](const std::string& key) {
+      at::Tensor t = where.at(key)->load(key);  // a copy out of the mapping
+      return dtype == at::ScalarType::Undefined ? t : t.to(dtype);
+    };
+    TensorMap out;
+    for (const auto& rule : parts.at(p)) out.emplace(rule.bfl.substr(prefix.size()), assemble(rule, fetch));
+    return out;
+  }
+};
+
+TransformerSource::TransformerSource() = default;
+
+int TransformerSource::num_blocks() const { return impl_ ? static_cast<int>(impl_->parts.size()) - 1 : 0; }
+
+TensorMap TransformerSource::globals() const {
+  check_input(impl_ != nullptr, "transformer source: not opened");
+  return impl_->read_part(0, "");
+}
+
+TensorMap TransformerSource::block(int i) const {
+  check_input(impl_ != nullptr, "transformer source: not opened");
+  check_input(i >= 0 && i < num_blocks(), source + ": block " + std::to_string(i) + " does not exist (the model has " +
+                                              std::to_string(num_blocks()) + " blocks)");
+  return impl_->read_part(static_cast<size_t>(1 + i), block_prefix(i, impl_->config.depth));
+}
+
+TensorMap TransformerSource::load_all() const {
+  TensorMap out = globals();
+  for (int i = 0; i < num_blocks(); ++i) {
+    const std::string prefix = block_prefix(i, impl_->config.depth);
+    for (auto& kv : block(i)) out.emplace(prefix + kv.first, std::move(kv.second));
+  }
   return out;
 }
 
 namespace {
-
 
 FluxConfig infer_config_from_bfl(const safetensors::File& f) {
   // The file's own metadata wins (files fluxtrain writes carry it); else infer from shapes.
@@ -257,19 +368,26 @@ FluxConfig infer_config_from_bfl(const safetensors::File& f) {
   return c;
 }
 
-LoadedTransformer load_bfl_file(const std::string& file, const FluxConfig* cfg_hint, at::ScalarType dtype) {
-  safetensors::File f(file);
-  FluxConfig cfg = cfg_hint ? *cfg_hint : infer_config_from_bfl(f);
-  TensorMap w;
+using ImplPtr = std::shared_ptr<TransformerSource::Impl>;
+
+ImplPtr open_bfl_file(const std::string& file, const FluxConfig* cfg_hint, at::ScalarType dtype) {
+  auto impl = std::make_shared<TransformerSource::Impl>();
+  impl->files.push_back(std::make_unique<safetensors::File>(file));
+  const safetensors::File& f = *impl->files.back();
+  impl->config = cfg_hint ? *cfg_hint : infer_config_from_bfl(f);
+  impl->source = file;
+  impl->layout = "bfl";
+  impl->dtype = dtype;
+  ShapeMap stored;
   for (const auto& kv : f.entries()) {
-    at::Tensor t = f.load(kv.first);
-    w.emplace(kv.first, dtype == at::ScalarType::Undefined ? t : t.to(dtype));
+    stored.emplace(kv.first, kv.second.shape);
+    impl->where.emplace(kv.first, &f);
   }
-  check_weights(cfg, w, file);
-  return {cfg, std::move(w), file, "bfl"};
+  impl->finish(stored, identity_rules(impl->config));
+  return impl;
 }
 
-LoadedTransformer load_diffusers_dir(const std::string& dir, at::ScalarType dtype) {
+ImplPtr open_diffusers_dir(const std::string& dir, at::ScalarType dtype) {
   const std::string config_file = path_join(dir, "config.json");
   if (!path_exists(config_file)) throw Error(dir + ": no config.json (not a diffusers transformer folder)");
   nlohmann::json j;
@@ -278,7 +396,11 @@ LoadedTransformer load_diffusers_dir(const std::string& dir, at::ScalarType dtyp
   } catch (const nlohmann::json::exception& e) {
     throw Error(config_file + ": not valid JSON (" + std::string(e.what()) + ")");
   }
-  FluxConfig cfg = FluxConfig::from_diffusers_json(j, config_file);
+  auto impl = std::make_shared<TransformerSource::Impl>();
+  impl->config = FluxConfig::from_diffusers_json(j, config_file);
+  impl->source = dir;
+  impl->layout = "diffusers";
+  impl->dtype = dtype;
   std::vector<std::string> shards;
   const std::string index_file = path_join(dir, "diffusion_pytorch_model.safetensors.index.json");
   const std::string single_file = path_join(dir, "diffusion_pytorch_model.safetensors");
@@ -300,25 +422,26 @@ LoadedTransformer load_diffusers_dir(const std::string& dir, at::ScalarType dtyp
   } else {
     throw Error(dir + ": neither diffusion_pytorch_model.safetensors nor its .index.json");
   }
-  TensorMap diff;
+  ShapeMap stored;
   for (const auto& shard : shards) {
     const std::string path = path_join(dir, shard);
     if (!path_exists(path)) throw Error(index_file + ": shard " + shard + " is missing");
-    safetensors::File f(path);
+    impl->files.push_back(std::make_unique<safetensors::File>(path));
+    const safetensors::File& f = *impl->files.back();
     for (const auto& kv : f.entries()) {
       if (!key_to_shard.empty()) {
         auto it = key_to_shard.find(kv.first);
         if (it == key_to_shard.end() || it->second != shard)
           throw Error(path + ": key " + kv.first + " is not listed for this shard in " + index_file);
       }
-      at::Tensor t = f.load(kv.first);
-      diff.emplace(kv.first, dtype == at::ScalarType::Undefined ? t : t.to(dtype));
+      stored.emplace(kv.first, kv.second.shape);
+      impl->where.emplace(kv.first, &f);
     }
   }
   for (const auto& kv : key_to_shard)
-    if (!diff.count(kv.first)) throw Error(index_file + ": key " + kv.first + " not found in " + kv.second);
-  TensorMap bfl = diffusers_to_bfl(cfg, diff, dir);
-  return {cfg, std::move(bfl), dir, "diffusers"};
+    if (!stored.count(kv.first)) throw Error(index_file + ": key " + kv.first + " not found in " + kv.second);
+  impl->finish(stored, key_rules(impl->config));
+  return impl;
 }
 
 std::string find_bfl_file(const std::string& dir) {
@@ -329,41 +452,56 @@ std::string find_bfl_file(const std::string& dir) {
   return "";
 }
 
+ImplPtr open_any(const std::string& path, const std::string& layout, at::ScalarType dtype) {
+  if (layout != "auto" && layout != "bfl" && layout != "diffusers")
+    throw Error("--model_layout must be auto, bfl or diffusers, got '" + layout + "'");
+  if (!path_exists(path)) throw Error(path + ": no such file or directory");
+  if (!is_directory(path)) {
+    if (layout == "diffusers") throw Error(path + ": a diffusers transformer is a folder, not a file");
+    return open_bfl_file(path, nullptr, dtype);
+  }
+  const std::string tdir = path_join(path, "transformer");
+  const bool has_tdir = path_exists(path_join(tdir, "config.json"));
+  const bool is_tdir = path_exists(path_join(path, "config.json")) &&
+                       (path_exists(path_join(path, "diffusion_pytorch_model.safetensors")) ||
+                        path_exists(path_join(path, "diffusion_pytorch_model.safetensors.index.json")));
+  const std::string bfl = find_bfl_file(path);
+  if (layout != "diffusers" && !bfl.empty()) {
+    // A snapshot holds both: the BFL file is one read; its config comes from transformer/config.json.
+    if (has_tdir) {
+      FluxConfig cfg = FluxConfig::from_diffusers_json(
+          nlohmann::json::parse(read_text_file(path_join(tdir, "config.json"))), path_join(tdir, "config.json"));
+      return open_bfl_file(bfl, &cfg, dtype);
+    }
+    return open_bfl_file(bfl, nullptr, dtype);
+  }
+  if (layout != "bfl") {
+    if (has_tdir) return open_diffusers_dir(tdir, dtype);
+    if (is_tdir) return open_diffusers_dir(path, dtype);
+  }
+  throw Error(path + ": neither a BFL checkpoint (flux1-dev.safetensors / flux1-schnell.safetensors) nor a "
+                     "diffusers transformer folder (transformer/config.json + diffusion_pytorch_model*.safetensors)");
+}
+
 }  // namespace
 
-LoadedTransformer load_transformer(const std::string& path, const std::string& layout, at::ScalarType dtype) {
+TransformerSource open_transformer(const std::string& path, const std::string& layout, at::ScalarType dtype) {
+  TransformerSource s;
   try {
-    if (layout != "auto" && layout != "bfl" && layout != "diffusers")
-      throw Error("--model_layout must be auto, bfl or diffusers, got '" + layout + "'");
-    if (!path_exists(path)) throw Error(path + ": no such file or directory");
-    if (!is_directory(path)) {
-      if (layout == "diffusers") throw Error(path + ": a diffusers transformer is a folder, not a file");
-      return load_bfl_file(path, nullptr, dtype);
-    }
-    const std::string tdir = path_join(path, "transformer");
-    const bool has_tdir = path_exists(path_join(tdir, "config.json"));
-    const bool is_tdir = path_exists(path_join(path, "config.json")) &&
-                         (path_exists(path_join(path, "diffusion_pytorch_model.safetensors")) ||
-                          path_exists(path_join(path, "diffusion_pytorch_model.safetensors.index.json")));
-    const std::string bfl = find_bfl_file(path);
-    if (layout != "diffusers" && !bfl.empty()) {
-      // A snapshot holds both: the BFL file is one read; its config comes from transformer/config.json.
-      if (has_tdir) {
-        FluxConfig cfg = FluxConfig::from_diffusers_json(
-            nlohmann::json::parse(read_text_file(path_join(tdir, "config.json"))), path_join(tdir, "config.json"));
-        return load_bfl_file(bfl, &cfg, dtype);
-      }
-      return load_bfl_file(bfl, nullptr, dtype);
-    }
-    if (layout != "bfl") {
-      if (has_tdir) return load_diffusers_dir(tdir, dtype);
-      if (is_tdir) return load_diffusers_dir(path, dtype);
-    }
-    throw Error(path + ": neither a BFL checkpoint (flux1-dev.safetensors / flux1-schnell.safetensors) nor a "
-                       "diffusers transformer folder (transformer/config.json + diffusion_pytorch_model*.safetensors)");
+    ImplPtr impl = open_any(path, layout, dtype);
+    s.config = impl->config;
+    s.source = impl->source;
+    s.layout = impl->layout;
+    s.impl_ = std::move(impl);
   } catch (...) {
     rethrow_with_context("loading transformer");
   }
+  return s;
+}
+
+LoadedTransformer load_transformer(const std::string& path, const std::string& layout, at::ScalarType dtype) {
+  TransformerSource s = open_transformer(path, layout, dtype);
+  return {s.config, s.load_all(), s.source, s.layout};
 }
 
 void save_bfl(const std::string& file, const FluxConfig& cfg, const TensorMap& bfl) {

@@ -2,6 +2,7 @@
 // layout (split q/k/v, sharded with an index), random initialisation, strict loading.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +31,41 @@ void check_weights(const FluxConfig& cfg, const TensorMap& w, const std::string&
 TensorMap bfl_to_diffusers(const FluxConfig& cfg, const TensorMap& bfl);
 TensorMap diffusers_to_bfl(const FluxConfig& cfg, const TensorMap& diff, const std::string& file);
 
+// An opened transformer whose tensors are read on demand, one block at a time, so that a
+// sharded rank never holds more than one block of the full model (plus the globals) in host
+// memory. Every key's presence and shape was checked when it was opened; reading a part
+// copies it out of the memory-mapped files, converts it (diffusers layout: q/k/v concatenated)
+// and casts it. Copies share the open files; const methods may be called from any thread.
+class TransformerSource {
+ public:
+  TransformerSource();
+  FluxConfig config;
+  std::string source;  // file or folder it came from
+  std::string layout;  // "bfl" or "diffusers"
+
+  int num_blocks() const;
+  // The non-block tensors (embedders, final layer) under their full BFL names.
+  TensorMap globals() const;
+  // Block i's tensors under relative BFL names ("img_attn.qkv.weight"), i as in BlockWeights:
+  // double blocks 0..depth-1, single blocks depth..depth+depth_single-1.
+  TensorMap block(int i) const;
+  // The whole model under full BFL names: globals() and every block, prefixed.
+  TensorMap load_all() const;
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<const Impl> impl_;
+  friend TransformerSource open_transformer(const std::string&, const std::string&, at::ScalarType);
+};
+
+// Opens a BFL single file, a diffusers transformer folder, or a Hugging Face snapshot
+// directory holding either (layout: "auto", "bfl" or "diffusers"), and validates every file
+// header, key and shape without reading tensor data. Tensors are cast to dtype as they are
+// read (at::ScalarType::Undefined keeps the file's dtype).
+TransformerSource open_transformer(const std::string& path, const std::string& layout = "auto",
+                                   at::ScalarType dtype = at::ScalarType::Undefined);
+
 struct LoadedTransformer {
   FluxConfig config;
   TensorMap weights;     // BFL names
@@ -37,9 +73,7 @@ struct LoadedTransformer {
   std::string layout;    // "bfl" or "diffusers"
 };
 
-// Loads from a BFL single file, a diffusers transformer folder, or a Hugging Face snapshot
-// directory holding either (layout: "auto", "bfl" or "diffusers"). Weights are cast to dtype
-// (at::ScalarType::Undefined keeps the file's dtype).
+// The whole model at once: open_transformer(path, layout, dtype).load_all().
 LoadedTransformer load_transformer(const std::string& path, const std::string& layout = "auto",
                                    at::ScalarType dtype = at::ScalarType::Undefined);
 

@@ -78,28 +78,29 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // Dataset first: it is cheap to open and the most common source of mistakes.
   dataset_ = std::make_unique<Dataset>(cfg_.data.train_data);
 
-  LoadedTransformer lt;
+  // Opening checks every key and shape but reads no tensor data: the weights are read below,
+  // block by block for a sharded run, so that no rank ever holds the full model in host memory.
+  TransformerSource source;
   try {
-    lt = load_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout, dtype_);
+    source = open_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout, dtype_);
   } catch (...) {
     rethrow_with_context("--pretrained_model_name_or_path");
   }
-  model_cfg_ = lt.config;
+  model_cfg_ = source.config;
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size);
-  {
-    auto resident = std::make_unique<ResidentBlockWeights>(lt.weights, model_cfg_.depth, model_cfg_.depth_single);
-    lt.weights.clear();
-    if (weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights)) {
-      // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
-      dist::ShardedWeightsOptions so;
-      so.device = device_;
-      so.dtype = dtype_;
-      weights_ = std::make_unique<dist::ShardedBlockWeights>(*weights_comm_, resident->globals(), resident->blocks(), so);
-    } else {
-      resident->to(at::TensorOptions().device(device_).dtype(dtype_));
-      weights_ = std::move(resident);
-    }
+  if (weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights)) {
+    // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
+    dist::ShardedWeightsOptions so;
+    so.device = device_;
+    so.dtype = dtype_;
+    weights_ = std::make_unique<dist::ShardedBlockWeights>(
+        *weights_comm_, source.globals(), source.num_blocks(), [&source](int i) { return source.block(i); }, so);
+  } else {
+    auto resident =
+        std::make_unique<ResidentBlockWeights>(source.load_all(), model_cfg_.depth, model_cfg_.depth_single);
+    resident->to(at::TensorOptions().device(device_).dtype(dtype_));
+    weights_ = std::move(resident);
   }
 
   if (cfg_.lora.mode == LoraMode::Standard)

@@ -6,7 +6,8 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
 
   data_parallel  2 ranks x batch 1 (replicated and --shard_optimizer) for 5 updates, across an
                  epoch boundary, give the LoRA masters of 1 process x batch 2 (no mpirun: the MPI
-                 singleton path) to 1e-10 relative; and 1 process with --shard_weights too; and
+                 singleton path) to 1e-10 relative; and 1 process with --shard_weights too, and
+                 2 ranks with --shard_weights reading the diffusers layout block by block; and
                  with 2 gradient-accumulation steps; the validation loss split over 2 and 4 ranks
                  (uneven shares, sharded weights) equals one process's; a non-finite loss on one
                  rank skips the update on all ranks; an unseeded run uses rank 0's seed on every rank.
@@ -60,7 +61,9 @@ def run(cmd, expect_ok=True, timeout=int(os.environ.get("RUN_TIMEOUT", "120"))):
 
 
 def setup():
-    run([BIN, "init-model", "--size", "tiny", "--layout", "bfl", "--output_dir", MODEL])
+    # Both layouts: "auto" picks the BFL file; one case reads the diffusers folder instead.
+    run([BIN, "init-model", "--size", "tiny", "--layout", "both", "--max_shard_size_mb", "0.1",
+         "--output_dir", MODEL])
     run([BIN, "synth-data", "--output", DATA, "--size", "tiny", "--num_samples", "8", "--sizes", "8",
          "--cond_latent_size", "8", "--text_len", "4"])
 
@@ -125,7 +128,10 @@ def data_parallel():
     for name, np_, extra in [("2 ranks x batch 1", 2, ()),
                              ("2 ranks x batch 1, --shard_optimizer", 2, ("--shard_optimizer",)),
                              ("1 process, --shard_weights --shard_optimizer", 0,
-                              ("--shard_weights", "--shard_optimizer"))]:
+                              ("--shard_weights", "--shard_optimizer")),
+                             # sharded ranks read the model block by block, converted per block
+                             ("2 ranks x batch 1, --shard_weights, diffusers layout", 2,
+                              ("--shard_weights", "--model_layout", "diffusers"))]:
         out = os.path.join(TMP, name.replace(" ", "_").replace(",", ""))
         train(np_, out, 1 if np_ == 2 else 2, 5, extra)
         compare(name, ref, out)
