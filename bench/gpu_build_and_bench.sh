@@ -5,18 +5,8 @@
 # Writes logs and bench.jsonl to $OUT (or ./out).
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT" /tmp/deps
-for f in .deps/*.deb; do dpkg -x "$f" /tmp/deps; done
-TORCH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
-NCCL_LIB=$(python3 - <<'PY'
-import glob, os, site
-for d in site.getsitepackages():
-    hits = glob.glob(os.path.join(d, "nvidia", "nccl", "lib", "libnccl.so*"))
-    if hits: print(os.path.dirname(os.path.dirname(hits[0]))); break
-PY
-)
-export LD_LIBRARY_PATH=/tmp/deps/usr/lib/x86_64-linux-gnu:${NCCL_LIB:+$NCCL_LIB/lib:}${LD_LIBRARY_PATH:-}
-export NCCL_NVLS_ENABLE=0
+mkdir -p "$OUT"
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXTRAIN_CUDA=ON \

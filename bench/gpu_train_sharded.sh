@@ -6,6 +6,8 @@
 # target 512 px, 512 T5 tokens), rank 32, gradient accumulation 2. LAYOUT=bfl|diffusers.
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+source bench/gpu_env.sh
 B=build-gpu/fluxtrain
 LAYOUT=${LAYOUT:-bfl}
 STEPS=${STEPS:-8}
