@@ -45,6 +45,29 @@ void expect_block_equal(const TensorMap& got, const TensorMap& want, int block) 
   }
 }
 
+TEST(DistMappedMemory, OneAllocationSeenAtSeveralAddresses) {
+  // What the gather windows rely on: pieces of one allocation mapped into two ranges show the
+  // same bytes, and a write through one range is visible through the other.
+  auto mem = make_host_mapped_memory();
+  const size_t g = mem->granularity();
+  ASSERT_GT(g, 0u);
+  const int a = mem->create(3 * g), b = mem->create(g);
+  char* w0 = mem->reserve(2 * g);
+  char* w1 = mem->reserve(2 * g);
+  mem->map(w0, g, a, 0);      // w0 = [a0 | b]
+  mem->map(w0 + g, g, b, 0);
+  mem->map(w1, g, b, 0);      // w1 = [b | a2]
+  mem->map(w1 + g, g, a, 2 * g);
+  mem->map(w1, 0, a, 0);      // empty mapping: nothing happens
+  for (size_t i = 0; i < g; ++i) w0[g + i] = static_cast<char>(i * 7 + 1);  // writes b via w0
+  for (size_t i = 0; i < g; ++i) ASSERT_EQ(w1[i], static_cast<char>(i * 7 + 1)) << i;
+  w1[g + 5] = 42;   // a's third granule
+  w0[3] = 17;       // a's first granule
+  EXPECT_EQ(w1[g + 5], 42);
+  EXPECT_EQ(w0[3], 17);
+  EXPECT_THROW(mem->create(g + 1), Error);  // not a multiple of the granularity
+}
+
 TEST(DistShardedWeights, BlocksAreBitIdenticalInAnyOrder) {
   auto blocks = odd_blocks(1);
   TensorMap globals{{"img_in.weight", rand_for(99, 0, {5, 3}, at::kDouble)}};
