@@ -56,6 +56,7 @@ std::vector<KeyRule> key_rules(const FluxConfig& c) {
     one(b + "img_mod.lin", d + "norm1.linear");
     one(b + "txt_mod.lin", d + "norm1_context.linear");
     for (const char* s : {".weight", ".bias"}) {
+      if (!c.qkv_bias && std::string(s) == ".bias") continue;  // as in flux_weight_shapes
       r.push_back({b + "img_attn.qkv" + s, {d + "attn.to_q" + s, d + "attn.to_k" + s, d + "attn.to_v" + s}, {H, H, H}});
       r.push_back({b + "txt_attn.qkv" + s,
                    {d + "attn.add_q_proj" + s, d + "attn.add_k_proj" + s, d + "attn.add_v_proj" + s}, {H, H, H}});

@@ -80,16 +80,19 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
 
   // Opening checks every key and shape but reads no tensor data: the weights are read below,
   // block by block for a sharded run, so that no rank ever holds the full model in host memory.
+  // Sharded: blocks come in the file's dtype and only this rank's slice of each is cast.
+  const bool sharded = weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights);
   TransformerSource source;
   try {
-    source = open_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout, dtype_);
+    source = open_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout,
+                              sharded ? at::ScalarType::Undefined : dtype_);
   } catch (...) {
     rethrow_with_context("--pretrained_model_name_or_path");
   }
   model_cfg_ = source.config;
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size);
-  if (weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights)) {
+  if (sharded) {
     // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
     dist::ShardedWeightsOptions so;
     so.device = device_;
