@@ -2,7 +2,8 @@
 # Builds fluxtrain with CUDA on the GPU machine, runs the unit tests, a CUDA-vs-CPU forward
 # check, and the LoRA-step benchmark. Usage (repo root, .deps/ holding the Boost and
 # nlohmann-json .debs, see README): bash bench/gpu_build_and_bench.sh [bench args...]
-# Writes logs and bench.jsonl to $OUT (or ./out).
+# Writes logs and bench.jsonl to $OUT (or ./out). SKIP_TESTS, SKIP_RESIDENT, SKIP_SHARDED=1 leave
+# parts out; SHARDED_CONFIGS, SHARDED_CKPT, SHARDED_ITERS set the sharded comparison.
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"

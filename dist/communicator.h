@@ -53,6 +53,8 @@ class Communicator {
   virtual std::unique_ptr<Work> all_gather_async(at::Tensor& out, const at::Tensor& in) = 0;
   // Convenience: returns a new tensor [size, *in.shape].
   at::Tensor all_gather(const at::Tensor& in);
+  // True when all_gather(out, in) is the in-place case described above.
+  bool gathers_in_place(const at::Tensor& out, const at::Tensor& in) const;
 
   // in (numel = size * out.numel()) is reduced elementwise over ranks; rank r keeps elements
   // [r * out.numel(), (r+1) * out.numel()) of the result in out.

@@ -151,8 +151,7 @@ class MpiCommunicator : public Communicator {
     w->reqs.resize(1);
     int n = checked_count(in.numel(), "all_gather");
     // In place when `in` already is this rank's part of `out` (MPI forbids aliased buffers).
-    const bool in_place = in.data_ptr() == static_cast<char*>(out.data_ptr()) + rank_ * in.nbytes();
-    MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data_ptr(), n, raw_type(in), out.data_ptr(), n, raw_type(out), comm_,
+    MPI_Iallgather(gathers_in_place(out, in) ? MPI_IN_PLACE : in.data_ptr(), n, raw_type(in), out.data_ptr(), n, raw_type(out), comm_,
                    &w->reqs[0]);
     w->keep = {in, out};
     return w;

@@ -147,7 +147,7 @@ class NcclCommunicator : public Communicator {
     const ncclDataType_t type = nccl_type(in.scalar_type());
     // NCCL gathers in place when `in` is this rank's part of `out` (the sharded weights' case):
     // then only the other ranks' parts move, and with one rank nothing does.
-    const bool in_place = in.data_ptr() == static_cast<char*>(out.data_ptr()) + static_cast<int64_t>(rank_) * in.nbytes();
+    const bool in_place = gathers_in_place(out, in);
     return enqueue("all_gather", {in, out}, [&](cudaStream_t s) {
       if (in_place && size_ == 1) return;
       check(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), type, comm_, s), "ncclAllGather");

@@ -74,7 +74,7 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
     for (const auto& [name, t] : full) {
       check_input(t.defined(), "sharded weights: block " + std::to_string(b) + ": " + name + " is undefined");
       const at::ScalarType dt = opt_.dtype.value_or(t.scalar_type());
-      Group& g = groups.try_emplace(dt, Group{dt, {}, 0, 0}).first->second;
+      Group& g = groups.try_emplace(dt, Group{dt}).first->second;
       Entry e{name, t.sizes().vec(), round_up(ends[dt], kAlign), t.numel()};
       ends[dt] = e.offset + e.numel;
       g.entries.push_back(std::move(e));
@@ -98,21 +98,20 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
       }
 
       // Two windows of the full buffer; this rank's part in both comes from its own memory.
-      GroupMemory m;
-      m.own = memory_->create(static_cast<size_t>(g.part_bytes));
+      const int own = memory_->create(static_cast<size_t>(g.part_bytes));
       char* base = memory_->reserve(static_cast<size_t>(2 * world * g.part_bytes));
       const at::TensorOptions o = at::TensorOptions().dtype(dt).device(dev);
       for (int s = 0; s < 2; ++s) {
-        m.window[s] = base + s * world * g.part_bytes;
-        memory_->map(m.window[s] + rank * g.part_bytes, static_cast<size_t>(g.part_bytes), m.own, 0);
-        m.full[s] = at::from_blob(m.window[s], {world * g.part}, o);
-        m.mine[s] = m.full[s].narrow(0, rank * g.part, g.part);
+        g.window[s] = base + s * world * g.part_bytes;
+        memory_->map(g.window[s] + rank * g.part_bytes, static_cast<size_t>(g.part_bytes), own, 0);
+        g.full[s] = at::from_blob(g.window[s], {world * g.part}, o);
+        g.mine[s] = g.full[s].narrow(0, rank * g.part, g.part);
       }
-      m.slot_offset = others_offset;
+      g.slot_offset = others_offset;
       others_offset += (world - 1) * g.part_bytes;
 
       // This rank's slice of the flat buffer; only the overlapping part of each tensor is read.
-      at::Tensor shard = m.mine[0];
+      at::Tensor shard = g.mine[0];
       shard.zero_();
       const int64_t lo = rank * g.part, hi = lo + g.part;
       for (const Entry& e : g.entries) {
@@ -124,7 +123,6 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
       stats_.shard_bytes += g.part_bytes;
       for (const Entry& e : g.entries) stats_.full_block_bytes += e.numel * esize;
       layouts_[b].groups.push_back(std::move(g));
-      layouts_[b].memory.push_back(std::move(m));
     }
     slot_bytes = std::max(slot_bytes, others_offset);
     hash.i64(-1);  // block separator
@@ -144,12 +142,11 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
     for (int s = 0; s < 2; ++s) {
       const int slot_memory = memory_->create(static_cast<size_t>(slot_bytes));
       for (Layout& lay : layouts_)
-        for (size_t g = 0; g < lay.groups.size(); ++g) {
-          const int64_t pb = lay.groups[g].part_bytes;
-          const GroupMemory& m = lay.memory[g];
-          memory_->map(m.window[s], static_cast<size_t>(rank * pb), slot_memory, static_cast<size_t>(m.slot_offset));
-          memory_->map(m.window[s] + (rank + 1) * pb, static_cast<size_t>((world - 1 - rank) * pb), slot_memory,
-                       static_cast<size_t>(m.slot_offset + rank * pb));
+        for (const Group& g : lay.groups) {
+          const int64_t pb = g.part_bytes;
+          memory_->map(g.window[s], static_cast<size_t>(rank * pb), slot_memory, static_cast<size_t>(g.slot_offset));
+          memory_->map(g.window[s] + (rank + 1) * pb, static_cast<size_t>((world - 1 - rank) * pb), slot_memory,
+                       static_cast<size_t>(g.slot_offset + rank * pb));
         }
     }
     stats_.gather_buffer_bytes = 2 * slot_bytes;
@@ -173,7 +170,7 @@ void ShardedBlockWeights::attach(Slot& s, int block) {
     const Group& grp = lay.groups[g];
     c10::StorageImpl* st = storage_[block][g].unsafeGetStorageImpl();
     // Non-owning: the mapping lives as long as this provider.
-    st->set_data_ptr_noswap(c10::DataPtr(lay.memory[g].window[si], dev));
+    st->set_data_ptr_noswap(c10::DataPtr(grp.window[si], dev));
     st->set_nbytes(static_cast<size_t>(comm_.size() * grp.part_bytes));
   }
   if (tensors_[block].empty()) {
@@ -232,7 +229,7 @@ void ShardedBlockWeights::start_gather(Slot& s, int block) {
   // In place: this rank's part is already in the window, only the others' parts arrive.
   Layout& lay = layouts_[block];
   const int si = slot_index(s);
-  for (GroupMemory& m : lay.memory) s.pending.push_back(comm_.all_gather_async(m.full[si], m.mine[si]));
+  for (Group& g : lay.groups) s.pending.push_back(comm_.all_gather_async(g.full[si], g.mine[si]));
   ++stats_.gathers;
 }
 

@@ -112,18 +112,14 @@ class ShardedBlockWeights : public BlockWeights {
   struct Group {
     at::ScalarType dtype;
     std::vector<Entry> entries;
-    int64_t part = 0;        // elements per rank; the full buffer has world * part
-    int64_t part_bytes = 0;  // a multiple of the mapping granularity
-  };
-  struct GroupMemory {
-    int own = -1;              // physical allocation holding this rank's part
-    char* window[2] = {};      // the full buffer as seen through slot 0 / slot 1
-    int64_t slot_offset = 0;   // bytes: where this group's other parts sit in a slot allocation
+    int64_t part = 0;             // elements per rank; the full buffer has world * part
+    int64_t part_bytes = 0;       // a multiple of the mapping granularity
+    char* window[2] = {};         // the full buffer as seen through slot 0 / slot 1
+    int64_t slot_offset = 0;      // bytes: where this group's other parts sit in a slot allocation
     at::Tensor full[2], mine[2];  // flat views of a window and of this rank's part in it
   };
   struct Layout {
     std::vector<Group> groups;
-    std::vector<GroupMemory> memory;  // per group
   };
   struct Slot {
     int block = -1;
