@@ -1,5 +1,7 @@
-// fluxtrain bench: one EasyControl LoRA training step (forward, backward into the LoRA weights
-// only, AdamW) at given cond/noise/rank sizes, printed as one JSON line per configuration.
+// fluxtrain bench: one EasyControl LoRA training step at given cond/noise/rank sizes, printed as
+// one JSON line per configuration. The step is the trainer's: its weights provider comes from
+// make_block_weights (train/setup.h), the model part is flow_loss_sum (train/train_step.h) and
+// the update the trainer's optimizer (clipping + AdamW; in graph mode its capturable form).
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -25,6 +27,9 @@
 #include "dist/communicator.h"
 #include "dist/process_group.h"
 #include "dist/sharded_weights.h"
+#include "train/optimizer.h"
+#include "train/setup.h"
+#include "train/train_step.h"
 
 namespace po = boost::program_options;
 
@@ -97,20 +102,39 @@ int cmd_bench(int argc, char** argv) {
   const auto cases = parse_cases(cases_s);
   const auto opts = at::TensorOptions().device(dev).dtype(dtype);
 
-  // Random frozen weights made directly on the device (no 24 GB host round trip).
-  ResidentBlockWeights resident(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single);
+  // Random frozen weights made directly on the device (no 24 GB host round trip), handed to the
+  // trainer's provider choice.
+  RuntimeRequest rq;
+  rq.device = dev.str();
+  rq.dtype = dtype;
+  rq.distributed = sharded;
+  if (pg) {
+    rq.rank = pg->rank();
+    rq.world_size = pg->world_size();
+    rq.cuda_device = dev.is_cuda() ? dev.index() : -1;
+  }
+  Runtime rt = make_runtime(rq);
+  std::unique_ptr<BlockWeights> resident_ptr =
+      make_block_weights(rt, weight_source(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single), {});
+  auto& resident = static_cast<ResidentBlockWeights&>(*resident_ptr);
   BlockWeights* weights_ptr = &resident;
-  std::unique_ptr<dist::Communicator> comm;
-  std::unique_ptr<dist::ShardedBlockWeights> shards;
+  std::unique_ptr<BlockWeights> shards_ptr;
+  dist::ShardedBlockWeights* shards = nullptr;
   nlohmann::json weight_bytes, gather_json;
   if (sharded) {
-    comm = pg->make_communicator(dev);
-    dist::ShardedWeightsOptions so;
-    so.device = dev;
-    shards = std::make_unique<dist::ShardedBlockWeights>(*comm, resident.globals(), resident.blocks(), so);
+    WeightsPlan plan;
+    plan.sharded = true;
+    WeightSource src;
+    src.globals = resident.globals();
+    src.num_blocks = resident.num_blocks();
+    src.depth = cfg.depth;
+    src.depth_single = cfg.depth_single;
+    src.block = [&resident](int i) { return resident.acquire(i); };
+    shards_ptr = make_block_weights(rt, src, plan);
+    shards = static_cast<dist::ShardedBlockWeights*>(shards_ptr.get());
     if (!compare_resident)
       for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
-    weights_ptr = shards.get();
+    weights_ptr = shards;
     // All blocks gathered once in forward order with nothing else on the GPU: the bare cost of
     // unsharding (on one rank: the local copies; on several: the transfers too).
     auto gather_pass = [&] {
@@ -157,12 +181,7 @@ int cmd_bench(int argc, char** argv) {
       LoraSet lora = LoraSet::create(cfg, lc, seed);
       lora.to(at::TensorOptions().device(dev).dtype(at::kFloat));
       auto params = lora.parameters();
-      std::vector<at::Tensor> m1, m2, steps;
-      for (auto& p : params) {
-        m1.push_back(at::zeros_like(p));
-        m2.push_back(at::zeros_like(p));
-        steps.push_back(at::zeros({}, p.options()));
-      }
+      std::unique_ptr<Optimizer> optimizer = make_adamw({{"transformer", params}}, AdamWConfig{});
       const int64_t nh = bc.noise / 16, ch = bc.cond / 16;
       FluxInputs in;
       in.img = at::randn({batch, nh * nh, cfg.in_channels}, opts);
@@ -175,20 +194,18 @@ int cmd_bench(int argc, char** argv) {
       in.cond = {at::randn({batch, ch * ch, cfg.in_channels}, opts)};
       in.cond_ids = {subject_position_ids(ch, ch).to(dev)};
       at::Tensor target = at::randn({batch, nh * nh, cfg.out_channels}, opts.dtype(at::kFloat));
-      ForwardOptions fo;
-      fo.gradient_checkpointing = ckpt;
 
       auto step = [&] {
-        at::Tensor out = flux_forward(cfg, *current, &lora, in, fo);
-        at::Tensor loss = at::mse_loss(out.to(at::kFloat), target);
-        loss.backward();
-        std::vector<at::Tensor> grads;
-        for (auto& p : params) grads.push_back(p.grad());
-        at::_fused_adamw_(params, grads, m1, m2, {}, steps, 1e-4, 0.9, 0.999, 1e-4, 1e-8, false, false);
-        // Eager: drop grads (the next backward creates them). Graph: keep the captured buffers,
-        // which backward overwrites on every replay.
-        if (!graph)
+        flow_loss_sum(cfg, *current, &lora, in, target, ckpt).backward();
+        // Eager: the trainer's update (its norm decides a skip on the host), then drop grads
+        // (the next backward creates them). Graph: the capturable update keeps the captured
+        // buffers, which backward overwrites on every replay.
+        if (graph) {
+          optimizer->step_on_device(1e-4, 1.0);
+        } else {
+          optimizer->step(1e-4, 1.0);
           for (auto& p : params) p.mutable_grad().reset();
+        }
       };
       // Peak memory is measured from here: it covers warm-up and, in graph mode, the capture,
       // whose allocations stay reserved for the graph's private pool.
@@ -280,8 +297,8 @@ int cmd_bench(int argc, char** argv) {
     }
   }
   if (shards) shards->quiesce();
-  shards.reset();
-  comm.reset();
+  shards_ptr.reset();
+  rt = Runtime();
   if (pg) dist::ProcessGroup::finalize();
   return 0;
 }

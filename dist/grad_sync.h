@@ -7,11 +7,8 @@
 // the same order on every rank, whatever order the hooks fire in; finish() issues what is left,
 // waits, and writes the averages back into p.grad().
 //
-// ShardedAdamW (--shard_optimizer): the gradients are reduce-scattered instead (each rank gets
-// the average of its 1/N slice of the flattened parameters), clipped by the global norm, the
-// rank's slice is updated with AdamW whose state exists only for that slice, and the updated
-// parameters are all-gathered. Its state() is the full, unsharded state, so a checkpoint
-// written with N ranks resumes on M ranks.
+// With --shard_optimizer the gradients are reduce-scattered instead, by the sharded optimizer
+// itself (src/train/sharded_adamw.cpp): its math is the trainer's, its collectives are ours.
 //
 // Parameters must be floating tensors on one device kind that the communicator handles.
 #pragma once
@@ -80,47 +77,7 @@ class GradSync {
 };
 
 // Clipping: after GradSync::finish() the gradients are identical on every rank, so the
-// trainer's clip_grad_norm (src/train/optimizer.h) on the local gradients uses the global norm.
-// ShardedAdamW clips inside step(), from the norm of all ranks' slices.
-
-struct AdamWOptions {
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-2;
-};
-
-class ShardedAdamW {
- public:
-  // params: one floating dtype and device. Collective (every rank, same shapes).
-  ShardedAdamW(Communicator& comm, std::vector<at::Tensor> params, const AdamWOptions& opt = {});
-  // Collective: averages the local gradients over ranks (reduce-scatter), clips by the global
-  // norm (max_grad_norm <= 0: no clipping), applies AdamW with learning rate lr to this rank's
-  // slice and all-gathers the parameters. The update is the trainer's AdamW
-  // (src/train/optimizer.h: decoupled weight decay, one step count t for the bias corrections,
-  // the operations of torch::optim::AdamW). A parameter with a gradient on some ranks counts as
-  // zero on the others; one without a gradient on any rank is left alone, moments included.
-  // Returns the global gradient norm before clipping; when it is not finite, nothing is
-  // updated (parameters, moments and t stay as they were) and the caller skips the step.
-  double step(double lr, double max_grad_norm = 0.0);
-
-  int64_t steps() const { return step_; }  // t, as AdamW::steps()
-  // Full state, gathered on every rank, in the trainer's AdamW::state() format:
-  // "exp_avg.<i>", "exp_avg_sq.<i>" shaped like parameter i. Collective.
-  TensorMap state();
-  // Restores a state written by state() or AdamW::state() (with any number of ranks), and t.
-  void load_state(const TensorMap& state, int64_t steps);
-  // Bytes of optimizer state held by this rank (2 moments of its slice).
-  int64_t state_bytes() const;
-
- private:
-  Communicator& comm_;
-  std::vector<at::Tensor> params_;
-  AdamWOptions opt_;
-  std::vector<int64_t> offsets_;
-  int64_t total_ = 0, padded_ = 0, shard_ = 0;
-  at::Tensor exp_avg_, exp_avg_sq_;  // this rank's slice
-  int64_t step_ = 0;
-
-  at::Tensor shard_of_params() const;
-  at::Tensor gather_full(const at::Tensor& shard);
-};
+// replicated optimizer (src/train/optimizer.h) clips with the global norm. The sharded
+// optimizer (src/train/sharded_adamw.cpp) uses the collectives directly, not GradSync.
 
 }  // namespace fluxtrain::dist

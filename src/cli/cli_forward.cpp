@@ -14,6 +14,9 @@
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
+#include "model/model_options.h"
+#include "core/options.h"
+#include "train/setup.h"
 
 namespace po = boost::program_options;
 
@@ -60,44 +63,53 @@ FluxInputs read_forward_inputs(const std::string& path) {
 }
 
 int cmd_forward(int argc, char** argv) {
-  std::string model, inputs, output, lora_path, dtype_s, device_s, layout;
+  ModelConfig model;
+  model.device = "cpu";
+  std::string inputs, output, lora_path, dtype_s = "f32";
   std::vector<double> alphas;
-  bool ckpt = false;
-  po::options_description desc("forward options");
-  desc.add_options()
-      ("pretrained_model_name_or_path", po::value(&model)->required(),
-       "FLUX snapshot dir, diffusers transformer folder or BFL .safetensors file")
-      ("inputs", po::value(&inputs)->required(), "inputs .safetensors (docs/forward.md)")
-      ("output", po::value(&output)->required(), "output .safetensors (tensor 'output')")
-      ("lora", po::value(&lora_path), "LoRA weights .safetensors (EasyControl or fluxtrain format)")
-      ("network_alphas", po::value(&alphas)->multitoken(), "alphas for a LoRA file without metadata")
-      ("dtype", po::value(&dtype_s)->default_value("f32"), "compute dtype: f32, f64, bf16")
-      ("device", po::value(&device_s)->default_value("cpu"), "cpu or cuda[:N]")
-      ("model_layout", po::value(&layout)->default_value("auto"), "auto, bfl or diffusers")
-      ("gradient_checkpointing", po::bool_switch(&ckpt), "run blocks through the checkpointing path");
-  po::variables_map vm;
-  if (!parse_command_line("forward", desc, argc, argv, vm)) return 0;
-  const at::ScalarType dtype = parse_dtype(dtype_s, "--dtype");
-  const c10::Device device = parse_device(device_s, "--device");
+  OptionSet s("forward", "fluxtrain forward: run the transformer on an inputs .safetensors file (docs/forward.md)");
+  s.group("General");
+  declare_options(s, model, /*training=*/false);
+  s.group("Forward")
+      .add("inputs", &inputs, "inputs .safetensors (docs/forward.md; required)")
+      .add("output", &output, "output .safetensors (tensor 'output'; required)")
+      .add("lora", &lora_path, "LoRA weights .safetensors (EasyControl or fluxtrain format)")
+      .add("network_alphas", &alphas, "alphas for a LoRA file without metadata")
+      .add("dtype", &dtype_s, "compute dtype: f32, f64, bf16");
+  if (!s.parse(argc, argv, std::cout)) return 0;
+  for (const auto& [flag, v] : {std::pair<const char*, std::string>{"--pretrained_model_name_or_path",
+                                                                    model.pretrained_model_name_or_path},
+                                {"--inputs", inputs},
+                                {"--output", output}})
+    if (v.empty()) throw Error(std::string(flag) + " is required");
+  RuntimeRequest rq;
+  rq.device = model.device;
+  rq.dtype = parse_dtype(dtype_s, "--dtype");
+  parse_device(model.device, "--device");  // a clear error for a bad device name
+  const Runtime rt = make_runtime(rq);
 
   configure_attention_backends();
   FluxInputs in = read_forward_inputs(inputs);
-  LoadedTransformer lt = load_transformer(model, layout, dtype);
+  TransformerSource source;
+  try {
+    source = open_transformer(model.pretrained_model_name_or_path, model.model_layout, rt.dtype);
+  } catch (...) {
+    rethrow_with_context("loading transformer");
+  }
   LoraSet lora;
   if (!lora_path.empty()) {
-    lora = load_lora_file(lora_path, lt.config, alphas);
-    lora.to(at::TensorOptions().device(device));
+    lora = load_lora_file(lora_path, source.config, alphas);
+    lora.to(at::TensorOptions().device(rt.device));
   }
-  ResidentBlockWeights weights(lt.weights, lt.config.depth, lt.config.depth_single);
-  weights.to(at::TensorOptions().device(device).dtype(dtype));
+  std::unique_ptr<BlockWeights> weights = make_block_weights(rt, weight_source(source), {});
   ForwardOptions opt;
-  opt.gradient_checkpointing = ckpt;
+  opt.gradient_checkpointing = model.gradient_checkpointing;
   at::Tensor out;
   {
     at::NoGradGuard no_grad;
-    out = flux_forward(lt.config, weights, lora_path.empty() ? nullptr : &lora, in, opt);
+    out = flux_forward(source.config, *weights, lora_path.empty() ? nullptr : &lora, in, opt);
   }
-  safetensors::save(output, {{"output", out.to(at::kCPU)}}, {{"source", lt.source}, {"layout", lt.layout}});
+  safetensors::save(output, {{"output", out.to(at::kCPU)}}, {{"source", source.source}, {"layout", source.layout}});
   std::cout << output << "\n";
   return 0;
 }

@@ -1,4 +1,4 @@
-// fluxtrain train: LoRA training (src/train/trainer.h); options in src/core/config.h.
+// fluxtrain train: LoRA training (src/train/trainer.h); options in src/train/run_config.h (each part declares its own: docs/architecture.md).
 //
 // Every `train` process is an MPI rank: under mpirun/srun one of many, started by hand a
 // singleton (MPI_Init without a launcher), so that the single-GPU path needs no mpirun.
@@ -8,7 +8,7 @@
 #include <ATen/Context.h>
 
 #include "cli/commands.h"
-#include "core/config.h"
+#include "train/run_config.h"
 #include "dist/process_group.h"
 #include "train/trainer.h"
 

@@ -1,11 +1,13 @@
 #include "model/lora.h"
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "model/lora_format.h"
 
 namespace fluxtrain {
 namespace {
@@ -52,15 +54,6 @@ const std::set<std::string>& known_targets() {
   return s;
 }
 
-// Diffusers path of target t in block b ("transformer_blocks.3.attn.to_q").
-std::string diffusers_path(const FluxConfig& c, int block, const std::string& t) {
-  const bool dbl = block < c.depth;
-  const std::string head = dbl ? "transformer_blocks." + std::to_string(block)
-                               : "single_transformer_blocks." + std::to_string(block - c.depth);
-  const bool in_attn = t.rfind("to_", 0) == 0 || t.rfind("add_", 0) == 0;
-  return head + (in_attn ? ".attn." : ".") + t;
-}
-
 }  // namespace
 
 void LoraConfig::validate() const {
@@ -70,7 +63,13 @@ void LoraConfig::validate() const {
                 std::to_string(alphas.size()));
   for (int64_t r : ranks)
     if (r <= 0) throw Error("--ranks values must be positive, got " + std::to_string(r));
+  for (double a : alphas)
+    if (!std::isfinite(a) || a <= 0) throw Error("--network_alphas values must be positive");
+  for (int b : blocks)
+    if (b < 0) throw Error("--lora_blocks values must be >= 0");
   if (mode == LoraMode::EasyControl) {
+    if (!targets.empty()) throw Error("--lora_targets only applies to --lora_mode standard");
+    if (!blocks.empty()) throw Error("--lora_blocks only applies to --lora_mode standard");
     if (lora_num < 1) throw Error("--lora_num must be at least 1");
     if (static_cast<int>(ranks.size()) != lora_num)
       throw Error("--ranks has " + std::to_string(ranks.size()) + " values, expected one per condition (--lora_num " +
@@ -87,16 +86,18 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
   LoraSet set;
   set.config_ = lc;
   const int64_t H = cfg.hidden_size;
-  auto add = [&](const std::string& key, int block, const std::string& linear, int64_t b, int64_t e, int64_t in,
-                 int cond, int64_t rank, double alpha) {
+  set.model_ = cfg;
+  auto add = [&](const std::string& target, int block, const std::string& linear, int64_t b, int64_t e, int64_t in,
+                 int cond, int64_t rank, double alpha, bool on_output = false) {
     LoraAdapter a;
-    a.key = key;
+    a.target = target;
     a.block = block;
     a.linear = linear;
     a.out_begin = b;
     a.out_end = e;
     a.cond = cond;
     a.scale = alpha / static_cast<double>(rank);
+    a.on_output = on_output;
     a.down = at::empty({rank, in}, at::TensorOptions().dtype(dtype));
     a.up = at::zeros({e - b, rank}, at::TensorOptions().dtype(dtype));
     set.adapters_.push_back(std::move(a));
@@ -104,18 +105,15 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
   if (lc.mode == LoraMode::EasyControl) {
     for (int blk = 0; blk < cfg.num_blocks(); ++blk) {
       const bool dbl = blk < cfg.depth;
-      const std::string head = dbl ? "transformer_blocks." + std::to_string(blk)
-                                   : "single_transformer_blocks." + std::to_string(blk - cfg.depth);
       const std::string qkv = dbl ? "img_attn.qkv" : "linear1";
       for (int n = 0; n < lc.lora_num; ++n) {
-        const std::string p = head + ".attn.processor.";
-        const std::string sn = "." + std::to_string(n);
         const int64_t r = lc.ranks[n];
         const double al = lc.alphas[n];
-        add(p + "q_loras" + sn, blk, qkv, 0, H, H, n, r, al);
-        add(p + "k_loras" + sn, blk, qkv, H, 2 * H, H, n, r, al);
-        add(p + "v_loras" + sn, blk, qkv, 2 * H, 3 * H, H, n, r, al);
-        if (dbl) add(p + "proj_loras" + sn, blk, "img_attn.proj", 0, H, H, n, r, al);
+        add("to_q", blk, qkv, 0, H, H, n, r, al);
+        add("to_k", blk, qkv, H, 2 * H, H, n, r, al);
+        add("to_v", blk, qkv, 2 * H, 3 * H, H, n, r, al);
+        // EasyControl applies proj_loras to to_out[0]'s output: in = out = H.
+        if (dbl) add("to_out.0", blk, "img_attn.proj", 0, H, H, n, r, al, /*on_output=*/true);
       }
     }
   } else {
@@ -127,11 +125,12 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
         TargetSpec s;
         const bool ok = blk < cfg.depth ? target_in_double(t, cfg, &s) : target_in_single(t, cfg, &s);
         if (!ok) continue;  // e.g. to_out.0 has no single-block counterpart
-        add("transformer." + diffusers_path(cfg, blk, t), blk, s.linear, s.begin, s.end, s.in, -1, lc.ranks[0],
-            lc.alphas[0]);
+        add(t, blk, s.linear, s.begin, s.end, s.in, -1, lc.ranks[0], lc.alphas[0]);
       }
     }
   }
+  const LoraFormat native = lc.mode == LoraMode::EasyControl ? LoraFormat::EasyControl : LoraFormat::Diffusers;
+  for (auto& a : set.adapters_) a.key = lora_key_stem(cfg, a, native);
   // EasyControl's init: down ~ N(0, 1/r), up = 0. One generator, adapters in a fixed order.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   for (auto& a : set.adapters_) {
@@ -172,38 +171,16 @@ std::vector<at::Tensor> LoraSet::parameters() const {
   return p;
 }
 
-TensorMap LoraSet::state() const {
-  TensorMap m;
-  const bool ec = config_.mode == LoraMode::EasyControl;
-  for (const auto& a : adapters_) {
-    m.emplace(a.key + (ec ? ".down.weight" : ".lora_A.weight"), a.down.detach());
-    m.emplace(a.key + (ec ? ".up.weight" : ".lora_B.weight"), a.up.detach());
-  }
-  return m;
+namespace {
+LoraFormat native_format(const LoraConfig& c) {
+  return c.mode == LoraMode::EasyControl ? LoraFormat::EasyControl : LoraFormat::Diffusers;
 }
+}  // namespace
+
+TensorMap LoraSet::state() const { return export_lora(model_, *this, native_format(config_)); }
 
 void LoraSet::load_state(const TensorMap& tensors, const std::string& file) {
-  const bool ec = config_.mode == LoraMode::EasyControl;
-  std::set<std::string> used;
-  for (auto& a : adapters_) {
-    for (int which = 0; which < 2; ++which) {
-      const std::string key = a.key + (which == 0 ? (ec ? ".down.weight" : ".lora_A.weight")
-                                                  : (ec ? ".up.weight" : ".lora_B.weight"));
-      at::Tensor& dst = which == 0 ? a.down : a.up;
-      auto it = tensors.find(key);
-      if (it == tensors.end()) throw Error(file + ": missing LoRA key " + key);
-      if (it->second.sizes() != dst.sizes()) {
-        std::ostringstream ss;
-        ss << file << ": LoRA key " << key << ": expected shape " << dst.sizes() << ", found " << it->second.sizes();
-        throw Error(ss.str());
-      }
-      at::NoGradGuard ng;
-      dst.copy_(it->second);
-      used.insert(key);
-    }
-  }
-  for (const auto& kv : tensors)
-    if (!used.count(kv.first)) throw Error(file + ": unexpected LoRA key " + kv.first);
+  import_lora(model_, *this, tensors, native_format(config_), file);
 }
 
 void LoraSet::to(const at::TensorOptions& opts) {
@@ -223,26 +200,38 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor b = (!bias.defined() || whole) ? bias : bias.narrow(0, row_begin, row_end - row_begin);
   at::Tensor y = at::linear(x, w, b);
   if (!lora) return y;
-  std::vector<const LoraAdapter*> ads;
-  for (const LoraAdapter* a : lora->find(block, linear, cond))
-    if (a->out_begin >= row_begin && a->out_end <= row_end) ads.push_back(a);
-  if (ads.empty()) return y;
-  // Deltas of all adapters, side by side over the rows they cover, zeros in any gap.
-  std::vector<at::Tensor> pieces;
-  auto zeros = [&](int64_t n) {
-    auto sz = x.sizes().vec();
-    sz.back() = n;
-    return at::zeros(sz, x.options());
-  };
-  int64_t pos = row_begin;
-  for (const LoraAdapter* a : ads) {
-    if (a->out_begin > pos) pieces.push_back(zeros(a->out_begin - pos));
-    at::Tensor h = at::linear(x, a->down.to(x.scalar_type()));
-    pieces.push_back(at::linear(h, a->up.to(x.scalar_type())) * a->scale);
-    pos = a->out_end;
+  std::vector<const LoraAdapter*> ads, after;
+  for (const LoraAdapter* a : lora->find(block, linear, cond)) {
+    if (a->out_begin < row_begin || a->out_end > row_end) continue;
+    (a->on_output ? after : ads).push_back(a);
   }
-  if (pos < row_end) pieces.push_back(zeros(row_end - pos));
-  return y + (pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1));
+  if (!ads.empty()) {
+    // Deltas of all input-side adapters, side by side over the rows they cover, zeros in any gap.
+    std::vector<at::Tensor> pieces;
+    auto zeros = [&](int64_t n) {
+      auto sz = x.sizes().vec();
+      sz.back() = n;
+      return at::zeros(sz, x.options());
+    };
+    int64_t pos = row_begin;
+    for (const LoraAdapter* a : ads) {
+      if (a->out_begin > pos) pieces.push_back(zeros(a->out_begin - pos));
+      at::Tensor h = at::linear(x, a->down.to(x.scalar_type()));
+      pieces.push_back(at::linear(h, a->up.to(x.scalar_type())) * a->scale);
+      pos = a->out_end;
+    }
+    if (pos < row_end) pieces.push_back(zeros(row_end - pos));
+    y = y + (pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1));
+  }
+  // Output-side adapters (EasyControl's proj_loras), one after the other as EasyControl applies
+  // them: y = y + scale * up(down(y)). They cover the whole output (in = out features).
+  for (const LoraAdapter* a : after) {
+    TORCH_CHECK(a->out_begin == row_begin && a->out_end == row_end && a->down.size(1) == row_end - row_begin,
+                "output-side LoRA ", a->key, " must cover the whole output of ", linear);
+    at::Tensor h = at::linear(y, a->down.to(y.scalar_type()));
+    y = y + at::linear(h, a->up.to(y.scalar_type())) * a->scale;
+  }
+  return y;
 }
 
 }  // namespace fluxtrain

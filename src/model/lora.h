@@ -8,7 +8,11 @@
 //    to_out.0, add_q_proj, ..., proj_mlp, proj_out, ff.net.0.proj, ...), acting on every token
 //    that passes through the linear. Saved in the diffusers/peft key format.
 //
-// An adapter adds scale * up(down(x)) to rows [out_begin, out_end) of a fused BFL linear's output.
+// An adapter adds scale * up(down(x)) to rows [out_begin, out_end) of a fused BFL linear's output,
+// where x is the linear's input. One exception, EasyControl's projection LoRA in double blocks
+// (proj_loras): it reads the projection's *output*, y = W a + b; y += scale * up(down(y))
+// (EasyControl's MultiDoubleStreamBlockLoraProcessor; docs/easycontrol.md). Standard mode's
+// to_out.0 adapter is an ordinary input-side LoRA, as diffusers/peft define it.
 // Masters are float32; compute casts them to the activation dtype (gradients flow back in float32).
 #pragma once
 #include <cstdint>
@@ -23,7 +27,10 @@
 
 namespace fluxtrain {
 
+class OptionSet;
+
 enum class LoraMode { EasyControl, Standard };
+std::string lora_mode_name(LoraMode m);  // "easycontrol" | "standard"
 
 struct LoraConfig {
   LoraMode mode = LoraMode::EasyControl;
@@ -34,12 +41,18 @@ struct LoraConfig {
   std::vector<std::string> targets;
   // standard mode: restrict to these global block indices (empty = all)
   std::vector<int> blocks;
-  void validate() const;
+  void validate() const;  // counts, ranges and mode-specific flags; throws naming the flag
 };
 
+// --lora_mode, --lora_num, --ranks, --network_alphas, --lora_targets, --lora_blocks
+// (model/lora_options.cpp).
+void declare_options(OptionSet& s, LoraConfig& c);
+
 struct LoraAdapter {
-  std::string key;       // export key stem (format depends on mode), e.g.
-                         // "transformer_blocks.0.attn.processor.q_loras.0"
+  std::string target;    // diffusers name of the linear it adapts: "to_q", "to_out.0", "proj_out", ...
+                         // (EasyControl's q/k/v/proj LoRAs are to_q/to_k/to_v/to_out.0)
+  std::string key;       // its key stem in the set's native file format (model/lora_format.h),
+                         // e.g. "transformer_blocks.0.attn.processor.q_loras.0"; for messages
   int block = 0;         // global block index (doubles first, then singles)
   std::string linear;    // fused BFL linear: "img_attn.qkv", "img_attn.proj", "txt_attn.qkv",
                          // "img_mlp.0", "linear1", "linear2", ...
@@ -48,6 +61,7 @@ struct LoraAdapter {
   at::Tensor down;       // [rank, in_features], float32 master, requires_grad
   at::Tensor up;         // [out_end - out_begin, rank], float32 master, requires_grad
   double scale = 1.0;    // network_alpha / rank
+  bool on_output = false;  // reads the linear's output (EasyControl's proj_loras), not its input
 };
 
 class LoraSet {
@@ -57,6 +71,7 @@ class LoraSet {
   static LoraSet create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t seed,
                         at::ScalarType dtype = at::kFloat);
   const LoraConfig& config() const { return config_; }
+  const FluxConfig& model_config() const { return model_; }
   std::vector<LoraAdapter>& adapters() { return adapters_; }
   const std::vector<LoraAdapter>& adapters() const { return adapters_; }
   bool empty() const { return adapters_.empty(); }
@@ -64,7 +79,8 @@ class LoraSet {
   // standard-mode adapters match every cond. Sorted by out_begin.
   std::vector<const LoraAdapter*> find(int block, const std::string& linear, int cond) const;
   std::vector<at::Tensor> parameters() const;  // down, up of every adapter, in order
-  // "<key>.down.weight" / "<key>.up.weight" (easycontrol) or peft "lora_A"/"lora_B" (standard).
+  // The weights in the set's native format (model/lora_format.h): EasyControl's keys in
+  // easycontrol mode, diffusers/PEFT keys in standard mode. Used by checkpoints and output.
   TensorMap state() const;
   // Loads weights saved by state() (or by EasyControl / peft); strict on keys and shapes.
   void load_state(const TensorMap& tensors, const std::string& file);
@@ -72,6 +88,7 @@ class LoraSet {
 
  private:
   LoraConfig config_;
+  FluxConfig model_;
   std::vector<LoraAdapter> adapters_;
   std::map<std::pair<int, std::string>, std::vector<size_t>> index_;
   void build_index();

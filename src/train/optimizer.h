@@ -1,11 +1,19 @@
-// AdamW on float32 master weights (PyTorch's torch.optim.AdamW semantics, amsgrad off):
+// The optimizer of the LoRA weights: AdamW on float32 master weights (PyTorch's
+// torch.optim.AdamW semantics, amsgrad off)
 //   p <- p * (1 - lr * wd)
 //   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
 //   p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-// and gradient clipping by the global L2 norm (torch.nn.utils.clip_grad_norm_: scale by
-// max_norm / (norm + 1e-6) when that is below 1).
+// after clipping by the global L2 norm over every group (torch.nn.utils.clip_grad_norm_: scale
+// by max_norm / (norm + 1e-6) when that is below 1).
+//
+// One interface, two implementations: replicated (every rank holds the whole state; gradients
+// already averaged by dist::GradSync) and sharded (--shard_optimizer: train/sharded_adamw.cpp,
+// each rank 1/N of the state). Both run the same update (adamw_update) and the same clipping
+// coefficient (clip_coefficient). Parameter groups carry their own learning-rate factor (the
+// text encoders' LoRA trains at --text_encoder_lr beside the transformer's --learning_rate).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,33 +23,65 @@
 
 namespace fluxtrain {
 
+namespace dist {
+class Communicator;
+}
+
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 1e-4;
 };
 
-class AdamW {
- public:
-  AdamW() = default;
-  AdamW(std::vector<at::Tensor> params, AdamWConfig cfg);
-  // One update with learning rate lr from params[i].grad(); parameters without a gradient are
-  // left alone (their moments too).
-  void step(double lr);
-  int64_t steps() const { return steps_; }
-  const std::vector<at::Tensor>& params() const { return params_; }
-  // "exp_avg.<i>", "exp_avg_sq.<i>" for parameter i, in parameter order.
-  TensorMap state() const;
-  void load_state(const TensorMap& state, int64_t steps, const std::string& file);
-
- private:
-  std::vector<at::Tensor> params_, m_, v_;
-  AdamWConfig cfg_;
-  int64_t steps_ = 0;
+struct ParamGroup {
+  std::string name;               // "transformer", "text_encoder", ...
+  std::vector<at::Tensor> params;  // requires_grad leaves, one dtype and device per optimizer
+  double lr_scale = 1.0;          // this group's lr = the schedule's lr x lr_scale
 };
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // Clips the gradients (max_grad_norm <= 0: no clipping) and applies AdamW with learning rate
+  // lr x each group's lr_scale. Returns the global gradient norm before clipping; when it is
+  // not finite nothing is changed (the caller skips the update). Parameters without a gradient
+  // are left alone, their moments too. Collective for the sharded optimizer.
+  virtual double step(double lr, double max_grad_norm) = 0;
+  virtual int64_t steps() const = 0;
+  // "exp_avg.<i>", "exp_avg_sq.<i>" for parameter i over all groups in order. The same format
+  // for both implementations, so that a run can resume with or without --shard_optimizer.
+  // Collective for the sharded optimizer.
+  virtual TensorMap state() = 0;
+  virtual void load_state(const TensorMap& state, int64_t steps, const std::string& file) = 0;
+  // Bytes of optimizer state this process holds.
+  virtual int64_t state_bytes() const = 0;
+  // The same update without host synchronisation, for capture in a CUDA graph: the clipping
+  // coefficient and the non-finite check stay on the device (a non-finite norm turns the
+  // update into a no-op). Its step counts live on the device; steps() does not see them.
+  // Replicated optimizer only.
+  virtual void step_on_device(double lr, double max_grad_norm);
+};
+
+// Every rank the whole state.
+std::unique_ptr<Optimizer> make_adamw(std::vector<ParamGroup> groups, const AdamWConfig& cfg);
+// Each rank 1/N of the state: gradients reduce-scattered (averaged over ranks), the update on
+// this rank's slice, parameters all-gathered (train/sharded_adamw.cpp).
+std::unique_ptr<Optimizer> make_sharded_adamw(dist::Communicator& comm, std::vector<ParamGroup> groups,
+                                              const AdamWConfig& cfg);
+
+// The AdamW update of one tensor (or a flat slice of several) with bias corrections bc1 =
+// 1 - b1^t, bc2 = 1 - b2^t; p, m and v are updated in place. lr may differ per element when it
+// is a tensor of the same shape (sharded groups); otherwise lr_scalar is used.
+void adamw_update(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, double lr, double bc1, double bc2,
+                  const AdamWConfig& cfg);
+// max_norm / (norm + 1e-6) when that is below 1, else 1 (also for max_norm <= 0).
+double clip_coefficient(double norm, double max_norm);
 
 // Global L2 norm of the gradients (float64 accumulation); NaN/inf if any gradient is non-finite.
 double grad_global_norm(const std::vector<at::Tensor>& params);
 // Scales gradients so that their global norm is at most max_norm; returns the norm before.
 // A non-finite norm leaves the gradients untouched (the caller skips the update).
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+// The parameters of all groups, in order.
+std::vector<at::Tensor> all_params(const std::vector<ParamGroup>& groups);
 
 }  // namespace fluxtrain

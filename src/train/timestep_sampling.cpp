@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/config.h"
+#include "train/train_options.h"
 #include "core/error.h"
 #include "core/rng.h"
 

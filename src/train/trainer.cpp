@@ -24,6 +24,7 @@
 #include "model/lora_io.h"
 #include "model/position_ids.h"
 #include "train/flow_matching.h"
+#include "train/train_step.h"
 #include "train/progress.h"
 
 namespace fluxtrain {
@@ -46,65 +47,45 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   cfg_.validate();
   if (cfg_.train.num_threads > 0) at::set_num_threads(static_cast<int>(cfg_.train.num_threads));
 
-  // Device and precision.
-  const std::string& d = cfg_.model.device;
-  if (d == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build or machine has no CUDA");
-  device_ = (d == "cuda" || (d == "auto" && at::hasCUDA()))
-                ? c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, opt.cuda_device)))
-                : c10::Device(c10::kCPU);
-  dtype_ = opt.compute_dtype != at::ScalarType::Undefined ? opt.compute_dtype
-           : cfg_.debug.float64                           ? at::kDouble
-           : cfg_.model.mixed_precision == "bf16"         ? at::kBFloat16
-                                                          : at::kFloat;
-
-  // Distributed set-up. Communicators are created in the same order on every rank (collective).
-  check_input(opt.world_size >= 1 && opt.rank >= 0 && opt.rank < opt.world_size, "trainer: bad rank/world size");
+  // Device, precision and communicators (collective: the same order on every rank).
   if (cfg_.dist.encoder_rank >= opt.world_size)
-    throw Error("--encoder_rank " + std::to_string(cfg_.dist.encoder_rank) + ": the job has " +
+    throw Error("--encoder_process " + std::to_string(cfg_.dist.encoder_rank) + ": the job has " +
                 std::to_string(opt.world_size) + " rank(s), 0.." + std::to_string(opt.world_size - 1));
   const bool sharding = cfg_.dist.shard_weights || cfg_.dist.shard_optimizer;
-  if (dist::ProcessGroup::initialized() && (opt.world_size > 1 || sharding)) {
-    dist::ProcessGroup& pg = dist::ProcessGroup::get();
-    if (pg.rank() != opt.rank || pg.world_size() != opt.world_size)
-      throw Error("trainer: rank/world size differ from the process group's", ErrorKind::Internal);
-    weights_comm_ = pg.make_communicator(device_, cfg_.dist.nccl_timeout);
-    grad_comm_ = pg.make_communicator(device_, cfg_.dist.nccl_timeout);
-    ctl_comm_ = pg.make_communicator(c10::Device(c10::kCPU));  // small host-side agreements
-  } else if (sharding) {
-    throw Error("--shard_weights / --shard_optimizer need MPI (run through `fluxtrain train`, which starts it)",
-                ErrorKind::Internal);
-  }
+  RuntimeRequest rq;
+  rq.device = cfg_.model.device;
+  rq.dtype = opt.compute_dtype != at::ScalarType::Undefined ? opt.compute_dtype
+             : cfg_.debug.float64                           ? at::kDouble
+             : cfg_.model.mixed_precision == "bf16"         ? at::kBFloat16
+                                                            : at::kFloat;
+  rq.rank = opt.rank;
+  rq.world_size = opt.world_size;
+  rq.cuda_device = opt.cuda_device;
+  // Without an initialised process group (unit tests of accumulate()) several ranks run alone.
+  rq.distributed = sharding || (opt.world_size > 1 && dist::ProcessGroup::initialized());
+  rq.nccl_timeout = cfg_.dist.nccl_timeout;
+  rt_ = make_runtime(rq);
 
   // Dataset first: it is cheap to open and the most common source of mistakes.
   dataset_ = std::make_unique<Dataset>(cfg_.data.train_data);
 
-  // Opening checks every key and shape but reads no tensor data: the weights are read below,
-  // block by block for a sharded run, so that no rank ever holds the full model in host memory.
-  // Sharded: blocks come in the file's dtype and only this rank's slice of each is cast.
-  const bool sharded = weights_comm_ && (opt.world_size > 1 || cfg_.dist.shard_weights);
+  // Opening checks every key and shape but reads no tensor data: the weights are read by the
+  // provider, block by block for a sharded run, so that no rank ever holds the full model in
+  // host memory. Sharded: blocks come in the file's dtype and only this rank's slice is cast.
+  WeightsPlan plan;
+  plan.sharded = rt_.weights_comm && (opt.world_size > 1 || cfg_.dist.shard_weights);
   TransformerSource source;
   try {
     source = open_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout,
-                              sharded ? at::ScalarType::Undefined : dtype_);
+                              plan.sharded ? at::ScalarType::Undefined : rt_.dtype);
   } catch (...) {
     rethrow_with_context("--pretrained_model_name_or_path");
   }
   model_cfg_ = source.config;
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size);
-  if (sharded) {
-    // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
-    dist::ShardedWeightsOptions so;
-    so.device = device_;
-    so.dtype = dtype_;
-    weights_ = std::make_unique<dist::ShardedBlockWeights>(
-        *weights_comm_, source.globals(), source.num_blocks(), [&source](int i) { return source.block(i); }, so);
-  } else {
-    auto resident =
-        std::make_unique<ResidentBlockWeights>(source.load_all(), model_cfg_.depth, model_cfg_.depth_single);
-    resident->to(at::TensorOptions().device(device_).dtype(dtype_));
-    weights_ = std::move(resident);
-  }
+  weights_ = make_block_weights(rt_, weight_source(source), plan);
+  conditioner_ = std::make_unique<CachedTextConditioning>();
 
   if (cfg_.lora.mode == LoraMode::Standard)
     for (int b : cfg_.lora.blocks)
@@ -113,9 +94,9 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
                     std::to_string(model_cfg_.num_blocks()) + " blocks)");
 
   // Float32 masters (float64 when the whole computation is float64, for exactness tests).
-  const at::ScalarType master = dtype_ == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType master = rt_.dtype == at::kDouble ? at::kDouble : at::kFloat;
   lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
-  lora_.to(at::TensorOptions().device(device_).dtype(master));
+  lora_.to(at::TensorOptions().device(rt_.device).dtype(master));
 
   order_ = std::make_unique<DataOrder>(dataset_->size(), cfg_.data.train_batch_size, opt.rank, opt.world_size,
                                        cfg_.train.seed);
@@ -139,13 +120,15 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   ac.beta2 = cfg_.train.adam_beta2;
   ac.eps = cfg_.train.adam_epsilon;
   ac.weight_decay = cfg_.train.adam_weight_decay;
+  std::vector<ParamGroup> groups{{"transformer", lora_.parameters(), 1.0}};
+  for (auto& g : conditioner_->param_groups()) groups.push_back(g);
+  all_params_ = all_params(groups);
   if (cfg_.dist.shard_optimizer) {
-    dist::AdamWOptions ao;
-    ao.beta1 = ac.beta1, ao.beta2 = ac.beta2, ao.eps = ac.eps, ao.weight_decay = ac.weight_decay;
-    sharded_opt_ = std::make_unique<dist::ShardedAdamW>(*grad_comm_, lora_.parameters(), ao);
+    optimizer_ = make_sharded_adamw(*rt_.grad_comm, groups, ac);
   } else {
-    optimizer_ = AdamW(lora_.parameters(), ac);
-    if (grad_comm_ && opt.world_size > 1) grad_sync_ = std::make_unique<dist::GradSync>(*grad_comm_, lora_.parameters());
+    optimizer_ = make_adamw(groups, ac);
+    if (rt_.grad_comm && opt.world_size > 1)
+      grad_sync_ = std::make_unique<dist::GradSync>(*rt_.grad_comm, all_params_);
   }
 
   // Resume (still before anything is written).
@@ -185,9 +168,8 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     for (const auto& kv : ck.lora) lw.emplace(kv.first, kv.second.to(master));
     lora_.load_state(lw, path);
     TensorMap os;
-    for (const auto& kv : ck.optimizer) os.emplace(kv.first, kv.second.to(device_).to(master));
-    if (sharded_opt_) sharded_opt_->load_state(os, ck.state.optimizer_steps);
-    else optimizer_.load_state(os, ck.state.optimizer_steps, path);
+    for (const auto& kv : ck.optimizer) os.emplace(kv.first, kv.second.to(rt_.device).to(master));
+    optimizer_->load_state(os, ck.state.optimizer_steps, path);
     state_ = ck.state;
     state_.global_batch = global_batch();
     resumed_from_ = path;
@@ -209,37 +191,38 @@ Batch Trainer::next_batch() {
 
 at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
   const int64_t b = static_cast<int64_t>(group.size());
-  const auto opts = at::TensorOptions().device(device_).dtype(dtype_);
+  const c10::Device device = rt_.device;
+  const at::ScalarType dtype = rt_.dtype;
+  const auto opts = at::TensorOptions().device(device).dtype(dtype);
   const uint64_t seed = cfg_.train.seed;
   const uint64_t draw_epoch = validation ? kValidationEpoch : epoch;
 
-  std::vector<at::Tensor> xs, noises, t5s, pooled;
+  std::vector<at::Tensor> xs, noises;
   std::vector<double> sigmas;
   for (const Sample* s : group) {
     xs.push_back(s->target.to(at::kFloat));
     noises.push_back(sample_noise(s->target.sizes().vec(), seed, draw_epoch, static_cast<uint64_t>(s->index)));
     sigmas.push_back(sampler_.sigma_for(seed, draw_epoch, static_cast<uint64_t>(s->index)));
-    t5s.push_back(s->t5);
-    pooled.push_back(s->pooled);
   }
   // Noise and sigma are drawn on the CPU in float32/float64, so every device and layout sees the
   // same values; the mix happens in float32 (float64 in float64 runs) before the cast.
-  const at::ScalarType mix = dtype_ == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType mix = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x0 = at::stack(xs).to(mix);
   const at::Tensor noise = at::stack(noises).to(mix);
   const at::Tensor sigma = at::tensor(sigmas, at::TensorOptions().dtype(at::kDouble)).to(mix);
   const at::Tensor xt = noisy_latents(x0, noise, sigma);
-  const at::Tensor target = pack_latents(flow_target(x0, noise)).to(device_);
+  const at::Tensor target = pack_latents(flow_target(x0, noise)).to(device);
   const int64_t h = x0.size(2), w = x0.size(3);
 
   FluxInputs in;
   in.img = pack_latents(xt).to(opts);
-  in.img_ids = noise_position_ids(h / 2, w / 2).to(device_);
-  in.txt = at::stack(t5s).to(opts);
-  in.txt_ids = text_position_ids(in.txt.size(1)).to(device_);
-  in.y = at::stack(pooled).to(opts);
-  in.timesteps = sigma.to(device_);
-  in.guidance = at::full({b}, cfg_.model.guidance_scale, at::TensorOptions().dtype(mix)).to(device_);
+  in.img_ids = noise_position_ids(h / 2, w / 2).to(device);
+  TextConditioning text = conditioner_->text(group, device, dtype, !validation);
+  in.txt = text.prompt_embeds;
+  in.txt_ids = text_position_ids(in.txt.size(1)).to(device);
+  in.y = text.pooled;
+  in.timesteps = sigma.to(device);
+  in.guidance = at::full({b}, cfg_.model.guidance_scale, at::TensorOptions().dtype(mix)).to(device);
   const auto& kinds = dataset_->info().cond_kinds;
   for (size_t k = 0; k < kinds.size(); ++k) {
     std::vector<at::Tensor> cs;
@@ -249,12 +232,9 @@ at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint
     in.cond.push_back(pack_latents(c).to(opts));
     in.cond_ids.push_back((kinds[k] == "subject" ? subject_position_ids(ch / 2, cw / 2)
                                                  : spatial_position_ids(ch / 2, cw / 2, h / 2, w / 2))
-                              .to(device_));
+                              .to(device));
   }
-  ForwardOptions fo;
-  fo.gradient_checkpointing = cfg_.model.gradient_checkpointing && !validation;
-  const at::Tensor pred = flux_forward(model_cfg_, *weights_, &lora_, in, fo);
-  return per_sample_mse(pred, target).sum();
+  return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
 }
 
 double Trainer::accumulate(const Batch& batch, double grad_scale) {
@@ -291,11 +271,11 @@ StepResult Trainer::train_step() {
 }
 
 StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
-  if (opt_.world_size > 1 && !ctl_comm_)
+  if (opt_.world_size > 1 && !rt_.ctl_comm)
     throw Error("trainer: an update with world_size > 1 needs dist::ProcessGroup::init() first", ErrorKind::Internal);
   StepResult r;
   const double accum = static_cast<double>(micro_batches.size());
-  const auto params = lora_.parameters();
+  const auto params = all_params_;
   for (auto p : params) p.mutable_grad().reset();
   r.lr = schedule_.lr(state_.step);
   bool bad = false;
@@ -321,19 +301,19 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
     grad_sync_->set_enabled(true);
     grad_sync_->finish();
   }
-  if (ctl_comm_) {
+  if (rt_.ctl_comm) {
     // One all-reduce: the mean loss over ranks (equal local batches: the global mean) for the
     // logs, and whether any rank saw a non-finite loss, so that all ranks skip together.
     at::Tensor t = at::tensor({bad ? 0.0 : r.loss, bad ? 1.0 : 0.0}, at::TensorOptions().dtype(at::kDouble));
-    ctl_comm_->all_reduce(t, dist::ReduceOp::Sum);
+    rt_.ctl_comm->all_reduce(t, dist::ReduceOp::Sum);
     bad = t[1].item<double>() > 0;
     r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : t[0].item<double>() / opt_.world_size;
   }
   // After the averaging the gradients are identical on every rank, so the local norm is the
-  // global one and every rank reaches the same skip decision; ShardedAdamW computes it itself.
+  // global one and every rank reaches the same skip decision; the sharded optimizer computes
+  // it from all ranks' slices. A non-finite norm leaves everything unchanged.
   if (bad) r.grad_norm = std::numeric_limits<double>::quiet_NaN();
-  else if (sharded_opt_) r.grad_norm = sharded_opt_->step(r.lr, cfg_.train.max_grad_norm);
-  else r.grad_norm = clip_grad_norm(params, cfg_.train.max_grad_norm);
+  else r.grad_norm = optimizer_->step(r.lr, cfg_.train.max_grad_norm);
   if (bad || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     ++state_.nonfinite_in_a_row;
@@ -345,9 +325,8 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
                   std::to_string(cfg_.train.max_nonfinite_steps) + "; lower --learning_rate or check the data)");
     return r;
   }
-  if (!sharded_opt_) optimizer_.step(r.lr);  // ShardedAdamW updated inside step() above
   for (auto p : params) p.mutable_grad().reset();
-  state_.optimizer_steps = sharded_opt_ ? sharded_opt_->steps() : optimizer_.steps();
+  state_.optimizer_steps = optimizer_->steps();
   state_.nonfinite_in_a_row = 0;
   state_.lr = r.lr;
   ++state_.step;
@@ -358,7 +337,7 @@ double Trainer::validation_loss() {
   at::NoGradGuard ng;
   const int64_t n = std::min(cfg_.validation.validation_samples, dataset_->size());
   if (n <= 0) return std::numeric_limits<double>::quiet_NaN();
-  const int64_t world = ctl_comm_ ? opt_.world_size : 1, rank = ctl_comm_ ? opt_.rank : 0;
+  const int64_t world = rt_.ctl_comm ? opt_.world_size : 1, rank = rt_.ctl_comm ? opt_.rank : 0;
   // Rank r takes samples r, r + N, ...; every rank runs the same number of forwards (sharded
   // weights gather collectively), the surplus ones on a repeated sample that is not counted.
   const int64_t rounds = (n + world - 1) / world;
@@ -375,7 +354,7 @@ double Trainer::validation_loss() {
   }
   if (world > 1) {
     at::Tensor t = at::tensor({local[0], local[1]}, at::TensorOptions().dtype(at::kDouble));
-    ctl_comm_->all_reduce(t, dist::ReduceOp::Sum);
+    rt_.ctl_comm->all_reduce(t, dist::ReduceOp::Sum);
     local[0] = t[0].item<double>();
     local[1] = t[1].item<double>();
   }
@@ -386,7 +365,7 @@ Checkpoint Trainer::make_checkpoint() const {
   Checkpoint ck;
   ck.state = state_;
   for (const auto& kv : lora_.state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
-  for (const auto& kv : sharded_opt_ ? sharded_opt_->state() : optimizer_.state())
+  for (const auto& kv : optimizer_->state())
     ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
   ck.model = model_cfg_;
   ck.config = cfg_.to_json();
@@ -413,12 +392,12 @@ std::string Trainer::run() {
   {
     std::ostringstream ss;
     ss << "fluxtrain train: " << dataset_->size() << " samples, " << updates_per_epoch_ << " updates per epoch, "
-       << max_steps_ << " updates, device " << device_ << ", " << c10::toString(dtype_) << ", seed "
+       << max_steps_ << " updates, device " << rt_.device << ", " << c10::toString(rt_.dtype) << ", seed "
        << cfg_.train.seed;
     if (opt_.world_size > 1 || weights_->transient())
       ss << ", " << opt_.world_size << " rank(s) x batch " << cfg_.data.train_batch_size << " (global "
          << global_batch() << ")" << (weights_->transient() ? ", sharded weights" : "")
-         << (sharded_opt_ ? ", sharded optimizer" : "");
+         << (cfg_.dist.shard_optimizer ? ", sharded optimizer" : "");
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }

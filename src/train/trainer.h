@@ -20,22 +20,22 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
-#include "core/config.h"
 #include "data/dataset.h"
 #include "model/block_weights.h"
 #include "model/flux_config.h"
 #include "model/lora.h"
 #include "train/checkpoint.h"
+#include "train/conditioning.h"
 #include "train/lr_schedule.h"
 #include "train/optimizer.h"
+#include "train/run_config.h"
+#include "train/setup.h"
 #include "train/timestep_sampling.h"
 
 namespace fluxtrain {
 
 namespace dist {
-class Communicator;
 class GradSync;
-class ShardedAdamW;
 }  // namespace dist
 
 struct TrainerOptions {
@@ -94,23 +94,22 @@ class Trainer {
   int64_t updates_per_epoch() const { return updates_per_epoch_; }
   const std::string& resumed_from() const { return resumed_from_; }
   const Dataset& dataset() const { return *dataset_; }
-  at::ScalarType compute_dtype() const { return dtype_; }
+  at::ScalarType compute_dtype() const { return rt_.dtype; }
 
  private:
   RunConfig cfg_;
   TrainerOptions opt_;
-  c10::Device device_{c10::kCPU};
-  at::ScalarType dtype_ = at::kFloat;
+  // Device, precision and communicators (train/setup.h). Declared before the objects that hold
+  // references to the communicators, so that it is destroyed after them.
+  Runtime rt_;
   std::unique_ptr<Dataset> dataset_;
   FluxConfig model_cfg_;
-  // Distributed pieces; all null in a single-process run without --shard_* flags. Declared
-  // before the objects that hold references to them, so that they are destroyed after them.
-  std::unique_ptr<dist::Communicator> weights_comm_, grad_comm_, ctl_comm_;
-  std::unique_ptr<BlockWeights> weights_;  // resident, or dist::ShardedBlockWeights
+  std::unique_ptr<BlockWeights> weights_;  // chosen by make_block_weights
+  std::unique_ptr<Conditioner> conditioner_;
   LoraSet lora_;
-  AdamW optimizer_;                        // unused with --shard_optimizer
-  std::unique_ptr<dist::GradSync> grad_sync_;          // replicated optimizer
-  std::unique_ptr<dist::ShardedAdamW> sharded_opt_;   // --shard_optimizer
+  std::unique_ptr<Optimizer> optimizer_;   // replicated or sharded (--shard_optimizer)
+  std::vector<at::Tensor> all_params_;     // every trained tensor, over all parameter groups
+  std::unique_ptr<dist::GradSync> grad_sync_;  // replicated optimizer on several ranks
   std::unique_ptr<DataOrder> order_;
   std::unique_ptr<Prefetcher> prefetch_;
   LrSchedule schedule_;

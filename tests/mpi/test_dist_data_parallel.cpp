@@ -77,7 +77,7 @@ std::vector<at::Tensor> train_single(const FluxConfig& cfg, const TensorMap& ful
   ResidentBlockWeights w(full, cfg.depth, cfg.depth_single);
   LoraSet lora = make_lora(cfg);
   auto params = lora.parameters();
-  fluxtrain::AdamW opt(params, adamw_config());
+  auto opt = make_adamw({{"lora", params}}, adamw_config());
   DataOrder order(kSamples, world, 0, 1, 2024);  // the trainer's data order, one rank, batch N
   ForwardOptions fo;
   fo.gradient_checkpointing = ckpt;
@@ -85,8 +85,7 @@ std::vector<at::Tensor> train_single(const FluxConfig& cfg, const TensorMap& ful
     auto [in, target] = batch(cfg, order.indices(s));
     for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
-    fluxtrain::clip_grad_norm(params, kMaxNorm);
-    opt.step(kLr);
+    opt->step(kLr, kMaxNorm);
   }
   std::vector<at::Tensor> out;
   for (auto& p : params) out.push_back(p.detach().clone());
@@ -104,15 +103,12 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
   LoraSet lora = make_lora(cfg);
   auto params = lora.parameters();
   std::unique_ptr<GradSync> sync;
-  std::unique_ptr<fluxtrain::AdamW> adamw;
-  std::unique_ptr<ShardedAdamW> sharded;
+  std::unique_ptr<fluxtrain::Optimizer> opt;
   if (shard_optimizer) {
-    AdamWOptions o;
-    o.weight_decay = 0.01;
-    sharded = std::make_unique<ShardedAdamW>(*grad_comm, params, o);
+    opt = make_sharded_adamw(*grad_comm, {{"lora", params}}, adamw_config());
   } else {
     sync = std::make_unique<GradSync>(*grad_comm, params, GradSyncOptions{4096, true});
-    adamw = std::make_unique<fluxtrain::AdamW>(params, adamw_config());
+    opt = make_adamw({{"lora", params}}, adamw_config());
   }
   DataOrder order(kSamples, 1, c.rank(), c.size(), 2024);  // this rank's sample of each global batch
   ForwardOptions fo;
@@ -121,13 +117,8 @@ std::vector<at::Tensor> train_distributed(const FluxConfig& cfg, const TensorMap
     auto [in, target] = batch(cfg, order.indices(s));
     for (auto& p : params) p.mutable_grad().reset();
     (flux_forward(cfg, w, &lora, in, fo) - target).pow(2).mean().backward();
-    if (shard_optimizer) {
-      sharded->step(kLr, kMaxNorm);
-    } else {
-      sync->finish();
-      fluxtrain::clip_grad_norm(params, kMaxNorm);
-      adamw->step(kLr);
-    }
+    if (sync) sync->finish();
+    opt->step(kLr, kMaxNorm);
   }
   std::vector<at::Tensor> out;
   for (auto& p : params) out.push_back(p.detach().clone());

@@ -146,7 +146,7 @@ at::Tensor mean_grad(size_t i, int world, int step) {
 struct Reference {
   std::vector<at::Tensor> p;
   std::unique_ptr<torch::optim::AdamW> opt;
-  Reference(const std::vector<at::Tensor>& init, const AdamWOptions& o, double lr) {
+  Reference(const std::vector<at::Tensor>& init, const AdamWConfig& o, double lr) {
     for (const auto& t : init) p.push_back(t.detach().clone().requires_grad_(true));
     opt = std::make_unique<torch::optim::AdamW>(
         p, torch::optim::AdamWOptions(lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay));
@@ -166,12 +166,13 @@ struct Reference {
 
 TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
   const int N = comm().size();
-  AdamWOptions o;
+  AdamWConfig o;
   o.weight_decay = 0.1;
   const double lr = 0.01;
   auto p = make_params(7, at::kDouble);
   Reference ref(p, o, lr);
-  ShardedAdamW opt(comm(), p, o);
+  auto opt_ptr = make_sharded_adamw(comm(), {{"lora", p}}, o);
+  Optimizer& opt = *opt_ptr;
   // Optimizer state is split over ranks: ~2 * total / N values each.
   int64_t total = 0;
   for (auto& t : p) total += t.numel();
@@ -213,13 +214,11 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
     pn.push_back(t.detach().clone().requires_grad_(true));
     pt.push_back(t.detach().clone().requires_grad_(true));
   }
-  ShardedAdamW one(*self_comm, p1, o), again(comm(), pn, o);
-  one.load_state(st, opt.steps());
-  again.load_state(st, opt.steps());
-  AdamWConfig tc;
-  tc.beta1 = o.beta1, tc.beta2 = o.beta2, tc.eps = o.eps, tc.weight_decay = o.weight_decay;
-  fluxtrain::AdamW trainer_opt(pt, tc);
-  trainer_opt.load_state(st, opt.steps(), "state from ShardedAdamW");
+  auto one = make_sharded_adamw(*self_comm, {{"lora", p1}}, o), again = make_sharded_adamw(comm(), {{"lora", pn}}, o);
+  one->load_state(st, opt.steps(), "state");
+  again->load_state(st, opt.steps(), "state");
+  auto trainer_opt = make_adamw({{"lora", pt}}, o);
+  trainer_opt->load_state(st, opt.steps(), "state from the sharded AdamW");
   for (int s = 3; s < 5; ++s) {
     set_local_grads(p, comm().rank(), s);
     set_local_grads(pn, comm().rank(), s);
@@ -230,10 +229,9 @@ TEST(DistShardedAdamW, MatchesSingleProcessAdamWAndResumesOnAnyWorldSize) {
         pt[i].mutable_grad() = mean_grad(i, N, s);
       }
     opt.step(lr, max_norms[s]);
-    again.step(lr, max_norms[s]);
-    one.step(lr, max_norms[s]);
-    fluxtrain::clip_grad_norm(pt, max_norms[s]);
-    trainer_opt.step(lr);
+    again->step(lr, max_norms[s]);
+    one->step(lr, max_norms[s]);
+    trainer_opt->step(lr, max_norms[s]);
     ref.step(N, s, max_norms[s]);
     compare_params("step " + std::to_string(s));
     for (size_t i = 0; i < p.size(); ++i) {
@@ -253,12 +251,12 @@ namespace {
 TEST(DistShardedAdamW, AllParametersActiveMatchesTorch) {
   // Every parameter has a gradient on every rank: the scalar (uniform step count) path.
   const int N = comm().size();
-  AdamWOptions o;
+  AdamWConfig o;
   auto p = make_params(8, at::kDouble);
   std::vector<at::Tensor> q;
   for (auto& t : p) q.push_back(t.detach().clone().requires_grad_(true));
   torch::optim::AdamW ref(q, torch::optim::AdamWOptions(0.05).weight_decay(o.weight_decay));
-  ShardedAdamW opt(comm(), p, o);
+  auto opt = make_sharded_adamw(comm(), {{"lora", p}}, o);
   for (int s = 0; s < 3; ++s) {
     for (size_t i = 0; i < p.size(); ++i) {
       p[i].mutable_grad() = step_grad(i, comm().rank(), s);
@@ -266,7 +264,7 @@ TEST(DistShardedAdamW, AllParametersActiveMatchesTorch) {
       for (int r = 0; r < N; ++r) g += step_grad(i, r, s);
       q[i].mutable_grad() = g / N;
     }
-    opt.step(0.05, 0);
+    opt->step(0.05, 0);
     ref.step();
     for (size_t i = 0; i < p.size(); ++i) EXPECT_TRUE(close(p[i], q[i], 1e-12, 1e-13)) << "step " << s << " param " << i;
   }

@@ -14,7 +14,7 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
   resume         a checkpoint written by 2 ranks x batch 2 resumes on 1 rank x batch 4 and on
                  4 ranks x batch 1 and ends where the uninterrupted 2-rank run ends (1e-10); a
                  resume with another global batch fails with a clear error, as does an
-                 --encoder_rank beyond the job's ranks.
+                 --encoder_process beyond the job's ranks.
   failure        rank 1 throws at step 3 of a 2-rank run: mpirun exits non-zero within 60 s,
                  stderr says "rank 1: injected failure at step 3"; resuming from the newest
                  checkpoint left behind finishes with the uninterrupted result.
@@ -195,9 +195,9 @@ def resume():
     p, _ = train(0, bad, 2, 4, ("--resume_from_checkpoint", "latest"), expect_ok=False)
     assert p.returncode != 0 and "global batch of 4" in p.stderr and "--train_batch_size 4" in p.stderr, p.stderr
     print("global batch mismatch:", p.stderr.strip().splitlines()[-1])
-    # --encoder_rank must name an existing rank; on 2 ranks each names itself and the reason.
-    p, _ = train(2, os.path.join(TMP, "enc"), 1, 2, ("--encoder_rank", "2"), expect_ok=False)
-    assert p.returncode != 0 and "--encoder_rank 2: the job has 2 rank(s), 0..1" in p.stderr, p.stderr
+    # --encoder_process (old name --encoder_rank) must name an existing rank; on 2 ranks each names itself and the reason.
+    p, _ = train(2, os.path.join(TMP, "enc"), 1, 2, ("--encoder_process", "2"), expect_ok=False)
+    assert p.returncode != 0 and "--encoder_process 2: the job has 2 rank(s), 0..1" in p.stderr, p.stderr
     assert "rank 0: " in p.stderr or "rank 1: " in p.stderr, p.stderr
     assert not os.path.exists(os.path.join(TMP, "enc")), "bad input must not create the output directory"
 

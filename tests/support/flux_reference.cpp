@@ -60,21 +60,31 @@ Tensor rope(const Tensor& x, const Tensor& ids, const std::vector<int64_t>& axes
   return out;
 }
 
-// EasyControl's LoRALinearLayer: the adapter sees only its condition's tokens (others masked
-// to zero), adds scale * up(down(x)). `type` holds each token's condition index (-1 for main).
-Tensor lora_delta(const LoraSet* lora, int block, const std::string& linear, const Tensor& x,
-                  const std::vector<int>& type, int64_t out_dim, int64_t row_begin, int64_t row_end) {
-  Tensor delta = at::zeros({x.size(0), x.size(1), out_dim}, x.options());
-  if (!lora) return delta;
-  for (const auto& a : lora->adapters()) {
-    if (a.block != block || a.linear != linear || a.out_begin < row_begin || a.out_end > row_end) continue;
-    Tensor mask = at::zeros({x.size(1), 1}, x.options());
-    for (size_t t = 0; t < type.size(); ++t)
-      if ((a.cond == -1 && type[t] != -2) || type[t] == a.cond) mask[t] = 1.0;  // -2: text tokens
-    Tensor d = lin(lin(x * mask, a.down.to(at::kDouble), {}), a.up.to(at::kDouble), {}) * a.scale;
-    delta.narrow(2, a.out_begin - row_begin, a.out_end - a.out_begin).add_(d);
-  }
-  return delta;
+// EasyControl's LoRALinearLayer number n of module `name` ("q_loras", "proj_loras", ...) under
+// `processor` ("transformer_blocks.3.attn.processor"): the input is multiplied by a mask that
+// keeps only condition n's rows, then up(down(.)) * network_alpha / rank, then times the
+// processor's lora_weights[n]. `type` holds each token's condition index (< 0: not a condition).
+Tensor easycontrol_lora(const EasyControlLora& lora, const std::string& processor, const std::string& name, int n,
+                        const Tensor& hidden, const std::vector<int>& type) {
+  const std::string key = processor + "." + name + "." + std::to_string(n);
+  Tensor down = W(lora.weights, key + ".down.weight"), up = W(lora.weights, key + ".up.weight");
+  Tensor mask = at::zeros({hidden.size(1), 1}, hidden.options());
+  for (size_t t = 0; t < type.size(); ++t)
+    if (type[t] == n) mask[t] = 1.0;
+  const double rank = static_cast<double>(down.size(0));
+  return lora.lora_weights.at(n) * (lin(lin(hidden * mask, down, {}), up, {}) * (lora.network_alphas.at(n) / rank));
+}
+
+// query/key/value of the processor: to_q(h) + sum_n w_n * q_loras[n](h), etc. on rows [0, 3H).
+Tensor add_qkv_loras(const EasyControlLora* lora, const std::string& processor, const Tensor& qkv,
+                     const Tensor& hidden, const std::vector<int>& type, int64_t H) {
+  if (!lora) return qkv;
+  Tensor out = qkv.clone();
+  const char* names[3] = {"q_loras", "k_loras", "v_loras"};
+  for (int j = 0; j < 3; ++j)
+    for (size_t n = 0; n < lora->network_alphas.size(); ++n)
+      out.narrow(2, j * H, H).add_(easycontrol_lora(*lora, processor, names[j], static_cast<int>(n), hidden, type));
+  return out;
 }
 
 Tensor heads(const Tensor& x, int64_t h) {  // [B, N, H] -> [B, h, N, D]
@@ -104,8 +114,9 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return at::matmul(p, v.to(at::kDouble));
 }
 
-std::vector<at::Tensor> double_block(const FluxConfig& cfg, const TensorMap& w, const LoraSet* lora, int block,
-                                     const RefInputs& in) {
+std::vector<at::Tensor> double_block(const FluxConfig& cfg, const TensorMap& w, const EasyControlLora* lora,
+                                     int double_index, const RefInputs& in) {
+  const std::string processor = "transformer_blocks." + std::to_string(double_index) + ".attn.processor";
   const int64_t B = in.img.size(0), T = in.txt.size(1), L = in.img.size(1), H = cfg.hidden_size,
                 h = cfg.num_heads;
   std::vector<int64_t> lens;
@@ -137,17 +148,17 @@ std::vector<at::Tensor> double_block(const FluxConfig& cfg, const TensorMap& w, 
       out.select(1, i).copy_(type[i] == -2 ? txt_m[c] : type[i] == -1 ? im[c] : cm[c]);
     return out;
   };
-  // Per-token linear: text tokens use txt_*, noise and condition tokens img_* (+ LoRA on conditions).
+  // Per-token linear: text tokens use txt_* (add_*_proj, to_add_out, ff_context), noise and
+  // condition tokens img_* (to_q/k/v, to_out[0], ff).
   auto tok_lin = [&](const Tensor& a, const std::string& img_name, const std::string& txt_name) {
     Tensor yi = lin(a, W(w, img_name + ".weight"), W(w, img_name + ".bias"));
     Tensor yt = lin(a, W(w, txt_name + ".weight"), W(w, txt_name + ".bias"));
     Tensor y = yi.clone();
     y.narrow(1, 0, T).copy_(yt.narrow(1, 0, T));
-    const int64_t out = yi.size(2);
-    return y + lora_delta(lora, block, img_name, a, type, out, 0, out);
+    return y;
   };
   Tensor xn = layernorm(x) * (1 + per_token(1)) + per_token(0);
-  Tensor qkv = tok_lin(xn, "img_attn.qkv", "txt_attn.qkv");
+  Tensor qkv = add_qkv_loras(lora, processor, tok_lin(xn, "img_attn.qkv", "txt_attn.qkv"), xn, type, H);
   auto qkvc = qkv.chunk(3, -1);
   Tensor q = heads(qkvc[0], h), k = heads(qkvc[1], h), v = heads(qkvc[2], h);
   Tensor qs_img = W(w, "img_attn.norm.query_norm.scale"), ks_img = W(w, "img_attn.norm.key_norm.scale");
@@ -160,7 +171,12 @@ std::vector<at::Tensor> double_block(const FluxConfig& cfg, const TensorMap& w, 
   kn = rope(kn.contiguous(), ids, cfg.axes_dim, cfg.theta);
   Tensor attn = masked_attention(qn, kn, v, easycontrol_mask(T + L, lens));
   attn = attn.transpose(1, 2).reshape({B, N, H});
-  Tensor y = x + per_token(2) * tok_lin(attn, "img_attn.proj", "txt_attn.proj");
+  // hidden = to_out[0](attn); then for each condition in turn hidden += w_n * proj_loras[n](hidden).
+  Tensor proj = tok_lin(attn, "img_attn.proj", "txt_attn.proj");
+  if (lora)
+    for (size_t n = 0; n < lora->network_alphas.size(); ++n)
+      proj = proj + easycontrol_lora(*lora, processor, "proj_loras", static_cast<int>(n), proj, type);
+  Tensor y = x + per_token(2) * proj;
   Tensor yn = layernorm(y) * (1 + per_token(4)) + per_token(3);
   Tensor hdn = gelu_tanh(tok_lin(yn, "img_mlp.0", "txt_mlp.0"));
   y = y + per_token(5) * tok_lin(hdn, "img_mlp.2", "txt_mlp.2");
@@ -173,8 +189,8 @@ std::vector<at::Tensor> double_block(const FluxConfig& cfg, const TensorMap& w, 
   return out;
 }
 
-std::vector<at::Tensor> single_block(const FluxConfig& cfg, const TensorMap& w, const LoraSet* lora, int block,
-                                     const at::Tensor& x_main, const std::vector<at::Tensor>& cond,
+std::vector<at::Tensor> single_block(const FluxConfig& cfg, const TensorMap& w, const EasyControlLora* lora,
+                                     int single_index, const at::Tensor& x_main, const std::vector<at::Tensor>& cond,
                                      const at::Tensor& vec, const at::Tensor& vec_cond, const at::Tensor& ids_in) {
   const int64_t B = x_main.size(0), S = x_main.size(1), H = cfg.hidden_size, M = cfg.mlp_hidden(),
                 h = cfg.num_heads;
@@ -204,7 +220,9 @@ std::vector<at::Tensor> single_block(const FluxConfig& cfg, const TensorMap& w, 
   };
   Tensor xn = layernorm(x) * (1 + per_token(1)) + per_token(0);
   Tensor W1 = W(w, "linear1.weight"), b1 = W(w, "linear1.bias");
-  Tensor l1 = lin(xn, W1, b1) + lora_delta(lora, block, "linear1", xn, type, 3 * H + M, 0, 3 * H + M);
+  // linear1 = [to_q | to_k | to_v | proj_mlp]; LoRA on q, k, v only.
+  const std::string processor = "single_transformer_blocks." + std::to_string(single_index) + ".attn.processor";
+  Tensor l1 = add_qkv_loras(lora, processor, lin(xn, W1, b1), xn, type, H);
   Tensor qkv = l1.narrow(2, 0, 3 * H), mlp = l1.narrow(2, 3 * H, M);
   auto qkvc = qkv.chunk(3, -1);
   Tensor q = rmsnorm(heads(qkvc[0], h), W(w, "norm.query_norm.scale"));
@@ -215,8 +233,7 @@ std::vector<at::Tensor> single_block(const FluxConfig& cfg, const TensorMap& w, 
   k = rope(k.contiguous(), ids, cfg.axes_dim, cfg.theta);
   Tensor attn = masked_attention(q, k, v, easycontrol_mask(S, lens)).transpose(1, 2).reshape({B, N, H});
   Tensor cat = at::cat({attn, gelu_tanh(mlp)}, -1);
-  Tensor l2 = lin(cat, W(w, "linear2.weight"), W(w, "linear2.bias")) +
-              lora_delta(lora, block, "linear2", cat, type, H, 0, H);
+  Tensor l2 = lin(cat, W(w, "linear2.weight"), W(w, "linear2.bias"));  // proj_out: no LoRA
   Tensor y = x + per_token(2) * l2;
   std::vector<Tensor> out{y.narrow(1, 0, S)};
   int64_t off = S;

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "core/safetensors.h"
 #include "model/blocks.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
@@ -23,11 +24,16 @@ const auto kF64 = at::TensorOptions().dtype(at::kDouble);
 FluxConfig tiny() { return FluxConfig::preset("tiny"); }
 
 // A LoRA set with non-zero up weights so that adapters have an effect.
+// Condition n gets rank 4 + n and alpha 2 + n/2, so that every condition's scale differs.
 LoraSet random_lora(const FluxConfig& cfg, int lora_num, uint64_t seed) {
   LoraConfig lc;
   lc.lora_num = lora_num;
-  lc.ranks.assign(lora_num, 4);
-  lc.alphas.assign(lora_num, 2.0);
+  lc.ranks.clear();
+  lc.alphas.clear();
+  for (int n = 0; n < lora_num; ++n) {
+    lc.ranks.push_back(4 + n);
+    lc.alphas.push_back(2.0 + 0.5 * n);
+  }
   LoraSet s = LoraSet::create(cfg, lc, seed, at::kDouble);
   at::manual_seed(seed);
   for (auto& a : s.adapters()) {
@@ -101,8 +107,10 @@ void compare_blocks(std::vector<int64_t> cond_lens, int lora_num, uint64_t seed)
   // Double block 1 (global index 1).
   ctx.block = 1;
   auto ours = double_block(ctx, block_map(w, "double_blocks.1."), img, txt, cond_all, vec, vec_cond);
+  // The reference reads the LoRA as EasyControl saves it (its key names, alphas, lora_weights 1).
+  ref::EasyControlLora ec{lora.state(), lora.config().alphas, std::vector<double>(lora_num, 1.0)};
   ref::RefInputs ri{img, txt, conds, vec, vec_cond, all_ids};
-  auto theirs = ref::double_block(cfg, block_map(w, "double_blocks.1."), &lora, 1, ri);
+  auto theirs = ref::double_block(cfg, block_map(w, "double_blocks.1."), &ec, 1, ri);
   EXPECT_LT(rel_err(ours[0], theirs[0]), 1e-10) << "img";
   EXPECT_LT(rel_err(ours[1], theirs[1]), 1e-10) << "txt";
   if (!conds.empty()) {
@@ -116,7 +124,7 @@ void compare_blocks(std::vector<int64_t> cond_lens, int lora_num, uint64_t seed)
   ctx.last_block = false;
   at::Tensor x = at::cat({txt, img}, 1);
   auto ours_s = single_block(ctx, block_map(w, "single_blocks.0."), x, cond_all, vec, vec_cond);
-  auto theirs_s = ref::single_block(cfg, block_map(w, "single_blocks.0."), &lora, sb, x, conds, vec, vec_cond, all_ids);
+  auto theirs_s = ref::single_block(cfg, block_map(w, "single_blocks.0."), &ec, 0, x, conds, vec, vec_cond, all_ids);
   EXPECT_LT(rel_err(ours_s[0], theirs_s[0]), 1e-10) << "x";
   if (!conds.empty()) {
     std::vector<at::Tensor> rc(theirs_s.begin() + 1, theirs_s.end());
@@ -356,4 +364,169 @@ TEST(StandardLora, EqualsMergedWeights) {
   auto st = lora.state();
   EXPECT_TRUE(st.count("transformer.transformer_blocks.0.attn.to_q.lora_A.weight"));
   EXPECT_TRUE(st.count("transformer.single_transformer_blocks.1.proj_out.lora_B.weight"));
+}
+
+// --- EasyControl's projection LoRA (issue 9) --------------------------------------------------
+namespace {
+
+// Only the double blocks' proj_loras non-zero: the part of the condition branch that differs
+// from an input-side LoRA. Condition n has rank 3 + 2n.
+LoraSet proj_only_lora(const FluxConfig& cfg, int lora_num, uint64_t seed) {
+  LoraConfig lc;
+  lc.lora_num = lora_num;
+  lc.ranks.clear();
+  lc.alphas.clear();
+  for (int n = 0; n < lora_num; ++n) {
+    lc.ranks.push_back(3 + 2 * n);
+    lc.alphas.push_back(1.5 + n);
+  }
+  LoraSet s = LoraSet::create(cfg, lc, seed, at::kDouble);
+  at::manual_seed(seed);
+  for (auto& a : s.adapters()) {
+    at::NoGradGuard ng;
+    if (a.key.find("proj_loras") != std::string::npos) a.up.copy_(at::randn(a.up.sizes(), kF64) * 0.5);
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST(EasyControlProjLora, DoubleBlockMatchesEasyControlsFormula) {
+  const FluxConfig cfg = tiny();
+  const TensorMap w = init_random_weights(cfg, 31, at::kDouble);
+  for (std::vector<int64_t> lens : {std::vector<int64_t>{5}, std::vector<int64_t>{4, 4, 4}}) {
+    const int n = static_cast<int>(lens.size());
+    LoraSet lora = proj_only_lora(cfg, n, 32 + n);
+    const int64_t B = 2, T = 3, L = 4, H = cfg.hidden_size;
+    at::manual_seed(33);
+    at::Tensor img = at::randn({B, L, H}, kF64), txt = at::randn({B, T, H}, kF64);
+    at::Tensor vec = at::randn({B, H}, kF64), vec_cond = at::randn({B, H}, kF64);
+    std::vector<at::Tensor> conds, cond_ids;
+    for (int64_t l : lens) {
+      conds.push_back(at::randn({B, l, H}, kF64));
+      cond_ids.push_back(at::rand({l, 3}, kF64) * 10);
+    }
+    at::Tensor main_ids = at::cat({text_position_ids(T), noise_position_ids(2, 2)}, 0);
+    BlockContext ctx;
+    ctx.cfg = &cfg;
+    ctx.lora = &lora;
+    ctx.block = 0;
+    ctx.cond_lens = lens;
+    ctx.rope_main = rope_from_ids(main_ids, cfg.axes_dim, cfg.theta, at::kDouble);
+    ctx.rope_cond = rope_from_ids(at::cat(cond_ids, 0), cfg.axes_dim, cfg.theta, at::kDouble);
+    auto ours = double_block(ctx, block_map(w, "double_blocks.0."), img, txt, at::cat(conds, 1), vec, vec_cond);
+    ref::EasyControlLora ec{lora.state(), lora.config().alphas, std::vector<double>(n, 1.0)};
+    ref::RefInputs ri{img, txt, conds, vec, vec_cond, at::cat({main_ids, at::cat(cond_ids, 0)}, 0)};
+    auto theirs = ref::double_block(cfg, block_map(w, "double_blocks.0."), &ec, 0, ri);
+    std::vector<at::Tensor> rc(theirs.begin() + 2, theirs.end());
+    EXPECT_LT(rel_err(ours[2], at::cat(rc, 1)), 1e-10) << n << " conditions";
+    EXPECT_LT(rel_err(ours[0], theirs[0]), 1e-10) << n << " conditions, img";
+    // The projection LoRA does act (a test that cannot fail proves nothing).
+    auto base = double_block([&] { BlockContext c = ctx; c.lora = nullptr; return c; }(),
+                             block_map(w, "double_blocks.0."), img, txt, at::cat(conds, 1), vec, vec_cond);
+    EXPECT_GT(rel_err(ours[2], base[2]), 1e-3);
+    // The input-side form it replaced gives a different result: the reference tells them apart.
+    LoraSet input_side = lora;
+    for (auto& a : input_side.adapters()) a.on_output = false;
+    ctx.lora = &input_side;
+    auto wrong = double_block(ctx, block_map(w, "double_blocks.0."), img, txt, at::cat(conds, 1), vec, vec_cond);
+    EXPECT_GT(rel_err(wrong[2], at::cat(rc, 1)), 1e-4);
+  }
+}
+
+TEST(EasyControlProjLora, FiniteDifferencesOfDownAndUp) {
+  const FluxConfig cfg = tiny();
+  ResidentBlockWeights w(init_random_weights(cfg, 41, at::kDouble), cfg.depth, cfg.depth_single);
+  LoraSet lora = proj_only_lora(cfg, 2, 42);
+  for (auto& a : lora.adapters()) {  // non-zero down too, so that d/d(up) is not trivially small
+    at::NoGradGuard ng;
+    a.down.mul_(3.0);
+  }
+  FluxInputs in = make_inputs(cfg, 1, 3, {2, 2}, 43);
+  at::manual_seed(44);
+  at::Tensor r = at::randn({1, 9, cfg.out_channels}, kF64);
+  (flux_forward(cfg, w, &lora, in) * r).sum().backward();
+  int checked = 0;
+  for (auto& a : lora.adapters()) {
+    if (!a.on_output) continue;
+    for (at::Tensor* p : {&a.down, &a.up}) {
+      ASSERT_TRUE(p->grad().defined()) << a.key;
+      for (int64_t idx : {int64_t(0), p->numel() / 3, p->numel() - 1}) {
+        const double eps = 1e-6;
+        at::Tensor flat = p->view({-1});
+        const double orig = flat[idx].item<double>();
+        double lp, lm;
+        {
+          at::NoGradGuard ng;
+          flat[idx] = orig + eps;
+          lp = loss_of(flux_forward(cfg, w, &lora, in), r);
+          flat[idx] = orig - eps;
+          lm = loss_of(flux_forward(cfg, w, &lora, in), r);
+          flat[idx] = orig;
+        }
+        const double fd = (lp - lm) / (2 * eps);
+        const double an = p->grad().view({-1})[idx].item<double>();
+        EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::abs(fd))) << a.key << " [" << idx << "]";
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, cfg.depth * 2 * 2 * 3);
+}
+
+// `fluxtrain forward` with a LoRA file as EasyControl writes it (its keys, no fluxtrain metadata,
+// alphas from --network_alphas), with and without the checkpointing path, equals the in-process
+// model whose blocks the tests above compare with EasyControl's formulas.
+TEST(EasyControlProjLora, ForwardCommandReadsEasyControlFiles) {
+  const FluxConfig cfg = tiny();
+  TempDir tmp;
+  const TensorMap w = init_random_weights(cfg, 51, at::kFloat);
+  save_bfl(tmp.path("flux1-dev.safetensors"), cfg, w);
+  LoraSet lora = random_lora(cfg, 3, 52);  // ranks 4, 5, 6; alphas 2, 2.5, 3; every adapter non-zero
+  TensorMap st;
+  for (const auto& kv : lora.state()) st.emplace(kv.first, kv.second.to(at::kFloat).contiguous());
+  safetensors::save(tmp.path("ec_lora.safetensors"), st, {{"format", "pt"}});
+  FluxInputs in = make_inputs(cfg, 1, 3, {2, 2, 2}, 53);
+  TensorMap inputs{{"img", in.img.to(at::kFloat)},
+                   {"img_ids", in.img_ids.to(at::kFloat)},
+                   {"txt", in.txt.to(at::kFloat)},
+                   {"txt_ids", in.txt_ids.to(at::kFloat)},
+                   {"y", in.y.to(at::kFloat)},
+                   {"timesteps", in.timesteps.to(at::kFloat)},
+                   {"cond", at::stack(in.cond, 0).to(at::kFloat)},
+                   {"cond_ids", at::stack(in.cond_ids, 0).to(at::kFloat)}};
+  if (in.guidance.defined()) inputs.emplace("guidance", in.guidance.to(at::kFloat));
+  safetensors::save(tmp.path("inputs.safetensors"), inputs, {});
+  // The in-process model in float64 on the same (float32-rounded) inputs and weights.
+  FluxInputs in64;
+  in64.img = inputs.at("img").to(at::kDouble);
+  in64.img_ids = inputs.at("img_ids").to(at::kDouble);
+  in64.txt = inputs.at("txt").to(at::kDouble);
+  in64.txt_ids = inputs.at("txt_ids").to(at::kDouble);
+  in64.y = inputs.at("y").to(at::kDouble);
+  in64.timesteps = inputs.at("timesteps").to(at::kDouble);
+  if (in.guidance.defined()) in64.guidance = inputs.at("guidance").to(at::kDouble);
+  for (int n = 0; n < 3; ++n) {
+    in64.cond.push_back(inputs.at("cond")[n].to(at::kDouble));
+    in64.cond_ids.push_back(inputs.at("cond_ids")[n].to(at::kDouble));
+  }
+  TensorMap w64;
+  for (const auto& kv : w) w64.emplace(kv.first, kv.second.to(at::kDouble));
+  ResidentBlockWeights rw(w64, cfg.depth, cfg.depth_single);
+  LoraSet l64 = lora;
+  l64.load_state(st, "in-memory");
+  at::Tensor want;
+  {
+    at::NoGradGuard ng;
+    want = flux_forward(cfg, rw, &l64, in64);
+  }
+  for (const char* ckpt : {"", " --gradient_checkpointing"}) {
+    std::string log;
+    const std::string cmd = std::string(FLUXTRAIN_BIN) + " forward --pretrained_model_name_or_path " + tmp.dir() +
+                            " --inputs " + tmp.path("inputs.safetensors") + " --output " + tmp.path("out.safetensors") +
+                            " --lora " + tmp.path("ec_lora.safetensors") + " --network_alphas 2 2.5 3 --dtype f64" + ckpt;
+    ASSERT_EQ(run_command(cmd, &log), 0) << log;
+    at::Tensor got = safetensors::File(tmp.path("out.safetensors")).load("output");
+    EXPECT_LT(rel_err(got, want), 1e-12) << ckpt;
+  }
 }

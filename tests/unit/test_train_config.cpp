@@ -8,7 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "support/test_util.h"

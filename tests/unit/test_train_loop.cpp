@@ -15,7 +15,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/safetensors.h"

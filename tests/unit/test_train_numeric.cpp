@@ -12,7 +12,7 @@
 
 #include <ATen/ATen.h>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "core/rng.h"
 #include "train/flow_matching.h"
 #include "train/lr_schedule.h"
@@ -212,10 +212,10 @@ TEST(AdamW, MatchesScalarReference) {
   for (int t = 0; t < 4; ++t) grads.push_back(at::randn({7, 5}, gen, at::kDouble) * (t + 1));
 
   at::Tensor p = p0.clone().set_requires_grad(true);
-  AdamW opt({p}, AdamWConfig{b1, b2, eps, wd});
+  auto opt = make_adamw({{"all", {p}}}, AdamWConfig{b1, b2, eps, wd});
   for (int t = 0; t < 4; ++t) {
     p.mutable_grad() = grads[t].clone();
-    opt.step(lr * (t + 1));
+    opt->step(lr * (t + 1), /*max_grad_norm=*/0);
   }
 
   std::vector<double> ref(p0.data_ptr<double>(), p0.data_ptr<double>() + p0.numel());
@@ -233,7 +233,31 @@ TEST(AdamW, MatchesScalarReference) {
   }
   const double* got = p.data_ptr<double>();
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-13 * (1 + std::abs(ref[i])));
-  EXPECT_EQ(opt.steps(), 4);
+  EXPECT_EQ(opt->steps(), 4);
+}
+
+// Parameter groups: each group's learning rate is the step's lr times its lr_scale, and the
+// clipping norm spans all groups (the same reference loop, group by group).
+TEST(AdamW, GroupsHaveTheirOwnLearningRateAndShareTheClippingNorm) {
+  const double lr = 1e-2, scale = 0.25, max_norm = 0.5;
+  auto gen = cpu_generator(5);
+  at::Tensor a0 = at::randn({4}, gen, at::kDouble), b0 = at::randn({3}, gen, at::kDouble);
+  at::Tensor ga = at::randn({4}, gen, at::kDouble), gb = at::randn({3}, gen, at::kDouble);
+  at::Tensor a = a0.clone().set_requires_grad(true), b = b0.clone().set_requires_grad(true);
+  AdamWConfig c;
+  auto opt = make_adamw({{"transformer", {a}, 1.0}, {"text_encoder", {b}, scale}}, c);
+  a.mutable_grad() = ga.clone();
+  b.mutable_grad() = gb.clone();
+  const double norm = std::sqrt(ga.pow(2).sum().item<double>() + gb.pow(2).sum().item<double>());
+  EXPECT_NEAR(opt->step(lr, max_norm), norm, 1e-12);
+  const double coef = max_norm / (norm + 1e-6);
+  auto ref = [&](const at::Tensor& p0, const at::Tensor& g, double l, int64_t i) {
+    const double gi = g[i].item<double>() * coef, pi = p0[i].item<double>() * (1 - l * c.weight_decay);
+    const double m = (1 - c.beta1) * gi / (1 - c.beta1), v = (1 - c.beta2) * gi * gi / (1 - c.beta2);
+    return pi - l * m / (std::sqrt(v) + c.eps);
+  };
+  for (int64_t i = 0; i < 4; ++i) EXPECT_NEAR(a[i].item<double>(), ref(a0, ga, lr, i), 1e-14);
+  for (int64_t i = 0; i < 3; ++i) EXPECT_NEAR(b[i].item<double>(), ref(b0, gb, lr * scale, i), 1e-14);
 }
 
 TEST(AdamW, StateRoundTripContinuesIdentically) {
@@ -241,17 +265,17 @@ TEST(AdamW, StateRoundTripContinuesIdentically) {
   at::Tensor g1 = at::randn({3, 4}, gen), g2 = at::randn({3, 4}, gen);
   at::Tensor a = at::randn({3, 4}, gen).set_requires_grad(true);
   at::Tensor b = a.detach().clone().set_requires_grad(true);
-  AdamW oa({a}, {}), ob({b}, {});
+  auto oa = make_adamw({{"", {a}}}, {}), ob = make_adamw({{"", {b}}}, {});
   a.mutable_grad() = g1.clone();
-  oa.step(1e-2);
+  oa->step(1e-2, 0);
   b.mutable_grad() = g1.clone();
-  ob.step(1e-2);
-  AdamW oc({b}, {});
-  oc.load_state(ob.state(), ob.steps(), "test");
+  ob->step(1e-2, 0);
+  auto oc = make_adamw({{"", {b}}}, {});
+  oc->load_state(ob->state(), ob->steps(), "test");
   a.mutable_grad() = g2.clone();
-  oa.step(1e-2);
+  oa->step(1e-2, 0);
   b.mutable_grad() = g2.clone();
-  oc.step(1e-2);
+  oc->step(1e-2, 0);
   EXPECT_TRUE(at::equal(a, b));
 }
 

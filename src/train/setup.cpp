@@ -1,0 +1,87 @@
+#include "train/setup.h"
+
+#include <ATen/ATen.h>
+
+#include "core/error.h"
+#include "dist/communicator.h"
+#include "dist/process_group.h"
+#include "dist/sharded_weights.h"
+#include "model/flux_weights.h"
+
+namespace fluxtrain {
+
+Runtime::Runtime() = default;
+Runtime::Runtime(Runtime&&) noexcept = default;
+Runtime& Runtime::operator=(Runtime&&) noexcept = default;
+Runtime::~Runtime() = default;
+
+Runtime make_runtime(const RuntimeRequest& r) {
+  Runtime rt;
+  const std::string& d = r.device;
+  const bool want_cuda = d.rfind("cuda", 0) == 0 || (d == "auto" && at::hasCUDA());
+  if (want_cuda && !at::hasCUDA()) throw Error("--device " + d + ": this build or machine has no CUDA");
+  if (want_cuda) {
+    c10::DeviceIndex index = r.cuda_device >= 0 ? static_cast<c10::DeviceIndex>(r.cuda_device) : 0;
+    if (r.cuda_device < 0 && d.size() > 5) index = c10::Device(d).index();
+    rt.device = c10::Device(c10::kCUDA, index);
+  }
+  rt.dtype = r.dtype;
+  check_input(r.world_size >= 1 && r.rank >= 0 && r.rank < r.world_size, "runtime: bad rank/world size");
+  rt.rank = r.rank;
+  rt.world_size = r.world_size;
+  if (r.distributed) {
+    if (!dist::ProcessGroup::initialized())
+      throw Error("--shard_weights / --shard_optimizer need MPI (run through `fluxtrain train`, which starts it)",
+                  ErrorKind::Internal);
+    dist::ProcessGroup& pg = dist::ProcessGroup::get();
+    if (pg.rank() != r.rank || pg.world_size() != r.world_size)
+      throw Error("runtime: rank/world size differ from the process group's", ErrorKind::Internal);
+    rt.weights_comm = pg.make_communicator(rt.device, r.nccl_timeout);
+    rt.grad_comm = pg.make_communicator(rt.device, r.nccl_timeout);
+    rt.ctl_comm = pg.make_communicator(c10::Device(c10::kCPU));
+  }
+  return rt;
+}
+
+WeightSource weight_source(const TransformerSource& s) {
+  WeightSource w;
+  w.globals = s.globals();
+  w.num_blocks = s.num_blocks();
+  w.depth = s.config.depth;
+  w.depth_single = s.config.depth_single;
+  w.block = [s](int i) { return s.block(i); };
+  return w;
+}
+
+WeightSource weight_source(const TensorMap& full, int64_t depth, int64_t depth_single) {
+  auto split = std::make_shared<ResidentBlockWeights>(full, depth, depth_single);
+  WeightSource w;
+  w.globals = split->globals();
+  w.num_blocks = split->num_blocks();
+  w.depth = depth;
+  w.depth_single = depth_single;
+  w.block = [split](int i) { return split->acquire(i); };
+  return w;
+}
+
+std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const WeightSource& source,
+                                                 const WeightsPlan& plan) {
+  if (plan.sharded) {
+    if (!runtime.weights_comm) throw Error("sharded weights need the run's communicators", ErrorKind::Internal);
+    // Every rank keeps 1/N of each block; the full block is gathered just before it runs.
+    // Blocks are read one at a time and only this rank's slice of each is cast.
+    dist::ShardedWeightsOptions so;
+    so.device = runtime.device;
+    so.dtype = runtime.dtype;
+    return std::make_unique<dist::ShardedBlockWeights>(*runtime.weights_comm, source.globals, source.num_blocks,
+                                                       source.block, so);
+  }
+  TensorMap full = source.globals;
+  for (int i = 0; i < source.num_blocks; ++i)
+    for (auto& kv : source.block(i)) full.emplace(block_prefix(i, source.depth) + kv.first, kv.second);
+  auto resident = std::make_unique<ResidentBlockWeights>(full, source.depth, source.depth_single);
+  resident->to(at::TensorOptions().device(runtime.device).dtype(runtime.dtype));
+  return resident;
+}
+
+}  // namespace fluxtrain
