@@ -9,13 +9,15 @@
 
 namespace fluxtrain {
 
-void adamw_update(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, double lr, double bc1, double bc2,
-                  const AdamWConfig& cfg) {
-  p.mul_(1.0 - lr * cfg.weight_decay);
-  m.mul_(cfg.beta1).add_(g, 1.0 - cfg.beta1);
-  v.mul_(cfg.beta2).addcmul_(g, g, 1.0 - cfg.beta2);
-  const at::Tensor denom = (v.sqrt() / std::sqrt(bc2)).add_(cfg.eps);
-  p.addcdiv_(m, denom, -lr / bc1);
+void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
+                  const std::vector<at::Tensor>& v, const at::Tensor& step, double lr, const AdamWConfig& cfg,
+                  const at::Tensor& found_inf) {
+  if (p.empty()) return;
+  // One step count for every tensor: the same 0-dim tensor, repeated (the kernel only reads it).
+  const std::vector<at::Tensor> steps(p.size(), step);
+  at::_fused_adamw_(p, g, m, v, {}, steps, lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.eps,
+                    /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
+                    found_inf.defined() ? std::optional<at::Tensor>(found_inf) : std::nullopt);
 }
 
 double clip_coefficient(double norm, double max_norm) {
@@ -67,6 +69,7 @@ class ReplicatedAdamW final : public Optimizer {
         m_.push_back(at::zeros_like(p, p.options().requires_grad(false)));
         v_.push_back(at::zeros_like(p, p.options().requires_grad(false)));
       }
+    if (!m_.empty()) step_t_ = at::zeros({}, m_[0].options().dtype(at::kFloat));
   }
 
   double step(double lr, double max_grad_norm) override {
@@ -74,18 +77,21 @@ class ReplicatedAdamW final : public Optimizer {
     if (!std::isfinite(norm)) return norm;
     at::NoGradGuard ng;
     ++steps_;
-    const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-    const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(steps_));
+    step_t_.fill_(static_cast<double>(steps_));
     size_t i = 0;
-    for (auto& g : groups_)
-      for (auto& p : g.params) {
-        const at::Tensor grad = p.grad();
-        if (grad.defined()) {
-          at::Tensor pd = p.detach();
-          adamw_update(pd, grad, m_[i], v_[i], lr * g.lr_scale, bc1, bc2, cfg_);
+    for (auto& g : groups_) {
+      std::vector<at::Tensor> p, gr, m, v;  // parameters with a gradient; the others are left alone
+      for (auto& t : g.params) {
+        if (t.grad().defined()) {
+          p.push_back(t.detach());
+          gr.push_back(t.grad());
+          m.push_back(m_[i]);
+          v.push_back(v_[i]);
         }
         ++i;
       }
+      adamw_update(p, gr, m, v, step_t_, lr * g.lr_scale, cfg_);
+    }
     return norm;
   }
 
@@ -101,21 +107,17 @@ class ReplicatedAdamW final : public Optimizer {
     const at::Tensor norm = at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).norm();
     const at::Tensor found_inf = at::logical_not(at::isfinite(norm)).to(at::kFloat);
     if (max_grad_norm > 0) at::_foreach_mul_(grads, at::clamp_max(max_grad_norm / (norm + 1e-6), 1.0));
-    if (device_steps_.empty())
-      for (const auto& m : m_) device_steps_.push_back(at::zeros({}, m.options().dtype(at::kFloat)));
-    at::_foreach_add_(device_steps_, 1.0);
+    // The step count advances on the device, unless the norm was not finite.
+    step_t_.add_(1.0 - found_inf);
     size_t i = 0;
     for (auto& g : groups_) {
       const size_t n = g.params.size();
       std::vector<at::Tensor> p(g.params.begin(), g.params.end()), gr(grads.begin() + i, grads.begin() + i + n),
-          m(m_.begin() + i, m_.begin() + i + n), v(v_.begin() + i, v_.begin() + i + n),
-          st(device_steps_.begin() + i, device_steps_.begin() + i + n);
+          m(m_.begin() + i, m_.begin() + i + n), v(v_.begin() + i, v_.begin() + i + n);
       for (auto& t : p) t = t.detach();
-      at::_fused_adamw_(p, gr, m, v, {}, st, lr * g.lr_scale, cfg_.beta1, cfg_.beta2, cfg_.weight_decay, cfg_.eps,
-                        /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt, found_inf);
+      adamw_update(p, gr, m, v, step_t_, lr * g.lr_scale, cfg_, found_inf);
       i += n;
     }
-    at::_foreach_sub_(device_steps_, std::vector<at::Tensor>(device_steps_.size(), found_inf));
   }
 
   TensorMap state() override {
@@ -155,7 +157,7 @@ class ReplicatedAdamW final : public Optimizer {
   std::vector<ParamGroup> groups_;
   AdamWConfig cfg_;
   std::vector<at::Tensor> m_, v_;
-  std::vector<at::Tensor> device_steps_;  // step_on_device's counts
+  at::Tensor step_t_;  // t on the device, read by the fused update
   int64_t steps_ = 0;
 };
 

@@ -67,11 +67,13 @@ std::unique_ptr<Optimizer> make_adamw(std::vector<ParamGroup> groups, const Adam
 std::unique_ptr<Optimizer> make_sharded_adamw(dist::Communicator& comm, std::vector<ParamGroup> groups,
                                               const AdamWConfig& cfg);
 
-// The AdamW update of one tensor (or a flat slice of several) with bias corrections bc1 =
-// 1 - b1^t, bc2 = 1 - b2^t; p, m and v are updated in place. lr may differ per element when it
-// is a tensor of the same shape (sharded groups); otherwise lr_scalar is used.
-void adamw_update(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, double lr, double bc1, double bc2,
-                  const AdamWConfig& cfg);
+// The AdamW update of tensors p (parameters or flat slices) in place, with their moments m, v,
+// at step t held in the 0-dim float32 tensor `step` (bias corrections 1 - b^t), one fused kernel
+// (PyTorch's _fused_adamw_, the operations of torch.optim.AdamW(fused=True)). found_inf (0-dim,
+// optional): when non-zero the update is a no-op.
+void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
+                  const std::vector<at::Tensor>& v, const at::Tensor& step, double lr, const AdamWConfig& cfg,
+                  const at::Tensor& found_inf = {});
 // max_norm / (norm + 1e-6) when that is below 1, else 1 (also for max_norm <= 0).
 double clip_coefficient(double norm, double max_norm);
 

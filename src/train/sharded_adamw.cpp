@@ -39,6 +39,7 @@ class ShardedAdamW final : public Optimizer {
     shard_ = padded_ / comm_.size();
     exp_avg_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
     exp_avg_sq_ = at::zeros({shard_}, params_[0].options().requires_grad(false));
+    step_t_ = at::zeros({}, exp_avg_.options().dtype(at::kFloat));
   }
 
   double step(double lr, double max_grad_norm) override {
@@ -66,8 +67,7 @@ class ShardedAdamW final : public Optimizer {
     if (coef < 1.0) g.mul_(coef);
 
     ++steps_;
-    const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(steps_));
-    const double bc2 = 1 - std::pow(cfg_.beta2, static_cast<double>(steps_));
+    step_t_.fill_(static_cast<double>(steps_));
     at::Tensor p = shard_of_params();
     // Runs of consecutive active parameters with one learning rate, clipped to this rank's
     // slice: one update each (usually a single run: the whole slice).
@@ -82,9 +82,8 @@ class ShardedAdamW final : public Optimizer {
       while (j + 1 < P && active[j + 1] && lr_scale_[j + 1] == lr_scale_[i]) ++j;
       const int64_t a = std::max(lo, offsets_[i]), z = std::min(hi, offsets_[j] + params_[j].numel());
       if (a < z) {
-        at::Tensor ps = p.narrow(0, a - lo, z - a), ms = exp_avg_.narrow(0, a - lo, z - a),
-                   vs = exp_avg_sq_.narrow(0, a - lo, z - a);
-        adamw_update(ps, g.narrow(0, a - lo, z - a), ms, vs, lr * lr_scale_[i], bc1, bc2, cfg_);
+        adamw_update({p.narrow(0, a - lo, z - a)}, {g.narrow(0, a - lo, z - a)}, {exp_avg_.narrow(0, a - lo, z - a)},
+                     {exp_avg_sq_.narrow(0, a - lo, z - a)}, step_t_, lr * lr_scale_[i], cfg_);
       }
       i = j + 1;
     }
@@ -138,6 +137,7 @@ class ShardedAdamW final : public Optimizer {
   std::vector<int64_t> offsets_;
   int64_t total_ = 0, padded_ = 0, shard_ = 0, steps_ = 0;
   at::Tensor exp_avg_, exp_avg_sq_;  // this rank's slice
+  at::Tensor step_t_;                // t on the device, read by the fused update
 
   // This rank's slice of the flat parameters (zeros in the padding).
   at::Tensor shard_of_params() const {
