@@ -29,6 +29,8 @@ BlockSlots::BlockSlots(c10::Device device, std::vector<std::vector<SlotTensorSpe
                        const std::function<at::Tensor(int64_t)>& alloc)
     : device_(device), specs_(std::move(specs)) {
   if (num_slots < 1) throw Error("block slots: need at least one slot", ErrorKind::Internal);
+  // "cuda" without an index: the storages must name the device the slots are allocated on.
+  if (!device_.has_index() && !device_.is_cpu()) device_ = alloc(1).device();
   const int n = static_cast<int>(specs_.size());
   block_bytes_.assign(n, 0);
   storage_.resize(n);

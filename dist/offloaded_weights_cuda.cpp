@@ -30,8 +30,8 @@ at::Tensor pinned_bytes(int64_t bytes) {
 class CudaStreamEngine : public StreamEngine {
  public:
   CudaStreamEngine(c10::Device device, int num_slots)
-      : device_(device),
-        side_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index() < 0 ? 0 : device.index())) {
+      : device_(device.has_index() ? device : c10::Device(c10::kCUDA, c10::cuda::current_device())),
+        side_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_.index())) {
     filled_.resize(num_slots);
     released_.resize(num_slots);
   }
