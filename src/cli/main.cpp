@@ -22,6 +22,8 @@ const Command kCommands[] = {
     {"bench", fluxtrain::cmd_bench, "time one LoRA training step (JSON lines)"},
     {"train", fluxtrain::cmd_train, "train a LoRA (EasyControl flags, INI presets in configs/)"},
     {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
+    {"estimate", fluxtrain::cmd_estimate, "predict peak GPU memory of a training configuration (no model files)"},
+    {"doctor", fluxtrain::cmd_doctor, "check the GPUs and recommend the preset that fits"},
 };
 
 void usage(std::FILE* out) {

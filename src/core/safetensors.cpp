@@ -49,7 +49,27 @@ const DTypeInfo& find_dtype(at::ScalarType t, const std::string& tensor_name) {
               ", which safetensors cannot store");
 }
 
+// Returns the whole pages inside [p, p + n) to the kernel. They belong to one entry only
+// (entries do not overlap, boundary pages are kept), whose one view is being freed or whose
+// bytes were just copied out; a later read faults them in again from the file.
+void drop_pages(const uint8_t* p, size_t n) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t z = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (z > a) ::madvise(reinterpret_cast<void*>(a), z - a, MADV_DONTNEED);
+}
+
 }  // namespace
+
+struct File::Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  int fd = -1;  // kept open: copies of an entry already viewed are read from the file itself
+  ~Mapping() {
+    if (addr) ::munmap(addr, size);
+    if (fd >= 0) ::close(fd);
+  }
+};
 
 File::File(const std::string& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY);
@@ -65,14 +85,17 @@ File::File(const std::string& path) : path_(path) {
     throw Error(path + ": truncated safetensors file (" + std::to_string(size) +
                 " bytes, expected at least an 8-byte header length)");
   }
-  map_size_ = size;
-  map_ = ::mmap(nullptr, map_size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
+  // Private and writable: loaded views may be written to (copy-on-write), never the file.
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  if (addr == MAP_FAILED) {
+    ::close(fd);
     throw Error(path + ": mmap failed (" + std::strerror(errno) + ")");
   }
-  const auto* bytes = static_cast<const uint8_t*>(map_);
+  map_ = std::make_shared<Mapping>();
+  map_->addr = addr;
+  map_->size = size;
+  map_->fd = fd;
+  const auto* bytes = static_cast<const uint8_t*>(addr);
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little-endian u64
   if (header_len > size - 8) {
@@ -140,16 +163,52 @@ File::File(const std::string& path) : path_(path) {
       throw Error(path + ": tensors overlap in the data section");
 }
 
-File::~File() {
-  if (map_) ::munmap(map_, map_size_);
-}
+File::~File() = default;  // views handed out keep the mapping
 
-at::Tensor File::load(const std::string& name) const {
+bool File::is_view(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw Error(path_ + ": no tensor named " + name);
   const Entry& e = it->second;
-  at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(find_dtype(e.dtype)->type));
-  if (e.end > e.begin) std::memcpy(t.data_ptr(), data_ + e.begin, e.end - e.begin);
+  std::lock_guard<std::mutex> lock(mutex_);
+  return e.end > e.begin && reinterpret_cast<uintptr_t>(data_ + e.begin) % find_dtype(e.dtype)->bytes == 0 &&
+         viewed_.count(name) == 0;
+}
+
+at::Tensor File::load(const std::string& name) const {
+  bool view = is_view(name);
+  if (view) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    view = viewed_.insert(name).second;  // another thread may have taken the view meanwhile
+  }
+  const Entry& e = entries_.at(name);
+  const auto opts = at::TensorOptions().dtype(find_dtype(e.dtype)->type);
+  const uint8_t* src = data_ + e.begin;
+  const size_t n = e.end - e.begin;
+  if (view) {
+    std::shared_ptr<Mapping> keep = map_;
+    return at::from_blob(const_cast<uint8_t*>(src), e.shape,
+                         [keep, src, n](void*) { drop_pages(src, n); }, opts);
+  }
+  at::Tensor t = at::empty(e.shape, opts);
+  if (n == 0) return t;
+  bool viewed;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    viewed = viewed_.count(name) != 0;
+  }
+  if (!viewed) {
+    std::memcpy(t.data_ptr(), src, n);
+    drop_pages(src, n);
+    return t;
+  }
+  // The view may have been written to: read the bytes from the file, not the mapping.
+  auto* dst = static_cast<char*>(t.data_ptr());
+  const off_t file_offset = static_cast<off_t>(src - static_cast<const uint8_t*>(map_->addr));
+  for (size_t done = 0; done < n;) {
+    const ssize_t r = ::pread(map_->fd, dst + done, n - done, file_offset + static_cast<off_t>(done));
+    if (r <= 0) throw Error(path_ + ": tensor " + name + ": read failed (" + std::strerror(errno) + ")");
+    done += static_cast<size_t>(r);
+  }
   return t;
 }
 

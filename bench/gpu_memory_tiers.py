@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""The memory tiers of docs/memory.md measured at FLUX.1-dev size (random weights), one JSON line
+per (tier, mode): peak GPU memory as max_memory_allocated (the bench's peak_gib) and as the
+driver sees it (nvidia-smi, sampled every 100 ms), the estimate (`fluxtrain estimate --json`
+with the same options), peak host RSS of the process (getrusage of the child), ms per step,
+bytes streamed per step and the measured host-to-device bandwidth, so that the speed clause of
+issue 14 can be checked: ms_per_step <= max(2 x resident ms, 1.25 x bytes / bandwidth).
+
+Each tier runs twice: with its low-memory options ("low_memory") and fully resident in bf16
+("resident", the speed reference; skipped with --no_resident or when it does not fit).
+
+  python3 bench/gpu_memory_tiers.py --bin build-gpu/fluxtrain [--tiers standard,ultra-low] [--out DIR]
+  python3 bench/gpu_memory_tiers.py --bin build/fluxtrain --size tiny --device cpu   # CPU smoke test
+
+Transformer side only (the text encoders are not in the step yet): each row uses its preset's
+image sizes and rank; the 4 GiB row uses EasyControl at 256/512/32 as a stand-in for plain LoRA
+at 512 px (the bench has no plain-LoRA mode), which has more tokens, so it is conservative.
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+# tier name, preset file, cond/noise/rank, goal GiB, low-memory flags (as in the preset)
+TIERS = [
+    ("standard", "standard.ini", "384/768/64", 16, ["--base_precision", "fp8", "--max_gpu_memory", "14GiB"]),
+    ("text-encoder-one-only", "text-encoder-one-only.ini", "384/768/64", 14,
+     ["--base_precision", "fp8", "--max_gpu_memory", "12GiB"]),
+    ("text-encoder-one-low-memory", "text-encoder-one-low-memory.ini", "256/512/32", 8,
+     ["--base_precision", "fp8", "--max_gpu_memory", "7GiB"]),
+    ("ultra-low", "ultra-low.ini", "192/384/16", 6, ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"]),
+    ("no-text-encoder", "no-text-encoder.ini", "256/512/32", 6,
+     ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"]),
+    ("low-vram-4gb", "low-vram-4gb.ini", "256/512/32", 4,
+     ["--base_precision", "fp8", "--fp8_modulation", "--blocks_to_swap", "-1", "--offload_prefetch", "1"]),
+]
+
+
+class SmiSampler:
+    """Peak memory.used of one GPU from nvidia-smi (MiB), sampled while the child runs."""
+
+    def __init__(self, gpu):
+        self.gpu, self.peak, self.proc = gpu, 0, None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi") and self.gpu is not None:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(self.gpu), "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.peak = max(self.peak, int(line))
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.thread.join(timeout=2)
+
+
+def run_child(cmd, gpu):
+    """Runs cmd, returns (stdout, stderr, rc, peak RSS GiB of this child, driver peak MiB, seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.time()
+    with SmiSampler(gpu) as smi:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; the max over children
+    rss_gib = after / 2**20 if after > before else None  # None: not above an earlier child's peak
+    return p.stdout, p.stderr, p.returncode, rss_gib, smi.peak, time.time() - t0
+
+
+def estimate(binary, cfg, ckpt, size, flags):
+    c, n, r = cfg.split("/")
+    cmd = [binary, "estimate", "--json", "--size", size, "--cond_size", c, "--noise_size", n, "--ranks", r,
+           "--gradient_checkpointing", "1" if ckpt else "0"] + flags
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"estimate_error": (p.stderr.strip() or p.stdout.strip())[-300:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bandwidth(binary):
+    p = subprocess.run([binary, "doctor", "--gpu_memory", "1GiB"], capture_output=True, text=True)
+    m = re.search(r"host-to-device ([0-9.]+) GB/s", p.stdout)
+    return float(m.group(1)) if m else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="build-gpu/fluxtrain")
+    ap.add_argument("--size", default="flux-dev")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiers", default=",".join(t[0] for t in TIERS))
+    ap.add_argument("--warmup", default="2")
+    ap.add_argument("--iters", default="5")
+    ap.add_argument("--no_resident", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    gpu = None  # nvidia-smi's (physical) index of the bench's GPU
+    if a.device.startswith("cuda"):
+        logical = int(a.device.split(":")[1]) if ":" in a.device else 0
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        gpu = visible[logical] if logical < len(visible) else logical
+    bw = bandwidth(a.bin) if a.device.startswith("cuda") else None
+    wanted = a.tiers.split(",")
+    with open(os.path.join(a.out, "memory_tiers.jsonl"), "a") as log:
+        for name, preset, cfg, goal, flags in TIERS:
+            if name not in wanted:
+                continue
+            for mode in ["low_memory"] + ([] if a.no_resident else ["resident"]):
+                ckpt = mode == "low_memory"
+                mflags = flags if mode == "low_memory" else []
+                cmd = [a.bin, "bench", "--size", a.size, "--device", a.device, "--configs", cfg,
+                       "--gradient_checkpointing", "on" if ckpt else "off", "--cuda_graph", "off",
+                       "--warmup", a.warmup, "--iters", a.iters] + mflags
+                out, err, rc, rss, smi_mib, secs = run_child(cmd, gpu)
+                row = {"name": "memory_tier", "tier": name, "preset": "configs/" + preset, "mode": mode,
+                       "goal_gib": goal, "config": cfg, "gradient_checkpointing": ckpt, "flags": mflags,
+                       "host_to_device_gb_s": bw, "peak_rss_gib": rss, "wall_s": round(secs, 1)}
+                lines = [l for l in out.splitlines() if l.startswith("{")]
+                if rc != 0 or not lines:
+                    row["error"] = (err.strip().splitlines() or ["no output"])[-1][-300:]
+                else:
+                    j = json.loads(lines[-1])
+                    row["ms_per_step"] = j.get("ms_per_step")
+                    row["peak_allocated_gib"] = j.get("peak_gib")
+                    for k in ("bytes_streamed_per_step", "weights", "low_memory"):
+                        if k in j:
+                            row[k] = j[k]
+                    if "error" in j:
+                        row["error"] = j["error"]
+                row["peak_driver_gib"] = round(smi_mib / 1024, 3) if smi_mib else None
+                est = estimate(a.bin, cfg, ckpt, a.size, mflags)
+                row["estimate"] = est
+                streamed = row.get("bytes_streamed_per_step", est.get("bytes_streamed_per_step"))
+                if bw and streamed:
+                    row["stream_bound_ms"] = round(1.25 * streamed / (bw * 1e9) * 1e3, 1)
+                print(json.dumps(row), flush=True)
+                log.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+#include "dist/low_memory_weights.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "core/error.h"
+#include "dist/fp8_weights.h"
+#include "dist/offloaded_weights.h"
+#include "dist/sharded_weights.h"
+
+namespace fluxtrain::dist {
+namespace {
+
+Fp8WeightsOptions fp8_options(const LowMemoryOptions& o) {
+  Fp8WeightsOptions f;
+  f.scaling = o.fp8_scaling == "tensor" ? kernels::Fp8Scaling::PerTensor : kernels::Fp8Scaling::PerChannel;
+  f.quantise_modulation = o.fp8_modulation;
+  return f;
+}
+
+BlockShapes shapes_of(const WeightsSource& src, int i) {
+  if (src.block_shapes) return src.block_shapes(i);
+  BlockShapes s;
+  for (const auto& [name, t] : src.load_block(i)) s.emplace_back(name, t.sizes().vec());
+  return s;
+}
+
+int64_t numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string gib(int64_t b) {
+  std::ostringstream s;
+  s.precision(2);
+  s << std::fixed << static_cast<double>(b) / (1ll << 30) << " GiB";
+  return s.str();
+}
+
+}  // namespace
+
+std::string LowMemoryPlan::describe() const {
+  std::ostringstream s;
+  s << "frozen blocks " << (fp8 ? "fp8" : "in the compute dtype") << ", " << streamed_blocks
+    << " streamed from host memory; weights on the device " << gib(device_weight_bytes) << ", in host memory "
+    << gib(host_weight_bytes);
+  return s.str();
+}
+
+LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt, at::ScalarType dtype,
+                                      int64_t non_weight_bytes) {
+  opt.validate();
+  LowMemoryPlan p;
+  p.fp8 = opt.fp8();
+  const int n = src.num_blocks;
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  const Fp8WeightsOptions fo = fp8_options(opt);
+  std::vector<int64_t> stored(n);
+  int64_t largest_compute = 0;
+  // Without shapes, counting bytes means reading every block: only worth it for a budget.
+  const bool counted = src.block_shapes || !opt.max_gpu_memory.empty();
+  for (int i = 0; i < n && counted; ++i) {
+    const BlockShapes sh = shapes_of(src, i);
+    int64_t compute = 0;
+    for (const auto& kv : sh) compute += numel(kv.second) * esize;
+    stored[i] = p.fp8 ? fp8_stored_bytes(sh, fo, dtype) : compute;
+    largest_compute = std::max(largest_compute, compute);
+    p.stored_block_bytes += stored[i];
+  }
+  int64_t globals = 0;
+  for (const auto& kv : src.globals) globals += kv.second.numel() * esize;
+  const int64_t fixed = globals + (p.fp8 ? largest_compute : 0);  // the fp8 layer's one slot
+  const int ring = static_cast<int>(opt.offload_prefetch) + 1;
+  int count = opt.blocks_to_swap < 0 ? n : static_cast<int>(std::min<int64_t>(opt.blocks_to_swap, n));
+  if (!opt.max_gpu_memory.empty()) {
+    const int64_t budget = opt.max_gpu_memory_bytes() - non_weight_bytes - fixed;
+    count = blocks_to_swap_for_budget(stored, budget, ring);
+    if (count < 0) {
+      int64_t largest = *std::max_element(stored.begin(), stored.end());
+      throw Error("--max_gpu_memory " + opt.max_gpu_memory + ": too small; with every block streamed the weights need " +
+                  gib(fixed + ring * largest) + " on the device and the rest of the step about " +
+                  gib(non_weight_bytes) + (p.fp8 ? "" : " (--base_precision fp8 halves the blocks)"));
+    }
+  }
+  const std::vector<bool> s = spread_streamed_blocks(n, count);
+  p.streamed_blocks = count;
+  int64_t largest_streamed = 0;
+  p.device_weight_bytes = fixed;
+  for (int i = 0; i < n; ++i) {
+    if (s[i]) {
+      p.host_weight_bytes += stored[i];
+      largest_streamed = std::max(largest_streamed, stored[i]);
+    } else {
+      p.device_weight_bytes += stored[i];
+    }
+  }
+  p.device_weight_bytes += count > 0 ? ring * largest_streamed : 0;
+  return p;
+}
+
+std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt,
+                                                         c10::Device device, at::ScalarType dtype, Communicator* comm,
+                                                         int64_t non_weight_bytes, LowMemoryPlan* plan_out) {
+  const LowMemoryPlan plan = plan_low_memory_weights(src, opt, dtype, non_weight_bytes);
+  if (plan_out) *plan_out = plan;
+  if (comm && plan.streamed_blocks > 0)
+    throw Error("--blocks_to_swap / --max_gpu_memory with sharded weights: not supported yet (each rank already keeps "
+                "1/N of every block; use --base_precision fp8 to halve it)");
+  const int n = src.num_blocks;
+  TensorMap globals;
+  for (const auto& [k, v] : src.globals) globals.emplace(k, v.detach().to(device, dtype));
+
+  // The stored form of block i; the fp8 layer's slot layout is recorded as blocks go by.
+  const Fp8WeightsOptions fo = fp8_options(opt);
+  std::vector<std::vector<SlotTensorSpec>> specs(n);
+  auto stored_block = [&](int i) {
+    TensorMap b = src.load_block(i);
+    if (!plan.fp8) return b;
+    at::NoGradGuard no_grad;
+    if (device.is_cuda())  // quantise where it is fast; the provider moves the result where it lives
+      for (auto& kv : b) kv.second = kv.second.to(device);
+    TensorMap q = quantise_block_fp8(b, fo, dtype);
+    specs[i] = fp8_compute_specs(q, dtype);
+    return q;
+  };
+
+  std::unique_ptr<BlockWeights> inner;
+  if (comm) {
+    ShardedWeightsOptions so;
+    so.device = device;
+    if (!plan.fp8) so.dtype = dtype;  // fp8: each group keeps its dtype (codes, scales, the rest)
+    inner = std::make_unique<ShardedBlockWeights>(*comm, globals, n, stored_block, so);
+  } else {
+    OffloadOptions oo;
+    oo.device = device;
+    if (!plan.fp8) oo.dtype = dtype;
+    oo.prefetch = static_cast<int>(opt.offload_prefetch);
+    oo.streamed = spread_streamed_blocks(n, plan.streamed_blocks);
+    inner = std::make_unique<OffloadedBlockWeights>(globals, n, stored_block, oo);
+  }
+  if (!plan.fp8) return inner;
+  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs));
+}
+
+}  // namespace fluxtrain::dist

@@ -1,0 +1,65 @@
+// compose_low_memory_weights: the one place where the low-memory options turn into a stack of
+// BlockWeights providers (called from the trainer's/bench's provider set-up):
+//
+//   options                    provider stack (outermost first)
+//   bf16                       resident on the device
+//   fp8                        Fp8BlockWeights > resident fp8 blocks on the device
+//   bf16 + streaming           OffloadedBlockWeights (blocks_to_swap of them in host memory)
+//   fp8 + streaming            Fp8BlockWeights > OffloadedBlockWeights of fp8 blocks
+//   sharded (comm given)       ShardedBlockWeights, as before
+//   sharded + fp8              Fp8BlockWeights > ShardedBlockWeights of fp8 blocks (fp8 gathered)
+//   sharded + streaming        not supported yet (Error): each rank already holds 1/N
+//
+// --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
+// fp8 dequantisation slot, resident blocks and the streaming ring fit in the budget minus
+// `non_weight_bytes` (activations, LoRA, optimizer, workspace: src/train/memory_estimate.h).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "core/tensor_map.h"
+#include "dist/low_memory_options.h"
+#include "model/block_weights.h"
+
+namespace fluxtrain::dist {
+
+class Communicator;
+
+using BlockShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
+struct WeightsSource {
+  TensorMap globals;                          // full names, any device/dtype
+  int num_blocks = 0;
+  std::function<TensorMap(int)> load_block;   // block i, relative names, any device/dtype
+  // Names and shapes of block i without reading it (flux_block_shapes in
+  // train/memory_estimate.h). Optional: without it the plan's byte counts stay 0, and
+  // --max_gpu_memory reads every block once more to count them.
+  std::function<BlockShapes(int)> block_shapes;
+};
+
+struct LowMemoryPlan {
+  bool fp8 = false;
+  int streamed_blocks = 0;             // in host memory
+  int64_t device_weight_bytes = 0;     // globals + resident blocks + slots (this rank)
+  int64_t host_weight_bytes = 0;       // streamed blocks in host memory
+  int64_t stored_block_bytes = 0;      // all blocks in their stored precision
+  std::string describe() const;        // one line for the start-up log
+};
+
+// Bytes of the device slots and blocks for `streamed` blocks (no allocation): what the
+// provider built with these options will hold.
+LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt, at::ScalarType dtype,
+                                      int64_t non_weight_bytes = 0);
+
+std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt,
+                                                         c10::Device device, at::ScalarType dtype,
+                                                         Communicator* comm = nullptr, int64_t non_weight_bytes = 0,
+                                                         LowMemoryPlan* plan = nullptr);
+
+}  // namespace fluxtrain::dist
