@@ -22,6 +22,8 @@ const Command kCommands[] = {
     {"bench", fluxtrain::cmd_bench, "time one LoRA training step (JSON lines)"},
     {"train", fluxtrain::cmd_train, "train a LoRA (EasyControl flags, INI presets in configs/)"},
     {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
+    {"prepare", fluxtrain::cmd_prepare, "images + EasyControl jsonl -> HDF5 training dataset (buckets, cached latents)"},
+    {"vae", fluxtrain::cmd_vae, "FLUX autoencoder: encode/decode a .safetensors file, or --bench"},
 };
 
 void usage(std::FILE* out) {
