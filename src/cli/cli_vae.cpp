@@ -6,6 +6,7 @@
 //       mean and logvar, [B,2C,h,w]).
 //   --decode IN.safetensors --output OUT: tensor "latents" [B,C,h,w] -> "images".
 //   --bench: encode/decode time and peak memory at --bench_sizes with random weights (JSON lines).
+//   --write_random DIR [--size flux|tiny]: a random autoencoder only (benchmarks of prepare).
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -101,7 +102,7 @@ void run_bench(const Autoencoder& ae, const c10::Device& dev, const std::string&
 }  // namespace
 
 int cmd_vae(int argc, char** argv) {
-  std::string model, layout, enc_in, dec_in, output, dtype_s, device_s, size, bench_sizes;
+  std::string model, layout, enc_in, dec_in, output, dtype_s, device_s, size, bench_sizes, write_random;
   int64_t tile_px = 0, overlap_px = 0, tile_from = 2048;
   int warmup = 2, iters = 5;
   bool bench = false;
@@ -117,6 +118,7 @@ int cmd_vae(int argc, char** argv) {
       ("tile_size", po::value(&tile_px)->default_value(0), "tile side in pixels (0 = no tiling)")
       ("tile_overlap", po::value(&overlap_px)->default_value(128), "tile overlap in pixels")
       ("bench", po::bool_switch(&bench), "benchmark encode/decode with random weights (JSON lines)")
+      ("write_random", po::value(&write_random), "write a random autoencoder of --size as DIR/ae.safetensors + DIR/vae/")
       ("size", po::value(&size)->default_value("flux"), "--bench: autoencoder size (flux or tiny)")
       ("bench_sizes", po::value(&bench_sizes)->default_value("512,1024,2048"), "--bench: image sides in pixels")
       ("tile_from", po::value(&tile_from)->default_value(2048), "--bench: tile images of this side and larger")
@@ -131,6 +133,10 @@ int cmd_vae(int argc, char** argv) {
   if (tile_px > 0 && (tile_px % 16 || overlap_px % 8 || overlap_px < 0 || overlap_px >= tile_px))
     throw Error("--tile_size must be a multiple of 16 and --tile_overlap a multiple of 8 below it");
 
+  if (!write_random.empty()) {
+    for (const auto& f : write_random_autoencoder(write_random, size, 0, dtype, "both")) std::cout << f << "\n";
+    return 0;
+  }
   if (bench) {
     check_input(warmup >= 0 && iters >= 1, "--warmup must be >= 0 and --iters >= 1");
     const AutoencoderConfig cfg = AutoencoderConfig::preset(size);

@@ -24,6 +24,7 @@ const Command kCommands[] = {
     {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
     {"prepare", fluxtrain::cmd_prepare, "images + EasyControl jsonl -> HDF5 training dataset (buckets, cached latents)"},
     {"vae", fluxtrain::cmd_vae, "FLUX autoencoder: encode/decode a .safetensors file, or --bench"},
+    {"image", fluxtrain::cmd_image, "decode an image file as prepare does (pixels to .safetensors / PNG)"},
 };
 
 void usage(std::FILE* out) {

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/safetensors.h"
 
 namespace fluxtrain {
 #if FLUXTRAIN_WITH_VIPS
@@ -87,7 +88,7 @@ int orientation_of(VipsImage* p) {
 
 }  // namespace
 
-ImageSize probe_image(const std::string& path) {
+ImageSize probe_image_file(const std::string& path) {
   Img img;
   open_image(img, path);
   const int o = orientation_of(img.p);
@@ -96,7 +97,7 @@ ImageSize probe_image(const std::string& path) {
   return s;
 }
 
-at::Tensor load_image_rgb8(const std::string& path) {
+at::Tensor load_image_file(const std::string& path) {
   Img img;
   open_image(img, path);
   // EXIF orientation (the tag is removed so nothing rotates twice).
@@ -180,10 +181,43 @@ namespace {
   throw Error(path + ": this fluxtrain was built without libvips (install libvips-dev and reconfigure)");
 }
 }  // namespace
-ImageSize probe_image(const std::string& path) { no_vips(path); }
-at::Tensor load_image_rgb8(const std::string& path) { no_vips(path); }
+ImageSize probe_image_file(const std::string& path) { no_vips(path); }
+at::Tensor load_image_file(const std::string& path) { no_vips(path); }
 void save_png(const std::string& path, const at::Tensor&) { no_vips(path); }
 #endif  // FLUXTRAIN_WITH_VIPS
+
+namespace {
+// Pre-decoded images: a .safetensors file with "rgb" [H, W, 3] uint8 (what `fluxtrain image`
+// writes). Lets prepare run where libvips is absent (the GPU benchmark machine).
+at::Tensor load_rgb_safetensors(const std::string& path) {
+  if (!path_exists(path)) throw Error(path + ": no such file");
+  at::Tensor t;
+  try {
+    safetensors::File f(path);
+    if (!f.contains("rgb")) throw Error(path + ": cannot decode image (no tensor 'rgb')");
+    t = f.load("rgb");
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    throw Error(m.rfind(path, 0) == 0 ? m : path + ": cannot decode image (" + m + ")");
+  }
+  if (t.dim() != 3 || t.size(2) != 3 || t.scalar_type() != at::kByte || t.size(0) == 0 || t.size(1) == 0)
+    throw Error(path + ": cannot decode image ('rgb' must be [H, W, 3] uint8)");
+  return t.contiguous();
+}
+}  // namespace
+
+ImageSize probe_image(const std::string& path) {
+  if (file_extension(path) == ".safetensors") {
+    const at::Tensor t = load_rgb_safetensors(path);
+    return {t.size(1), t.size(0)};
+  }
+  return probe_image_file(path);
+}
+
+at::Tensor load_image_rgb8(const std::string& path) {
+  if (file_extension(path) == ".safetensors") return load_rgb_safetensors(path);
+  return load_image_file(path);
+}
 
 at::Tensor resize_rgb8(const at::Tensor& hwc_u8, int64_t width, int64_t height, ResizeFilter filter) {
   check_input(hwc_u8.dim() == 3 && hwc_u8.scalar_type() == at::kByte, "resize: expected [H, W, C] uint8");

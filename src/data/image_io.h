@@ -6,6 +6,8 @@
 // bits (high byte, as Pillow's 16-bit RGB decoding does), greyscale and palette expanded to RGB,
 // alpha flattened on white. Formats: whatever the installed libvips reads (PNG, JPEG, WebP, TIFF,
 // GIF, ...). A missing, truncated or undecodable file is one Error line naming the file.
+// A .safetensors file holding "rgb" [H, W, 3] uint8 (what `fluxtrain image` writes) is read as
+// already decoded pixels (no libvips needed).
 #pragma once
 #include <cstdint>
 #include <string>

@@ -542,7 +542,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
     g.write_strings("sample_key", keys_written);
     std::vector<std::string> bad_lines;
     for (const auto& b : sum.bad) bad_lines.push_back(std::to_string(b.line) + "\t" + b.path + "\t" + b.reason);
-    g.write_strings("bad_lines", bad_lines);
+    if (!bad_lines.empty()) g.write_strings("bad_lines", bad_lines);
     g.write_tensor("line", at::tensor(lines_written, at::TensorOptions().dtype(at::kLong)));
     f.set_attr("prepare_key", prepare_key);
     f.set_attr("prepare_settings", settings);

@@ -134,10 +134,17 @@ at::Tensor Autoencoder::group_norm(const at::Tensor& x, const std::string& prefi
   return at::group_norm(x, cfg_.norm_num_groups, p(prefix + ".weight"), p(prefix + ".bias"), 1e-6);
 }
 
+namespace {
+at::Tensor silu_inplace(at::Tensor t) {
+  at::silu_(t);
+  return t;
+}
+}  // namespace
+
 at::Tensor Autoencoder::resnet(const at::Tensor& x, const std::string& b) const {
-  at::Tensor h = at::silu_(group_norm(x, b + ".norm1"));
+  at::Tensor h = silu_inplace(group_norm(x, b + ".norm1"));
   h = conv(h, b + ".conv1", 1, 1);
-  h = at::silu_(group_norm(h, b + ".norm2"));
+  h = silu_inplace(group_norm(h, b + ".norm2"));
   h = conv(h, b + ".conv2", 1, 1);
   const std::string sc = b + ".nin_shortcut";
   if (w_.count(sc + ".weight")) return h.add_(conv(x, sc, 1, 0));
@@ -166,7 +173,7 @@ at::Tensor Autoencoder::run_encoder(const at::Tensor& images) const {
   h = resnet(h, "encoder.mid.block_1");
   h = attention(h, "encoder.mid.attn_1");
   h = resnet(h, "encoder.mid.block_2");
-  h = at::silu_(group_norm(h, "encoder.norm_out"));
+  h = silu_inplace(group_norm(h, "encoder.norm_out"));
   return conv(h, "encoder.conv_out", 1, 1);
 }
 
@@ -181,7 +188,7 @@ at::Tensor Autoencoder::run_decoder(const at::Tensor& z) const {
     for (int64_t j = 0; j <= cfg_.layers_per_block; ++j) h = resnet(h, lv + ".block." + std::to_string(j));
     if (i != 0) h = conv(at::upsample_nearest2d(h, {h.size(2) * 2, h.size(3) * 2}), lv + ".upsample.conv", 1, 1);
   }
-  h = at::silu_(group_norm(h, "decoder.norm_out"));
+  h = silu_inplace(group_norm(h, "decoder.norm_out"));
   return conv(h, "decoder.conv_out", 1, 1);
 }
 
