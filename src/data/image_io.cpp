@@ -22,6 +22,10 @@ void init_vips() {
     if (VIPS_INIT("fluxtrain")) throw Error("libvips failed to start: " + std::string(vips_error_buffer()));
     // One decoded image at a time per thread; no operation cache needed (every file is read once).
     vips_cache_set_max(0);
+    // libvips' warnings ("not enough data", "error in tile") go to stderr through GLib; the error
+    // that follows them is reported as one line instead.
+    g_log_set_handler("VIPS", static_cast<GLogLevelFlags>(G_LOG_LEVEL_WARNING | G_LOG_LEVEL_MESSAGE | G_LOG_LEVEL_INFO),
+                      [](const gchar*, GLogLevelFlags, const gchar*, gpointer) {}, nullptr);
   });
 }
 

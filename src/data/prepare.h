@@ -59,7 +59,9 @@ struct PrepareOptions {
   at::ScalarType latent_dtype = at::kFloat;
   std::string device = "cpu";      // VAE device
   at::ScalarType vae_dtype = at::kFloat;
-  TileOptions tile = TileOptions::defaults();  // tiles only images larger than tile_px
+  // Tiles only images larger than tile_px: 1024 px targets are encoded whole (tiling changes
+  // GroupNorm statistics, see autoencoder.h), 2048 px ones in 1024 px tiles.
+  TileOptions tile{1024, 256};
   const TextEncoderHook* text = nullptr;        // null: captions only
   std::FILE* log = stderr;
   int tty = -1;                    // progress bar: -1 detect, 0/1 force

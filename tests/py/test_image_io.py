@@ -110,6 +110,12 @@ def main():
             want = ImageOps.exif_transpose(Image.open(p(f"o{o}.jpg"))).convert("RGB")
             check(f"jpeg exif orientation {o}", decode(p(f"o{o}.jpg")), want)
 
+        # An embedded ICC profile is converted to sRGB: an sRGB profile changes (almost) nothing.
+        from PIL import ImageCms
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+        im.save(p("icc.png"), icc_profile=srgb)
+        check("png with embedded sRGB ICC", decode(p("icc.png")), base, 2)
+
         im.save(p("lossless.webp"), lossless=True)
         check("webp lossless", decode(p("lossless.webp")), Image.open(p("lossless.webp")).convert("RGB"), 0)
         im.save(p("lossy.webp"), quality=90)
