@@ -430,7 +430,7 @@ TEST(Prepare, InterruptedRunLeavesNoPartialDataset) {
     ::kill(pid, sig);
     int status = 0;
     ::waitpid(pid, &status, 0);
-    EXPECT_EQ(read_bytes(fx.out), "old dataset\n") << "signal " << sig;
+    EXPECT_EQ(read_bytes(fx.out), "old dataset") << "signal " << sig;
     if (sig == SIGTERM) {
       EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 2) << status;
       EXPECT_FALSE(path_exists(tmp)) << "temp file left after SIGTERM";
