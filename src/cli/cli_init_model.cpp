@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "encoders/autoencoder_weights.h"
 #include "model/flux_weights.h"
 
 namespace po = boost::program_options;
@@ -46,6 +47,7 @@ int cmd_init_model(int argc, char** argv) {
                             {"transformer", {"diffusers", "FluxTransformer2DModel"}}};
     write_text_file_atomic(path_join(out, "model_index.json"), index.dump(2));
   }
+  write_random_autoencoder(out, size, seed, dtype, layout);  // ae.safetensors and/or vae/
   std::cout << out << "\n";
   return 0;
 }

@@ -10,4 +10,7 @@ int cmd_train(int argc, char** argv);
 int cmd_synth_data(int argc, char** argv);
 int cmd_estimate(int argc, char** argv);
 int cmd_doctor(int argc, char** argv);
+int cmd_vae(int argc, char** argv);
+int cmd_prepare(int argc, char** argv);
+int cmd_image(int argc, char** argv);
 }  // namespace fluxtrain

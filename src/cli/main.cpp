@@ -24,6 +24,9 @@ const Command kCommands[] = {
     {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
     {"estimate", fluxtrain::cmd_estimate, "predict peak GPU memory of a training configuration (no model files)"},
     {"doctor", fluxtrain::cmd_doctor, "check the GPUs and recommend the preset that fits"},
+    {"prepare", fluxtrain::cmd_prepare, "images + EasyControl jsonl -> HDF5 training dataset (buckets, cached latents)"},
+    {"vae", fluxtrain::cmd_vae, "FLUX autoencoder: encode/decode a .safetensors file, or --bench"},
+    {"image", fluxtrain::cmd_image, "decode an image file as prepare does (pixels to .safetensors / PNG)"},
 };
 
 void usage(std::FILE* out) {
