@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "encoders/tiny_text_encoders.h"
 #include "model/flux_weights.h"
 
 namespace po = boost::program_options;
@@ -46,6 +47,8 @@ int cmd_init_model(int argc, char** argv) {
                             {"transformer", {"diffusers", "FluxTransformer2DModel"}}};
     write_text_file_atomic(path_join(out, "model_index.json"), index.dump(2));
   }
+  // Tiny snapshots also get tiny text encoders and the real tokenizer files (quickstart from captions).
+  if (size.rfind("tiny", 0) == 0) write_tiny_text_encoders(out, cfg.vec_in_dim, cfg.context_in_dim, seed, dtype);
   std::cout << out << "\n";
   return 0;
 }

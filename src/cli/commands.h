@@ -8,4 +8,5 @@ int cmd_forward(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_train(int argc, char** argv);
 int cmd_synth_data(int argc, char** argv);
+int cmd_encode(int argc, char** argv);
 }  // namespace fluxtrain

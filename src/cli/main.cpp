@@ -22,6 +22,7 @@ const Command kCommands[] = {
     {"bench", fluxtrain::cmd_bench, "time one LoRA training step (JSON lines)"},
     {"train", fluxtrain::cmd_train, "train a LoRA (EasyControl flags, INI presets in configs/)"},
     {"synth-data", fluxtrain::cmd_synth_data, "write a small learnable synthetic HDF5 dataset"},
+    {"encode", fluxtrain::cmd_encode, "tokenise and encode prompts with CLIP and T5 (docs/encoders.md)"},
 };
 
 void usage(std::FILE* out) {
