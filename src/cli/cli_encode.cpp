@@ -142,7 +142,7 @@ int run_bench(const std::string& sizes, const std::string& batches_s, int64_t to
 }  // namespace
 
 int cmd_encode(int argc, char** argv) {
-  std::string model, prompts_path, output, dtype_s, device_s, lora_path, bench_size, bench_batches;
+  std::string model, prompts_path, output, dtype_s, device_s, lora_path, save_lora, bench_size, bench_batches;
   int64_t max_len = 512, batch = 8, bench_tokens = 512, bench_rank = 64;
   int bench_iters = 5;
   double lora_alpha = 0;
@@ -161,6 +161,8 @@ int cmd_encode(int argc, char** argv) {
       ("text_encoder_lora", po::value(&lora_path), "text encoder LoRA .safetensors (diffusers/peft/fluxtrain keys)")
       ("text_encoder_alpha", po::value(&lora_alpha)->default_value(0), "alpha for a LoRA file without metadata "
        "(0: alpha = rank)")
+      ("save_text_encoder_lora", po::value(&save_lora), "write the LoRA read by --text_encoder_lora again, in the "
+       "diffusers layout fluxtrain saves (for checking it with diffusers)")
       ("gradient_checkpointing", po::bool_switch(&ckpt), "run layers through the checkpointing path")
       ("bench", po::bool_switch(&bench), "time the encoders with random weights instead (JSON lines)")
       ("bench_size", po::value(&bench_size)->default_value("real"), "bench: real (CLIP-L, T5-XXL) or tiny")
@@ -191,7 +193,9 @@ int cmd_encode(int argc, char** argv) {
   if (!lora_path.empty()) {
     TextEncoderLoraFile f = load_text_encoder_lora_file(lora_path, &enc.clip()->config(), &enc.t5()->config(), lora_alpha);
     enc.set_lora(std::move(f.clip), std::move(f.t5));
+    if (!save_lora.empty()) enc.save_lora_diffusers(save_lora);
   }
+  check_input(save_lora.empty() || !lora_path.empty(), "--save_text_encoder_lora needs --text_encoder_lora");
   const TextEncoding ids = enc.tokenize(prompts);
   TensorMap out{{"clip_input_ids", ids.clip_input_ids}, {"t5_input_ids", ids.t5_input_ids}};
   if (!tokenize_only) {

@@ -202,6 +202,7 @@ TextEncoderLoraFile load_text_encoder_lora_file(const std::string& path, const C
     } else if ((it = f.metadata().find("lora_adapter_metadata")) != f.metadata().end()) {
       const auto j = nlohmann::json::parse(it->second);
       if (j.contains("text_encoder.lora_alpha")) clip_alpha = j["text_encoder.lora_alpha"].get<double>();
+      if (j.contains("text_encoder_2.lora_alpha")) t5_alpha = j["text_encoder_2.lora_alpha"].get<double>();
     }
   } catch (const nlohmann::json::exception& e) {
     throw Error(path + ": bad LoRA metadata (" + std::string(e.what()) + ")");
