@@ -81,14 +81,14 @@ int run_bench(const std::string& sizes, const std::string& batches_s, int64_t to
     int64_t vocab = 0, len = 0;
     if (enc == "clip-l") {
       const ClipTextConfig c = tiny ? ClipTextConfig::tiny(16) : ClipTextConfig::clip_l();
-      clip = std::make_unique<ClipTextModel>(c, random_clip_weights(c, 0, dtype), "random CLIP");
+      clip = std::make_unique<ClipTextModel>(c, random_clip_weights(c, 0, dtype, dev), "random CLIP");
       clip->to(dtype, dev);
       lora = TextEncoderLora::create(ClipTextModel::lora_targets(c), rank, static_cast<double>(rank), 0);
       vocab = c.vocab_size;
       len = c.max_position_embeddings;
     } else {
       const T5EncoderConfig c = tiny ? T5EncoderConfig::tiny(32) : T5EncoderConfig::t5_xxl();
-      t5 = std::make_unique<T5Encoder>(c, random_t5_weights(c, 0, dtype), "random T5");
+      t5 = std::make_unique<T5Encoder>(c, random_t5_weights(c, 0, dtype, dev), "random T5");
       t5->to(dtype, dev);
       lora = TextEncoderLora::create(T5Encoder::lora_targets(c), rank, static_cast<double>(rank), 0);
       vocab = 32100;

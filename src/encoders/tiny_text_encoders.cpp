@@ -20,9 +20,20 @@ namespace {
 
 // Norm weights 1, biases 0, embeddings and projections normal with the given std.
 TensorMap random_from_shapes(const std::map<std::string, std::vector<int64_t>>& shapes, uint64_t seed,
-                             at::ScalarType dtype, double embed_std, double linear_std) {
+                             at::ScalarType dtype, double embed_std, double linear_std, at::Device device) {
   at::Generator gen = cpu_generator(seed);
   TensorMap w;
+  if (!device.is_cpu()) {
+    for (const auto& [name, shape] : shapes) {
+      const at::TensorOptions o = at::TensorOptions().dtype(dtype).device(device);
+      const bool norm = name.find("norm") != std::string::npos;
+      const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+      const bool embed = name.find("embedding") != std::string::npos || name == "shared.weight";
+      w[name] = norm && !bias ? at::ones(shape, o) : bias ? at::zeros(shape, o)
+                                                          : at::empty(shape, o).normal_(0, embed ? embed_std : linear_std);
+    }
+    return w;
+  }
   for (const auto& [name, shape] : shapes) {
     const bool norm = name.find("norm") != std::string::npos;
     const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
@@ -51,14 +62,14 @@ void copy_file(const std::string& from, const std::string& to) {
 
 }  // namespace
 
-TensorMap random_clip_weights(const ClipTextConfig& cfg, uint64_t seed, at::ScalarType dtype) {
+TensorMap random_clip_weights(const ClipTextConfig& cfg, uint64_t seed, at::ScalarType dtype, at::Device device) {
   return random_from_shapes(ClipTextModel::expected_shapes(cfg), derive_seed(seed, RngPurpose::Synthetic, 0xC1, 0),
-                            dtype, 0.02, 0.02);
+                            dtype, 0.02, 0.02, device);
 }
 
-TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype) {
+TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype, at::Device device) {
   return random_from_shapes(T5Encoder::expected_shapes(cfg), derive_seed(seed, RngPurpose::Synthetic, 0x75, 0), dtype,
-                            1.0, 0.05);
+                            1.0, 0.05, device);
 }
 
 std::string tokenizer_data_dir() {

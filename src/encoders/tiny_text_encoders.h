@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
 #include "core/tensor_map.h"
@@ -13,9 +14,12 @@
 
 namespace fluxtrain {
 
-// Random weights under Hugging Face names (deterministic in seed).
-TensorMap random_clip_weights(const ClipTextConfig& cfg, uint64_t seed, at::ScalarType dtype);
-TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype);
+// Random weights under Hugging Face names (deterministic in seed on the CPU; on another device
+// drawn there by its default generator, for benchmarks at real sizes).
+TensorMap random_clip_weights(const ClipTextConfig& cfg, uint64_t seed, at::ScalarType dtype,
+                              at::Device device = at::kCPU);
+TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype,
+                            at::Device device = at::kCPU);
 
 // Where the FLUX tokenizer files are read from: $FLUXTRAIN_TOKENIZER_DATA, else the repository's
 // tests/data/tokenizers (clip/vocab.json, clip/merges.txt, t5/spiece.model).
