@@ -111,10 +111,11 @@ ClipTextModel::Output ClipTextModel::forward(const at::Tensor& input_ids, const 
       at::full({L, L}, -std::numeric_limits<double>::infinity(), x.options()).triu(1).view({1, 1, L, L});
   const double attn_scale = 1.0 / std::sqrt(static_cast<double>(D));
   const double lora_scale = lora ? lora->scale() : 0.0;
-  const ClipTextConfig& cfg = cfg_;
+  // The layer function is run again in backward under checkpointing: it captures by value.
+  const ClipTextConfig cfg = cfg_;
 
   for (int layer = 0; layer < static_cast<int>(cfg.num_hidden_layers); ++layer) {
-    auto fn = [&cfg, lora, layer, mask, attn_scale, lora_scale, B, L, H, heads, D](
+    auto fn = [cfg, lora, layer, mask, attn_scale, lora_scale, B, L, H, heads, D](
                   const std::vector<at::Tensor>& acts, const TensorMap& w) -> std::vector<at::Tensor> {
       const at::Tensor& x = acts[0];
       auto proj = [&](const at::Tensor& in, const char* name) {

@@ -18,9 +18,11 @@
 namespace fluxtrain {
 
 // CLIP's pre-tokenisation pattern: its special tokens, English contractions, runs of letters,
-// single digits, runs of anything else that is not whitespace.
+// single digits, runs of anything else that is not whitespace. Normalisation has already turned
+// all Unicode whitespace (White_Space) into ' ', so the reference's \s is a plain space here; PCRE2's
+// own \s would also take U+180E, which Unicode no longer counts as whitespace.
 static const char* kClipPattern =
-    R"(<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+)";
+    R"(<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^ \p{L}\p{N}]+)";
 
 struct ClipTokenizer::Regex {
   pcre2_code* code = nullptr;

@@ -156,12 +156,13 @@ at::Tensor T5Encoder::forward(const at::Tensor& input_ids, const TextEncoderLora
   at::Tensor x = at::embedding(w_.globals_.at("shared.weight"), ids);
   const at::Tensor bias = position_bias(L);
   const double lora_scale = lora ? lora->scale() : 0.0;
-  const T5EncoderConfig& cfg = cfg_;
+  // The layer function is run again in backward under checkpointing: it captures by value.
+  const T5EncoderConfig cfg = cfg_;
   const std::string act = cfg.act();
 
   for (int layer = 0; layer < static_cast<int>(cfg.num_layers); ++layer) {
-    auto fn = [&cfg, &act, lora, layer, lora_scale, B, L, heads, Dk, I](const std::vector<at::Tensor>& acts,
-                                                                        const TensorMap& w) -> std::vector<at::Tensor> {
+    auto fn = [cfg, act, lora, layer, lora_scale, B, L, heads, Dk, I](const std::vector<at::Tensor>& acts,
+                                                                      const TensorMap& w) -> std::vector<at::Tensor> {
       const at::Tensor &x = acts[0], &bias = acts[1];
       auto proj = [&](const at::Tensor& in, const char* name) {
         return linear_lora(in, w.at(std::string("layer.0.SelfAttention.") + name + ".weight"), at::Tensor(),

@@ -40,8 +40,13 @@ int64_t T5Tokenizer::vocab_size() const { return sp_->GetPieceSize() + extra_ids
 
 std::vector<int64_t> T5Tokenizer::tokenize(const std::string& text) const {
   std::vector<int64_t> ids;
-  auto encode_plain = [&](const std::string& s) {
+  auto encode_plain = [&](std::string s) {
     if (s.empty()) return;
+    // The reference splits words on Unicode whitespace after SentencePiece's normalisation;
+    // SentencePiece itself only on ' '. Of all White_Space characters, T5's normalisation rules
+    // leave only NEL (U+0085) as it is, so NEL becomes a space here (checked on every
+    // whitespace code point against transformers' T5Tokenizer).
+    for (size_t p = s.find("\xC2\x85"); p != std::string::npos; p = s.find("\xC2\x85", p)) s.replace(p, 2, " ");
     std::vector<int> piece_ids;
     const auto status = sp_->Encode(s, &piece_ids);
     if (!status.ok()) throw Error("T5 tokenizer: SentencePiece failed: " + status.ToString(), ErrorKind::Internal);

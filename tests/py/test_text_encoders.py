@@ -61,7 +61,8 @@ def generated_strings(n=300):
     emoji = ["🐱", "👨‍👩‍👧", "🇫🇷", "❤️", "🎨🖌️", "👍🏽", "✨✨"]
     punct = ["!!!", "...", "?!?!", "'''s", "--", "(((", ")))", "@#$%", "“quoted”", "«guillemets»", "—", "&amp;",
              "'", "''ll", "!'s", "~*~", "\\", "/", "_", "¿¡"]
-    spaces = [" ", "  ", "\t", "\n", " \n ", "\u00a0", "\u3000", "\u2003", "\u200b", "\u2028"]
+    spaces = [" ", "  ", "\t", "\n", " \n ", "\u00a0", "\u3000", "\u2003", "\u200b", "\u2028", "\u180e", "\u0085",
+              "\x0b", "\x0c"]
     specials = ["<|endoftext|>", "<|startoftext|>", "</s>", "<pad>", "<unk>", "<extra_id_0>", "<extra_id_42>"]
     pools = [words] * 6 + [accents, cjk, emoji, punct, punct]
     out = ["", " ", "a", "A", "\t\n", "<|endoftext|>", "</s>", "a photo of a cat", "x" * 300]

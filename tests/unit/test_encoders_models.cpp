@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/rng.h"
 #include "core/safetensors.h"
 #include "encoders/clip_text_model.h"
 #include "encoders/hf_weights.h"
@@ -45,31 +46,32 @@ T5EncoderConfig small_t5() {
 TextEncoderLora random_lora(const std::vector<TextLoraTarget>& t, uint64_t seed) {
   TextEncoderLora l = TextEncoderLora::create(t, 2, 3.0, seed);
   at::NoGradGuard ng;
-  for (auto& a : l.adapters()) a.B.normal_(0, 0.3);
+  at::Generator gen = cpu_generator(seed + 100);
+  for (auto& a : l.adapters()) a.B.normal_(0, 0.3, gen);
   l.to(at::kCPU, at::kDouble);
   return l;
 }
 
 // A scalar loss of both encoders' outputs with fixed random weights.
-struct Setup {
+struct TwoEncoders {
   std::unique_ptr<ClipTextModel> clip;
   std::unique_ptr<T5Encoder> t5;
   TextEncoderLora clip_lora, t5_lora;
   at::Tensor clip_ids, t5_ids, wc, wt;
-  Setup() {
+  TwoEncoders() {
     clip = std::make_unique<ClipTextModel>(small_clip(), random_clip_weights(small_clip(), 3, at::kFloat), "clip");
     t5 = std::make_unique<T5Encoder>(small_t5(), random_t5_weights(small_t5(), 3, at::kFloat), "t5");
     clip->to(at::kDouble, at::kCPU);
     t5->to(at::kDouble, at::kCPU);
     clip_lora = random_lora(ClipTextModel::lora_targets(small_clip()), 1);
     t5_lora = random_lora(T5Encoder::lora_targets(small_t5()), 2);
-    at::manual_seed(5);
-    clip_ids = at::randint(0, 39, {2, 12}, at::kLong);
+    at::Generator gen = cpu_generator(5);
+    clip_ids = at::randint(0, 39, {2, 12}, gen, at::TensorOptions().dtype(at::kLong));
     clip_ids.index_put_({0, 7}, 39);
     clip_ids.index_put_({1, 11}, 39);
-    t5_ids = at::randint(0, 40, {2, 10}, at::kLong);
-    wc = at::randn({2, 8}, at::kDouble);
-    wt = at::randn({2, 10, 8}, at::kDouble);
+    t5_ids = at::randint(0, 40, {2, 10}, gen, at::TensorOptions().dtype(at::kLong));
+    wc = at::randn({2, 8}, gen, at::TensorOptions().dtype(at::kDouble));
+    wt = at::randn({2, 10, 8}, gen, at::TensorOptions().dtype(at::kDouble));
   }
   at::Tensor loss(bool ckpt) {
     at::Tensor p = clip->forward(clip_ids, &clip_lora, ckpt).pooled;
@@ -81,7 +83,7 @@ struct Setup {
 }  // namespace
 
 TEST(EncodersModels, LoraGradientsMatchFiniteDifferencesFloat64) {
-  Setup s;
+  TwoEncoders s;
   s.loss(false).backward();
   double worst = 0;
   int checked = 0;
@@ -111,7 +113,7 @@ TEST(EncodersModels, LoraGradientsMatchFiniteDifferencesFloat64) {
 }
 
 TEST(EncodersModels, CheckpointingOnOffIdentical) {
-  Setup a, b;
+  TwoEncoders a, b;
   at::Tensor la = a.loss(false), lb = b.loss(true);
   EXPECT_EQ(la.item<double>(), lb.item<double>());
   la.backward();
