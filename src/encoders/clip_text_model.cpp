@@ -51,8 +51,11 @@ std::vector<TextLoraTarget> ClipTextModel::lora_targets(const ClipTextConfig& c)
   return t;
 }
 
-ClipTextModel::ClipTextModel(const ClipTextConfig& cfg, const TensorMap& hf, const std::string& where)
+ClipTextModel::ClipTextModel(const ClipTextConfig& cfg, const TensorMap& hf_in, const std::string& where)
     : cfg_(cfg), dtype_(at::kFloat) {
+  // transformers 4 wrote "text_model.<name>" (FLUX.1's files); transformers 5 writes "<name>".
+  TensorMap hf;
+  for (const auto& [name, t] : hf_in) hf[name.rfind("text_model.", 0) == 0 ? name : "text_model." + name] = t;
   check_weights(hf, expected_shapes(cfg), where, {"text_model.embeddings.position_ids"});
   w_.layers_.resize(static_cast<size_t>(cfg.num_hidden_layers));
   for (const auto& [name, t] : hf) {

@@ -189,6 +189,9 @@ TextEncoderLoraFile load_text_encoder_lora_file(const std::string& path, const C
       throw Error(path + ": '" + kv.first + "' is not a text encoder LoRA key (text_encoder.*, text_encoder_2.* or "
                   "base_model.model.*)");
     }
+    // CLIP modules as transformers 5 names them ("encoder.layers.N...") get transformers 4's
+    // "text_model." (the names FLUX's LoRA files and fluxtrain use).
+    if (!is_t5 && module.rfind("encoder.layers.", 0) == 0) module = "text_model." + module;
     (is_t5 ? t5_t : clip_t)[(is_t5 ? kT5Prefix : kClipPrefix) + module] = f.load(kv.first);
   }
   // Alpha: fluxtrain's metadata, else diffusers' adapter metadata, else the fallback.
