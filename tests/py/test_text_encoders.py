@@ -209,6 +209,22 @@ def main():
 
         # diffusers reads the file fluxtrain wrote into FluxPipeline's CLIP.
         check_diffusers_loads(snap, ours, clip_ids, ref_p)
+        check_init_model_tiny(tmp, pf, clip_ids, t5_ids)
+
+
+def check_init_model_tiny(tmp, prompts_file, clip_ids, t5_ids):
+    """The tiny encoders init-model writes load in transformers and give fluxtrain's outputs."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    snap = os.path.join(tmp, "tiny")
+    run("init-model", "--size", "tiny", "--output_dir", snap, "--seed", "3")
+    got = encode(snap, prompts_file, os.path.join(tmp, "tiny_out.safetensors"))
+    clip = CLIPTextModel.from_pretrained(os.path.join(snap, "text_encoder")).eval()
+    t5 = T5EncoderModel.from_pretrained(os.path.join(snap, "text_encoder_2")).eval()
+    ref_p, ref_h = reference(clip, t5, clip_ids, t5_ids)
+    ep, eh = rel(got["pooled_prompt_embeds"], ref_p), rel(got["prompt_embeds"], ref_h)
+    print(f"init-model tiny encoders in transformers: pooled {ep:.2e}, T5 states {eh:.2e}")
+    assert ep < TOL and eh < TOL
 
 
 def check_diffusers_loads(snap, lora_path, clip_ids, ref_pooled):
