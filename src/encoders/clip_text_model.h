@@ -32,6 +32,8 @@ class ClipTextModel {
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
   int64_t resident_bytes() const;
+  // The frozen weights (globals + per layer); none ever requires grad.
+  const EncoderLayerWeights& weights() const { return w_; }
 
   struct Output {
     at::Tensor last_hidden_state;  // [B, L, hidden]

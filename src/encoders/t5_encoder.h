@@ -31,6 +31,8 @@ class T5Encoder {
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
   int64_t resident_bytes() const;
+  // The frozen weights (globals + per layer); none ever requires grad.
+  const EncoderLayerWeights& weights() const { return w_; }
 
   // input_ids [B, L] int64 -> last hidden state [B, L, d_model] in the compute dtype.
   at::Tensor forward(const at::Tensor& input_ids, const TextEncoderLora* lora = nullptr, bool checkpoint = false);
