@@ -15,7 +15,7 @@ JOBS=${JOBS:-$(nproc)}
 # TensorBoard event files: protobuf. ccache keeps rebuilds quick on small machines.
 pkgs="build-essential cmake ninja-build python3-venv libopenmpi-dev openmpi-bin libhdf5-dev
       libboost-program-options-dev libboost-dev nlohmann-json3-dev libgtest-dev
-      libsentencepiece-dev libpcre2-dev libvips-dev libprotobuf-dev protobuf-compiler ccache"
+      libsentencepiece-dev libpcre2-dev libicu-dev libvips-dev libprotobuf-dev protobuf-compiler ccache"
 missing=""
 for p in $pkgs; do dpkg -s "$p" > /dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

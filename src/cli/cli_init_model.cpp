@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "encoders/autoencoder_weights.h"
+#include "encoders/tiny_text_encoders.h"
 #include "model/flux_weights.h"
 
 namespace po = boost::program_options;
@@ -48,6 +49,8 @@ int cmd_init_model(int argc, char** argv) {
     write_text_file_atomic(path_join(out, "model_index.json"), index.dump(2));
   }
   write_random_autoencoder(out, size, seed, dtype, layout);  // ae.safetensors and/or vae/
+  // Tiny snapshots also get tiny text encoders and the real tokenizer files (quickstart from captions).
+  if (size.rfind("tiny", 0) == 0) write_tiny_text_encoders(out, cfg.vec_in_dim, cfg.context_in_dim, seed, dtype);
   std::cout << out << "\n";
   return 0;
 }

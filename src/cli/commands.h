@@ -13,4 +13,5 @@ int cmd_doctor(int argc, char** argv);
 int cmd_vae(int argc, char** argv);
 int cmd_prepare(int argc, char** argv);
 int cmd_image(int argc, char** argv);
+int cmd_encode(int argc, char** argv);
 }  // namespace fluxtrain

@@ -27,6 +27,7 @@ const Command kCommands[] = {
     {"prepare", fluxtrain::cmd_prepare, "images + EasyControl jsonl -> HDF5 training dataset (buckets, cached latents)"},
     {"vae", fluxtrain::cmd_vae, "FLUX autoencoder: encode/decode a .safetensors file, or --bench"},
     {"image", fluxtrain::cmd_image, "decode an image file as prepare does (pixels to .safetensors / PNG)"},
+    {"encode", fluxtrain::cmd_encode, "tokenise and encode prompts with CLIP and T5 (docs/encoders.md)"},
 };
 
 void usage(std::FILE* out) {
