@@ -27,6 +27,8 @@
 #include "dist/communicator.h"
 #include "dist/process_group.h"
 #include "dist/sharded_weights.h"
+#include "dist/low_memory_options.h"
+#include "train/memory_estimate.h"
 #include "train/optimizer.h"
 #include "train/setup.h"
 #include "train/train_step.h"
@@ -85,8 +87,13 @@ int cmd_bench(int argc, char** argv) {
       ("compare_resident", po::bool_switch(&compare_resident),
        "with --sharded: also keep the weights resident and time both paths alternately, step by step "
        "(same process, same inputs), reporting the sharded overhead");
+  dist::LowMemoryOptions low_memory;
+  dist::add_low_memory_options(desc, low_memory);
   po::variables_map vm;
   if (!parse_command_line("bench", desc, argc, argv, vm)) return 0;
+  low_memory.validate();
+  const bool low = low_memory.fp8() || low_memory.streams();
+  if (low && sharded) throw Error("bench: the low-memory options are measured without --sharded");
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
   c10::Device dev = parse_device(device_s, "--device");
   dist::ProcessGroup* pg = nullptr;
@@ -114,10 +121,41 @@ int cmd_bench(int argc, char** argv) {
     rq.cuda_device = dev.is_cuda() ? dev.index() : -1;
   }
   Runtime rt = make_runtime(rq);
-  std::unique_ptr<BlockWeights> resident_ptr =
-      make_block_weights(rt, weight_source(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single), {});
-  auto& resident = static_cast<ResidentBlockWeights&>(*resident_ptr);
-  BlockWeights* weights_ptr = &resident;
+  std::unique_ptr<BlockWeights> resident_ptr, low_ptr;
+  nlohmann::json low_json;
+  if (low) {
+    // fp8 / streamed: random weights made on the host, then stacked by make_block_weights the
+    // way `train` stacks them; nothing of the full bf16 model stays on the device.
+    WeightsPlan plan;
+    plan.low_memory = low_memory;
+    if (!low_memory.max_gpu_memory.empty()) {
+      const auto first = parse_cases(cases_s).at(0);
+      MemoryEstimateInput mi;
+      mi.model = cfg;
+      mi.cond_size = first.cond;
+      mi.noise_size = first.noise;
+      mi.lora_rank = first.rank;
+      mi.batch = batch;
+      mi.txt_len = txt_len;
+      mi.gradient_checkpointing = ckpt_s == "on";
+      mi.compute_bytes = static_cast<int64_t>(c10::elementSize(dtype));
+      mi.low_memory = low_memory;
+      plan.non_weight_bytes = estimate_non_weight_bytes(mi);
+    }
+    WeightSource ws = weight_source(init_random_weights(cfg, seed, dtype, at::kCPU), cfg.depth, cfg.depth_single);
+    ws.block_shapes = [cfg](int i) { return flux_block_shapes(cfg, i); };
+    std::string described;
+    low_ptr = make_block_weights(rt, ws, plan, &described);
+    low_json = {{"plan", described}, {"base_precision", low_memory.base_precision},
+                {"blocks_to_swap", low_memory.blocks_to_swap}, {"max_gpu_memory", low_memory.max_gpu_memory},
+                {"offload_prefetch", low_memory.offload_prefetch}};
+  } else {
+    resident_ptr = make_block_weights(
+        rt, weight_source(init_random_weights(cfg, seed, dtype, dev), cfg.depth, cfg.depth_single), {});
+  }
+  // Null with the low-memory options (no resident copy, no --sharded comparison).
+  ResidentBlockWeights* resident = static_cast<ResidentBlockWeights*>(resident_ptr.get());
+  BlockWeights* weights_ptr = low ? low_ptr.get() : resident_ptr.get();
   std::unique_ptr<BlockWeights> shards_ptr;
   dist::ShardedBlockWeights* shards = nullptr;
   nlohmann::json weight_bytes, gather_json;
@@ -125,15 +163,15 @@ int cmd_bench(int argc, char** argv) {
     WeightsPlan plan;
     plan.sharded = true;
     WeightSource src;
-    src.globals = resident.globals();
-    src.num_blocks = resident.num_blocks();
+    src.globals = resident->globals();
+    src.num_blocks = resident->num_blocks();
     src.depth = cfg.depth;
     src.depth_single = cfg.depth_single;
-    src.block = [&resident](int i) { return resident.acquire(i); };
+    src.block = [resident](int i) { return resident->acquire(i); };
     shards_ptr = make_block_weights(rt, src, plan);
     shards = static_cast<dist::ShardedBlockWeights*>(shards_ptr.get());
     if (!compare_resident)
-      for (auto& b : resident.blocks()) b.clear();  // only the shards stay resident
+      for (auto& b : resident->blocks()) b.clear();  // only the shards stay resident
     weights_ptr = shards;
     // All blocks gathered once in forward order with nothing else on the GPU: the bare cost of
     // unsharding (on one rank: the local copies; on several: the transfers too).
@@ -216,7 +254,7 @@ int cmd_bench(int argc, char** argv) {
       for (int i = 0; i < warmup; ++i) {
         runner->run();
         if (compare_resident) {
-          current = &resident;
+          current = resident;
           runner->run();
           current = weights_ptr;
         }
@@ -226,7 +264,7 @@ int cmd_bench(int argc, char** argv) {
       for (int i = 0; i < iters; ++i) {
         if (compare_resident) {
           // A/B in alternation: host and clock drift hit both paths alike.
-          current = &resident;
+          current = resident;
           sync(dev);
           auto r0 = std::chrono::steady_clock::now();
           runner->run();
@@ -268,6 +306,7 @@ int cmd_bench(int argc, char** argv) {
                           {"model_tflops", flops / (med / 1000.0) / 1e12},
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
+      if (low) j["low_memory"] = low_json;
       if (sharded) {
         // The shards live in mapped memory outside the caching allocator: add them for the
         // process's real peak.

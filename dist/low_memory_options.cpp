@@ -6,6 +6,7 @@
 #include <boost/program_options.hpp>
 
 #include "core/error.h"
+#include "core/options.h"
 
 namespace fluxtrain::dist {
 
@@ -79,3 +80,23 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
 }
 
 }  // namespace fluxtrain::dist
+
+namespace fluxtrain {
+
+void declare_options(OptionSet& s, dist::LowMemoryOptions& o) {
+  s.group("Low memory (docs/memory.md)", "low_memory")
+      .add("base_precision", &o.base_precision,
+           "frozen transformer weights: bf16 (the compute dtype) or fp8 (e4m3 with float32 scales, dequantised per "
+           "block)",
+           rules::one_of({"bf16", "fp8"}))
+      .add("fp8_scaling", &o.fp8_scaling, "fp8 scales: channel (one per output channel) or tensor",
+           rules::one_of({"channel", "tensor"}))
+      .add("fp8_modulation", &o.fp8_modulation, "also store the adaLN modulation linears in fp8")
+      .add("offload_prefetch", &o.offload_prefetch, "streamed blocks copied to the GPU ahead of use (side stream)")
+      .add("blocks_to_swap", &o.blocks_to_swap,
+           "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")
+      .add("max_gpu_memory", &o.max_gpu_memory,
+           "GPU memory budget (e.g. 8GiB): the number of blocks to swap is chosen from the memory estimate");
+}
+
+}  // namespace fluxtrain

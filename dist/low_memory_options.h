@@ -34,3 +34,9 @@ int64_t parse_byte_size(const std::string& text, const std::string& flag);
 void add_low_memory_options(boost::program_options::options_description& desc, LowMemoryOptions& o);
 
 }  // namespace fluxtrain::dist
+
+namespace fluxtrain {
+class OptionSet;
+// The same options in a subcommand's option table (`train`): the "Low memory" group.
+void declare_options(OptionSet& s, dist::LowMemoryOptions& o);
+}  // namespace fluxtrain

@@ -5,6 +5,7 @@
 #include <boost/program_options.hpp>
 
 #include "core/error.h"
+#include "core/options.h"
 
 namespace po = boost::program_options;
 
@@ -49,6 +50,21 @@ void add_text_encoder_options(po::options_description& desc, TextEncoderOptions&
        "where the text encoders run: cpu, cuda[:N] (default: the training device)")
       ("max_sequence_length", po::value(&o.max_sequence_length)->default_value(d.max_sequence_length),
        "T5 tokens per caption (padded/truncated)");
+}
+
+void declare_options(OptionSet& s, TextEncoderOptions& o) {
+  s.group("Text encoders (CLIP-L = one, T5-XXL = two; docs/encoders.md)", "text_encoder")
+      .add("train_text_encoder", &o.train_text_encoder, "train LoRA on both text encoders")
+      .add("train_text_encoder_one_only", &o.train_text_encoder_one_only,
+           "train LoRA on text encoder one (CLIP) only; T5 stays frozen")
+      .add("text_encoder_rank", &o.text_encoder_rank, "LoRA rank of the text encoders' adapters", rules::positive())
+      .add("text_encoder_alpha", &o.text_encoder_alpha, "LoRA alpha of the text encoders (scale = alpha / rank)",
+           rules::positive_number())
+      .add("text_encoder_lr", &o.text_encoder_lr, "learning rate of the text encoders' LoRA (own parameter group)",
+           rules::positive_number(), "5e-6")
+      .add("text_encoder_device", &o.text_encoder_device, "where the encoders run: the training device (empty), cpu, "
+           "cuda or cuda:N")
+      .add("max_sequence_length", &o.max_sequence_length, "T5 tokens per caption (1..512)");
 }
 
 }  // namespace fluxtrain

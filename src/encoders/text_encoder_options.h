@@ -32,4 +32,8 @@ struct TextEncoderOptions {
 
 void add_text_encoder_options(boost::program_options::options_description& desc, TextEncoderOptions& o);
 
+class OptionSet;
+// The same options in a subcommand's option table (`train`): the "Text encoders" group.
+void declare_options(OptionSet& s, TextEncoderOptions& o);
+
 }  // namespace fluxtrain

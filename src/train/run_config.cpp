@@ -23,6 +23,7 @@ void declare_all(OptionSet& s, RunConfig& c) {
   declare_options(s, c.validation);
   declare_options(s, c.text_encoder);
   declare_options(s, c.dist);
+  declare_options(s, c.low_memory);
   declare_options(s, c.debug);
 }
 
@@ -33,6 +34,8 @@ void check_across(const RunConfig& c) {
   };
   need(!c.model.pretrained_model_name_or_path.empty(), "--pretrained_model_name_or_path is required");
   c.lora.validate();
+  c.low_memory.validate();
+  c.text_encoder.validate();
   need(!c.data.train_data.empty(), "--train_data is required (an HDF5 dataset, see docs/dataset.md)");
   if (c.train.max_train_steps == 0)
     need(c.train.num_train_epochs > 0,

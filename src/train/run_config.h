@@ -12,6 +12,8 @@
 
 #include "data/data_options.h"
 #include "dist/dist_options.h"
+#include "dist/low_memory_options.h"
+#include "encoders/text_encoder_options.h"
 #include "model/lora.h"
 #include "model/model_options.h"
 #include "train/train_options.h"
@@ -26,8 +28,9 @@ struct RunConfig {
   TrainConfig train;
   CheckpointConfig checkpoint;
   ValidationConfig validation;
-  TextEncoderConfig text_encoder;
+  TextEncoderOptions text_encoder;
   DistConfig dist;
+  dist::LowMemoryOptions low_memory;
   DebugConfig debug;
 
   // Every option's own rule, then the checks across options; throws Error naming the flag.

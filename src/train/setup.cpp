@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "dist/process_group.h"
+#include "dist/low_memory_weights.h"
 #include "dist/sharded_weights.h"
 #include "model/flux_weights.h"
 
@@ -65,7 +66,23 @@ WeightSource weight_source(const TensorMap& full, int64_t depth, int64_t depth_s
 }
 
 std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const WeightSource& source,
-                                                 const WeightsPlan& plan) {
+                                                 const WeightsPlan& plan, std::string* description) {
+  if (plan.low_memory.fp8() || plan.low_memory.streams()) {
+    // fp8 and streamed providers stack on resident or sharded storage (dist/low_memory_weights.h).
+    if (plan.sharded && !runtime.weights_comm)
+      throw Error("sharded weights need the run's communicators", ErrorKind::Internal);
+    dist::WeightsSource src;
+    src.globals = source.globals;
+    src.num_blocks = source.num_blocks;
+    src.load_block = source.block;
+    if (source.block_shapes) src.block_shapes = source.block_shapes;
+    dist::LowMemoryPlan lp;
+    auto w = dist::compose_low_memory_weights(src, plan.low_memory, runtime.device, runtime.dtype,
+                                              plan.sharded ? runtime.weights_comm.get() : nullptr,
+                                              plan.non_weight_bytes, &lp);
+    if (description) *description = lp.describe();
+    return w;
+  }
   if (plan.sharded) {
     if (!runtime.weights_comm) throw Error("sharded weights need the run's communicators", ErrorKind::Internal);
     // Every rank keeps 1/N of each block; the full block is gathered just before it runs.

@@ -15,6 +15,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "core/tensor_map.h"
+#include "dist/low_memory_options.h"
 #include "model/block_weights.h"
 
 namespace fluxtrain {
@@ -59,6 +60,9 @@ struct WeightSource {
   int num_blocks = 0;
   int64_t depth = 0, depth_single = 0;
   std::function<TensorMap(int)> block;
+  // Names and shapes of block i without reading it (optional; lets --max_gpu_memory plan
+  // without a pass over the file).
+  std::function<std::vector<std::pair<std::string, std::vector<int64_t>>>(int)> block_shapes;
 };
 class TransformerSource;
 WeightSource weight_source(const TransformerSource& s);
@@ -67,10 +71,14 @@ WeightSource weight_source(const TensorMap& full, int64_t depth, int64_t depth_s
 
 struct WeightsPlan {
   bool sharded = false;  // 1/N of each block per rank over runtime.weights_comm
+  // fp8 base weights and block streaming (dist/low_memory_weights.h stacks them).
+  dist::LowMemoryOptions low_memory;
+  int64_t non_weight_bytes = 0;  // for --max_gpu_memory: activations, LoRA, optimizer, workspace
 };
 
-// The provider this run needs, with every weight on runtime.device in runtime.dtype.
+// The provider this run needs, with every weight on runtime.device in runtime.dtype (fp8
+// blocks dequantised to it). `description`, when given, receives one line for the log.
 std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const WeightSource& source,
-                                                 const WeightsPlan& plan);
+                                                 const WeightsPlan& plan, std::string* description = nullptr);
 
 }  // namespace fluxtrain

@@ -92,15 +92,6 @@ void declare_options(OptionSet& s, ValidationConfig& c) {
       .add("test_w", &c.test_w, "validation image width (multiple of 16)", rules::multiple_of_16());
 }
 
-void declare_options(OptionSet& s, TextEncoderConfig& c) {
-  s.group("Text encoders (validated now, trained in a later release)", "text_encoder")
-      .add("train_text_encoder", &c.train_text_encoder, "train LoRA on both text encoders")
-      .add("train_text_encoder_one_only", &c.train_text_encoder_one_only, "train LoRA on text encoder one (CLIP) only")
-      .add("text_encoder_rank", &c.text_encoder_rank, "LoRA rank of the text encoders' adapters", rules::positive())
-      .add("text_encoder_alpha", &c.text_encoder_alpha, "", rules::positive_number())
-      .add("text_encoder_lr", &c.text_encoder_lr, "", rules::positive_number(), "5e-6");
-}
-
 void declare_options(OptionSet& s, DebugConfig& c) {
   auto non_negative_rank = [](const std::string& f, const int64_t& v) {
     if (v < 0) throw Error(f + " must be >= 0");

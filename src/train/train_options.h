@@ -1,5 +1,5 @@
 // Options of the training loop itself: optimisation, learning-rate schedule, timestep sampling,
-// checkpoints, validation, text-encoder training and the hidden test hooks. The parts' own
+// checkpoints, validation and the hidden test hooks. The parts' own
 // options live with them (model/model_options.h, model/lora.h, data/data_options.h,
 // dist/dist_options.h); train/run_config.h puts them together for `fluxtrain train`.
 #pragma once
@@ -41,13 +41,6 @@ struct ValidationConfig {
   int64_t test_h = 1024, test_w = 1024;   // validation image size (sampler issue)
 };
 
-struct TextEncoderConfig {                // parsed now; trained once the encoders run in the trainer
-  bool train_text_encoder = false;
-  bool train_text_encoder_one_only = false;
-  int64_t text_encoder_rank = 64;         // LoRA rank of the text encoders' adapters
-  double text_encoder_alpha = 64;
-  double text_encoder_lr = 5e-6;
-};
 
 // Hidden options for tests (not in --help, not stored in config.json).
 struct DebugConfig {
@@ -62,7 +55,6 @@ struct DebugConfig {
 void declare_options(OptionSet& s, TrainConfig& c);
 void declare_options(OptionSet& s, CheckpointConfig& c);
 void declare_options(OptionSet& s, ValidationConfig& c);
-void declare_options(OptionSet& s, TextEncoderConfig& c);
 void declare_options(OptionSet& s, DebugConfig& c);
 
 }  // namespace fluxtrain

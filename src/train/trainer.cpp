@@ -24,6 +24,8 @@
 #include "model/lora_io.h"
 #include "model/position_ids.h"
 #include "train/flow_matching.h"
+#include "train/memory_estimate.h"
+#include "train/text_conditioning.h"
 #include "train/train_step.h"
 #include "train/progress.h"
 
@@ -84,8 +86,49 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   model_cfg_ = source.config;
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size);
-  weights_ = make_block_weights(rt_, weight_source(source), plan);
-  conditioner_ = std::make_unique<CachedTextConditioning>();
+  plan.low_memory = cfg_.low_memory;
+  WeightSource ws = weight_source(source);
+  if (!cfg_.low_memory.max_gpu_memory.empty()) {
+    // The budget left for weights: the estimate of everything else (src/train/memory_estimate.h).
+    MemoryEstimateInput mi;
+    mi.model = model_cfg_;
+    mi.cond_size = cfg_.data.cond_size;
+    mi.noise_size = cfg_.data.noise_size;
+    mi.num_conditions = cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : 0;
+    mi.easycontrol = cfg_.lora.mode == LoraMode::EasyControl;
+    mi.lora_rank = cfg_.lora.ranks.empty() ? 0 : cfg_.lora.ranks[0];
+    mi.batch = cfg_.data.train_batch_size;
+    mi.gradient_checkpointing = cfg_.model.gradient_checkpointing;
+    mi.compute_bytes = at::elementSize(rt_.dtype);
+    mi.low_memory = cfg_.low_memory;
+    mi.world_size = opt.world_size;
+    mi.shard_weights = plan.sharded;
+    plan.non_weight_bytes = estimate_non_weight_bytes(mi);
+    const FluxConfig mc = model_cfg_;
+    ws.block_shapes = [mc](int i) { return flux_block_shapes(mc, i); };
+  }
+  weights_ = make_block_weights(rt_, ws, plan, &weights_description_);
+  if (cfg_.text_encoder.needs_encoders()) {
+    // Captions through CLIP (and T5) with their LoRA; neither mode loads no encoder at all.
+    const std::string& td = cfg_.text_encoder.text_encoder_device;
+    const c10::Device te_device = td.empty() ? rt_.device : c10::Device(td);
+    auto load = [&]() -> TextEncoders {
+      try {
+        return TextEncoders::load(TextEncoderSetup::for_training(
+            cfg_.model.pretrained_model_name_or_path, cfg_.text_encoder, rt_.dtype, te_device,
+            derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 1, 0), cfg_.model.gradient_checkpointing));
+      } catch (...) {
+        rethrow_with_context(cfg_.text_encoder.train_text_encoder ? "--train_text_encoder"
+                                                                   : "--train_text_encoder_one_only");
+      }
+    };
+    auto tc = std::make_unique<TextEncoderConditioning>(load(),
+                                                        cfg_.text_encoder.text_encoder_lr / cfg_.train.learning_rate);
+    text_encoders_ = tc.get();
+    conditioner_ = std::move(tc);
+  } else {
+    conditioner_ = std::make_unique<CachedTextConditioning>();
+  }
 
   if (cfg_.lora.mode == LoraMode::Standard)
     for (int b : cfg_.lora.blocks)
@@ -141,7 +184,24 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     } catch (...) {
       rethrow_with_context("--resume_from_checkpoint");
     }
+    // Text-encoder LoRA weights ride in the same map under "text_encoder*" keys.
+    TensorMap te_state;
+    for (auto it = ck.lora.begin(); it != ck.lora.end();) {
+      if (it->first.rfind("text_encoder", 0) == 0) {
+        te_state.emplace(it->first, it->second);
+        it = ck.lora.erase(it);
+      } else {
+        ++it;
+      }
+    }
     check_checkpoint_matches(ck, path, model_cfg_, lora_);
+    if (text_encoders_ || !te_state.empty()) {
+      if (!text_encoders_)
+        throw Error(path + ": checkpoint has text-encoder LoRA weights; resume with the same --train_text_encoder mode");
+      TensorMap tw;
+      for (const auto& kv : te_state) tw.emplace(kv.first, kv.second.to(master));
+      text_encoders_->encoders().load_lora_state(tw, path);
+    }
     // The data stream counts global micro-batches: it continues on M ranks only with the global
     // batch of the run that wrote it. Older checkpoints (no attribute) were written by one rank.
     int64_t ck_global = ck.state.global_batch;
@@ -365,6 +425,8 @@ Checkpoint Trainer::make_checkpoint() const {
   Checkpoint ck;
   ck.state = state_;
   for (const auto& kv : lora_.state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
+  if (text_encoders_)
+    for (const auto& kv : text_encoders_->encoders().lora_state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
   for (const auto& kv : optimizer_->state())
     ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
   ck.model = model_cfg_;
@@ -398,6 +460,7 @@ std::string Trainer::run() {
       ss << ", " << opt_.world_size << " rank(s) x batch " << cfg_.data.train_batch_size << " (global "
          << global_batch() << ")" << (weights_->transient() ? ", sharded weights" : "")
          << (cfg_.dist.shard_optimizer ? ", sharded optimizer" : "");
+    if (!weights_description_.empty()) ss << ", " << weights_description_;
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }
@@ -457,6 +520,12 @@ std::string Trainer::run() {
   const std::string lora_path = path_join(out, "lora.safetensors");
   if (root) {
     save_lora_file(lora_path, lora_);  // atomic (safetensors::save)
+    if (text_encoders_) {
+      // diffusers' FluxPipeline.load_lora_weights reads this one for the text encoder.
+      const std::string te_path = path_join(out, "text_encoder_lora.safetensors");
+      text_encoders_->encoders().save_lora_diffusers(te_path);
+      progress.message("fluxtrain train: wrote " + te_path);
+    }
     if (cfg_.debug.save_masters) {
       // The LoRA file is float32; exactness tests compare the float64 masters themselves.
       TensorMap m;

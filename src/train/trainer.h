@@ -37,6 +37,7 @@ namespace fluxtrain {
 namespace dist {
 class GradSync;
 }  // namespace dist
+class TextEncoderConditioning;
 
 struct TrainerOptions {
   // Overrides --mixed_precision (tests use float64). Undefined = from the config.
@@ -105,7 +106,9 @@ class Trainer {
   std::unique_ptr<Dataset> dataset_;
   FluxConfig model_cfg_;
   std::unique_ptr<BlockWeights> weights_;  // chosen by make_block_weights
+  std::string weights_description_;        // the low-memory plan, for the log
   std::unique_ptr<Conditioner> conditioner_;
+  TextEncoderConditioning* text_encoders_ = nullptr;  // conditioner_, when it runs the encoders
   LoraSet lora_;
   std::unique_ptr<Optimizer> optimizer_;   // replicated or sharded (--shard_optimizer)
   std::vector<at::Tensor> all_params_;     // every trained tensor, over all parameter groups
