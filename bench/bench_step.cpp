@@ -14,7 +14,7 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
-#include "bench/device_info.h"
+#include "core/device_info.h"
 #include "bench/flops.h"
 #include "bench/step_runner.h"
 #include "cli/cli_common.h"

@@ -17,7 +17,7 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
-#include "bench/device_info.h"
+#include "core/device_info.h"
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"

@@ -24,7 +24,7 @@
 #include "data/dataset.h"
 #include "data/image_io.h"
 #include "encoders/autoencoder_weights.h"
-#include "train/progress.h"
+#include "core/progress.h"
 
 namespace fluxtrain {
 namespace {

@@ -27,7 +27,7 @@
 #include "train/memory_estimate.h"
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
-#include "train/progress.h"
+#include "core/progress.h"
 
 namespace fluxtrain {
 namespace {

@@ -262,7 +262,7 @@ TEST(TrainConfig, PresetsMatchTheSeedGuide) {
     EXPECT_NO_THROW(parse({"--config", std::string(FLUXTRAIN_SOURCE_DIR) + "/configs/" + name}));
     ++n;
   }
-  EXPECT_EQ(n, 6);
+  EXPECT_EQ(n, 7);
 }
 
 TEST(TrainConfig, LaunchScriptsWrapThePresets) {

@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/test_util.h"
-#include "train/progress.h"
+#include "core/progress.h"
 
 namespace fluxtrain {
 namespace {

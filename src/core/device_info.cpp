@@ -1,4 +1,4 @@
-#include "bench/device_info.h"
+#include "core/device_info.h"
 
 #include <ATen/Parallel.h>
 #ifdef FLUXTRAIN_WITH_CUDA
