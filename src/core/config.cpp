@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/limits.h"
 
 namespace po = boost::program_options;
 
@@ -165,7 +166,9 @@ std::vector<po::options_description> make_groups(RunConfig& c, Raw& raw) {
       ("checkpoints_total_limit", iv(&c.checkpoint.checkpoints_total_limit, d.checkpoint.checkpoints_total_limit),
        "keep at most N checkpoints (0 = all)")
       ("resume_from_checkpoint", sv(&c.checkpoint.resume_from_checkpoint, ""),
-       "latest (newest complete checkpoint in output_dir, if any) or a checkpoint file");
+       "latest (newest complete checkpoint in output_dir, if any) or a checkpoint file")
+      ("overwrite_output_dir", bv(&c.checkpoint.overwrite_output_dir),
+       "start a new run in an output_dir that holds another run's outputs (they are moved to previous-run-N/)");
   g.emplace_back("Validation");
   g.back().add_options()
       ("validation_steps", iv(&c.validation.validation_steps, d.validation.validation_steps),
@@ -192,7 +195,9 @@ std::vector<po::options_description> make_groups(RunConfig& c, Raw& raw) {
       ("encoder_rank", iv(&c.dist.encoder_rank, d.dist.encoder_rank),
        "rank that computes the conditioning of the global batch (used once encoders run in the trainer)")
       ("nccl_timeout", dv(&c.dist.nccl_timeout, d.dist.nccl_timeout, "600"),
-       "seconds after which a stuck NCCL collective aborts the whole job");
+       "seconds after which a stuck NCCL collective aborts the whole job")
+      ("mpi_timeout", dv(&c.dist.mpi_timeout, d.dist.mpi_timeout, "600"),
+       "seconds after which a stuck MPI collective (CPU runs, host values) aborts the whole job, naming the rank");
   return g;
 }
 
@@ -261,6 +266,7 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
   }
   if (vm.count("config")) {
     const std::string file = vm["config"].as<std::string>();
+    limits::check_config_file(file);
     std::ifstream in(file);
     if (!in) throw Error("--config " + file + ": cannot open file");
     try {
@@ -293,6 +299,7 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
   if (raw.lora_mode == "easycontrol") c.lora.mode = LoraMode::EasyControl;
   else if (raw.lora_mode == "standard") c.lora.mode = LoraMode::Standard;
   else throw Error("--lora_mode must be easycontrol or standard, got '" + raw.lora_mode + "'");
+  limits::check_range("--lora_num", raw.lora_num, 1, limits::kMaxLoraNum);  // before the cast to int
   c.lora.lora_num = static_cast<int>(raw.lora_num);
   c.lora.ranks.clear();
   for (const auto& s : split_list(raw.ranks)) c.lora.ranks.push_back(to_int("ranks", s));
@@ -300,7 +307,7 @@ ParsedArgs parse_train_args(int argc, const char* const* argv, std::ostream& out
   for (const auto& s : split_list(raw.alphas)) c.lora.alphas.push_back(to_double("network_alphas", s));
   c.lora.targets = split_list(raw.targets);
   c.lora.blocks.clear();
-  for (const auto& s : split_list(raw.blocks)) c.lora.blocks.push_back(static_cast<int>(to_int("lora_blocks", s)));
+  for (const auto& s : split_list(raw.blocks)) c.lora.blocks.push_back(static_cast<int>(limits::parse_int("--lora_blocks", s, 0, limits::kMaxBlockIndex)));
   if (vm.count("seed")) {
     if (raw.seed < 0) throw Error("--seed must be a non-negative integer, got " + std::to_string(raw.seed));
     c.train.seed = static_cast<uint64_t>(raw.seed);
@@ -419,6 +426,7 @@ void RunConfig::validate() const {
        "--text_encoder_alpha must be positive");
   need(std::isfinite(text_encoder.text_encoder_lr) && text_encoder.text_encoder_lr > 0,
        "--text_encoder_lr must be positive");
+  limits::check_run_limits(*this);  // upper bounds (core/limits.h)
 }
 
 nlohmann::json RunConfig::to_json() const {
@@ -466,7 +474,8 @@ nlohmann::json RunConfig::to_json() const {
   j["checkpoint"] = {{"output_dir", checkpoint.output_dir},
                      {"checkpointing_steps", checkpoint.checkpointing_steps},
                      {"checkpoints_total_limit", checkpoint.checkpoints_total_limit},
-                     {"resume_from_checkpoint", checkpoint.resume_from_checkpoint}};
+                     {"resume_from_checkpoint", checkpoint.resume_from_checkpoint},
+                     {"overwrite_output_dir", checkpoint.overwrite_output_dir}};
   j["validation"] = {{"validation_steps", validation.validation_steps},
                      {"validation_samples", validation.validation_samples},
                      {"test_h", validation.test_h},
@@ -479,7 +488,8 @@ nlohmann::json RunConfig::to_json() const {
   j["distributed"] = {{"shard_weights", dist.shard_weights},
                       {"shard_optimizer", dist.shard_optimizer},
                       {"encoder_rank", dist.encoder_rank},
-                      {"nccl_timeout", dist.nccl_timeout}};
+                      {"nccl_timeout", dist.nccl_timeout},
+                      {"mpi_timeout", dist.mpi_timeout}};
   return j;
 }
 

@@ -57,6 +57,7 @@ struct CheckpointConfig {
   int64_t checkpointing_steps = 500;
   int64_t checkpoints_total_limit = 0;    // 0 = keep all
   std::string resume_from_checkpoint;     // "" | latest | PATH
+  bool overwrite_output_dir = false;      // start anew in a folder holding another run's outputs
 };
 
 struct ValidationConfig {
@@ -78,6 +79,7 @@ struct DistConfig {                       // docs/distributed.md
   bool shard_optimizer = false;           // reduce-scattered gradients, AdamW state split over ranks
   int64_t encoder_rank = 0;               // rank that encodes conditioning (encoders issue)
   double nccl_timeout = 600;              // seconds before a stuck NCCL collective aborts the job
+  double mpi_timeout = 600;               // the same for MPI (CPU) collectives
 };
 
 // Hidden options for tests (not in --help, not stored in config.json).

@@ -93,8 +93,18 @@ Dataset::Dataset(const std::string& path) {
     const auto pooled = file_.shape("clip_pooled");
     if (pooled != std::vector<int64_t>{n, info_.pooled_dim})
       throw Error(p + "/clip_pooled must be [" + std::to_string(n) + ", " + std::to_string(info_.pooled_dim) + "]");
-    info_.embed_dtype = dtype_name(file_.read_rows("clip_pooled", 0, 1).scalar_type());
-    info_.latent_dtype = dtype_name(file_.group("target").read_rows("data", 0, 1).scalar_type());
+    // Latents and embeddings are floating point (float32, bfloat16 or float16; docs/dataset.md).
+    auto floating = [&](const std::string& what, const at::Tensor& first) {
+      const at::ScalarType t = first.scalar_type();
+      if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)
+        throw Error(p + "/" + what + " is " + dtype_name(t) + ", expected float32, bfloat16 or float16");
+      return t;
+    };
+    floating("t5", file_.read_rows("t5", 0, 1));
+    info_.embed_dtype = dtype_name(floating("clip_pooled", file_.read_rows("clip_pooled", 0, 1)));
+    info_.latent_dtype = dtype_name(floating("target/data", file_.group("target").read_rows("data", 0, 1)));
+    for (int64_t c = 0; c < k; ++c)
+      floating(cond_group(c) + "/data", file_.group(cond_group(c)).read_rows("data", 0, 1));
     captions_ = file_.read_strings("caption");
     if (static_cast<int64_t>(captions_.size()) != n) throw Error(p + "/caption must have one string per sample");
     if (file_.has("source/target")) target_paths_ = file_.read_strings("source/target");
