@@ -24,6 +24,7 @@
 #include "model/lora_io.h"
 #include "model/position_ids.h"
 #include "train/flow_matching.h"
+#include "train/output_dir.h"
 #include "train/progress.h"
 
 namespace fluxtrain {
@@ -159,6 +160,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
       rethrow_with_context("--resume_from_checkpoint");
     }
     check_checkpoint_matches(ck, path, model_cfg_, lora_);
+    check_resume_step(path, ck.state.step, max_steps_);  // resuming at/past the end: an error
     // The data stream counts global micro-batches: it continues on M ranks only with the global
     // batch of the run that wrote it. Older checkpoints (no attribute) were written by one rank.
     int64_t ck_global = ck.state.global_batch;
@@ -408,6 +410,7 @@ std::string Trainer::run() {
   if (root) make_directories(out);
   // Plain (non-terminal) output: about 50 progress lines per run.
   Progress progress(max_steps_, state_.step, log, opt_.tty, std::max<int64_t>(1, max_steps_ / 50));
+  if (root) for (const auto& line : prepare_output_dir(cfg_.checkpoint)) progress.message(line);  // train/output_dir.h
   progress.message("fluxtrain train: config " + cfg_.to_json().dump());
   if (root) write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
   {
