@@ -2,7 +2,10 @@
 
 #include <hdf5.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 
 #include <ATen/ATen.h>
 
@@ -115,6 +118,14 @@ void write_string_attr(hid_t obj, const std::string& name, const std::string& v,
   std::string buf = v;
   buf.push_back('\0');
   if (a < 0 || H5Awrite(a, type, buf.data()) < 0) throw Error(where + ": cannot write attribute " + name);
+}
+
+// The name an in-memory file has inside HDF5: the core driver refuses a name that exists on
+// disk (even without a backing store) and one already open, so each gets its own name that no
+// file has; messages use the caller's name.
+std::string in_memory_name() {
+  static std::atomic<uint64_t> n{0};
+  return "/nonexistent/fluxtrain-in-memory-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
 }
 
 // " (reason)" for a message, or "".
@@ -479,7 +490,7 @@ File File::create_in_memory(const std::string& name) {
   // 1 MiB growth steps; backing_store = 0: the image stays in memory.
   if (fapl < 0 || H5Pset_fapl_core(fapl, 1 << 20, 0) < 0)
     throw Error(name + ": cannot set up an in-memory HDF5 file" + because(), ErrorKind::Internal);
-  hid_t id = H5Fcreate(name.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+  hid_t id = H5Fcreate(in_memory_name().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
   if (id < 0) throw Error(name + ": cannot create an in-memory HDF5 file" + because(), ErrorKind::Internal);
   return File(id, kFile, name, "/");
 }
@@ -508,7 +519,7 @@ File File::open_image(const std::string& name, const std::string& bytes) {
   if (fapl < 0 || H5Pset_fapl_core(fapl, 1 << 20, 0) < 0 ||
       H5Pset_file_image(fapl, const_cast<char*>(bytes.data()), bytes.size()) < 0)
     throw Error(name + ": cannot set up an in-memory HDF5 file" + because(), ErrorKind::Internal);
-  hid_t id = H5Fopen(name.c_str(), H5F_ACC_RDONLY, fapl);
+  hid_t id = H5Fopen(in_memory_name().c_str(), H5F_ACC_RDONLY, fapl);
   if (id < 0) throw Error(name + ": cannot open HDF5 file (corrupt or truncated?)");
   return File(id, kFile, name, "/");
 }

@@ -46,6 +46,16 @@ std::map<std::string, std::string> snapshot(const std::string& dir) {
   return s;
 }
 
+// The names of the files that differ (contents are binary: do not print them).
+std::string changed(const std::map<std::string, std::string>& a, const std::map<std::string, std::string>& b) {
+  std::string out;
+  for (const auto& kv : a)
+    if (!b.count(kv.first) || b.at(kv.first) != kv.second) out += " " + kv.first;
+  for (const auto& kv : b)
+    if (!a.count(kv.first)) out += " +" + kv.first;
+  return out;
+}
+
 std::string q(const std::string& s) { return "'" + s + "'"; }
 
 void copy_file(const std::string& from, const std::string& to) {
@@ -118,7 +128,7 @@ void expect_refused(const std::string& cmd, const std::string& needle, const std
   EXPECT_EQ(rc, 2) << cmd << "\n" << log;
   EXPECT_NE(log.find(needle), std::string::npos) << "expected: " << needle << "\ngot: " << log;
   EXPECT_EQ(lines(log), 1u) << log;
-  EXPECT_EQ(snapshot(dir), before) << needle;
+  EXPECT_EQ(changed(before, snapshot(dir)), "") << needle;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,8 +144,8 @@ void expect_clean_write_failure(const std::string& out, const std::string& cmd, 
   EXPECT_NE(last.find("checkpoint-3.h5"), std::string::npos) << log;
   EXPECT_NE(last.find(reason), std::string::npos) << log;
   EXPECT_EQ(log.find("Segmentation"), std::string::npos) << log;
-  EXPECT_EQ(read_text_file(path_join(out, "checkpoint-1.h5")), ck1);
-  EXPECT_EQ(read_text_file(path_join(out, "checkpoint-2.h5")), ck2);
+  EXPECT_TRUE(read_text_file(path_join(out, "checkpoint-1.h5")) == ck1);
+  EXPECT_TRUE(read_text_file(path_join(out, "checkpoint-2.h5")) == ck2);
   for (const auto& n : list_directory(out)) EXPECT_EQ(n.find(".tmp."), std::string::npos) << n;
   EXPECT_FALSE(path_exists(path_join(out, "checkpoint-3.h5")));
   EXPECT_EQ(latest_checkpoint(out), path_join(out, "checkpoint-2.h5"));
@@ -180,7 +190,8 @@ TEST(Hardening, DiskFullDuringACheckpointByFileSizeLimit) {
   const std::string out = w.copy_done("fsize");
   const size_t limit_kib = std::max<size_t>(8, ck_bytes / 2 / 1024);
   ASSERT_LT(limit_kib * 1024, ck_bytes);
-  const std::string cmd = "bash -c \"trap '' XFSZ; ulimit -f " + std::to_string(limit_kib) + "; exec " +
+  // (The MPI singleton's PMIx shared-memory store would hit the limit first: keep it in memory.)
+  const std::string cmd = "PMIX_MCA_gds=hash OMPI_MCA_btl=self bash -c \"trap '' XFSZ; ulimit -f " + std::to_string(limit_kib) + "; exec " +
                           w.cli(out, {"--max_train_steps", "4", "--checkpointing_steps", "1", "--resume_from_checkpoint",
                                       "latest"}) + "\"";
   expect_clean_write_failure(out, cmd, "File too large");
@@ -258,7 +269,7 @@ TEST(Hardening, AnotherRunsOutputFolderIsRefusedOrMovedAside) {
   const std::string prev = path_join(out, "previous-run-1");
   for (const auto& kv : before) {
     ASSERT_TRUE(path_exists(path_join(prev, kv.first))) << kv.first;
-    EXPECT_EQ(read_text_file(path_join(prev, kv.first)), kv.second.substr(kv.second.find(':') + 1)) << kv.first;
+    EXPECT_TRUE(read_text_file(path_join(prev, kv.first)) == kv.second.substr(kv.second.find(':') + 1)) << kv.first;
   }
   const auto cks = list_checkpoints(out);
   ASSERT_EQ(cks.size(), 1u);
@@ -272,12 +283,12 @@ TEST(Hardening, AnotherRunsOutputFolderIsRefusedOrMovedAside) {
   const std::string old1 = read_text_file(path_join(mixed, "checkpoint-1.h5"));
   const std::string old2 = read_text_file(path_join(mixed, "checkpoint-2.h5"));
   ASSERT_EQ(run_command(w.cli(mixed, {"--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit",
-                                      "1", "--resume_from_checkpoint", foreign}),
+                                      "1", "--resume_from_checkpoint", foreign, "--seed", "6"}),
                         &log),
             0)
       << log;
-  EXPECT_EQ(read_text_file(path_join(mixed, "checkpoint-1.h5")), old1);
-  EXPECT_EQ(read_text_file(path_join(mixed, "checkpoint-2.h5")), old2);
+  EXPECT_TRUE(read_text_file(path_join(mixed, "checkpoint-1.h5")) == old1);
+  EXPECT_TRUE(read_text_file(path_join(mixed, "checkpoint-2.h5")) == old2);
   EXPECT_FALSE(path_exists(path_join(mixed, "checkpoint-4.h5")));  // its own older one: pruned
   EXPECT_TRUE(path_exists(path_join(mixed, "checkpoint-5.h5")));
   EXPECT_EQ(checkpoint_run_id(path_join(mixed, "checkpoint-5.h5")), checkpoint_run_id(foreign));
@@ -349,7 +360,7 @@ TEST(Hardening, SilentlyAcceptedInputsAreRefused) {
     dw.finish();
   }
   expect_refused(w.cli(out, {"--train_data", bad, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"}),
-                 bad + ": /target/data is int64, expected float32, bfloat16 or float16", out);
+                 bad + ": /target/data is Long, expected float32, bfloat16 or float16", out);
 }
 
 TEST(Hardening, CheckpointNumbersAreRangeChecked) {
