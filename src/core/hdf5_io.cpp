@@ -411,24 +411,34 @@ at::Tensor Location::read_rows(const std::string& name, int64_t begin, int64_t c
   return t;
 }
 
-void Location::write_strings(const std::string& name, const std::vector<std::string>& s) const {
+void Location::write_strings(const std::string& name, const std::vector<std::string>& s, bool fixed_length) const {
   Guard g;
   const std::string w = where(name);
   Hid type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type, H5T_VARIABLE);
+  size_t longest = 1;
+  for (const auto& x : s) longest = std::max(longest, x.size() + 1);
+  H5Tset_size(type, fixed_length ? longest : H5T_VARIABLE);
+  if (fixed_length) H5Tset_strpad(type, H5T_STR_NULLTERM);
   H5Tset_cset(type, H5T_CSET_UTF8);
   hsize_t n = s.size();
   Hid space(H5Screate_simple(1, &n, nullptr), H5Sclose);
   if (H5Lexists(id_, name.c_str(), H5P_DEFAULT) > 0) H5Ldelete(id_, name.c_str(), H5P_DEFAULT);
   Hid ds(H5Dcreate2(id_, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
   if (ds < 0) throw Error(w + ": cannot create dataset");
+  if (fixed_length) {
+    std::string buf(longest * s.size(), '\0');
+    for (size_t i = 0; i < s.size(); ++i) buf.replace(i * longest, s[i].size(), s[i]);
+    if (!s.empty() && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0)
+      throw Error(w + ": write failed" + because());
+    return;
+  }
   std::vector<const char*> ptrs;
   for (const auto& x : s) ptrs.push_back(x.c_str());
   if (!ptrs.empty() && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()) < 0)
-    throw Error(w + ": write failed");
+    throw Error(w + ": write failed" + because());
 }
 
-std::vector<std::string> Location::read_strings(const std::string& name) const {
+std::vector<std::string> Location::read_strings(const std::string& name, bool allow_variable) const {
   Guard g;
   const std::string w = where(name);
   auto dims = shape(name);
@@ -438,6 +448,8 @@ std::vector<std::string> Location::read_strings(const std::string& name) const {
   if (H5Tget_class(ftype) != H5T_STRING) throw Error(w + ": not a string array");
   std::vector<std::string> out;
   if (dims[0] == 0) return out;
+  if (H5Tis_variable_str(ftype) > 0 && !allow_variable)
+    throw Error(w + ": variable-length strings where fixed-length ones were written (damaged or foreign file)");
   if (H5Tis_variable_str(ftype) > 0) {
     Hid mt(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mt, H5T_VARIABLE);
@@ -453,6 +465,9 @@ std::vector<std::string> Location::read_strings(const std::string& name) const {
 #endif
   } else {
     const size_t sz = H5Tget_size(ftype);
+    if (sz == 0 || static_cast<double>(sz) * static_cast<double>(dims[0]) > (1u << 30))
+      throw Error(w + ": string array of " + std::to_string(dims[0]) + " x " + std::to_string(sz) +
+                  " bytes is implausible (damaged file?)");
     std::string buf(sz * static_cast<size_t>(dims[0]), '\0');
     if (H5Dread(ds, ftype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0) throw Error(w + ": read failed");
     for (int64_t i = 0; i < dims[0]; ++i) out.emplace_back(std::string(buf.data() + i * sz, sz).c_str());

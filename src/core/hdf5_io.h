@@ -75,8 +75,11 @@ class Location : public Object {
   // Rows [begin, begin+count) along dim 0.
   at::Tensor read_rows(const std::string& name, int64_t begin, int64_t count) const;
   std::vector<int64_t> shape(const std::string& name) const;
-  void write_strings(const std::string& name, const std::vector<std::string>& s) const;
-  std::vector<std::string> read_strings(const std::string& name) const;
+  // fixed_length: one fixed-size string type for all (the longest), not HDF5's variable-length
+  // strings, whose reading goes through HDF5's global heap: a crafted file crashes HDF5 1.10
+  // there (found by fuzzing); readers of untrusted files pass allow_variable = false.
+  void write_strings(const std::string& name, const std::vector<std::string>& s, bool fixed_length = false) const;
+  std::vector<std::string> read_strings(const std::string& name, bool allow_variable = true) const;
 };
 
 class File : public Location {

@@ -28,6 +28,7 @@ constexpr int64_t kMaxLoraNum = 64;                 // conditions (EasyControl)
 constexpr int64_t kMaxBlockIndex = 1'023;           // --lora_blocks (FLUX.1 has 57 blocks)
 constexpr int64_t kMaxRanks = 1'048'576;            // MPI ranks (encoder_rank, debug ranks)
 constexpr int64_t kMaxCheckpointsKept = 1'000'000;
+constexpr int64_t kMaxSamples = 100'000'000;        // samples in a dataset file
 constexpr double kMaxTimeoutSeconds = 7 * 24 * 3600.0;
 // --num_threads: at most this many per hardware thread of the machine (and at least 16 allowed).
 constexpr int64_t kThreadsPerHardwareThread = 4;

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/limits.h"
 #include "core/rng.h"
 #include "model/flux_config.h"
 
@@ -43,11 +44,16 @@ Dataset::Dataset(const std::string& path) {
                   std::to_string(kVersion));
     const int64_t n = file_.attr_int("num_samples");
     if (n <= 0) throw Error(p + "dataset has no samples");
+    limits::check_range(p + "num_samples", n, 1, limits::kMaxSamples, " (damaged file?)");
     info_.num_samples = n;
     info_.latent_channels = file_.attr_int("latent_channels");
     info_.text_len = file_.attr_int("text_len");
     info_.text_dim = file_.attr_int("text_dim");
     info_.pooled_dim = file_.attr_int("pooled_dim");
+    limits::check_range(p + "latent_channels", info_.latent_channels, 1, 1024, " (damaged file?)");
+    limits::check_range(p + "text_len", info_.text_len, 1, 65536, " (damaged file?)");
+    limits::check_range(p + "text_dim", info_.text_dim, 1, 65536, " (damaged file?)");
+    limits::check_range(p + "pooled_dim", info_.pooled_dim, 1, 65536, " (damaged file?)");
     const int64_t k = file_.attr_int("num_conditions");
     if (k < 0) throw Error(p + "negative num_conditions");
 
@@ -55,6 +61,11 @@ Dataset::Dataset(const std::string& path) {
     auto load_column = [&](const std::string& group, Column& c, int64_t* max_hw) {
       h5::Location g = file_.group(group);
       c.group = group;
+      // Sizes before reading: a damaged header can claim any size (found by fuzzing).
+      if (g.shape("shape") != std::vector<int64_t>{n, 3})
+        throw Error(p + "/" + group + "/shape must be int64 [" + std::to_string(n) + ", 3]");
+      if (g.shape("offset") != std::vector<int64_t>{n})
+        throw Error(p + "/" + group + "/offset must be int64 [" + std::to_string(n) + "]");
       c.shape = g.read_tensor("shape");
       c.offset = g.read_tensor("offset");
       const auto data_shape = g.shape("data");
@@ -74,6 +85,9 @@ Dataset::Dataset(const std::string& path) {
                       std::to_string(info_.latent_channels) + ", even h, even w]");
         if (off[i] < 0 || off[i] + C * h * w > total)
           throw Error(p + "/" + group + ": sample " + std::to_string(i) + " lies outside the data array (corrupt index)");
+        if (h > limits::kMaxImageSize / 8 || w > limits::kMaxImageSize / 8)
+          throw Error(p + "/" + group + ": sample " + std::to_string(i) + " has latents of " + std::to_string(h) + " x " +
+                      std::to_string(w) + ", more than " + std::to_string(limits::kMaxImageSize / 8) + " per side");
         *max_hw = std::max({*max_hw, h, w});
       }
     };

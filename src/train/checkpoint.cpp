@@ -258,9 +258,10 @@ void save_checkpoint(const std::string& path, const Checkpoint& ck) {
     f.set_attr("seed", static_cast<int64_t>(ck.state.seed));
     f.set_attr("lr", ck.state.lr);
     f.set_attr("global_batch", ck.state.global_batch);
-    f.write_strings("config_json", {ck.config.dump()});
-    f.write_strings("model_json", {flux_config_json(ck.model).dump()});
-    f.write_strings("scheduler_json", {ck.scheduler.dump()});
+    // Fixed-length strings: readers refuse variable-length ones (see h5::Location::read_strings).
+    f.write_strings("config_json", {ck.config.dump()}, true);
+    f.write_strings("model_json", {flux_config_json(ck.model).dump()}, true);
+    f.write_strings("scheduler_json", {ck.scheduler.dump()}, true);
     // Weights and moments are small (LoRA only) and already random-looking: no compression.
     h5::WriteOptions raw;
     raw.deflate = 0;
@@ -340,7 +341,7 @@ Checkpoint load_checkpoint(const std::string& path) {
                   std::to_string(ck.state.step) + " (damaged checkpoint?)");
     ck.state.run_id = header.run_id;  // "" for version 1: such files are never pruned
     auto one = [&](const std::string& name) {
-      auto v = f.read_strings(name);
+      auto v = f.read_strings(name, /*allow_variable=*/version == 1);
       if (v.size() != 1) throw Error(path + ": /" + name + " must hold one string");
       try {
         return nlohmann::json::parse(v[0]);

@@ -4,6 +4,8 @@
 #include <sstream>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/config.h"
 #include "tests/fuzz/fuzz_util.h"
 

@@ -16,6 +16,7 @@ mkdir -p "$work/artifacts"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export OMP_NUM_THREADS=1
+export FLUXTRAIN_FUZZ_RESTAMP=${FLUXTRAIN_FUZZ_RESTAMP:-1}  # checkpoint target: also fuzz HDF5's parser
 for t in "${targets[@]}"; do
   mkdir -p "$work/$t"
   per_job=$(( (runs + jobs - 1) / jobs ))
