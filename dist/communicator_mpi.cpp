@@ -1,4 +1,6 @@
-// MPI backend of Communicator for CPU tensors.
+// MPI backend of Communicator for CPU tensors. Every operation is non-blocking underneath and
+// completed by detail::wait_bounded (dist/mpi_watchdog.h): a stopped or lost peer ends the job
+// after --mpi_timeout instead of hanging it.
 #include <climits>
 #include <string>
 
@@ -7,6 +9,7 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "dist/detail.h"
+#include "dist/mpi_watchdog.h"
 
 namespace fluxtrain::dist {
 
@@ -67,10 +70,11 @@ class MpiWork : public Work {
   std::vector<MPI_Request> reqs;
   std::vector<at::Tensor> keep;   // buffers MPI reads or writes until completion
   std::function<void()> finish;   // post-processing after completion (avg, copy-back)
+  const char* what = "collective";
   bool done = false;
   void wait() override {
     if (done) return;
-    if (!reqs.empty()) MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
+    detail::wait_bounded(reqs, what);
     done = true;
     if (finish) finish();
     keep.clear();
@@ -126,6 +130,7 @@ class MpiCommunicator : public Communicator {
     MPI_Datatype type = arith_type(buf.scalar_type());
     MPI_Op mop = mpi_op(op, t.scalar_type());
     w->reqs.resize(1);
+    w->what = "all_reduce";
     MPI_Iallreduce(MPI_IN_PLACE, buf.data_ptr(), checked_count(buf.numel(), "all_reduce"), type, mop,
                    comm_, &w->reqs[0]);
     w->keep = {buf, t};
@@ -149,6 +154,7 @@ class MpiCommunicator : public Communicator {
                     std::to_string(in.numel() * size_));
     auto w = std::make_unique<MpiWork>();
     w->reqs.resize(1);
+    w->what = "all_gather";
     int n = checked_count(in.numel(), "all_gather");
     // In place when `in` already is this rank's part of `out` (MPI forbids aliased buffers).
     MPI_Iallgather(gathers_in_place(out, in) ? MPI_IN_PLACE : in.data_ptr(), n, raw_type(in), out.data_ptr(), n, raw_type(out), comm_,
@@ -167,8 +173,10 @@ class MpiCommunicator : public Communicator {
     const bool via_float = reduced_via_float(in.scalar_type());
     at::Tensor src = via_float ? in.to(at::kFloat) : in;
     at::Tensor dst = via_float ? at::empty(out.sizes(), out.options().dtype(at::kFloat)) : out;
-    MPI_Reduce_scatter_block(src.data_ptr(), dst.data_ptr(), checked_count(out.numel(), "reduce_scatter"),
-                             arith_type(src.scalar_type()), mpi_op(op, in.scalar_type()), comm_);
+    MPI_Request req;
+    MPI_Ireduce_scatter_block(src.data_ptr(), dst.data_ptr(), checked_count(out.numel(), "reduce_scatter"),
+                              arith_type(src.scalar_type()), mpi_op(op, in.scalar_type()), comm_, &req);
+    detail::wait_bounded(req, "reduce_scatter");
     if (op == ReduceOp::Avg) dst.div_(static_cast<double>(size_));
     if (via_float) out.copy_(dst);
   }
@@ -176,7 +184,9 @@ class MpiCommunicator : public Communicator {
   void broadcast(at::Tensor& t, int root) override {
     check_cpu(t, "broadcast");
     check_root(root);
-    MPI_Bcast(t.data_ptr(), checked_count(t.numel(), "broadcast"), raw_type(t), root, comm_);
+    MPI_Request req;
+    MPI_Ibcast(t.data_ptr(), checked_count(t.numel(), "broadcast"), raw_type(t), root, comm_, &req);
+    detail::wait_bounded(req, "broadcast");
   }
 
   at::Tensor scatter(const std::vector<at::Tensor>& parts, int root) override {
@@ -197,7 +207,9 @@ class MpiCommunicator : public Communicator {
       }
     }
     int64_t mine[kHeader];
-    MPI_Scatter(headers.data(), kHeader, MPI_INT64_T, mine, kHeader, MPI_INT64_T, root, comm_);
+    MPI_Request hreq;
+    MPI_Iscatter(headers.data(), kHeader, MPI_INT64_T, mine, kHeader, MPI_INT64_T, root, comm_, &hreq);
+    detail::wait_bounded(hreq, "scatter");
     at::Tensor out = empty_from_header(mine);
     if (rank_ == root) {
       std::vector<MPI_Request> reqs;
@@ -208,10 +220,11 @@ class MpiCommunicator : public Communicator {
                   comm_, &reqs.back());
       }
       out.copy_(sends[root]);
-      MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
+      detail::wait_bounded(reqs, "scatter");
     } else if (out.numel() > 0) {
-      MPI_Recv(out.data_ptr(), static_cast<int>(out.numel()), raw_type(out), root, kTagScatter, comm_,
-               MPI_STATUS_IGNORE);
+      MPI_Request req;
+      MPI_Irecv(out.data_ptr(), static_cast<int>(out.numel()), raw_type(out), root, kTagScatter, comm_, &req);
+      detail::wait_bounded(req, "scatter");
     }
     return out;
   }
@@ -224,7 +237,9 @@ class MpiCommunicator : public Communicator {
     int64_t mine[kHeader];
     write_header(send, mine);
     std::vector<int64_t> headers(rank_ == root ? static_cast<size_t>(kHeader) * size_ : 0);
-    MPI_Gather(mine, kHeader, MPI_INT64_T, headers.data(), kHeader, MPI_INT64_T, root, comm_);
+    MPI_Request hreq;
+    MPI_Igather(mine, kHeader, MPI_INT64_T, headers.data(), kHeader, MPI_INT64_T, root, comm_, &hreq);
+    detail::wait_bounded(hreq, "gather");
     std::vector<at::Tensor> out;
     if (rank_ == root) {
       std::vector<MPI_Request> reqs;
@@ -244,14 +259,20 @@ class MpiCommunicator : public Communicator {
                   &reqs.back());
       }
       out[root].copy_(send);
-      MPI_Waitall(static_cast<int>(reqs.size()), reqs.data(), MPI_STATUSES_IGNORE);
+      detail::wait_bounded(reqs, "gather");
     } else if (send.numel() > 0) {
-      MPI_Send(send.data_ptr(), static_cast<int>(send.numel()), raw_type(send), root, kTagGather, comm_);
+      MPI_Request req;
+      MPI_Isend(send.data_ptr(), static_cast<int>(send.numel()), raw_type(send), root, kTagGather, comm_, &req);
+      detail::wait_bounded(req, "gather");
     }
     return out;
   }
 
-  void barrier() override { MPI_Barrier(comm_); }
+  void barrier() override {
+    MPI_Request req;
+    MPI_Ibarrier(comm_, &req);
+    detail::wait_bounded(req, "barrier");
+  }
 
  private:
   static constexpr int kTagScatter = 101, kTagGather = 102;

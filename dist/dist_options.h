@@ -13,6 +13,7 @@ struct DistConfig {
   // --encoder_rank, easily confused with the LoRA ranks --ranks / --text_encoder_rank).
   int64_t encoder_rank = 0;
   double nccl_timeout = 600;     // seconds before a stuck NCCL collective aborts the job
+  double mpi_timeout = 600;      // the same for MPI (CPU) collectives
 };
 
 void declare_options(OptionSet& s, DistConfig& c);

@@ -13,6 +13,8 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "dist/detail.h"
+#include "dist/mpi_watchdog.h"
+#include "core/limits.h"
 
 namespace fluxtrain::dist {
 
@@ -111,6 +113,7 @@ ProcessGroup& ProcessGroup::init(int* argc, char*** argv) {
     delete pg;
     throw Error(msg);
   }
+  detail::init_health_comm();  // answers "are you alive?" while waiting (dist/mpi_watchdog.h)
   g_group = pg;
   return *g_group;
 }
@@ -118,6 +121,7 @@ ProcessGroup& ProcessGroup::init(int* argc, char*** argv) {
 void ProcessGroup::finalize() {
   if (!g_group) return;
   bool owns = g_group->owns_mpi_;
+  detail::free_health_comm();
   if (detail::mpi_alive() && g_group->world_ != MPI_COMM_NULL) MPI_Comm_free(&g_group->world_);
   delete g_group;
   g_group = nullptr;
@@ -168,7 +172,8 @@ void fatal(int rank, const std::string& reason, int exit_code) {
     // Another thread is already taking the job down; do not race it to stderr or MPI_Abort.
     for (;;) std::this_thread::yield();
   }
-  std::fprintf(stderr, "rank %d: %s\n", rank, reason.c_str());
+  // Messages may carry bytes from files: printable, one line.
+  std::fprintf(stderr, "rank %d: %s\n", rank, limits::printable(reason, 2000).c_str());
   std::fflush(stderr);
   if (detail::mpi_alive()) MPI_Abort(MPI_COMM_WORLD, exit_code);  // kills every rank of the job
   std::_Exit(exit_code);

@@ -13,9 +13,12 @@ JOBS=${JOBS:-$(nproc)}
 
 # Tokenizers: SentencePiece (T5), PCRE2 (CLIP's pre-tokenisation). Images: libvips.
 # TensorBoard event files: protobuf. ccache keeps rebuilds quick on small machines.
+# Fuzzing (tests/fuzz): clang + libFuzzer. The local Slurm test (tests/py/test_slurm_local.py):
+# slurmctld, slurmd, slurm-client, munge.
 pkgs="build-essential cmake ninja-build python3-venv libopenmpi-dev openmpi-bin libhdf5-dev
       libboost-program-options-dev libboost-dev nlohmann-json3-dev libgtest-dev
-      libsentencepiece-dev libpcre2-dev libicu-dev libvips-dev libprotobuf-dev protobuf-compiler ccache"
+      libsentencepiece-dev libpcre2-dev libicu-dev libvips-dev libprotobuf-dev protobuf-compiler ccache
+      clang libclang-rt-14-dev slurmctld slurmd slurm-client munge"
 missing=""
 for p in $pkgs; do dpkg -s "$p" > /dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

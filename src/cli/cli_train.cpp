@@ -8,6 +8,7 @@
 #include <ATen/Context.h>
 
 #include "cli/commands.h"
+#include "dist/mpi_watchdog.h"
 #include "train/run_config.h"
 #include "dist/process_group.h"
 #include "train/trainer.h"
@@ -21,6 +22,7 @@ int train_main(dist::ProcessGroup& pg, int argc, char** argv) {
   ParsedArgs a = parse_train_args(argc, argv, root ? static_cast<std::ostream&>(std::cout) : sink);
   if (a.help) return 0;
   RunConfig& cfg = a.config;
+  dist::set_mpi_timeout(cfg.dist.mpi_timeout);
   if (pg.world_size() > 1) {
     // An unseeded run draws its seed on each rank: rank 0's wins, or the ranks would train on
     // different data orders, noise and LoRA initialisations.

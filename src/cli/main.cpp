@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/limits.h"
 
 namespace {
 
@@ -48,7 +49,8 @@ int main(int argc, char** argv) {
     try {
       return c.fn(argc - 1, argv + 1);
     } catch (const fluxtrain::Error& e) {
-      std::fprintf(stderr, "fluxtrain %s: error: %s\n", c.name, e.what());
+      // Printable: messages may echo bytes read from files (core/limits.h).
+      std::fprintf(stderr, "fluxtrain %s: error: %s\n", c.name, fluxtrain::limits::printable(e.what(), 2000).c_str());
       return e.exit_code();
     } catch (const std::exception& e) {
       // Internal failures (LibTorch errors carry multi-line backtraces: keep the first line).

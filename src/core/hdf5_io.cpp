@@ -2,7 +2,10 @@
 
 #include <hdf5.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 
 #include <ATen/ATen.h>
 
@@ -19,6 +22,12 @@ enum Kind { kNone = 0, kFile = 1, kGroup = 2, kDataset = 3 };
 struct Guard {
   std::lock_guard<std::recursive_mutex> g{lock()};
   Guard() {
+    // No library shutdown at exit (before HDF5's first call, or it has no effect): after a
+    // failed write (a full disk) H5Fclose fails and leaves the file half-open, and HDF5's atexit
+    // clean-up then crashed in H5F__close_cb (exit 139 after the error message). Every file we
+    // open is closed by its Object; the process's exit releases the rest.
+    static const bool no_atexit = (H5dont_atexit(), true);
+    (void)no_atexit;
     thread_local bool silenced = false;
     if (!silenced) {
       H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -111,7 +120,44 @@ void write_string_attr(hid_t obj, const std::string& name, const std::string& v,
   if (a < 0 || H5Awrite(a, type, buf.data()) < 0) throw Error(where + ": cannot write attribute " + name);
 }
 
+// The name an in-memory file has inside HDF5: the core driver refuses a name that exists on
+// disk (even without a backing store) and one already open, so each gets its own name that no
+// file has; messages use the caller's name.
+std::string in_memory_name() {
+  static std::atomic<uint64_t> n{0};
+  return "/nonexistent/fluxtrain-in-memory-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
+}
+
+// " (reason)" for a message, or "".
+std::string because() {
+  const std::string r = error_reason();
+  return r.empty() ? "" : " (" + r + ")";
+}
+
 }  // namespace
+
+std::string error_reason() {
+  // HDF5's file drivers record the system error in the description of their stack entry:
+  // "... errno = 28, error message = 'No space left on device', ...". Prefer that; otherwise
+  // the innermost entry's own description.
+  struct Found {
+    std::string system, innermost;
+  } found;
+  auto walk = [](unsigned n, const H5E_error2_t* e, void* data) -> herr_t {
+    auto* f = static_cast<Found*>(data);
+    const std::string desc = e->desc ? e->desc : "";
+    const std::string key = "error message = '";
+    const size_t at = desc.find(key);
+    if (at != std::string::npos && f->system.empty()) {
+      const size_t end = desc.find('\'', at + key.size());
+      f->system = desc.substr(at + key.size(), end == std::string::npos ? std::string::npos : end - at - key.size());
+    }
+    if (n == 0) f->innermost = desc;
+    return 0;
+  };
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, walk, &found);
+  return !found.system.empty() ? found.system : found.innermost;
+}
 
 std::recursive_mutex& lock() {
   static std::recursive_mutex m;
@@ -305,9 +351,9 @@ void Location::write_tensor(const std::string& name, const at::Tensor& tensor, c
   }
   if (H5Lexists(id_, name.c_str(), H5P_DEFAULT) > 0) H5Ldelete(id_, name.c_str(), H5P_DEFAULT);
   Hid ds(H5Dcreate2(id_, name.c_str(), ft, space, H5P_DEFAULT, dcpl, H5P_DEFAULT), H5Dclose);
-  if (ds < 0) throw Error(w + ": cannot create dataset");
+  if (ds < 0) throw Error(w + ": cannot create dataset" + because());
   if (t.numel() > 0 && H5Dwrite(ds, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
-    throw Error(w + ": write failed");
+    throw Error(w + ": write failed" + because());
   if (st == at::kBFloat16) write_string_attr(ds, "dtype", "bfloat16", w);
   if (st == at::kHalf) write_string_attr(ds, "dtype", "float16", w);
   if (st == at::kBool) write_string_attr(ds, "dtype", "bool", w);
@@ -365,24 +411,34 @@ at::Tensor Location::read_rows(const std::string& name, int64_t begin, int64_t c
   return t;
 }
 
-void Location::write_strings(const std::string& name, const std::vector<std::string>& s) const {
+void Location::write_strings(const std::string& name, const std::vector<std::string>& s, bool fixed_length) const {
   Guard g;
   const std::string w = where(name);
   Hid type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type, H5T_VARIABLE);
+  size_t longest = 1;
+  for (const auto& x : s) longest = std::max(longest, x.size() + 1);
+  H5Tset_size(type, fixed_length ? longest : H5T_VARIABLE);
+  if (fixed_length) H5Tset_strpad(type, H5T_STR_NULLTERM);
   H5Tset_cset(type, H5T_CSET_UTF8);
   hsize_t n = s.size();
   Hid space(H5Screate_simple(1, &n, nullptr), H5Sclose);
   if (H5Lexists(id_, name.c_str(), H5P_DEFAULT) > 0) H5Ldelete(id_, name.c_str(), H5P_DEFAULT);
   Hid ds(H5Dcreate2(id_, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
   if (ds < 0) throw Error(w + ": cannot create dataset");
+  if (fixed_length) {
+    std::string buf(longest * s.size(), '\0');
+    for (size_t i = 0; i < s.size(); ++i) buf.replace(i * longest, s[i].size(), s[i]);
+    if (!s.empty() && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0)
+      throw Error(w + ": write failed" + because());
+    return;
+  }
   std::vector<const char*> ptrs;
   for (const auto& x : s) ptrs.push_back(x.c_str());
   if (!ptrs.empty() && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, ptrs.data()) < 0)
-    throw Error(w + ": write failed");
+    throw Error(w + ": write failed" + because());
 }
 
-std::vector<std::string> Location::read_strings(const std::string& name) const {
+std::vector<std::string> Location::read_strings(const std::string& name, bool allow_variable) const {
   Guard g;
   const std::string w = where(name);
   auto dims = shape(name);
@@ -392,6 +448,8 @@ std::vector<std::string> Location::read_strings(const std::string& name) const {
   if (H5Tget_class(ftype) != H5T_STRING) throw Error(w + ": not a string array");
   std::vector<std::string> out;
   if (dims[0] == 0) return out;
+  if (H5Tis_variable_str(ftype) > 0 && !allow_variable)
+    throw Error(w + ": variable-length strings where fixed-length ones were written (damaged or foreign file)");
   if (H5Tis_variable_str(ftype) > 0) {
     Hid mt(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mt, H5T_VARIABLE);
@@ -407,6 +465,9 @@ std::vector<std::string> Location::read_strings(const std::string& name) const {
 #endif
   } else {
     const size_t sz = H5Tget_size(ftype);
+    if (sz == 0 || static_cast<double>(sz) * static_cast<double>(dims[0]) > (1u << 30))
+      throw Error(w + ": string array of " + std::to_string(dims[0]) + " x " + std::to_string(sz) +
+                  " bytes is implausible (damaged file?)");
     std::string buf(sz * static_cast<size_t>(dims[0]), '\0');
     if (H5Dread(ds, ftype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data()) < 0) throw Error(w + ": read failed");
     for (int64_t i = 0; i < dims[0]; ++i) out.emplace_back(std::string(buf.data() + i * sz, sz).c_str());
@@ -429,13 +490,53 @@ File File::open(const std::string& path, bool writable) {
 File File::create(const std::string& path) {
   Guard g;
   hid_t id = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-  if (id < 0) throw Error(path + ": cannot create HDF5 file");
+  if (id < 0) throw Error(path + ": cannot create HDF5 file" + because());
   return File(id, kFile, path, "/");
 }
 
 void File::flush() const {
   Guard g;
-  if (H5Fflush(id_, H5F_SCOPE_GLOBAL) < 0) throw Error(file_ + ": flush failed");
+  if (H5Fflush(id_, H5F_SCOPE_GLOBAL) < 0) throw Error(file_ + ": flush failed" + because());
+}
+
+File File::create_in_memory(const std::string& name) {
+  Guard g;
+  Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  // 1 MiB growth steps; backing_store = 0: the image stays in memory.
+  if (fapl < 0 || H5Pset_fapl_core(fapl, 1 << 20, 0) < 0)
+    throw Error(name + ": cannot set up an in-memory HDF5 file" + because(), ErrorKind::Internal);
+  hid_t id = H5Fcreate(in_memory_name().c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+  if (id < 0) throw Error(name + ": cannot create an in-memory HDF5 file" + because(), ErrorKind::Internal);
+  return File(id, kFile, name, "/");
+}
+
+std::string File::image() const {
+  Guard g;
+  if (H5Fflush(id_, H5F_SCOPE_GLOBAL) < 0) throw Error(file_ + ": flush failed" + because());
+  const ssize_t n = H5Fget_file_image(id_, nullptr, 0);
+  if (n < 0) throw Error(file_ + ": cannot get the file image" + because(), ErrorKind::Internal);
+  std::string bytes(static_cast<size_t>(n), '\0');
+  if (n > 0 && H5Fget_file_image(id_, bytes.data(), bytes.size()) != n)
+    throw Error(file_ + ": cannot get the file image" + because(), ErrorKind::Internal);
+  return bytes;
+}
+
+File File::open_image(const std::string& name, const std::string& bytes) {
+  Guard g;
+  // The same signature test as H5Fis_hdf5 (at 0, 512, 1024, ...), without a file to look at:
+  // anything else makes the core driver fail with a less useful message.
+  static const char kSig[8] = {'\x89', 'H', 'D', 'F', '\r', '\n', '\x1a', '\n'};
+  bool sig = false;
+  for (size_t at = 0; at + 8 <= bytes.size() && !sig; at = at ? at * 2 : 512)
+    sig = bytes.compare(at, 8, kSig, 8) == 0;
+  if (!sig) throw Error(name + ": not an HDF5 file (corrupt, truncated or another format)");
+  Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+  if (fapl < 0 || H5Pset_fapl_core(fapl, 1 << 20, 0) < 0 ||
+      H5Pset_file_image(fapl, const_cast<char*>(bytes.data()), bytes.size()) < 0)
+    throw Error(name + ": cannot set up an in-memory HDF5 file" + because(), ErrorKind::Internal);
+  hid_t id = H5Fopen(in_memory_name().c_str(), H5F_ACC_RDONLY, fapl);
+  if (id < 0) throw Error(name + ": cannot open HDF5 file (corrupt or truncated?)");
+  return File(id, kFile, name, "/");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -482,12 +583,12 @@ void Appendable::append(const at::Tensor& rows) {
     start.push_back(0);
     cnt.push_back(static_cast<hsize_t>(d));
   }
-  if (H5Dset_extent(ds_.id(), newdims.data()) < 0) throw Error(w + ": cannot extend dataset");
+  if (H5Dset_extent(ds_.id(), newdims.data()) < 0) throw Error(w + ": cannot extend dataset" + because());
   Hid fspace(H5Dget_space(ds_.id()), H5Sclose);
   H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, cnt.data(), nullptr);
   Hid mspace(H5Screate_simple(static_cast<int>(cnt.size()), cnt.data(), nullptr), H5Sclose);
   if (H5Dwrite(ds_.id(), mem_type(dtype_, w), mspace, fspace, H5P_DEFAULT, t.data_ptr()) < 0)
-    throw Error(w + ": write failed");
+    throw Error(w + ": write failed" + because());
   rows_ += n;
 }
 

@@ -75,8 +75,11 @@ class Location : public Object {
   // Rows [begin, begin+count) along dim 0.
   at::Tensor read_rows(const std::string& name, int64_t begin, int64_t count) const;
   std::vector<int64_t> shape(const std::string& name) const;
-  void write_strings(const std::string& name, const std::vector<std::string>& s) const;
-  std::vector<std::string> read_strings(const std::string& name) const;
+  // fixed_length: one fixed-size string type for all (the longest), not HDF5's variable-length
+  // strings, whose reading goes through HDF5's global heap: a crafted file crashes HDF5 1.10
+  // there (found by fuzzing); readers of untrusted files pass allow_variable = false.
+  void write_strings(const std::string& name, const std::vector<std::string>& s, bool fixed_length = false) const;
+  std::vector<std::string> read_strings(const std::string& name, bool allow_variable = true) const;
 };
 
 class File : public Location {
@@ -86,7 +89,21 @@ class File : public Location {
   static File open(const std::string& path, bool writable = false);
   static File create(const std::string& path);  // truncates
   void flush() const;
+
+  // In-memory files (HDF5's core driver, no backing store): nothing touches the disk, so a full
+  // disk or an I/O error can only happen where the caller writes image() itself (atomically,
+  // with the system's reason), never inside HDF5 (whose failed flushes leave a half-closed file
+  // that crashes the library's shutdown). `name` only appears in messages.
+  static File create_in_memory(const std::string& name);
+  // The complete file as bytes (flushes first).
+  std::string image() const;
+  // Opens a file image held in memory (read-only; the bytes are copied).
+  static File open_image(const std::string& name, const std::string& bytes);
 };
+
+// The innermost reason on HDF5's error stack of this thread (e.g. the system's "No space left on
+// device" from a failed write), "" when there is none. Call right after the failing HDF5 call.
+std::string error_reason();
 
 // A dataset that grows along dim 0 (rows of a fixed inner shape), chunked and compressed.
 class Appendable {

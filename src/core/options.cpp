@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/limits.h"
 
 namespace po = boost::program_options;
 
@@ -456,7 +457,7 @@ bool OptionSet::parse(int argc, const char* const* argv, std::ostream& help_out)
     const std::string file = vm["config"].as<std::string>();
     *config_path_ = file;
     ini_file = file;
-    if (is_directory(file)) throw Error("--config " + file + ": is a directory, expected an INI file");
+    limits::check_config_file(file);  // a readable regular file
     std::ifstream in(file);
     if (!in) throw Error("--config " + file + ": cannot open file");
     try {

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/limits.h"
 #include "core/rng.h"
 #include "data/augment.h"
 #include "model/flux_config.h"
@@ -46,11 +47,16 @@ Dataset::Dataset(const std::string& path) {
     info_.version = version;
     const int64_t n = file_.attr_int("num_samples");
     if (n <= 0) throw Error(p + "dataset has no samples");
+    limits::check_range(p + "num_samples", n, 1, limits::kMaxSamples, " (damaged file?)");
     info_.num_samples = n;
     info_.latent_channels = file_.attr_int("latent_channels");
     info_.text_len = file_.attr_int("text_len");
     info_.text_dim = file_.attr_int("text_dim");
     info_.pooled_dim = file_.attr_int("pooled_dim");
+    limits::check_range(p + "latent_channels", info_.latent_channels, 1, 1024, " (damaged file?)");
+    limits::check_range(p + "text_len", info_.text_len, 1, 65536, " (damaged file?)");
+    limits::check_range(p + "text_dim", info_.text_dim, 1, 65536, " (damaged file?)");
+    limits::check_range(p + "pooled_dim", info_.pooled_dim, 1, 65536, " (damaged file?)");
     const int64_t k = file_.attr_int("num_conditions");
     if (k < 0) throw Error(p + "negative num_conditions");
     if (version >= 2) {
@@ -71,6 +77,11 @@ Dataset::Dataset(const std::string& path) {
       h5::Location g = file_.group(group);
       c.group = group;
       c.variants = variants;
+      // Sizes before reading: a damaged header can claim any size (found by fuzzing).
+      if (g.shape("shape") != std::vector<int64_t>{n * variants, 3})
+        throw Error(p + "/" + group + "/shape must be int64 [" + std::to_string(n * variants) + ", 3]");
+      if (g.shape("offset") != std::vector<int64_t>{n * variants})
+        throw Error(p + "/" + group + "/offset must be int64 [" + std::to_string(n * variants) + "]");
       c.shape = g.read_tensor("shape");
       c.offset = g.read_tensor("offset");
       const int64_t rows = n * variants;
@@ -94,6 +105,10 @@ Dataset::Dataset(const std::string& path) {
         if (off[i] < 0 || off[i] + C * h * w > total)
           throw Error(p + "/" + group + ": sample " + std::to_string(i / variants) + " lies outside the data array (corrupt index)");
         const int64_t lh = pixels ? h / 8 : h, lw = pixels ? w / 8 : w;
+        if (lh > limits::kMaxImageSize / 8 || lw > limits::kMaxImageSize / 8)
+          throw Error(p + "/" + group + ": sample " + std::to_string(i / variants) + " has latents of " +
+                      std::to_string(lh) + " x " + std::to_string(lw) + ", more than " +
+                      std::to_string(limits::kMaxImageSize / 8) + " per side");
         *max_hw = std::max({*max_hw, lh, lw});
         if (max_area) *max_area = std::max(*max_area, lh * lw);
       }
@@ -119,6 +134,11 @@ Dataset::Dataset(const std::string& path) {
       const auto pooled = file_.shape("clip_pooled");
       if (pooled != std::vector<int64_t>{n, info_.pooled_dim})
         throw Error(p + "/clip_pooled must be [" + std::to_string(n) + ", " + std::to_string(info_.pooled_dim) + "]");
+      for (const char* what : {"t5", "clip_pooled"}) {
+        const at::ScalarType t = file_.read_rows(what, 0, 1).scalar_type();
+        if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)
+          throw Error(p + "/" + what + " is " + dtype_name(t) + ", expected float32, bfloat16 or float16");
+      }
       info_.embed_dtype = dtype_name(file_.read_rows("clip_pooled", 0, 1).scalar_type());
       if (info_.has_dropout_embeddings) {
         h5::Location g = file_.group("text_dropout");
@@ -129,7 +149,19 @@ Dataset::Dataset(const std::string& path) {
           throw Error(p + "/text_dropout: embeddings of the wrong shape");
       }
     }
-    info_.latent_dtype = dtype_name(file_.group("target").read_rows("data", 0, 1).scalar_type());
+    // Latents and embeddings are floating point (float32, bfloat16 or float16; docs/dataset.md);
+    // pixel storage holds uint8 images.
+    auto floating = [&](const std::string& what, const at::Tensor& first) {
+      const at::ScalarType t = first.scalar_type();
+      if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)
+        throw Error(p + "/" + what + " is " + dtype_name(t) + ", expected float32, bfloat16 or float16");
+      return t;
+    };
+    const at::Tensor first_target = file_.group("target").read_rows("data", 0, 1);
+    info_.latent_dtype = dtype_name(pixels ? first_target.scalar_type() : floating("target/data", first_target));
+    if (!pixels)
+      for (int64_t c = 0; c < k; ++c)
+        floating(cond_group(c) + "/data", file_.group(cond_group(c)).read_rows("data", 0, 1));
     captions_ = file_.read_strings("caption");
     if (static_cast<int64_t>(captions_.size()) != n) throw Error(p + "/caption must have one string per sample");
     if (file_.has("source/target")) target_paths_ = file_.read_strings("source/target");

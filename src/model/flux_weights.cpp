@@ -470,8 +470,14 @@ ImplPtr open_any(const std::string& path, const std::string& layout, at::ScalarT
   if (layout != "diffusers" && !bfl.empty()) {
     // A snapshot holds both: the BFL file is one read; its config comes from transformer/config.json.
     if (has_tdir) {
-      FluxConfig cfg = FluxConfig::from_diffusers_json(
-          nlohmann::json::parse(read_text_file(path_join(tdir, "config.json"))), path_join(tdir, "config.json"));
+      const std::string config_file = path_join(tdir, "config.json");
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(read_text_file(config_file));
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(config_file + ": not valid JSON (" + std::string(e.what()) + ")");
+      }
+      FluxConfig cfg = FluxConfig::from_diffusers_json(j, config_file);
       return open_bfl_file(bfl, &cfg, dtype);
     }
     return open_bfl_file(bfl, nullptr, dtype);

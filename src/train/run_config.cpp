@@ -1,10 +1,13 @@
 #include "train/run_config.h"
 
+#include <algorithm>
 #include <random>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/limits.h"
 #include "core/options.h"
 
 namespace fluxtrain {
@@ -27,6 +30,43 @@ void declare_all(OptionSet& s, RunConfig& c) {
   declare_options(s, c.debug);
 }
 
+// Upper bounds of the sizes in a run (core/limits.h), on top of each option's own rule.
+void check_run_limits(const RunConfig& c) {
+  using namespace limits;
+  auto flag = [](const char* name) { return std::string("--") + name; };
+  const int64_t hw = std::max<unsigned>(1, std::thread::hardware_concurrency());
+  check_range(flag("num_threads"), c.train.num_threads, 0, max_threads(),
+              " (this machine has " + std::to_string(hw) + " hardware threads; 0 = LibTorch's default)");
+  check_range(flag("train_batch_size"), c.data.train_batch_size, 1, kMaxBatch);
+  check_range(flag("prefetch_batches"), c.data.prefetch_batches, 1, kMaxPrefetch);
+  check_range(flag("cond_size"), c.data.cond_size, 16, kMaxImageSize);
+  check_range(flag("noise_size"), c.data.noise_size, 16, kMaxImageSize);
+  check_range(flag("gradient_accumulation_steps"), c.train.gradient_accumulation_steps, 1, kMaxAccumulation);
+  check_range(flag("max_train_steps"), c.train.max_train_steps, 0, kMaxSteps);
+  if (c.train.max_train_steps == 0) check_range(flag("num_train_epochs"), c.train.num_train_epochs, 1, kMaxEpochs);
+  check_range(flag("lr_warmup_steps"), c.train.lr_warmup_steps, 0, kMaxSteps);
+  check_range(flag("max_nonfinite_steps"), c.train.max_nonfinite_steps, 1, kMaxSteps);
+  check_range(flag("checkpointing_steps"), c.checkpoint.checkpointing_steps, 1, kMaxSteps);
+  check_range(flag("checkpoints_total_limit"), c.checkpoint.checkpoints_total_limit, 0, kMaxCheckpointsKept);
+  check_range(flag("validation_steps"), c.validation.validation_steps, 0, kMaxSteps);
+  check_range(flag("validation_samples"), c.validation.validation_samples, 1, kMaxValidationSamples);
+  check_range(flag("test_h"), c.validation.test_h, 16, kMaxImageSize);
+  check_range(flag("test_w"), c.validation.test_w, 16, kMaxImageSize);
+  for (int64_t r : c.lora.ranks)
+    check_range(flag("ranks") + " values", r, 1, kMaxLoraRank, " (a LoRA rank above the layer width saves nothing)");
+  check_range(flag("lora_num"), static_cast<int64_t>(c.lora.lora_num), 1, kMaxLoraNum);
+  for (int b : c.lora.blocks) check_range(flag("lora_blocks") + " values", static_cast<int64_t>(b), 0, kMaxBlockIndex);
+  check_range(flag("text_encoder_rank"), c.text_encoder.text_encoder_rank, 1, kMaxLoraRank);
+  check_range(flag("encoder_process"), c.dist.encoder_rank, 0, kMaxRanks - 1);
+  check_range(flag("nccl_timeout"), c.dist.nccl_timeout, 1e-3, kMaxTimeoutSeconds, " seconds");
+  check_range(flag("mpi_timeout"), c.dist.mpi_timeout, 1e-3, kMaxTimeoutSeconds, " seconds");
+  check_range(flag("debug_fail_rank"), c.debug.fail_rank, 0, kMaxRanks - 1);
+  check_range(flag("debug_nan_rank"), c.debug.nan_rank, 0, kMaxRanks - 1);
+  if (c.checkpoint.overwrite_output_dir && c.checkpoint.resume_from_checkpoint == "latest")
+    throw Error("--overwrite_output_dir and --resume_from_checkpoint latest contradict each other: continue the run in "
+                "--output_dir (drop --overwrite_output_dir) or start a new one there (drop --resume_from_checkpoint)");
+}
+
 // Checks that involve more than one option (each option's own range is its rule).
 void check_across(const RunConfig& c) {
   auto need = [](bool ok, const std::string& msg) {
@@ -36,6 +76,7 @@ void check_across(const RunConfig& c) {
   c.lora.validate();
   c.low_memory.validate();
   c.text_encoder.validate();
+  check_run_limits(c);
   need(!c.data.train_data.empty(), "--train_data is required (an HDF5 dataset, see docs/dataset.md)");
   if (c.train.max_train_steps == 0)
     need(c.train.num_train_epochs > 0,

@@ -80,7 +80,9 @@ void declare_options(OptionSet& s, CheckpointConfig& c) {
       .add("checkpoints_total_limit", &c.checkpoints_total_limit, "keep at most N checkpoints (0 = all)",
            rules::non_negative())
       .add("resume_from_checkpoint", &c.resume_from_checkpoint,
-           "latest (newest complete checkpoint in output_dir, if any) or a checkpoint file");
+           "latest (newest complete checkpoint in output_dir, if any) or a checkpoint file")
+      .add("overwrite_output_dir", &c.overwrite_output_dir,
+           "start a new run in an output_dir that holds another run's outputs (they are moved to previous-run-N/)");
 }
 
 void declare_options(OptionSet& s, ValidationConfig& c) {

@@ -33,6 +33,7 @@ struct CheckpointConfig {
   int64_t checkpointing_steps = 500;
   int64_t checkpoints_total_limit = 0;    // 0 = keep all
   std::string resume_from_checkpoint;     // "" | latest | PATH
+  bool overwrite_output_dir = false;      // start anew in a folder holding another run's outputs
 };
 
 struct ValidationConfig {

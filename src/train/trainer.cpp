@@ -28,6 +28,7 @@
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
 #include "core/progress.h"
+#include "train/output_dir.h"
 
 namespace fluxtrain {
 namespace {
@@ -195,6 +196,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
       }
     }
     check_checkpoint_matches(ck, path, model_cfg_, lora_);
+    check_resume_step(path, ck.state.step, max_steps_);  // resuming at/past the end: an error
     if (text_encoders_ || !te_state.empty()) {
       if (!text_encoders_)
         throw Error(path + ": checkpoint has text-encoder LoRA weights; resume with the same --train_text_encoder mode");
@@ -449,6 +451,7 @@ std::string Trainer::run() {
   if (root) make_directories(out);
   // Plain (non-terminal) output: about 50 progress lines per run.
   Progress progress(max_steps_, state_.step, log, opt_.tty, std::max<int64_t>(1, max_steps_ / 50));
+  if (root) for (const auto& line : prepare_output_dir(cfg_.checkpoint)) progress.message(line);  // train/output_dir.h
   progress.message("fluxtrain train: config " + cfg_.to_json().dump());
   if (root) write_text_file_atomic(path_join(out, "config.json"), cfg_.to_json().dump(2) + "\n");
   {
