@@ -54,9 +54,6 @@ Dataset::Dataset(const std::string& path) {
     info_.text_dim = file_.attr_int("text_dim");
     info_.pooled_dim = file_.attr_int("pooled_dim");
     limits::check_range(p + "latent_channels", info_.latent_channels, 1, 1024, " (damaged file?)");
-    limits::check_range(p + "text_len", info_.text_len, 1, 65536, " (damaged file?)");
-    limits::check_range(p + "text_dim", info_.text_dim, 1, 65536, " (damaged file?)");
-    limits::check_range(p + "pooled_dim", info_.pooled_dim, 1, 65536, " (damaged file?)");
     const int64_t k = file_.attr_int("num_conditions");
     if (k < 0) throw Error(p + "negative num_conditions");
     if (version >= 2) {
@@ -68,8 +65,12 @@ Dataset::Dataset(const std::string& path) {
       info_.caption_dropout = file_.attr_double("caption_dropout");
       info_.has_dropout_embeddings = info_.has_text_embeddings && file_.has("text_dropout");
     }
+    if (info_.has_text_embeddings) {  // captions only (version 2): the sizes are unused, may be 0
+      limits::check_range(p + "text_len", info_.text_len, 1, 65536, " (damaged file?)");
+      limits::check_range(p + "text_dim", info_.text_dim, 1, 65536, " (damaged file?)");
+      limits::check_range(p + "pooled_dim", info_.pooled_dim, 1, 65536, " (damaged file?)");
+    }
     const bool pixels = info_.storage == "pixels";
-    // Index of a latent column: shapes [N, 3] (C, h, w), offsets [N] into the flat data array.
     // Index of a latent column: shapes [R, 3] (C, h, w), offsets [R] into the flat data array;
     // R = N x variants (row of sample i, variant v: i * variants + v). Pixel storage: (3, H, W).
     auto load_column = [&](const std::string& group, Column& c, int64_t variants, int64_t* max_hw,

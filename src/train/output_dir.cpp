@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "train/checkpoint.h"

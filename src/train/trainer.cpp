@@ -85,8 +85,10 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     rethrow_with_context("--pretrained_model_name_or_path");
   }
   model_cfg_ = source.config;
+  // With a text-encoder mode the captions are encoded in the run: datasets without cached
+  // embeddings are fine then.
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
-                             cfg_.data.noise_size, cfg_.data.cond_size);
+                             cfg_.data.noise_size, cfg_.data.cond_size, cfg_.text_encoder.needs_encoders());
   plan.low_memory = cfg_.low_memory;
   WeightSource ws = weight_source(source);
   if (!cfg_.low_memory.max_gpu_memory.empty()) {

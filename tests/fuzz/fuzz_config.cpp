@@ -1,4 +1,4 @@
-// libFuzzer target: `fluxtrain train`'s flag and INI parser (src/core/config.h). The input is an
+// libFuzzer target: `fluxtrain train`'s flag and INI parser (src/train/run_config.h). The input is an
 // INI file, followed optionally (after a "\n--\n" line) by extra command-line words, one per
 // line; every value goes through the same conversions and range checks as a real run.
 #include <sstream>
@@ -6,7 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "tests/fuzz/fuzz_util.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

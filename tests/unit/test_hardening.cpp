@@ -17,7 +17,7 @@
 
 #include <ATen/ATen.h>
 
-#include "core/config.h"
+#include "train/run_config.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/limits.h"

@@ -134,6 +134,38 @@ void compare_blocks(std::vector<int64_t> cond_lens, int lora_num, uint64_t seed)
 
 double loss_of(const at::Tensor& out, const at::Tensor& r) { return (out * r).sum().item<double>(); }
 
+// Central differences (float64, eps 1e-6) of loss_of(forward, r) at three entries of each given
+// adapter's down and up, against the gradients already in .grad(); 1e-6 relative. Returns the count.
+int check_finite_differences(const FluxConfig& cfg, BlockWeights& w, LoraSet& lora, const FluxInputs& in,
+                             const at::Tensor& r, const std::vector<LoraAdapter*>& adapters) {
+  int checked = 0;
+  for (LoraAdapter* a : adapters) {
+    for (at::Tensor* p : {&a->down, &a->up}) {
+      EXPECT_TRUE(p->grad().defined()) << a->key;
+      if (!p->grad().defined()) continue;
+      for (int64_t idx : {int64_t(0), p->numel() / 3, p->numel() - 1}) {
+        const double eps = 1e-6;
+        at::Tensor flat = p->view({-1});
+        const double orig = flat[idx].item<double>();
+        double lp, lm;
+        {
+          at::NoGradGuard ng;
+          flat[idx] = orig + eps;
+          lp = loss_of(flux_forward(cfg, w, &lora, in), r);
+          flat[idx] = orig - eps;
+          lm = loss_of(flux_forward(cfg, w, &lora, in), r);
+          flat[idx] = orig;
+        }
+        const double fd = (lp - lm) / (2 * eps);
+        const double an = p->grad().view({-1})[idx].item<double>();
+        EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::abs(fd))) << a->key << " [" << idx << "]";
+        ++checked;
+      }
+    }
+  }
+  return checked;
+}
+
 }  // namespace
 
 // --- blocks vs the naive float64 reference (tolerance 1e-10 relative) -------------------
@@ -239,31 +271,9 @@ TEST(Gradients, ReachOnlyLoraAndMatchFiniteDifferences) {
   for (int i = 0; i < w.num_blocks(); ++i)
     for (const auto& kv : w.acquire(i)) EXPECT_FALSE(kv.second.grad().defined()) << kv.first;
   // Central differences on a few entries of several adapters (down and up), float64.
-  int checked = 0;
-  for (size_t ai = 0; ai < lora.adapters().size(); ai += 5) {
-    auto& a = lora.adapters()[ai];
-    for (at::Tensor* p : {&a.down, &a.up}) {
-      ASSERT_TRUE(p->grad().defined()) << a.key;
-      for (int64_t idx : {int64_t(0), p->numel() / 2, p->numel() - 1}) {
-        const double eps = 1e-6;
-        at::Tensor flat = p->view({-1});
-        const double orig = flat[idx].item<double>();
-        double lp, lm;
-        {
-          at::NoGradGuard ng;
-          flat[idx] = orig + eps;
-          lp = loss_of(flux_forward(cfg, w, &lora, in), r);
-          flat[idx] = orig - eps;
-          lm = loss_of(flux_forward(cfg, w, &lora, in), r);
-          flat[idx] = orig;
-        }
-        const double fd = (lp - lm) / (2 * eps);
-        const double an = p->grad().view({-1})[idx].item<double>();
-        EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::abs(fd))) << a.key << " [" << idx << "]";
-        ++checked;
-      }
-    }
-  }
+  std::vector<LoraAdapter*> some;
+  for (size_t ai = 0; ai < lora.adapters().size(); ai += 5) some.push_back(&lora.adapters()[ai]);
+  const int checked = check_finite_differences(cfg, w, lora, in, r, some);
   EXPECT_GT(checked, 10);
 }
 
@@ -446,31 +456,10 @@ TEST(EasyControlProjLora, FiniteDifferencesOfDownAndUp) {
   at::manual_seed(44);
   at::Tensor r = at::randn({1, 9, cfg.out_channels}, kF64);
   (flux_forward(cfg, w, &lora, in) * r).sum().backward();
-  int checked = 0;
-  for (auto& a : lora.adapters()) {
-    if (!a.on_output) continue;
-    for (at::Tensor* p : {&a.down, &a.up}) {
-      ASSERT_TRUE(p->grad().defined()) << a.key;
-      for (int64_t idx : {int64_t(0), p->numel() / 3, p->numel() - 1}) {
-        const double eps = 1e-6;
-        at::Tensor flat = p->view({-1});
-        const double orig = flat[idx].item<double>();
-        double lp, lm;
-        {
-          at::NoGradGuard ng;
-          flat[idx] = orig + eps;
-          lp = loss_of(flux_forward(cfg, w, &lora, in), r);
-          flat[idx] = orig - eps;
-          lm = loss_of(flux_forward(cfg, w, &lora, in), r);
-          flat[idx] = orig;
-        }
-        const double fd = (lp - lm) / (2 * eps);
-        const double an = p->grad().view({-1})[idx].item<double>();
-        EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::abs(fd))) << a.key << " [" << idx << "]";
-        ++checked;
-      }
-    }
-  }
+  std::vector<LoraAdapter*> proj;
+  for (auto& a : lora.adapters())
+    if (a.on_output) proj.push_back(&a);
+  const int checked = check_finite_differences(cfg, w, lora, in, r, proj);
   EXPECT_EQ(checked, cfg.depth * 2 * 2 * 3);
 }
 
