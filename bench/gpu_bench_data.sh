@@ -11,22 +11,26 @@ set -euo pipefail
 OUT=${OUT:-$PWD/out}
 B=${B:-build-gpu/fluxtrain}
 N=${N:-64}
+SIZE=${SIZE:-flux} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bf16} PX=${PX:-1024} CPX=${CPX:-512}
+VAE_SIZES=${VAE_SIZES:-512,1024,2048} TILE_FROM=${TILE_FROM:-2048} TILE=${TILE:-512} OVERLAP=${OVERLAP:-128}
+# CPU smoke test at tiny sizes: SIZE=tiny DEVICE=cpu DTYPE=f32 PX=128 CPX=64 N=4 VAE_SIZES=64,128 TILE_FROM=128 TILE=64 OVERLAP=16 B=build/fluxtrain
 mkdir -p "$OUT"
 J="$OUT/bench_data.jsonl"
 : > "$J"
-$B vae --bench --device cuda --dtype bf16 --size flux --bench_sizes 512,1024,2048 --tile_from 2048 \
-  --tile_size 512 --tile_overlap 128 | tee -a "$J"
-$B vae --bench --device cuda --dtype bf16 --size flux --bench_sizes 2048 --tile_from 100000 --iters 3 | tee -a "$J"
+$B vae --bench --device $DEVICE --dtype $DTYPE --size $SIZE --bench_sizes $VAE_SIZES --tile_from $TILE_FROM \
+  --tile_size $TILE --tile_overlap $OVERLAP | tee -a "$J"
+# The largest size untiled too (memory and time without tiling).
+$B vae --bench --device $DEVICE --dtype $DTYPE --size $SIZE --bench_sizes ${VAE_SIZES##*,} --tile_from 100000 \
+  --iters 3 | tee -a "$J"
 W=/tmp/fluxtrain_bench_data
 rm -rf "$W" && mkdir -p "$W/img"
-$B vae --write_random "$W/model" --size flux > /dev/null
-python3 - "$W" "$N" <<'PY'
+$B vae --write_random "$W/model" --size $SIZE > /dev/null
+${PYTHON:-python3} - "$W" "$N" "$PX" <<'PY'
 import json, sys
 import numpy as np
 from safetensors.numpy import save_file
-w, n = sys.argv[1], int(sys.argv[2])
-rng = np.random.default_rng(0)
-y, x = np.mgrid[0:1024, 0:1024]
+w, n, px = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+y, x = np.mgrid[0:px, 0:px]
 with open(f"{w}/data.jsonl", "w") as f:
     for i in range(n):
         base = np.stack([(x + 7 * i) % 256, (y + 3 * i) % 256, (x + y) % 256], -1).astype(np.uint8)
@@ -36,10 +40,10 @@ with open(f"{w}/data.jsonl", "w") as f:
                             "target": f"img/t{i}.safetensors"}) + "\n")
 PY
 $B prepare --pretrained_model_name_or_path "$W/model" --train_data_dir "$W/data.jsonl" --output "$W/data.h5" \
-  --spatial_column source --noise_size 1024 --cond_size 512 --cache_latents --device cuda --vae_dtype bf16 \
+  --spatial_column source --noise_size $PX --cond_size $CPX --cache_latents --device $DEVICE --vae_dtype $DTYPE \
   --latent_dtype bf16 --json 2> "$OUT/prepare.log" | grep '^{' | tee -a "$J"
 # A second run on the unchanged input is a no-op (content hashes): its time is the hashing.
 $B prepare --pretrained_model_name_or_path "$W/model" --train_data_dir "$W/data.jsonl" --output "$W/data.h5" \
-  --spatial_column source --noise_size 1024 --cond_size 512 --cache_latents --device cuda --vae_dtype bf16 \
+  --spatial_column source --noise_size $PX --cond_size $CPX --cache_latents --device $DEVICE --vae_dtype $DTYPE \
   --latent_dtype bf16 --json 2>> "$OUT/prepare.log" | grep '^{' | tee -a "$J"
 tail -6 "$OUT/prepare.log"

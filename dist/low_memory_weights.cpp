@@ -102,6 +102,13 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   return p;
 }
 
+const OffloadStats* find_offload_stats(BlockWeights& stack) {
+  BlockWeights* w = &stack;
+  if (auto* f = dynamic_cast<Fp8BlockWeights*>(w)) w = &f->inner();
+  auto* o = dynamic_cast<OffloadedBlockWeights*>(w);
+  return o && o->stats().streamed_blocks > 0 ? &o->stats() : nullptr;
+}
+
 std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt,
                                                          c10::Device device, at::ScalarType dtype, Communicator* comm,
                                                          int64_t non_weight_bytes, LowMemoryPlan* plan_out) {

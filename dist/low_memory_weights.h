@@ -57,6 +57,11 @@ struct LowMemoryPlan {
 LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt, at::ScalarType dtype,
                                       int64_t non_weight_bytes = 0);
 
+struct OffloadStats;
+// The streaming layer's counters in a stack built by compose_low_memory_weights (nullptr when
+// nothing streams): bytes_copied before and after a step give the bytes streamed per step.
+const OffloadStats* find_offload_stats(BlockWeights& stack);
+
 std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt,
                                                          c10::Device device, at::ScalarType dtype,
                                                          Communicator* comm = nullptr, int64_t non_weight_bytes = 0,

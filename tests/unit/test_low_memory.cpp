@@ -120,6 +120,8 @@ TEST(LowMemoryWeights, EveryStackMatchesResidentBitwise) {
       auto w = dist::compose_low_memory_weights(src, o, at::kCPU, at::kDouble, nullptr, 0, &plan);
       EXPECT_EQ(plan.streamed_blocks, swap < 0 ? n : swap);
       EXPECT_EQ(w->transient(), o.fp8() || swap != 0);
+      const dist::OffloadStats* st = dist::find_offload_stats(*w);
+      EXPECT_EQ(st != nullptr, swap != 0);
       BlockWeights& want = o.fp8() ? static_cast<BlockWeights&>(dequantised) : plain;
       for (bool ckpt : {false, true}) expect_identical(run(cfg, *w, ckpt, 300, at::kDouble), run(cfg, want, ckpt, 300, at::kDouble));
     }
