@@ -18,8 +18,7 @@ void declare_options(OptionSet& s, DistConfig& c) {
       .add("nccl_timeout", &c.nccl_timeout, "seconds after which a stuck NCCL collective aborts the whole job",
            rules::positive_number("a positive number of seconds"))
       .add("mpi_timeout", &c.mpi_timeout,
-           "seconds after which a stuck MPI collective (CPU runs, host values) aborts the whole job, naming the rank",
-           rules::positive_number("a positive number of seconds"));
+           "seconds after which a stuck MPI collective (CPU runs, host values) aborts the whole job, naming the rank");
 }
 
 }  // namespace fluxtrain

@@ -37,6 +37,9 @@ Rule<int64_t> at_most(int64_t hi, const std::string& why) {
     if (v > hi) throw Error(f + " " + std::to_string(v) + " is above the limit of " + std::to_string(hi) + " (" + why + ")");
   };
 }
+Rule<int64_t> in_range(int64_t lo, int64_t hi) {
+  return [lo, hi](const std::string& f, const int64_t& v) { limits::check_range(f, v, lo, hi); };
+}
 Rule<int64_t> multiple_of_16() {
   return [](const std::string& f, const int64_t& v) {
     if (v <= 0 || v % 16 != 0)
@@ -236,9 +239,13 @@ OptionGroup& OptionGroup::add(const std::string& name, int64_t* v, const std::st
 OptionGroup& OptionGroup::add(const std::string& name, int* v, const std::string& help, Rule<int64_t> rule) {
   auto o = std::make_shared<Option>();
   o->name = name, o->help = help, o->default_text = std::to_string(*v);
-  o->set = [v, o = o.get()](const std::vector<std::string>& t) {
-    *v = static_cast<int>(
-        to_int("--" + o->flag(), t.at(0), std::numeric_limits<int>::min(), std::numeric_limits<int>::max()));
+  // The rule sees the value before it is narrowed to int, so that its range is what users read.
+  o->set = [v, o = o.get(), rule](const std::vector<std::string>& t) {
+    const int64_t x = to_int("--" + o->flag(), t.at(0), std::numeric_limits<int64_t>::min(),
+                             std::numeric_limits<int64_t>::max());
+    if (rule) rule("--" + o->flag(), x);
+    *v = static_cast<int>(to_int("--" + o->flag(), t.at(0), std::numeric_limits<int>::min(),
+                                 std::numeric_limits<int>::max()));
   };
   o->check = [v, rule, o = o.get()] {
     if (rule) rule("--" + o->flag(), *v);
@@ -298,11 +305,15 @@ OptionGroup& OptionGroup::add(const std::string& name, std::vector<int>* v, cons
                               Rule<int64_t> rule) {
   auto o = std::make_shared<Option>();
   o->name = name, o->help = help, o->is_list = true, o->default_text = join(*v);
-  o->set = [v, o = o.get()](const std::vector<std::string>& t) {
+  o->set = [v, o = o.get(), rule](const std::vector<std::string>& t) {
     v->clear();
-    for (const auto& s : split_list(t))
+    for (const auto& s : split_list(t)) {
+      const int64_t x = to_int("--" + o->flag(), s, std::numeric_limits<int64_t>::min(),
+                               std::numeric_limits<int64_t>::max());
+      if (rule) rule("--" + o->flag(), x);  // before narrowing
       v->push_back(static_cast<int>(
           to_int("--" + o->flag(), s, std::numeric_limits<int>::min(), std::numeric_limits<int>::max())));
+    }
   };
   o->check = [v, rule, o = o.get()] {
     if (rule)

@@ -25,6 +25,7 @@ Rule<int64_t> positive();        // "--X must be positive, got N"
 Rule<int64_t> non_negative();    // "--X must be >= 0, got N"
 Rule<int64_t> at_most(int64_t hi, const std::string& why);  // "--X N is above the limit of HI (why)"
 Rule<int64_t> multiple_of_16();  // image sizes: 8x VAE downsampling, 2x2 patches
+Rule<int64_t> in_range(int64_t lo, int64_t hi);  // "--X must be in [lo, hi], got N" (core/limits.h)
 Rule<double> positive_number(const std::string& what = "positive");  // finite and > 0
 Rule<double> finite();
 Rule<double> in_range(double lo, double hi, bool hi_open, const std::string& shown);  // "must be in ..."

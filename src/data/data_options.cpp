@@ -8,17 +8,17 @@ void declare_options(OptionSet& s, DataConfig& c) {
   s.group("Data", "data")
       .add("train_data", &c.train_data, "HDF5 dataset of encoded samples (docs/dataset.md; required)")
       .add("train_batch_size", &c.train_batch_size, "samples per micro-batch",
-           rules::both(rules::positive(), rules::at_most(1 << 16, "samples per micro-batch")))
+           rules::positive())
       .add("cond_size", &c.cond_size,
            "condition size in pixels (multiple of 16); today the largest condition latent accepted from the dataset "
            "is cond_size/8 per side",
-           rules::both(rules::multiple_of_16(), rules::at_most(16384, "pixels per side")))
+           rules::multiple_of_16())
       .add("noise_size", &c.noise_size,
            "target size in pixels (multiple of 16); today the largest target latent accepted from the dataset is "
            "noise_size/8 per side",
-           rules::both(rules::multiple_of_16(), rules::at_most(16384, "pixels per side")))
+           rules::multiple_of_16())
       .add("prefetch_batches", &c.prefetch_batches, "micro-batches the background reader keeps ready",
-           rules::both(rules::positive(), rules::at_most(64, "micro-batches held in memory")));
+           rules::positive());
 }
 
 }  // namespace fluxtrain

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/limits.h"
 #include "core/options.h"
 #include "model/lora.h"
 
@@ -20,15 +21,14 @@ void declare_options(OptionSet& s, LoraConfig& c) {
                     else throw Error(f + " must be easycontrol or standard, got '" + v + "'");
                   },
                   [&c] { return nlohmann::json(lora_mode_name(c.mode)); })
-      .add("lora_num", &c.lora_num, "number of conditions, each with its own LoRA (easycontrol)")
+      .add("lora_num", &c.lora_num, "number of conditions, each with its own LoRA (easycontrol)",
+           rules::in_range(1, limits::kMaxLoraNum))
       .add("ranks", &c.ranks, "LoRA rank (of the transformer's adapters), one per condition")
       .add("network_alphas", &c.alphas, "LoRA alpha, one per condition (scale = alpha / rank)")
       .add("lora_targets", &c.targets,
            "standard mode: diffusers linear names (to_q,to_k,to_v,to_out.0,add_q_proj,...,proj_mlp,proj_out)")
       .add("lora_blocks", &c.blocks, "standard mode: only these global block indices (default: all)",
-           [](const std::string& f, const int64_t& b) {
-             if (b < 0) throw Error(f + " values must be >= 0");
-           });
+           rules::in_range(0, limits::kMaxBlockIndex));
 }
 
 }  // namespace fluxtrain

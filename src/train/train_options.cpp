@@ -28,10 +28,8 @@ void declare_options(OptionSet& s, TrainConfig& c) {
                     c.seed_given = true;
                   },
                   [&c] { return nlohmann::json(c.seed); })
-      .add("num_threads", &c.num_threads, "CPU threads for LibTorch (0 = its default)",
-           rules::both(rules::non_negative(),
-                       rules::at_most(std::max<int64_t>(256, 4 * std::thread::hardware_concurrency()),
-                                      "256 or 4x this machine's cores, whichever is larger")));
+      .add("num_threads", &c.num_threads, "CPU threads for LibTorch (0 = its default; at most 4 per hardware thread)",
+           rules::non_negative());
   s.group("Optimisation", "train")
       .add("learning_rate", &c.learning_rate, "AdamW learning rate", rules::positive_number(), "1e-4")
       .add("adam_beta1", &c.adam_beta1, "", rules::in_range(0, 1, true, "[0, 1)"))
@@ -47,7 +45,7 @@ void declare_options(OptionSet& s, TrainConfig& c) {
              if (!std::isfinite(v) || v < 0) throw Error(f + " must be >= 0 (0 = off)");
            })
       .add("gradient_accumulation_steps", &c.gradient_accumulation_steps, "micro-batches per update",
-           rules::both(rules::positive(), rules::at_most(1 << 16, "micro-batches per update")))
+           rules::positive())
       .add("max_train_steps", &c.max_train_steps, "updates to run (0 = num_train_epochs worth)", rules::non_negative())
       .add("num_train_epochs", &c.num_train_epochs, "used when max_train_steps is 0")
       .add("max_nonfinite_steps", &c.max_nonfinite_steps,
@@ -89,7 +87,7 @@ void declare_options(OptionSet& s, ValidationConfig& c) {
   s.group("Validation", "validation")
       .add("validation_steps", &c.validation_steps, "validation loss every N updates (0 = off)", rules::non_negative())
       .add("validation_samples", &c.validation_samples, "samples in the validation loss (fixed noise and timesteps)",
-           rules::both(rules::positive(), rules::at_most(1 << 20, "validation samples")))
+           rules::positive())
       .add("test_h", &c.test_h, "validation image height (multiple of 16)", rules::multiple_of_16())
       .add("test_w", &c.test_w, "validation image width (multiple of 16)", rules::multiple_of_16());
 }

@@ -144,8 +144,8 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
   lora_.to(at::TensorOptions().device(rt_.device).dtype(master));
 
-  order_ = std::make_unique<DataOrder>(dataset_->size(), cfg_.data.train_batch_size, opt.rank, opt.world_size,
-                                       cfg_.train.seed);
+  order_ = std::make_unique<DataOrder>(
+      DataOrder::for_dataset(*dataset_, cfg_.data.train_batch_size, opt.rank, opt.world_size, cfg_.train.seed));
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   updates_per_epoch_ = (order_->micro_batches_per_epoch() + accum - 1) / accum;
   max_steps_ = cfg_.train.max_train_steps > 0 ? cfg_.train.max_train_steps
@@ -226,8 +226,8 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     // The checkpoint's seed wins: the data order and every draw continue where they were.
     cfg_.train.seed = ck.state.seed;
     cfg_.train.seed_given = true;
-    order_ = std::make_unique<DataOrder>(dataset_->size(), cfg_.data.train_batch_size, opt.rank, opt.world_size,
-                                         cfg_.train.seed);
+    order_ = std::make_unique<DataOrder>(
+      DataOrder::for_dataset(*dataset_, cfg_.data.train_batch_size, opt.rank, opt.world_size, cfg_.train.seed));
     TensorMap lw;
     for (const auto& kv : ck.lora) lw.emplace(kv.first, kv.second.to(master));
     lora_.load_state(lw, path);
