@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/fs.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
@@ -16,12 +17,6 @@ namespace fluxtrain {
 namespace {
 
 using Shape = std::vector<int64_t>;
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 std::string ends_with_any(const std::string& s, std::initializer_list<const char*> suffixes) {
   for (const char* x : suffixes) {

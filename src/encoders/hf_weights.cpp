@@ -3,17 +3,12 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
 
 namespace fluxtrain {
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
 
 char shard_name_buf[64];
 std::string shard_name(size_t i, size_t n) {

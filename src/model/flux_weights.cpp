@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
 #include "model/block_weights.h"
@@ -18,12 +19,6 @@ namespace fluxtrain {
 namespace {
 
 using Shape = std::vector<int64_t>;
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 // One BFL tensor = the diffusers tensors `parts` concatenated along dim 0 (in order).
 // swap_halves: diffusers stores the final adaLN as [scale, shift], BFL as [shift, scale].

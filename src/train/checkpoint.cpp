@@ -23,6 +23,7 @@
 #include <boost/crc.hpp>
 
 #include "core/error.h"
+#include "core/shape_str.h"
 #include "core/fs.h"
 #include "core/hdf5_io.h"
 #include "core/limits.h"
@@ -130,12 +131,6 @@ std::string describe(const FluxConfig& c) {
   ss << "hidden " << c.hidden_size << ", " << c.num_heads << " heads, " << c.depth << "+" << c.depth_single
      << " blocks, in_channels " << c.in_channels << ", context " << c.context_in_dim << ", pooled " << c.vec_in_dim
      << ", guidance " << (c.guidance_embed ? "yes" : "no");
-  return ss.str();
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream ss;
-  ss << s;
   return ss.str();
 }
 
