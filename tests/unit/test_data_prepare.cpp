@@ -226,6 +226,7 @@ TEST(Augment, DrawsDependOnSeedEpochAndSampleOnly) {
 // the number of ranks: a pixel dataset (subject augmentation applied when read) and a cached
 // dataset with variants, read through prefetchers of different layouts.
 TEST(Augment, ReadIsIndependentOfBatchLayoutAndRankCount) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   write_lines(fx.jsonl, {R"({"s": "img/c1.png", "caption": "a", "target": "img/t1.png"})",
                          R"({"s": "img/c2.png", "caption": "b", "target": "img/t3.png"})",
@@ -288,6 +289,7 @@ TEST(Augment, ReadIsIndependentOfBatchLayoutAndRankCount) {
 
 // ---------------------------------------------------------------------------------------------
 TEST(Prepare, SkipReportsEachBadLineAndWritesTheRest) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   const PrepareSummary s = prepare_dataset(fx.options("skip"));
   std::map<int64_t, std::string> bad;
@@ -332,6 +334,7 @@ TEST(Prepare, SkipReportsEachBadLineAndWritesTheRest) {
 }
 
 TEST(Prepare, FailWritesNothingAndKeepsTheOldDataset) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   prepare_dataset(fx.options("skip"));
   const std::string before = read_bytes(fx.out);
@@ -360,6 +363,7 @@ TEST(Prepare, FailWritesNothingAndKeepsTheOldDataset) {
 }
 
 TEST(Prepare, RerunIsNoOpAndAChangeReencodesOnlyWhatChanged) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   PrepareOptions o = fx.options();
   const TextEncoderHook text = stand_in_text();
@@ -400,6 +404,7 @@ TEST(Prepare, RerunIsNoOpAndAChangeReencodesOnlyWhatChanged) {
 // kill -9 in the middle: the output path never holds a partial dataset (the old one stays);
 // SIGTERM: the temp file is removed too and the exit code says so.
 TEST(Prepare, InterruptedRunLeavesNoPartialDataset) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   std::vector<std::string> lines;
   for (int i = 0; i < 60; ++i) {
@@ -442,6 +447,7 @@ TEST(Prepare, InterruptedRunLeavesNoPartialDataset) {
 
 // images -> prepare (cached latents, stand-in text embeddings) -> fluxtrain train -> LoRA.
 TEST(Prepare, EndToEndImagesToTrainedLora) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   save_bfl(path_join(fx.model, "flux1-dev.safetensors"), FluxConfig::preset("tiny"),
            init_random_weights(FluxConfig::preset("tiny"), 0, at::kFloat));
