@@ -241,7 +241,7 @@ int cmd_sample(int argc, char** argv) {
                                     {"kv_cache", o.kv_cache}, {"guidance_embed", cfg.guidance_embed},
                                     {"text_encoders", text != nullptr}}},
                         {"s_per_image", secs / static_cast<double>(prompts.size())},
-                        {"s_per_step", secs / static_cast<double>(o.steps * ((prompts.size() + o.batch - 1) / o.batch))},
+                        {"s_per_step", secs / static_cast<double>(o.steps * ((static_cast<int64_t>(prompts.size()) + o.batch - 1) / o.batch))},
                         {"peak_gib", peak},
                         {"kv_cache_gib", static_cast<double>(r.cache_bytes) / (1ull << 30)}};
     std::cout << j.dump() << std::endl;

@@ -24,8 +24,9 @@ void ConditionCache::begin(int num_blocks, std::vector<int64_t> cond_lens, int64
 
 void ConditionCache::record(int block, const at::Tensor& k, const at::Tensor& v) {
   if (block < 0 || static_cast<size_t>(block) >= k_.size()) throw Error("condition cache: block out of range");
-  k_[static_cast<size_t>(block)] = k.detach();
-  v_[static_cast<size_t>(block)] = v.detach();
+  // Own copies: v is a view into the block's fused qkv output, which it would keep alive.
+  k_[static_cast<size_t>(block)] = k.detach().contiguous();
+  v_[static_cast<size_t>(block)] = v.detach().contiguous();
 }
 
 void ConditionCache::finish() {

@@ -3,7 +3,8 @@
 A tiny random pipeline (FluxTransformer2DModel, a FLUX-like AutoencoderKL, CLIPTextModel,
 T5EncoderModel, the real CLIP and T5 tokenizer files from tests/data/tokenizers and the
 FlowMatchEulerDiscreteScheduler in FLUX.1-dev's or schnell's configuration) is saved with
-FluxPipeline.save_pretrained and sampled by both, from the same prompt and the same initial
+FluxPipeline.save_pretrained (plus the tokenizer vocabulary files FLUX.1's snapshots carry, which
+transformers 5 no longer writes) and sampled by both, from the same prompt and the same initial
 latents, 4 steps, at 64x48 pixels (non-square, so a transposed packing would show):
   - dev-style (guidance embedding, dynamic shift) and schnell-style (no guidance, no shift);
   - final latents and the decoded float32 image equal to 1e-4 relative (max |diff| / max |ref|);
@@ -74,8 +75,9 @@ def tiny_pipeline(dev, tmp):
     for f in ("vocab.json", "merges.txt"):
         shutil.copy(os.path.join(TOK, "clip", f), os.path.join(tok_dir, "clip", f))
     shutil.copy(os.path.join(TOK, "t5", "spiece.model"), os.path.join(tok_dir, "t5", "spiece.model"))
-    clip_tok = CLIPTokenizer.from_pretrained(os.path.join(tok_dir, "clip"))
-    t5_tok = T5Tokenizer.from_pretrained(os.path.join(tok_dir, "t5"))
+    # FLUX's tokenizer configs say 77 and 512 (the bare vocabulary files carry no limit).
+    clip_tok = CLIPTokenizer.from_pretrained(os.path.join(tok_dir, "clip"), model_max_length=77)
+    t5_tok = T5Tokenizer.from_pretrained(os.path.join(tok_dir, "t5"), model_max_length=512)
     if dev:  # FLUX.1-dev's scheduler_config.json
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -86,6 +88,11 @@ def tiny_pipeline(dev, tmp):
                         tokenizer_2=t5_tok, transformer=transformer)
     snap = os.path.join(tmp, "dev" if dev else "schnell")
     pipe.save_pretrained(snap)
+    # transformers 5 saves tokenizers as tokenizer.json only; FLUX.1's published snapshots also
+    # hold the files fluxtrain reads (vocab.json + merges.txt, spiece.model): put them there too.
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(TOK, "clip", f), os.path.join(snap, "tokenizer", f))
+    shutil.copy(os.path.join(TOK, "t5", "spiece.model"), os.path.join(snap, "tokenizer_2", "spiece.model"))
     return pipe, snap
 
 

@@ -194,11 +194,11 @@ TEST(SamplerSeeds, ImageKIsTheSameWhateverTheBatch) {
   o.batch = 1;
   SampleInputs in;
   in.first_index = 2;
-  const SampleResult one = s.sample({text.prompt_embeds.narrow(0, 2, 1), text.pooled.narrow(0, 2, 1)}, o, in);
+  const SampleResult one = s.sample(TextConditioning{text.prompt_embeds.narrow(0, 2, 1), text.pooled.narrow(0, 2, 1)}, o, in);
   EXPECT_LE((one.latents[0] - all.latents[2]).abs().max().item<double>(), 1e-12);
   // Another seed, another picture.
   o.seed = 124;
-  const SampleResult other = s.sample({text.prompt_embeds.narrow(0, 2, 1), text.pooled.narrow(0, 2, 1)}, o, in);
+  const SampleResult other = s.sample(TextConditioning{text.prompt_embeds.narrow(0, 2, 1), text.pooled.narrow(0, 2, 1)}, o, in);
   EXPECT_GT((other.latents[0] - all.latents[2]).abs().max().item<double>(), 1e-3);
 }
 
