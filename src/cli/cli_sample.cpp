@@ -42,7 +42,7 @@ struct SampleCli {
   std::vector<double> network_alphas;
   std::vector<std::string> subject_images, spatial_images;
   int64_t height = 1024, width = 1024, steps = 0, batch = 1, cond_size = 512, max_sequence_length = 512;
-  int64_t seed = 0;
+  int64_t seed = 0, zero_init_steps = 0;
   double guidance = 3.5;
   bool no_kv_cache = false, bench = false;
   int64_t bench_prompts = 1, bench_conditions = 0, bench_lora_rank = 128;
@@ -87,6 +87,8 @@ int cmd_sample(int argc, char** argv) {
       .add("subject_image", &c.subject_images, "EasyControl subject condition image(s)")
       .add("spatial_image", &c.spatial_images, "EasyControl spatial condition image(s) (after the subject ones)")
       .add("cond_size", &c.cond_size, "condition images are resized to this (as in training)", rules::multiple_of_16())
+      .add("zero_init_steps", &c.zero_init_steps, "first steps with zero velocity (EasyControl's pipeline: 1)",
+           rules::non_negative())
       .add("no_kv_cache", &c.no_kv_cache, "recompute the condition stream at every step (same result, slower)")
       .add("bench", &c.bench, "time sampling, print one JSON line (docs/sampling.md)")
       .add("bench_prompts", &c.bench_prompts, "--bench: images to sample", rules::in_range(int64_t{1}, int64_t{64}))
@@ -187,6 +189,7 @@ int cmd_sample(int argc, char** argv) {
   o.batch = c.batch;
   o.cond_size = c.cond_size;
   o.kv_cache = !c.no_kv_cache;
+  o.zero_init_steps = c.zero_init_steps;
   o.schedule = FlowSchedule::for_snapshot(dir, cfg);
   check_sample_options(o);
 
@@ -222,6 +225,7 @@ int cmd_sample(int argc, char** argv) {
   if (c.bench) {
     SampleOptions warm = o;
     warm.steps = 1;  // kernels, allocator and cuBLAS handles, without a full run
+    warm.zero_init_steps = 0;
     run(warm);
     sync(rt.device);
     const int di = rt.device.index() < 0 ? 0 : rt.device.index();

@@ -94,6 +94,7 @@ void check_sample_options(const SampleOptions& o) {
   check_input(o.batch >= 1, "--batch_size must be at least 1");
   check_input(o.cond_size >= 16 && o.cond_size % 16 == 0, "--cond_size must be a positive multiple of 16");
   check_input(std::isfinite(o.guidance), "--guidance_scale must be finite");
+  check_input(o.zero_init_steps >= 0 && o.zero_init_steps <= o.steps, "--zero_init_steps must be in [0, steps]");
 }
 
 // ---- sampler ----
@@ -156,7 +157,7 @@ at::Tensor Sampler::denoise(const TextConditioning& text, at::Tensor packed, int
     in.timesteps = at::full({B}, s, at::TensorOptions().dtype(tg.mix)).to(tg.device);
     const at::Tensor v = flux_forward(*m_.cfg, *m_.weights, m_.lora, in, fo);
     // Euler step of the flow ODE dx/dsigma = v, in float32 (float64) whatever the model dtype.
-    x = x + (s_next - s) * v.to(tg.mix);
+    if (i >= o.zero_init_steps) x = x + (s_next - s) * v.to(tg.mix);
     if (cache_bytes && cache.filled()) *cache_bytes = std::max(*cache_bytes, cache.bytes());
     if (o.on_step) o.on_step(calls_before + i + 1, calls_total > 0 ? calls_total : o.steps);
   }

@@ -67,6 +67,9 @@ struct SampleOptions {
   int64_t batch = 1;                    // images per transformer call
   int64_t cond_size = 512;              // condition images are resized to this, as in training
   bool kv_cache = true;                 // condition KV cache (no effect without conditions)
+  // The first n steps leave the latents unchanged (velocity taken as 0): EasyControl's pipeline
+  // does this for one step by default (use_zero_init); FluxPipeline does not (0).
+  int64_t zero_init_steps = 0;
   FlowSchedule schedule;
   // Called after every transformer call: (calls done, calls in total).
   std::function<void(int64_t, int64_t)> on_step;
