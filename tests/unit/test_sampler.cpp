@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 
 #include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "encoders/autoencoder.h"
@@ -84,6 +86,7 @@ void cached_equals_uncached(const LoraSet* lora, const std::vector<int64_t>& con
   EXPECT_EQ(cached.scalar_type(), at::kDouble);
   const double err = (cached - plain).abs().max().item<double>();
   EXPECT_LE(err, 1e-12) << "cached vs uncached";
+  std::printf("cached vs uncached, %zu condition(s): max |diff| %.3g\n", cond_sides.size(), err);
   if (!cond_sides.empty()) {
     EXPECT_GT(bytes, 0);
     // The conditions changed the picture (the test would be vacuous otherwise).
@@ -117,6 +120,22 @@ TEST(SamplerSchedule, MatchesFluxPipelineFormulas) {
   st.shift = 3.0;
   EXPECT_NEAR(st.sigmas(2, 1)[1], 3.0 * 0.5 / (1.0 + 2.0 * 0.5), 1e-15);
   EXPECT_EQ(dev.sigmas(1, 300).size(), 2u);
+
+  // diffusers' scheduler_config.json of FLUX.1-dev; options fluxtrain lacks are refused by name.
+  const auto j = nlohmann::json::parse(R"({"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+      "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+      "use_dynamic_shifting": true, "shift_terminal": null, "use_karras_sigmas": false})");
+  const FlowSchedule f = FlowSchedule::from_scheduler_json(j, "scheduler_config.json");
+  EXPECT_TRUE(f.dynamic_shift);
+  EXPECT_EQ(f.sigmas(4, 4096), s);
+  auto k = j;
+  k["use_karras_sigmas"] = true;
+  try {
+    FlowSchedule::from_scheduler_json(k, "scheduler_config.json");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("use_karras_sigmas"), std::string::npos);
+  }
 }
 
 TEST(SamplerKvCache, CachedEqualsUncachedEasyControlLora) {
