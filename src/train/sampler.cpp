@@ -196,6 +196,7 @@ SampleResult Sampler::sample(const TextConditioning& text, const SampleOptions& 
               "sampler: text conditioning must be prompt_embeds [N, T, D] and pooled [N, D]");
   at::NoGradGuard ng;
   const int64_t N = text.prompt_embeds.size(0);
+  check_input(N >= 1, "sampler: no images asked for (empty text conditioning)");
   const int64_t down = m_.vae ? m_.vae->config().downscale() : 8;
   check_input(o.height % (2 * down) == 0 && o.width % (2 * down) == 0,
               "--height and --width must be multiples of " + std::to_string(2 * down));
