@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Distributed `fluxtrain train` end to end (issue 4), on the tiny model, float64, CPU, MPI.
 
-Usage: train_dist_test.py data_parallel|resume|failure
+Usage: train_dist_test.py data_parallel|resume|failure|text_encoders|online_encoding
 Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
 
   data_parallel  2 ranks x batch 1 (replicated and --shard_optimizer) for 5 updates, across an
@@ -18,6 +18,18 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
   failure        rank 1 throws at step 3 of a 2-rank run: mpirun exits non-zero within 60 s,
                  stderr says "rank 1: injected failure at step 3"; resuming from the newest
                  checkpoint left behind finishes with the uninterrupted result.
+  text_encoders  the three text-encoder modes (none, --train_text_encoder_one_only,
+                 --train_text_encoder; tiny CLIP/T5 from the captions): 2 ranks (encoder on
+                 --encoder_process 0, and 1: its LoRA travels to rank 0 for the checkpoint) and
+                 4 ranks give the LoRA masters of both the transformer and the text encoders of one
+                 process (1e-10; the encoders run only on the encoder process there); 2 steps +
+                 resume equal 4 straight steps bit for bit (1 process) and to 1e-10 (resumed on
+                 2 ranks); the right text-encoder LoRA is written and moved.
+  online_encoding  a dataset of images (prepare without --cache_latents) trains like the same
+                 images with cached latents (1e-6: float32 latents, batching differs), one process and
+                 2 ranks (autoencoder on the encoder process only); a dataset whose text embeddings
+                 were cached by `prepare --cache_text_embeddings` trains like the captions encoded
+                 online by the frozen encoders (1e-6); data_wait_ms is in metrics.jsonl.
 """
 import json
 import os
@@ -101,8 +113,13 @@ def masters(out):
     return load_file(os.path.join(out, "lora_masters.safetensors"))
 
 
-def compare(name, ref, got):
-    a, b = masters(ref), masters(got)
+def compare(name, ref, got, tol=TOL, files=("lora_masters.safetensors",)):
+    for f in files:
+        compare_file(f"{name} [{f}]", os.path.join(ref, f), os.path.join(got, f), tol)
+
+
+def compare_file(name, ref, got, tol):
+    a, b = load_file(ref), load_file(got)
     assert a.keys() == b.keys(), f"{name}: different LoRA tensors"
     worst = 0.0
     for k in a:
@@ -110,8 +127,8 @@ def compare(name, ref, got):
         scale = max(np.abs(a[k]).max(), 1e-30)
         worst = max(worst, float(np.abs(a[k] - b[k]).max() / scale))
     print(f"{name}: max relative difference {worst:.3e}")
-    if not worst <= TOL:
-        sys.exit(f"FAILED: {name}: {worst:.3e} > {TOL}")
+    if not worst <= tol:
+        sys.exit(f"FAILED: {name}: {worst:.3e} > {tol}")
 
 
 def moved(ref_out):
@@ -221,10 +238,104 @@ def failure():
     compare("resumed after the failure", ref, out)
 
 
+TE_FLAGS = ("--max_sequence_length", "8", "--text_encoder_lr", "2e-3", "--text_encoder_rank", "2",
+            "--text_encoder_alpha", "2")
+TE_FILE = "text_encoder_lora.safetensors"
+
+
+def te_moved(out, want_t5):
+    te = load_file(os.path.join(out, TE_FILE))
+    clip = [k for k in te if k.startswith("text_encoder.")]
+    t5 = [k for k in te if k.startswith("text_encoder_2.")]
+    assert clip, f"{out}: no CLIP LoRA in {TE_FILE}"
+    assert bool(t5) == want_t5, f"{out}: T5 LoRA tensors {len(t5)}, expected {'some' if want_t5 else 'none'}"
+    for keys in (clip, t5):
+        if keys:
+            up = max(float(np.abs(te[k]).max()) for k in keys if ".lora_B." in k)
+            assert up > 0, f"{out}: text-encoder lora_B still zero"
+            assert all(te[k].dtype == np.float64 for k in keys), "expected float64 masters"
+
+
+def text_encoders():
+    for mode in ((), ("--train_text_encoder_one_only",), ("--train_text_encoder",)):
+        name = mode[0][2:] if mode else "no_text_encoder"
+        extra = TE_FLAGS + mode
+        files = ("lora_masters.safetensors", TE_FILE) if mode else ("lora_masters.safetensors",)
+        ref = os.path.join(TMP, f"te_ref_{name}")
+        train(0, ref, 2, 4, extra + ("--checkpointing_steps", "2"))
+        moved(ref)
+        if mode:
+            te_moved(ref, mode[0] == "--train_text_encoder")
+        else:
+            assert not os.path.exists(os.path.join(ref, TE_FILE))
+        encs = (0, 1) if mode and mode[0] == "--train_text_encoder" else (0,)
+        for enc in encs:
+            out = os.path.join(TMP, f"te_np2_{name}_enc{enc}")
+            p, _ = train(2, out, 1, 4, extra + ("--checkpointing_steps", "2", "--encoder_process", str(enc)))
+            compare(f"{name}: 2 ranks, encoder process {enc}", ref, out, files=files)
+        # Resume: 2 steps, then the rest from checkpoint-2, bit for bit in one process.
+        for np_, batch in [(0, 2), (2, 1)]:
+            out = os.path.join(TMP, f"te_resume_{name}_np{np_}")
+            os.makedirs(out)
+            shutil.copy(os.path.join(ref, "checkpoint-2.h5"), out)
+            train(np_, out, batch, 4, extra + ("--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))
+            compare(f"{name}: resumed at step 2 on {max(np_, 1)} rank(s)", ref, out, tol=0.0 if np_ == 0 else TOL,
+                    files=files)
+    # 4 ranks, the encoder process last: both encoders' LoRA.
+    extra = TE_FLAGS + ("--train_text_encoder",)
+    ref = os.path.join(TMP, "te_ref4")
+    train(0, ref, 4, 2, extra)
+    out = os.path.join(TMP, "te_np4")
+    train(4, out, 1, 2, extra + ("--encoder_process", "3"))
+    compare("train_text_encoder: 4 ranks, encoder process 3", ref, out, files=("lora_masters.safetensors", TE_FILE))
+
+
+def prepare(out, extra=()):
+    images = os.path.join(TMP, "images")
+    if not os.path.exists(images):
+        demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "launch", "make_demo_images.py")
+        run([sys.executable, demo, images, "6"])
+    # The demo's subject pictures as spatial conditions: no augmentation, so that cached and
+    # online latents come from the same pixels.
+    run([BIN, "prepare", "--pretrained_model_name_or_path", MODEL, "--train_data_dir",
+         os.path.join(images, "data.jsonl"), "--output", out, "--noise_size", "128", "--cond_size", "64",
+         "--spatial_column", "subject", "--lora_num", "1", "--caption_dropout", "0.3", *extra])
+    return out
+
+
+def online_encoding():
+    pixels = prepare(os.path.join(TMP, "pixels.h5"))
+    latents = prepare(os.path.join(TMP, "latents.h5"), ("--cache_latents",))
+    cached_text = prepare(os.path.join(TMP, "cached_text.h5"),
+                          ("--cache_latents", "--cache_text_embeddings", "--embed_dtype", "f32",
+                           "--max_sequence_length", "8"))
+    common = ("--noise_size", "128", "--cond_size", "64", "--lora_num", "1", "--max_sequence_length", "8")
+
+    def run_on(data, np_, batch, name, extra=()):
+        out = os.path.join(TMP, name)
+        train(np_, out, batch, 3, common + ("--train_data", data) + extra)
+        return out
+
+    # Images encoded online (float32 autoencoder, batched) vs latents cached by prepare (float32,
+    # one image at a time): the same latents up to float32 rounding.
+    ref = run_on(latents, 0, 2, "oe_latents")
+    moved(ref)
+    compare("online latents, 1 process", ref, run_on(pixels, 0, 2, "oe_pixels"), tol=1e-6)
+    compare("online latents, 2 ranks", ref, run_on(pixels, 2, 1, "oe_pixels_np2", ("--encoder_process", "1")),
+            tol=1e-6)
+    # Cached embeddings (float32) vs the frozen encoders online (the run's float64).
+    # (The latents dataset has captions only: its runs above used the frozen encoders online.)
+    cached = run_on(cached_text, 0, 2, "oe_cached_text")
+    compare("cached text embeddings vs the frozen encoders online", ref, cached, tol=1e-6)
+    metrics = [json.loads(l) for l in open(os.path.join(cached, "metrics.jsonl"))]
+    assert all("data_wait_ms" in m and m["data_wait_ms"] >= 0 for m in metrics), metrics
+
+
 if __name__ == "__main__":
     try:
         setup()
-        {"data_parallel": data_parallel, "resume": resume, "failure": failure}[sys.argv[1]]()
+        {"data_parallel": data_parallel, "resume": resume, "failure": failure, "text_encoders": text_encoders,
+         "online_encoding": online_encoding}[sys.argv[1]]()
         print("OK")
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
