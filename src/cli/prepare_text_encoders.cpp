@@ -1,12 +1,14 @@
 #include "cli/prepare_text_encoders.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
-#include <filesystem>
 #include <sstream>
 
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "encoders/text_encoders.h"
 
 namespace fluxtrain {
@@ -16,23 +18,22 @@ namespace {
 // ~9 GB, hashing it on every run would cost more than encoding a small dataset) and changed by
 // any replacement of the weights.
 std::string files_identity(const std::string& dir) {
-  namespace fs = std::filesystem;
+  // POSIX like core/fs.h (std::filesystem clashes with some LibTorch builds).
   std::vector<std::string> rows;
   for (const char* sub : {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"}) {
-    const fs::path p = fs::path(dir) / sub;
-    std::error_code ec;
-    if (!fs::is_directory(p, ec)) continue;
-    for (const auto& e : fs::directory_iterator(p, ec)) {
-      if (!e.is_regular_file(ec)) continue;
-      const auto t = fs::last_write_time(e.path(), ec).time_since_epoch().count();
-      rows.push_back(std::string(sub) + "/" + e.path().filename().string() + ":" +
-                     std::to_string(e.file_size(ec)) + ":" + std::to_string(t));
+    const std::string d = path_join(dir, sub);
+    if (!is_directory(d)) continue;
+    for (const auto& name : list_directory(d)) {
+      struct stat st;
+      if (::stat(path_join(d, name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+      rows.push_back(std::string(sub) + "/" + name + ":" + std::to_string(st.st_size) + ":" +
+                     std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec));
     }
   }
   std::sort(rows.begin(), rows.end());
   std::ostringstream ss;
   for (const auto& r : rows) ss << r << ";";
-  return std::to_string(std::hash<std::string>{}(ss.str()));
+  return ss.str();
 }
 
 }  // namespace
