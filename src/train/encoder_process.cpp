@@ -66,15 +66,17 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
     Autoencoder ae;
     if (here) {
       LoadedAutoencoder la;
+      // float32 as `prepare --cache_latents` encodes by default (bf16 runs too: the latents are
+      // the targets), float64 in float64 runs (exactness tests).
+      const at::ScalarType ae_dtype = rt.dtype == at::kDouble ? at::kDouble : at::kFloat;
       try {
-        // float32 as `prepare --cache_latents` encodes by default: the same latents either way.
-        la = load_autoencoder(cfg.model.pretrained_model_name_or_path, "auto", at::kFloat);
+        la = load_autoencoder(cfg.model.pretrained_model_name_or_path, "auto", ae_dtype);
       } catch (...) {
         rethrow_with_context("--pretrained_model_name_or_path (the autoencoder for " + data.path +
                              ", which holds images, not latents)");
       }
       ae = Autoencoder(la.config, std::move(la.weights));
-      ae.to(at::TensorOptions().device(rt.device).dtype(at::kFloat));
+      ae.to(at::TensorOptions().device(rt.device).dtype(ae_dtype));
     }
     o.latents = multi ? std::make_unique<OnlineLatents>(*rt.ctl_comm, er, std::move(ae))
                       : std::make_unique<OnlineLatents>(std::move(ae));
