@@ -20,7 +20,8 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  checkpoint left behind finishes with the uninterrupted result.
   text_encoders  the three text-encoder modes (none, --train_text_encoder_one_only,
                  --train_text_encoder; tiny CLIP/T5 from the captions): 2 ranks (encoder on
-                 --encoder_process 0, and 1: its LoRA travels to rank 0 for the checkpoint) and
+                 --encoder_process 0, and 1: its LoRA travels to rank 0 for the checkpoint; also
+                 with --shard_optimizer) and
                  4 ranks give the LoRA masters of both the transformer and the text encoders of one
                  process (1e-12; the encoders run only on the encoder process there); 2 steps +
                  resume equal 4 straight steps bit for bit (1 process) and to 1e-12 (resumed on
@@ -272,11 +273,15 @@ def text_encoders():
             te_moved(ref, mode[0] == "--train_text_encoder")
         else:
             assert not os.path.exists(os.path.join(ref, TE_FILE))
-        encs = (0, 1) if mode and mode[0] == "--train_text_encoder" else (0,)
-        for enc in encs:
-            out = os.path.join(TMP, f"te_np2_{name}_enc{enc}")
-            p, _ = train(2, out, 1, 4, extra + ("--checkpointing_steps", "2", "--encoder_process", str(enc)))
-            compare(f"{name}: 2 ranks, encoder process {enc}", ref, out, tol=TE_TOL, files=files)
+        # Full mode also with the encoder on rank 1 (its LoRA travels to rank 0 for checkpoints)
+        # and with --shard_optimizer (the transformer's AdamW sharded, the text encoders' not).
+        layouts = [(0, ())]
+        if mode and mode[0] == "--train_text_encoder":
+            layouts += [(1, ()), (1, ("--shard_optimizer",))]
+        for enc, more in layouts:
+            out = os.path.join(TMP, f"te_np2_{name}_enc{enc}{'_sharded' if more else ''}")
+            train(2, out, 1, 4, extra + ("--checkpointing_steps", "2", "--encoder_process", str(enc)) + more)
+            compare(f"{name}: 2 ranks, encoder process {enc} {' '.join(more)}", ref, out, tol=TE_TOL, files=files)
         # Resume: 2 steps, then the rest from checkpoint-2, bit for bit in one process.
         for np_, batch in [(0, 2), (2, 1)]:
             out = os.path.join(TMP, f"te_resume_{name}_np{np_}")
