@@ -1,6 +1,9 @@
 #include "train/encoder_process.h"
 
+#include <ATen/ATen.h>
+
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "encoders/autoencoder_weights.h"
@@ -86,6 +89,16 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
     o.description = "encoding online: " + o.description +
                     (multi ? " on --encoder_process " + std::to_string(er) + " only" : std::string());
   return o;
+}
+
+std::string encoder_weights_per_rank(const OnlineEncoding& o, dist::Communicator* ctl) {
+  const int64_t mine = (o.text_encoders ? o.text_encoders->resident_bytes() : 0) +
+                       (o.latents ? o.latents->resident_bytes() : 0);
+  at::Tensor all = at::tensor({mine}, at::TensorOptions().dtype(at::kLong));
+  if (ctl) all = ctl->all_gather(all).reshape({-1});
+  std::string line = "encoder weights per rank (bytes): ";
+  for (int64_t r = 0; r < all.numel(); ++r) line += (r ? ", " : "") + std::to_string(all[r].item<int64_t>());
+  return line;
 }
 
 }  // namespace fluxtrain

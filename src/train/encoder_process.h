@@ -19,6 +19,10 @@
 
 namespace fluxtrain {
 
+namespace dist {
+class Communicator;
+}
+
 struct RunConfig;
 struct Runtime;
 struct DatasetInfo;
@@ -35,6 +39,11 @@ struct OnlineEncoding {
   bool collective = false;
   std::string description;                   // one phrase for the start line ("" when nothing online)
 };
+
+// Collective when ctl is given (every rank): "encoder weights per rank (bytes): a, b, ..." —
+// what each rank holds of the text encoders and the autoencoder (only the encoder process under
+// mpirun). ctl null: this process alone.
+std::string encoder_weights_per_rank(const OnlineEncoding& o, dist::Communicator* ctl);
 
 // master: dtype of the LoRA masters (float64 in float64 runs, else float32).
 OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, const DatasetInfo& data,

@@ -18,6 +18,12 @@ OnlineLatents::OnlineLatents(dist::Communicator& comm, int encoder_rank, Autoenc
     throw Error("online latents: the autoencoder belongs on the encoder process only", ErrorKind::Internal);
 }
 
+int64_t OnlineLatents::resident_bytes() const {
+  int64_t b = 0;
+  for (const auto& kv : ae_.weights()) b += static_cast<int64_t>(kv.second.nbytes());
+  return b;
+}
+
 void OnlineLatents::fill(std::vector<Sample>& samples) {
   if (!er_) {
     encode_latents_online(ae_, samples, kTile);

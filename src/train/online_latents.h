@@ -31,6 +31,7 @@ class OnlineLatents {
   // every rank calls it once per micro-batch, with its own samples.
   void fill(std::vector<Sample>& samples);
   bool holds_autoencoder() const { return ae_.loaded(); }
+  int64_t resident_bytes() const;  // the autoencoder's weights on this rank (0 when not held)
 
  private:
   Autoencoder ae_;

@@ -493,6 +493,7 @@ std::string Trainer::run() {
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }
+  if (!online_.description.empty()) progress.message(encoder_weights_per_rank(online_, rt_.ctl_comm.get()));
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
 

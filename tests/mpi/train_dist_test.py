@@ -23,7 +23,8 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  --encoder_process 0, and 1: its LoRA travels to rank 0 for the checkpoint; also
                  with --shard_optimizer) and
                  4 ranks give the LoRA masters of both the transformer and the text encoders of one
-                 process (1e-12; the encoders run only on the encoder process there); 2 steps +
+                 process (1e-12; the encoders run only on the encoder process there: the start
+                 line's per-rank encoder bytes are 0 elsewhere); 2 steps +
                  resume equal 4 straight steps bit for bit (1 process) and to 1e-12 (resumed on
                  2 ranks); with accumulation, validation and a skipped update too; the right
                  text-encoder LoRA is written and moved.
@@ -280,7 +281,12 @@ def text_encoders():
             layouts += [(1, ()), (1, ("--shard_optimizer",))]
         for enc, more in layouts:
             out = os.path.join(TMP, f"te_np2_{name}_enc{enc}{'_sharded' if more else ''}")
-            train(2, out, 1, 4, extra + ("--checkpointing_steps", "2", "--encoder_process", str(enc)) + more)
+            p, _ = train(2, out, 1, 4, extra + ("--checkpointing_steps", "2", "--encoder_process", str(enc)) + more)
+            if mode:  # only the encoder process holds encoder weights
+                line = [l for l in p.stderr.splitlines() if "encoder weights per rank (bytes): " in l]
+                assert line, p.stderr
+                held = [int(x) for x in line[0].split(": ")[-1].split(", ")]
+                assert len(held) == 2 and held[enc] > 0 and held[1 - enc] == 0, line
             compare(f"{name}: 2 ranks, encoder process {enc} {' '.join(more)}", ref, out, tol=TE_TOL, files=files)
         # Resume: 2 steps, then the rest from checkpoint-2, bit for bit in one process.
         for np_, batch in [(0, 2), (2, 1)]:
