@@ -23,7 +23,6 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
   const bool multi = rt.ctl_comm && rt.world_size > 1;
   const int er = static_cast<int>(cfg.dist.encoder_rank);
   const bool here = !multi || rt.rank == er;  // this process holds the encoders
-  o.collective = multi && (text_online || vae_online);
   o.trains_text_encoder = te.needs_encoders();
   o.encoder_process = multi && o.trains_text_encoder;
 

@@ -35,8 +35,6 @@ struct OnlineEncoding {
   bool trains_text_encoder = false;          // a text-encoder LoRA trains (on some rank)
   bool encoder_process = false;              // ... on --encoder_process only, with its own optimizer
   std::vector<ParamGroup> encoder_process_groups;  // those LoRA groups, on the encoder process
-  // Collective: begin_batch/end_batch/fill must be called by every rank for every micro-batch.
-  bool collective = false;
   std::string description;                   // one phrase for the start line ("" when nothing online)
 };
 

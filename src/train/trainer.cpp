@@ -323,12 +323,15 @@ double Trainer::accumulate(const Batch& batch, double grad_scale) {
     }
   }
   const double n = static_cast<double>(samples.size());
+  // Under mpirun, forward and backward hold collectives (sharded blocks, the encoder process):
+  // every rank runs every group even after a non-finite loss (the update is skipped on all ranks).
+  const bool lockstep = rt_.ctl_comm != nullptr;
   double total = 0;
   for (const auto& g : groups) {
     at::Tensor sum = group_loss_sum(g, static_cast<uint64_t>(batch.epoch), false);
     const double v = sum.item<double>();
     total += v;
-    if (!std::isfinite(v)) break;  // no backward of garbage
+    if (!std::isfinite(v) && !lockstep) break;  // alone: no backward of garbage
     (sum * (grad_scale / n)).backward();
   }
   end_online();
@@ -358,27 +361,24 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
     // Gradients stay local until the last micro-batch of the window; its backward averages them
     // over the ranks (bucket by bucket, overlapping the rest of backward).
     if (grad_sync_) grad_sync_->set_enabled(i + 1 == micro_batches.size());
-    const double l = accumulate(micro_batches[i], 1.0 / accum);
+    double l = accumulate(micro_batches[i], 1.0 / accum);
+    // Test hook: this rank's first update at step K counts as non-finite (the others' do not),
+    // from its first micro-batch on, so that the rest of the window is skipped as for real data.
+    if (i == 0 && cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank &&
+        state_.nonfinite_total == 0)
+      l = std::numeric_limits<double>::quiet_NaN();
     loss_sum += l;
     if (!std::isfinite(l)) {
-      bad = true;  // the rest of the update's data is consumed but not computed
-      // ... but the encoder process still serves the other ranks: take part in its exchanges.
-      if (online_.collective)
-        for (size_t j = i + 1; j < micro_batches.size(); ++j) {
-          std::vector<Sample> rest = micro_batches[j].samples;
-          begin_online(rest, true);
-          end_online();
-        }
-      break;
+      bad = true;
+      // Alone, the rest of the update's data is consumed but not computed. Under mpirun the
+      // rank keeps computing: the other ranks' forwards and backwards need its collectives.
+      if (!rt_.ctl_comm) break;
     }
   }
-  // Test hook: this rank's first update at step K counts as non-finite (the others' do not).
-  if (cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank && state_.nonfinite_total == 0)
-    bad = true;
   r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / accum;
   if (grad_sync_) {
-    // Every rank finishes the averaging, also one that stopped early on a non-finite loss, so
-    // that all ranks issue the same collectives (its gradients are discarded below anyway).
+    // Every rank finishes the averaging, also one with a non-finite loss, so that all ranks
+    // issue the same collectives (its gradients are discarded below anyway).
     grad_sync_->set_enabled(true);
     grad_sync_->finish();
   }

@@ -128,8 +128,8 @@ class Trainer {
 
   Batch next_batch(double* waited_s = nullptr);
   // Encodes what the dataset lacks (latents, text states) for one micro-batch, and afterwards
-  // returns the text states' gradients. Collective on the encoder process: every rank calls both
-  // once per micro-batch, in order, also for a micro-batch it does not compute.
+  // returns the text states' gradients. Collective under mpirun: every rank calls both once per
+  // micro-batch, in order (accumulate computes every micro-batch there, even a non-finite one).
   void begin_online(std::vector<Sample>& samples, bool training);
   void end_online();
   // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.

@@ -8,7 +8,8 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  epoch boundary, give the LoRA masters of 1 process x batch 2 (no mpirun: the MPI
                  singleton path) to 1e-10 relative; and 1 process with --shard_weights too, and
                  2 ranks with --shard_weights reading the diffusers layout block by block; and
-                 with 2 gradient-accumulation steps; the validation loss split over 2 and 4 ranks
+                 with 2 gradient-accumulation steps (also with a non-finite first micro-batch on one
+                 rank); the validation loss split over 2 and 4 ranks
                  (uneven shares, sharded weights) equals one process's; a non-finite loss on one
                  rank skips the update on all ranks; an unseeded run uses rank 0's seed on every rank.
   resume         a checkpoint written by 2 ranks x batch 2 resumes on 1 rank x batch 4 and on
@@ -164,6 +165,14 @@ def data_parallel():
     out = os.path.join(TMP, "acc_np2")
     train(2, out, 1, 3, acc)
     compare("2 ranks x batch 1 x 2 accumulation steps", ref_acc, out)
+    # A non-finite loss in the first micro-batch of a window: that rank still computes the second
+    # (its sharded-weight gathers are the other rank's too); the update is skipped on both.
+    nan = ("--debug_nan_at_step", "1")
+    train(0, os.path.join(TMP, "ref_acc_nan"), 2, 3, acc + nan + ("--debug_nan_rank", "0"))
+    out = os.path.join(TMP, "acc_nan_np2")
+    train(2, out, 1, 3, acc + nan + ("--debug_nan_rank", "1"))
+    compare("2 ranks x 2 accumulation steps, non-finite first micro-batch on rank 1", os.path.join(TMP, "ref_acc_nan"),
+            out)
     # Validation is split over the ranks (3 samples: uneven shares, with sharded weights every
     # rank still runs the same forwards) and gives the single-process value.
     val = ("--validation_steps", "2", "--validation_samples", "3")
@@ -297,20 +306,22 @@ def text_encoders():
             compare(f"{name}: resumed at step 2 on {max(np_, 1)} rank(s)", ref, out, tol=0.0 if np_ == 0 else TE_TOL,
                     files=files)
     # Gradient accumulation, validation split over the ranks (the encoder process serves every
-    # rank's validation forwards) and an update skipped for a non-finite loss on the encoder process.
+    # rank's validation forwards) and an update skipped for a non-finite loss on the encoder
+    # process in its first micro-batch: it still serves the other rank's second one.
     extra = TE_FLAGS + ("--train_text_encoder", "--gradient_accumulation_steps", "2", "--validation_steps", "2",
                         "--validation_samples", "3")
     ref = os.path.join(TMP, "te_ref_acc")
     train(0, ref, 2, 3, extra + ("--debug_nan_at_step", "1", "--debug_nan_rank", "0"))
-    out = os.path.join(TMP, "te_np2_acc")
-    train(2, out, 1, 3, extra + ("--encoder_process", "1", "--debug_nan_at_step", "1", "--debug_nan_rank", "1"))
-    compare("train_text_encoder: 2 ranks, accumulation, validation, a skipped update", ref, out, tol=TE_TOL,
-            files=("lora_masters.safetensors", TE_FILE))
     want = [(m["skipped"], m.get("val_loss")) for m in map(json.loads, open(os.path.join(ref, "metrics.jsonl")))]
-    got = [(m["skipped"], m.get("val_loss")) for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
-    assert [w[0] for w in want] == [g[0] for g in got] and any(w[0] for w in want), (want, got)
-    for (_, a), (_, b) in zip(want, got):
-        assert (a is None) == (b is None) and (a is None or abs(a - b) <= TE_TOL * abs(a)), (want, got)
+    for enc in (0, 1):  # the non-finite rank is the encoder process, or the one it serves
+        out = os.path.join(TMP, f"te_np2_acc_enc{enc}")
+        train(2, out, 1, 3, extra + ("--encoder_process", str(enc), "--debug_nan_at_step", "1", "--debug_nan_rank", "1"))
+        compare(f"train_text_encoder: 2 ranks, accumulation, validation, a skipped update (encoder {enc})", ref, out,
+                tol=TE_TOL, files=("lora_masters.safetensors", TE_FILE))
+        got = [(m["skipped"], m.get("val_loss")) for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
+        assert [w[0] for w in want] == [g[0] for g in got] and any(w[0] for w in want), (want, got)
+        for (_, a), (_, b) in zip(want, got):
+            assert (a is None) == (b is None) and (a is None or abs(a - b) <= TE_TOL * abs(a)), (want, got)
     # 4 ranks, the encoder process last: both encoders' LoRA.
     extra = TE_FLAGS + ("--train_text_encoder",)
     ref = os.path.join(TMP, "te_ref4")
