@@ -218,10 +218,7 @@ SampleResult Sampler::sample(const TextConditioning& text, const SampleOptions& 
     } else {
       check_input(c.image.defined(), "condition " + std::to_string(n) + ": neither image nor latents");
       check_input(m_.vae != nullptr, "sampler: condition images need the autoencoder");
-      const at::Tensor px = c.kind == SampleCondition::Kind::Subject ? subject_condition(c.image, o.cond_size, nullptr)
-                                                                     : spatial_condition(c.image, o.cond_size);
-      const at::Tensor& w0 = m_.vae->weights().begin()->second;
-      lat = m_.vae->encode(rgb8_to_unit(px).unsqueeze(0).to(w0.device(), w0.scalar_type()));
+      lat = condition_latents(*m_.vae, c, o.cond_size).unsqueeze(0);
     }
     check_input(lat.dim() == 4 && lat.size(1) == C && lat.size(2) % 2 == 0 && lat.size(3) % 2 == 0,
                 "condition " + std::to_string(n) + ": latents must be [" + std::to_string(C) + ", h, w], h and w even");
@@ -248,19 +245,35 @@ SampleResult Sampler::sample(const TextConditioning& text, const SampleOptions& 
                                  &res.cache_bytes, (r / o.batch) * o.steps, chunks * o.steps);
     const at::Tensor lat = unpack_latents(x, lat_h, lat_w);
     latents.push_back(lat.to(at::kCPU, at::kFloat));
-    if (m_.vae) {
-      const at::Tensor& w0 = m_.vae->weights().begin()->second;
-      decoded.push_back(m_.vae->decode(lat.to(w0.device(), w0.scalar_type())).to(at::kCPU, at::kFloat));
-    }
+    if (m_.vae) decoded.push_back(decode_latents(*m_.vae, lat));
   }
   res.latents = at::cat(latents, 0);
   if (!decoded.empty()) {
     res.decoded = at::cat(decoded, 0);
-    std::vector<at::Tensor> imgs;
-    for (int64_t i = 0; i < N; ++i) imgs.push_back(unit_to_rgb8(res.decoded[i]));
-    res.images = at::stack(imgs);
+    res.images = decoded_to_images(res.decoded);
   }
   return res;
+}
+
+at::Tensor condition_latents(const Autoencoder& vae, const SampleCondition& c, int64_t cond_size) {
+  if (c.latents.defined()) return c.latents.to(at::kCPU, at::kFloat);
+  at::NoGradGuard ng;
+  const at::Tensor px = c.kind == SampleCondition::Kind::Subject ? subject_condition(c.image, cond_size, nullptr)
+                                                                 : spatial_condition(c.image, cond_size);
+  const at::Tensor& w0 = vae.weights().begin()->second;
+  return vae.encode(rgb8_to_unit(px).unsqueeze(0).to(w0.device(), w0.scalar_type()))[0].to(at::kCPU, at::kFloat);
+}
+
+at::Tensor decode_latents(const Autoencoder& vae, const at::Tensor& latents) {
+  at::NoGradGuard ng;
+  const at::Tensor& w0 = vae.weights().begin()->second;
+  return vae.decode(latents.to(w0.device(), w0.scalar_type())).to(at::kCPU, at::kFloat);
+}
+
+at::Tensor decoded_to_images(const at::Tensor& decoded) {
+  std::vector<at::Tensor> imgs;
+  for (int64_t i = 0; i < decoded.size(0); ++i) imgs.push_back(unit_to_rgb8(decoded[i]));
+  return at::stack(imgs);
 }
 
 }  // namespace fluxtrain

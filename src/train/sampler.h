@@ -132,6 +132,14 @@ class Sampler {
   SamplerModels m_;
 };
 
+// The pieces of sample() that validation during training runs on one rank only (the others
+// hold no autoencoder): a condition's latents [C, h, w] (float32, CPU; prepared as `prepare`
+// prepares training conditions), the autoencoder's output [N, 3, H, W] (float32, CPU) for
+// latents [N, C, h, w], and that output as [N, H, W, 3] uint8.
+at::Tensor condition_latents(const Autoencoder& vae, const SampleCondition& c, int64_t cond_size);
+at::Tensor decode_latents(const Autoencoder& vae, const at::Tensor& latents);
+at::Tensor decoded_to_images(const at::Tensor& decoded);
+
 // Checks the size (positive multiples of 16), steps and batch; errors name the flags.
 void check_sample_options(const SampleOptions& o);
 

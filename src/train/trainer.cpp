@@ -28,6 +28,7 @@
 #include "train/encoder_process_optimizer.h"
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
+#include "train/validation.h"
 #include "core/progress.h"
 #include "train/output_dir.h"
 
@@ -227,6 +228,21 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     state_ = ck.state;
     state_.global_batch = global_batch();
     resumed_from_ = path;
+  }
+  // Validation images (collective: every rank, after resume so that the text-encoder LoRA is the
+  // resumed one). Loads nothing without --validation_prompt.
+  {
+    ValidationImages::Context vc;
+    vc.cfg = &cfg_;
+    vc.model = &model_cfg_;
+    vc.rt = &rt_;
+    vc.rank = opt.rank;
+    vc.world_size = opt.world_size;
+    vc.text = online_.text_encoders;
+    vc.run_has_text = cfg_.text_encoder.needs_encoders() || !dataset_->info().has_text_embeddings;
+    vc.text_trains = online_.trains_text_encoder;
+    vc.text_rank = opt.world_size > 1 ? static_cast<int>(cfg_.dist.encoder_rank) : 0;
+    validation_images_ = std::make_unique<ValidationImages>(vc);
   }
 }
 
@@ -541,6 +557,15 @@ std::string Trainer::run() {
       const double vl = validation_loss();
       m["val_loss"] = vl;
       progress.message("step " + std::to_string(state_.step) + ": validation loss " + std::to_string(vl));
+    }
+    if (validation_images_->due(state_.step, max_steps_)) {
+      std::vector<std::string> written;
+      validation_images_->draw(state_.step, *weights_, lora_, &written);  // collective
+      if (root) {
+        m["validation_images"] = written;
+        progress.message("step " + std::to_string(state_.step) + ": " + std::to_string(written.size()) +
+                         " validation image(s) in " + path_join(out, "validation"));
+      }
     }
     if (metrics) metrics->write(m);
     progress.update(state_.step, r.loss, r.lr, sps_avg);

@@ -39,6 +39,7 @@ namespace dist {
 class GradSync;
 }  // namespace dist
 class TextEncoders;
+class ValidationImages;
 
 struct TrainerOptions {
   // Overrides --mixed_precision (tests use float64). Undefined = from the config.
@@ -114,6 +115,7 @@ class Trainer {
   std::string weights_description_;        // the low-memory plan, for the log
   // Text conditioning and online latents: cached, encoded here, or on --encoder_process.
   OnlineEncoding online_;
+  std::unique_ptr<ValidationImages> validation_images_;  // --validation_prompt (train/validation.h)
   LoraSet lora_;
   std::unique_ptr<Optimizer> optimizer_;   // replicated or sharded (--shard_optimizer)
   std::vector<at::Tensor> all_params_;     // every trained tensor, over all parameter groups
