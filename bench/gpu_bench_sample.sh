@@ -13,6 +13,7 @@
 # CPU smoke test: SIZE=tiny DEVICE=cpu DTYPE=f32 PX=64 CPX=32 STEPS=2 B=build/fluxtrain bash bench/gpu_bench_sample.sh
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
+source bench/gpu_env.sh
 B=${B:-build-gpu/fluxtrain}
 SIZE=${SIZE:-flux-dev} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bf16} PX=${PX:-1024} CPX=${CPX:-512} STEPS=${STEPS:-28}
 RANK=${RANK:-128}

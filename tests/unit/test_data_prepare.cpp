@@ -472,6 +472,7 @@ TEST(Prepare, EndToEndImagesToTrainedLora) {
 // latents `prepare --cache_latents` caches for the same pictures, up to float32 rounding (the
 // autoencoder batches differently: several images at once online, one at a time in prepare).
 TEST(Prepare, PixelDatasetEncodedOnlineEqualsCachedLatents) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   PrepareOptions o = fx.options();
   prepare_dataset(o);
@@ -504,6 +505,7 @@ TEST(Prepare, PixelDatasetEncodedOnlineEqualsCachedLatents) {
 // every caption's T5 states and CLIP pooled vector, and the dropped caption's, as the encoders
 // give them (float32 storage: exact).
 TEST(Prepare, CachedTextEmbeddingsAreTheEncodersOutputs) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   const FluxConfig tiny = FluxConfig::preset("tiny");
   write_tiny_text_encoders(fx.model, tiny.vec_in_dim, tiny.context_in_dim, 3, at::kFloat);
