@@ -19,6 +19,7 @@
 #include "dist/process_group.h"
 #include "dist/sharded_weights.h"
 #include "core/safetensors.h"
+#include "data/image_io.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
@@ -443,6 +444,11 @@ Checkpoint Trainer::make_checkpoint() const {
   return ck;
 }
 
+void Trainer::add_image(const std::string& tag, int64_t step, const at::Tensor& hwc_u8) {
+  if (!tensorboard_) return;
+  tensorboard_->add_image_png(tag, step, encode_png(hwc_u8), hwc_u8.size(0), hwc_u8.size(1), hwc_u8.size(2));
+}
+
 std::string Trainer::run() {
   const std::string& out = cfg_.checkpoint.output_dir;
   // Rank 0 speaks and writes for the job; the other ranks compute the same steps silently.
@@ -471,6 +477,27 @@ std::string Trainer::run() {
   }
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
+  if (root && cfg_.checkpoint.report_to == "tensorboard") {
+    // A resumed run opens a new event file in the same folder; TensorBoard merges them.
+    const std::string& ld = cfg_.checkpoint.logging_dir;
+    const std::string logdir = ld[0] == '/' ? ld : path_join(out, ld);
+    make_directories(logdir);
+    tensorboard_ = std::make_unique<TensorBoardWriter>(logdir);
+  }
+  // One record per update: metrics.jsonl, and its numbers as TensorBoard scalars.
+  auto record = [&](const nlohmann::json& m) {
+    if (metrics) metrics->write(m);
+    if (!tensorboard_) return;
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& it : m.items())
+      if (it.key() != "step" && it.value().is_number()) scalars.emplace_back(it.key(), it.value().get<double>());
+    tensorboard_->add_scalars(state_.step, scalars);
+    if (cfg_.debug.tensorboard_image) {
+      // Test hook: a 24x32 pattern that depends on the step, so readers can tell images apart.
+      at::Tensor img = (at::arange(24 * 32 * 3, at::kLong).reshape({24, 32, 3}) * 7 + state_.step) % 256;
+      add_image("debug/pattern", state_.step, img.to(at::kByte));
+    }
+  };
 
   int64_t last_saved = resumed_from_.empty() ? -1 : state_.step;
   auto save = [&] {
@@ -507,7 +534,7 @@ std::string Trainer::run() {
     if (r.skipped) {
       progress.message("update skipped after step " + std::to_string(state_.step) +
                        ": non-finite loss or gradient (" + std::to_string(state_.nonfinite_in_a_row) + " in a row)");
-      if (metrics) metrics->write(m);
+      record(m);
       continue;
     }
     const int64_t vs = cfg_.validation.validation_steps;
@@ -516,7 +543,7 @@ std::string Trainer::run() {
       m["val_loss"] = vl;
       progress.message("step " + std::to_string(state_.step) + ": validation loss " + std::to_string(vl));
     }
-    if (metrics) metrics->write(m);
+    record(m);
     progress.update(state_.step, r.loss, r.lr, sps_avg);
     if (state_.step % cfg_.checkpoint.checkpointing_steps == 0 || state_.step == max_steps_) save();
   }
@@ -524,7 +551,10 @@ std::string Trainer::run() {
   progress.finish();
   const std::string lora_path = path_join(out, "lora.safetensors");
   if (root) {
-    save_lora_file(lora_path, lora_);  // atomic (safetensors::save)
+    // lora.safetensors (native format) plus one file per other --lora_format; atomic writes.
+    const TensorMap te_kohya = text_encoders_ ? text_encoders_->encoders().lora_state_kohya() : TensorMap{};
+    for (const auto& p : save_lora_files(out, lora_, cfg_.lora.formats, te_kohya))
+      if (p != lora_path) progress.message("fluxtrain train: wrote " + p);
     if (text_encoders_) {
       // diffusers' FluxPipeline.load_lora_weights reads this one for the text encoder.
       const std::string te_path = path_join(out, "text_encoder_lora.safetensors");

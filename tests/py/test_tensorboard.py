@@ -1,0 +1,117 @@
+"""TensorBoard event files written by `fluxtrain train`, read by the tensorboard package itself.
+
+1. A tiny training run (configs/tiny-cpu.ini on init-model's tiny transformer and synth-data)
+   writes output_dir/logs/events.out.tfevents.*: EventAccumulator finds the scalars of
+   metrics.jsonl (loss, lr, grad_norm, s_per_step, ...) at the same steps with the same values
+   (float32), and the test-pattern image of --debug_tensorboard_image as a PNG with the pixels
+   fluxtrain put in.
+2. Resuming the run opens a second event file in the same folder; the series continue.
+3. An event file cut in the middle of a record still reads up to the last whole record.
+"""
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+BIN = os.environ["FLUXTRAIN_BIN"]
+SRC = os.environ.get("FLUXTRAIN_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def run(*args):
+    r = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        sys.exit(f"fluxtrain {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def accumulate(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def pattern(step):
+    """The test image the trainer writes (src/train/trainer.cpp, --debug_tensorboard_image)."""
+    return ((np.arange(24 * 32 * 3).reshape(24, 32, 3) * 7 + step) % 256).astype(np.uint8)
+
+
+def train(tmp, out, steps, *extra):
+    run("train", "--config", os.path.join(SRC, "configs", "tiny-cpu.ini"),
+        "--pretrained_model_name_or_path", os.path.join(tmp, "model"), "--train_data", os.path.join(tmp, "data.h5"),
+        "--output_dir", out, "--max_train_steps", str(steps), "--checkpointing_steps", "3", "--validation_steps", "2",
+        "--validation_samples", "2", "--train_batch_size", "2", "--cond_size", "64", "--noise_size", "64",
+        "--debug_tensorboard_image", *extra)
+
+
+def main():
+    from PIL import Image
+
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run("init-model", "--size", "tiny", "--layout", "bfl", "--output_dir", os.path.join(tmp, "model"))
+        run("synth-data", "--output", os.path.join(tmp, "data.h5"), "--size", "tiny", "--num_samples", "8",
+            "--sizes", "8", "--cond_latent_size", "8", "--text_len", "4")
+        out = os.path.join(tmp, "out")
+        train(tmp, out, 3)
+        files = sorted(glob.glob(os.path.join(out, "logs", "events.out.tfevents.*")))
+        assert len(files) == 1, files
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+        acc = accumulate(os.path.join(out, "logs"))
+        tags = acc.Tags()
+        for key in ("loss", "lr", "grad_norm", "s_per_step", "val_loss"):
+            want = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+            assert want, key
+            if key not in tags["scalars"]:
+                failures.append(f"scalar {key} missing (have {tags['scalars']})")
+                continue
+            got = [(e.step, e.value) for e in acc.Scalars(key)]
+            same = [s for s, _ in got] == [s for s, _ in want] and all(
+                np.float32(v) == np.float32(w) for (_, v), (_, w) in zip(got, want))
+            print(f"scalar {key}: {len(got)} points, {'equal to' if same else 'DIFFERENT from'} metrics.jsonl")
+            if not same:
+                failures.append(f"scalar {key}: {got} vs {want}")
+        imgs = acc.Images("debug/pattern") if "debug/pattern" in tags["images"] else []
+        if [e.step for e in imgs] != [1, 2, 3]:
+            failures.append(f"images at steps {[e.step for e in imgs]}, expected [1, 2, 3]")
+        for e in imgs:
+            px = np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
+            if (e.height, e.width) != (24, 32) or not np.array_equal(px, pattern(e.step)):
+                failures.append(f"image at step {e.step}: {e.height}x{e.width}, pixels differ")
+        print(f"images: {len(imgs)} PNGs at steps {[e.step for e in imgs]}")
+
+        # Resume: a second file, the series go on.
+        train(tmp, out, 5, "--resume_from_checkpoint", "latest")
+        files = sorted(glob.glob(os.path.join(out, "logs", "events.out.tfevents.*")))
+        steps = [e.step for e in accumulate(os.path.join(out, "logs")).Scalars("loss")]
+        print(f"after resume: {len(files)} event files, loss at steps {steps}")
+        if len(files) != 2 or steps != [1, 2, 3, 4, 5]:
+            failures.append(f"resume: {len(files)} files, loss steps {steps}")
+
+        # Truncation: cut the first file inside its last record.
+        cut = os.path.join(tmp, "cut")
+        os.makedirs(cut)
+        data = open(files[0], "rb").read()
+        whole = accumulate(files[0]).Scalars("loss")
+        with open(os.path.join(cut, os.path.basename(files[0])), "wb") as f:
+            f.write(data[:-7])
+        part = accumulate(cut).Scalars("loss") if "loss" in accumulate(cut).Tags()["scalars"] else []
+        print(f"truncated file: {len(part)} of {len(whole)} loss points read")
+        if [e.step for e in part] != [e.step for e in whole][: len(part)] or len(part) < len(whole) - 1:
+            failures.append(f"truncated file: read {[e.step for e in part]} of {[e.step for e in whole]}")
+    for f in failures:
+        print("FAIL:", f)
+    print("OK" if not failures else f"{len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
