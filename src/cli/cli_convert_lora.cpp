@@ -60,6 +60,9 @@ bool parse_text_key(const std::string& k, TextKey* out) {
   }
   if (std::regex_match(k, m, diff)) {
     *out = {m[1] == "text_encoder_2", m[2], m[3] == "A" ? "down" : "up"};
+    // CLIP as transformers 5 names it ("encoder.layers.N..."): transformers 4's path, which
+    // kohya's names and FLUX's LoRA files use.
+    if (!out->t5 && out->module.rfind("encoder.layers.", 0) == 0) out->module = "text_model." + out->module;
     return true;
   }
   return false;

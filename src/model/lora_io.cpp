@@ -178,7 +178,16 @@ LoraConfig standard_config(const Inferred& in, const FluxConfig& cfg, const std:
   if (in.alpha > 0) lc.alphas = {in.alpha};
   else if (!alphas.empty()) lc.alphas = {alphas.at(0)};
   else lc.alphas = {static_cast<double>(in.rank)};
-  lc.targets.assign(in.targets.begin(), in.targets.end());
+  // Targets in the usual order (q, k, v, projections, MLPs), so that adapters come in the order a
+  // run with these --lora_targets creates them; names fluxtrain does not know go last (and fail
+  // in LoraSet::create with the flag's message).
+  static const std::vector<std::string> order = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                 "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2",
+                                                 "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"};
+  for (const auto& t : order)
+    if (in.targets.count(t)) lc.targets.push_back(t);
+  for (const auto& t : in.targets)
+    if (std::find(order.begin(), order.end(), t) == order.end()) lc.targets.push_back(t);
   if (static_cast<int64_t>(in.blocks.size()) != cfg.num_blocks()) lc.blocks.assign(in.blocks.begin(), in.blocks.end());
   return lc;
 }
