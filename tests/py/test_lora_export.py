@@ -8,6 +8,8 @@
    diffusers' kohya reader assumes FLUX.1-dev's widths for single blocks' linear1 (3072/12288), so
    the kohya files of this tiny model hold the double blocks' modules and the single blocks'
    linear2; the diffusers-format file holds every target.
+   A short standard-mode training run with --lora_format diffusers,kohya: its lora.safetensors and
+   lora_kohya.safetensors give the same forward output, and diffusers reads lora.safetensors alike.
 2. Text encoder: a peft LoRA on a tiny CLIP, converted by fluxtrain to kohya names (lora_te1_*,
    .alpha), loaded by diffusers into FluxPipeline's CLIP and by `fluxtrain encode`: the pooled
    output equals peft's own to 1e-5.
@@ -150,6 +152,35 @@ def check_transformer(tmp):
     return worst
 
 
+def check_trainer_files(tmp):
+    """`fluxtrain train --lora_format diffusers,kohya` in standard mode (rank 8, alpha 4): the files
+    it writes give the same `forward` output, and diffusers reads lora.safetensors the same way."""
+    snap = os.path.join(tmp, "init")
+    run("init-model", "--size", "tiny", "--output_dir", snap)
+    run("synth-data", "--output", os.path.join(tmp, "data.h5"), "--size", "tiny", "--num_samples", "4",
+        "--sizes", "8", "--cond_latent_size", "8", "--text_len", "4")
+    out = os.path.join(tmp, "run")
+    run("train", "--pretrained_model_name_or_path", snap, "--train_data", os.path.join(tmp, "data.h5"),
+        "--output_dir", out, "--device", "cpu", "--mixed_precision", "no", "--lora_mode", "standard",
+        "--ranks", str(RANK), "--network_alphas", str(ALPHA), "--lora_format", "diffusers,kohya",
+        "--lora_targets", "to_q,to_k,to_v,to_out.0,proj_mlp,proj_out", "--learning_rate", "3e-2",
+        "--max_train_steps", "2", "--train_batch_size", "2", "--cond_size", "64", "--noise_size", "64",
+        "--validation_steps", "0", "--report_to", "none", "--seed", "2")
+    files = sorted(os.listdir(out))
+    assert "lora.safetensors" in files and "lora_kohya.safetensors" in files, files
+    assert "lora_diffusers.safetensors" not in files, "the native format is written once, as lora.safetensors"
+    inp, inputs_path = inputs(tmp)
+    native = fluxtrain_output(snap, inputs_path, os.path.join(out, "lora.safetensors"), tmp)
+    kohya = fluxtrain_output(snap, inputs_path, os.path.join(out, "lora_kohya.safetensors"), tmp)
+    ref = diffusers_output(snap, inp, os.path.join(out, "lora.safetensors"))
+    base = diffusers_output(snap, inp, None)
+    e_k, e_d = rel(kohya, native), rel(native, ref)
+    print(f"trainer's files: kohya vs diffusers-format file in fluxtrain forward {e_k:.2e}; "
+          f"diffusers vs fluxtrain forward {e_d:.2e} (LoRA changes the output by {rel(ref, base):.1e})")
+    assert rel(ref, base) > 1e-4, "the trained LoRA had no effect: the test would prove nothing"
+    return max(e_k, e_d)
+
+
 def check_text_encoder(tmp):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from test_text_encoders import TOK, check_diffusers_loads, tiny_models, write_prompts
@@ -167,33 +198,38 @@ def check_text_encoder(tmp):
     write_prompts(pf, prompts)
     clip_ids = CLIPTokenizer.from_pretrained(os.path.join(snap, "tokenizer"))(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = clip(clip_ids).pooler_output
     torch.manual_seed(1)
-    pc = get_peft_model(clip, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+    # alpha 6 at rank 4: a scale (1.5) that is not a power of two, so a lost alpha cannot hide.
+    pc = get_peft_model(clip, LoraConfig(r=4, lora_alpha=6, init_lora_weights=False,
                                          target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])).eval()
     with torch.no_grad():
         ref = pc(clip_ids).pooler_output
     sd = {"text_encoder." + k[len("base_model.model."):]: v.contiguous() for k, v in get_peft_model_state_dict(pc).items()}
     src = os.path.join(tmp, "te_src.safetensors")
-    save_file(sd, src, metadata={"lora_adapter_metadata": json.dumps({"text_encoder.r": 4, "text_encoder.lora_alpha": 8})})
+    assert rel(ref, base) > 1e-3, "the LoRA had no effect: the test would prove nothing"
+    save_file(sd, src, metadata={"lora_adapter_metadata": json.dumps({"text_encoder.r": 4, "text_encoder.lora_alpha": 6})})
     kohya = os.path.join(tmp, "te_kohya.safetensors")
     run("convert-lora", "--input", src, "--output", kohya, "--to", "kohya")
     keys = list(load_file(kohya))
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys, keys[:4]
     assert "lora_te1_text_model_encoder_layers_1_self_attn_out_proj.alpha" in keys, keys[:4]
+    assert load_file(kohya)["lora_te1_text_model_encoder_layers_1_self_attn_out_proj.alpha"].item() == 6.0
     # fluxtrain reads its kohya file back ...
     out = os.path.join(tmp, "enc.safetensors")
     run("encode", "--pretrained_model_name_or_path", snap, "--prompts", pf, "--output", out,
         "--max_sequence_length", "16", "--text_encoder_lora", kohya)
     e1 = rel(load_file(out)["pooled_prompt_embeds"], ref)
     print(f"text encoder: fluxtrain encode with the kohya file vs peft: pooled {e1:.2e}")
-    # ... and so does diffusers (alpha 8 / rank 4 from .alpha).
+    # ... and so does diffusers (alpha 6 / rank 4 from .alpha).
     check_diffusers_loads(snap, kohya, clip_ids, ref)
     return e1
 
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        errs = [check_transformer(tmp), check_text_encoder(tmp)]
+        errs = [check_transformer(tmp), check_trainer_files(tmp), check_text_encoder(tmp)]
     if max(errs) > TOL:
         print(f"FAIL: max relative error {max(errs):.2e} > {TOL}")
         return 1

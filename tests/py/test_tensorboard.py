@@ -96,17 +96,23 @@ def main():
         if len(files) != 2 or steps != [1, 2, 3, 4, 5]:
             failures.append(f"resume: {len(files)} files, loss steps {steps}")
 
-        # Truncation: cut the first file inside its last record.
+        # Truncation: cut the first file inside the record of step 3's scalars (the one before
+        # the last, step 3's image): steps 1 and 2 must still read.
         cut = os.path.join(tmp, "cut")
         os.makedirs(cut)
         data = open(files[0], "rb").read()
-        whole = accumulate(files[0]).Scalars("loss")
+        starts, at = [], 0
+        while at < len(data):  # TFRecord framing: u64 length, u32 crc, data, u32 crc
+            starts.append(at)
+            at += 16 + int.from_bytes(data[at:at + 8], "little")
+        assert at == len(data), "event file does not end on a record boundary"
         with open(os.path.join(cut, os.path.basename(files[0])), "wb") as f:
-            f.write(data[:-7])
-        part = accumulate(cut).Scalars("loss") if "loss" in accumulate(cut).Tags()["scalars"] else []
-        print(f"truncated file: {len(part)} of {len(whole)} loss points read")
-        if [e.step for e in part] != [e.step for e in whole][: len(part)] or len(part) < len(whole) - 1:
-            failures.append(f"truncated file: read {[e.step for e in part]} of {[e.step for e in whole]}")
+            f.write(data[:starts[-2] + 20])
+        acc = accumulate(cut)
+        part = [e.step for e in acc.Scalars("loss")] if "loss" in acc.Tags()["scalars"] else []
+        print(f"truncated file ({len(starts)} records, cut inside record {len(starts) - 1}): loss at steps {part}")
+        if part != [1, 2]:
+            failures.append(f"truncated file: loss at steps {part}, expected [1, 2]")
     for f in failures:
         print("FAIL:", f)
     print("OK" if not failures else f"{len(failures)} failure(s)")
