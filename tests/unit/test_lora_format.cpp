@@ -9,6 +9,9 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "encoders/clip_text_model.h"
+#include "encoders/t5_encoder.h"
+#include "encoders/text_encoders.h"
 #include "model/flux_config.h"
 #include "model/lora_format.h"
 #include "model/lora_io.h"
@@ -238,6 +241,41 @@ TEST(LoraFormat, StrictOnForeignShapes) {
   ASSERT_EQ(t["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].size(0), 3 * H);
   safetensors::save(tmp.path("bad.safetensors"), t, f.metadata());
   EXPECT_THROW(load_lora_file(tmp.path("bad.safetensors"), cfg), Error);
+}
+
+// Text encoders in kohya names: CLIP-L's and T5-XXL's real module lists, written by
+// TextEncoderLora::kohya_state and read back by load_text_encoder_lora_file (alpha from .alpha).
+TEST(LoraFormat, TextEncoderKohyaNames) {
+  TempDir tmp;
+  const ClipTextConfig clip = ClipTextConfig::clip_l();
+  const T5EncoderConfig t5 = T5EncoderConfig::t5_xxl();
+  TextEncoderLora c = TextEncoderLora::create(ClipTextModel::lora_targets(clip), 2, 3.0, 1);
+  TextEncoderLora t = TextEncoderLora::create(T5Encoder::lora_targets(t5), 2, 5.0, 2);
+  {
+    at::NoGradGuard ng;
+    for (auto* l : {&c, &t})
+      for (auto& a : l->adapters()) a.B.copy_(at::randn(a.B.sizes()));
+  }
+  TensorMap m = c.kohya_state("lora_te1");
+  for (auto& kv : t.kohya_state("lora_te3")) m.emplace(kv.first, kv.second);
+  // kohya's rule: prefix + "_" + the module path with '.' -> '_'; 12 CLIP and 24 T5 layers, 4 each.
+  EXPECT_EQ(m.size(), 3u * 4 * (12 + 24));
+  for (const char* k : {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                        "lora_te1_text_model_encoder_layers_11_self_attn_out_proj.alpha",
+                        "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
+                        "lora_te3_encoder_block_23_layer_0_SelfAttention_o.alpha"})
+    EXPECT_TRUE(m.count(k)) << k;
+  safetensors::save(tmp.path("te.safetensors"), m, {});
+  const TextEncoderLoraFile back = load_text_encoder_lora_file(tmp.path("te.safetensors"), &clip, &t5);
+  EXPECT_EQ(back.clip.alpha(), 3.0);
+  EXPECT_EQ(back.t5.alpha(), 5.0);
+  for (auto [x, y] : {std::pair{&c, &back.clip}, {&t, &back.t5}}) {
+    ASSERT_EQ(x->adapters().size(), y->adapters().size());
+    for (size_t i = 0; i < x->adapters().size(); ++i) {
+      EXPECT_TRUE(at::equal(x->adapters()[i].A, y->adapters()[i].A)) << x->adapters()[i].target.module;
+      EXPECT_TRUE(at::equal(x->adapters()[i].B, y->adapters()[i].B)) << x->adapters()[i].target.module;
+    }
+  }
 }
 
 }  // namespace
