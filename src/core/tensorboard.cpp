@@ -12,7 +12,9 @@
 #include <boost/crc.hpp>
 
 #include "core/error.h"
+#if FLUXTRAIN_WITH_PROTOBUF
 #include "src/core/tensorboard_event.pb.h"  // generated: build/proto/src/core/
+#endif
 
 namespace fluxtrain {
 
@@ -54,6 +56,10 @@ std::string tfrecord_frame(const std::string& data) {
   put_le(out, masked_crc32c(data.data(), data.size()), 4);
   return out;
 }
+
+#if FLUXTRAIN_WITH_PROTOBUF
+
+bool tensorboard_available() { return true; }
 
 TensorBoardWriter::TensorBoardWriter(const std::string& logdir) {
   if (!exists(logdir)) throw Error(logdir + ": TensorBoard log folder does not exist");
@@ -110,5 +116,19 @@ void TensorBoardWriter::add_image_png(const std::string& tag, int64_t step, cons
   im->set_encoded_image_string(png);
   write_event(e.SerializeAsString());
 }
+
+#else  // built without protobuf
+
+bool tensorboard_available() { return false; }
+TensorBoardWriter::TensorBoardWriter(const std::string& logdir) {
+  throw Error(logdir + ": this fluxtrain was built without protobuf, so it writes no TensorBoard event files "
+                       "(install libprotobuf-dev and protobuf-compiler, and reconfigure)");
+}
+TensorBoardWriter::~TensorBoardWriter() = default;
+void TensorBoardWriter::write_event(const std::string&) {}
+void TensorBoardWriter::add_scalars(int64_t, const std::vector<std::pair<std::string, double>>&) {}
+void TensorBoardWriter::add_image_png(const std::string&, int64_t, const std::string&, int64_t, int64_t, int64_t) {}
+
+#endif
 
 }  // namespace fluxtrain

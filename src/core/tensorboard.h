@@ -26,6 +26,9 @@ uint32_t masked_crc32c(const void* data, size_t n);
 // One TFRecord around `data`.
 std::string tfrecord_frame(const std::string& data);
 
+// False in a build without protobuf; the writer's constructor then throws saying so.
+bool tensorboard_available();
+
 class TensorBoardWriter {
  public:
   // Creates `logdir` if needed and opens logdir/events.out.tfevents.<unix seconds>.<host>

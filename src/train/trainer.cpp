@@ -477,7 +477,9 @@ std::string Trainer::run() {
   }
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
-  if (root && cfg_.checkpoint.report_to == "tensorboard") {
+  if (root && cfg_.checkpoint.report_to == "tensorboard" && !tensorboard_available())
+    progress.message("fluxtrain train: no TensorBoard event files (built without protobuf); metrics.jsonl only");
+  if (root && cfg_.checkpoint.report_to == "tensorboard" && tensorboard_available()) {
     // A resumed run opens a new event file in the same folder; TensorBoard merges them.
     const std::string& ld = cfg_.checkpoint.logging_dir;
     const std::string logdir = ld[0] == '/' ? ld : path_join(out, ld);
