@@ -117,6 +117,15 @@ void TensorBoardWriter::add_image_png(const std::string& tag, int64_t step, cons
   write_event(e.SerializeAsString());
 }
 
+void TensorBoardWriter::add_session_start(int64_t step, const std::string& checkpoint_path) {
+  tb::Event e;
+  e.set_wall_time(now_seconds());
+  e.set_step(step);
+  e.mutable_session_log()->set_status(tb::SessionLog::START);
+  e.mutable_session_log()->set_checkpoint_path(checkpoint_path);
+  write_event(e.SerializeAsString());
+}
+
 #else  // built without protobuf
 
 bool tensorboard_available() { return false; }
@@ -128,6 +137,7 @@ TensorBoardWriter::~TensorBoardWriter() = default;
 void TensorBoardWriter::write_event(const std::string&) {}
 void TensorBoardWriter::add_scalars(int64_t, const std::vector<std::pair<std::string, double>>&) {}
 void TensorBoardWriter::add_image_png(const std::string&, int64_t, const std::string&, int64_t, int64_t, int64_t) {}
+void TensorBoardWriter::add_session_start(int64_t, const std::string&) {}
 
 #endif
 

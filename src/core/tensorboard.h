@@ -45,6 +45,9 @@ class TensorBoardWriter {
   // An image summary: `png` is a whole PNG file; height, width, channels describe it.
   void add_image_png(const std::string& tag, int64_t step, const std::string& png, int64_t height, int64_t width,
                      int64_t channels);
+  // A SessionLog START at `step`: TensorBoard drops earlier events at or after `step` (those a
+  // crashed run wrote after the checkpoint a resumed run continues from).
+  void add_session_start(int64_t step, const std::string& checkpoint_path);
   const std::string& path() const { return path_; }
 
  private:

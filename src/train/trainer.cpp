@@ -485,6 +485,9 @@ std::string Trainer::run() {
     const std::string logdir = ld[0] == '/' ? ld : path_join(out, ld);
     make_directories(logdir);
     tensorboard_ = std::make_unique<TensorBoardWriter>(logdir);
+    // A resumed run continues the series from the checkpoint; what a crashed run logged after it
+    // is dropped by TensorBoard (SessionLog START).
+    if (!resumed_from_.empty()) tensorboard_->add_session_start(state_.step + 1, resumed_from_);
   }
   // One record per update: metrics.jsonl, and its numbers as TensorBoard scalars.
   auto record = [&](const nlohmann::json& m) {

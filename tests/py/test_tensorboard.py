@@ -5,7 +5,9 @@
    metrics.jsonl (loss, lr, grad_norm, s_per_step, ...) at the same steps with the same values
    (float32), and the test-pattern image of --debug_tensorboard_image as a PNG with the pixels
    fluxtrain put in.
-2. Resuming the run opens a second event file in the same folder; the series continue.
+2. A run that crashes after the checkpoint and resumes opens new event files in the same folder;
+   the series continue, and what the crashed run logged after its checkpoint is dropped (so the
+   scalars equal metrics.jsonl again).
 3. An event file cut in the middle of a record still reads up to the last whole record.
 """
 import glob
@@ -43,12 +45,34 @@ def pattern(step):
     return ((np.arange(24 * 32 * 3).reshape(24, 32, 3) * 7 + step) % 256).astype(np.uint8)
 
 
-def train(tmp, out, steps, *extra):
-    run("train", "--config", os.path.join(SRC, "configs", "tiny-cpu.ini"),
-        "--pretrained_model_name_or_path", os.path.join(tmp, "model"), "--train_data", os.path.join(tmp, "data.h5"),
-        "--output_dir", out, "--max_train_steps", str(steps), "--checkpointing_steps", "3", "--validation_steps", "2",
-        "--validation_samples", "2", "--train_batch_size", "2", "--cond_size", "64", "--noise_size", "64",
-        "--debug_tensorboard_image", *extra)
+def train(tmp, out, steps, *extra, fail=False):
+    args = ["train", "--config", os.path.join(SRC, "configs", "tiny-cpu.ini"),
+            "--pretrained_model_name_or_path", os.path.join(tmp, "model"), "--train_data", os.path.join(tmp, "data.h5"),
+            "--output_dir", out, "--max_train_steps", str(steps), "--checkpointing_steps", "3",
+            "--validation_steps", "2", "--validation_samples", "2", "--train_batch_size", "2", "--cond_size", "64",
+            "--noise_size", "64", "--debug_tensorboard_image", *extra]
+    if not fail:
+        return run(*args)
+    r = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, "the injected failure did not happen"
+
+
+def scalars_match_metrics(acc, out, keys, failures):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    for key in keys:
+        want = [(m["step"], m[key]) for m in metrics
+                if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+        assert want, key
+        if key not in acc.Tags()["scalars"]:
+            failures.append(f"scalar {key} missing (have {acc.Tags()['scalars']})")
+            continue
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        same = [s for s, _ in got] == [s for s, _ in want] and all(
+            np.float32(v) == np.float32(w) for (_, v), (_, w) in zip(got, want))
+        print(f"scalar {key}: steps {[s for s, _ in got]}, {'equal to' if same else 'DIFFERENT from'} metrics.jsonl")
+        if not same:
+            failures.append(f"scalar {key}: {got} vs {want}")
 
 
 def main():
@@ -63,23 +87,9 @@ def main():
         train(tmp, out, 3)
         files = sorted(glob.glob(os.path.join(out, "logs", "events.out.tfevents.*")))
         assert len(files) == 1, files
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f if line.strip()]
         acc = accumulate(os.path.join(out, "logs"))
-        tags = acc.Tags()
-        for key in ("loss", "lr", "grad_norm", "s_per_step", "val_loss"):
-            want = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
-            assert want, key
-            if key not in tags["scalars"]:
-                failures.append(f"scalar {key} missing (have {tags['scalars']})")
-                continue
-            got = [(e.step, e.value) for e in acc.Scalars(key)]
-            same = [s for s, _ in got] == [s for s, _ in want] and all(
-                np.float32(v) == np.float32(w) for (_, v), (_, w) in zip(got, want))
-            print(f"scalar {key}: {len(got)} points, {'equal to' if same else 'DIFFERENT from'} metrics.jsonl")
-            if not same:
-                failures.append(f"scalar {key}: {got} vs {want}")
-        imgs = acc.Images("debug/pattern") if "debug/pattern" in tags["images"] else []
+        scalars_match_metrics(acc, out, ("loss", "lr", "grad_norm", "s_per_step", "val_loss"), failures)
+        imgs = acc.Images("debug/pattern") if "debug/pattern" in acc.Tags()["images"] else []
         if [e.step for e in imgs] != [1, 2, 3]:
             failures.append(f"images at steps {[e.step for e in imgs]}, expected [1, 2, 3]")
         for e in imgs:
@@ -88,13 +98,18 @@ def main():
                 failures.append(f"image at step {e.step}: {e.height}x{e.width}, pixels differ")
         print(f"images: {len(imgs)} PNGs at steps {[e.step for e in imgs]}")
 
-        # Resume: a second file, the series go on.
-        train(tmp, out, 5, "--resume_from_checkpoint", "latest")
+        # A crash after step 4 (checkpoint at 3), then a resume to step 6: a second event file; step 4
+        # of the crashed run is dropped (SessionLog START), the series equals metrics.jsonl.
+        train(tmp, out, 6, "--resume_from_checkpoint", "latest", "--debug_fail_at_step", "4", fail=True)
+        train(tmp, out, 6, "--resume_from_checkpoint", "latest")
         files = sorted(glob.glob(os.path.join(out, "logs", "events.out.tfevents.*")))
-        steps = [e.step for e in accumulate(os.path.join(out, "logs")).Scalars("loss")]
-        print(f"after resume: {len(files)} event files, loss at steps {steps}")
-        if len(files) != 2 or steps != [1, 2, 3, 4, 5]:
-            failures.append(f"resume: {len(files)} files, loss steps {steps}")
+        print(f"after a crash and a resume: {len(files)} event files")
+        if len(files) != 3:
+            failures.append(f"resume: {len(files)} event files, expected 3")
+        acc = accumulate(os.path.join(out, "logs"))
+        scalars_match_metrics(acc, out, ("loss", "grad_norm"), failures)
+        if [e.step for e in acc.Scalars("loss")] != [1, 2, 3, 4, 5, 6]:
+            failures.append(f"resume: loss at steps {[e.step for e in acc.Scalars('loss')]}")
 
         # Truncation: cut the first file inside the record of step 3's scalars (the one before
         # the last, step 3's image): steps 1 and 2 must still read.
