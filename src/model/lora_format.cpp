@@ -62,32 +62,37 @@ std::string dots_to_underscores(std::string s) {
   return s;
 }
 
-// The adapters of one fused BFL linear, in row order: one kohya module.
+// The adapters of one fused BFL linear, in row order: one kohya module. `Adapter` is
+// LoraAdapter (import writes into them) or const LoraAdapter (export reads them).
+template <class Adapter>
 struct KohyaGroup {
   std::string name;
-  int64_t out = 0;                  // the linear's output features
-  std::vector<LoraAdapter*> ads;    // sorted by out_begin
+  int64_t out = 0;             // the linear's output features
+  std::vector<Adapter*> ads;   // sorted by out_begin
 };
 
-std::vector<KohyaGroup> kohya_groups(const FluxConfig& cfg, std::vector<LoraAdapter>& adapters) {
-  std::map<std::pair<int, std::string>, KohyaGroup> by;
+template <class Adapter, class Adapters>
+std::vector<KohyaGroup<Adapter>> kohya_groups(const FluxConfig& cfg, Adapters& all) {
+  std::map<std::pair<int, std::string>, KohyaGroup<Adapter>> by;
   std::vector<std::pair<int, std::string>> order;  // first appearance: a stable key order
-  for (auto& a : adapters) {
+  for (Adapter& a : all) {
     if (a.cond >= 0) throw Error(kConditionOnly);
     const auto k = std::make_pair(a.block, a.linear);
     auto it = by.find(k);
     if (it == by.end()) {
-      it = by.emplace(k, KohyaGroup{kohya_module_name(cfg, a.block, a.linear), bfl_linear_out_features(cfg, a.linear), {}})
-               .first;
+      KohyaGroup<Adapter> g;
+      g.name = kohya_module_name(cfg, a.block, a.linear);
+      g.out = bfl_linear_out_features(cfg, a.linear);
+      it = by.emplace(k, std::move(g)).first;
       order.push_back(k);
     }
     it->second.ads.push_back(&a);
   }
-  std::vector<KohyaGroup> out;
+  std::vector<KohyaGroup<Adapter>> out;
   for (const auto& k : order) {
-    KohyaGroup g = by.at(k);
-    std::sort(g.ads.begin(), g.ads.end(), [](const LoraAdapter* x, const LoraAdapter* y) { return x->out_begin < y->out_begin; });
-    for (const LoraAdapter* a : g.ads)
+    KohyaGroup<Adapter> g = by.at(k);
+    std::sort(g.ads.begin(), g.ads.end(), [](const Adapter* x, const Adapter* y) { return x->out_begin < y->out_begin; });
+    for (const Adapter* a : g.ads)
       if (a->scale != g.ads[0]->scale)
         throw Error("the kohya format has one alpha per module; the adapters of " + g.name + " differ in alpha/rank");
     out.push_back(std::move(g));
@@ -95,17 +100,16 @@ std::vector<KohyaGroup> kohya_groups(const FluxConfig& cfg, std::vector<LoraAdap
   return out;
 }
 
-int64_t total_rank(const KohyaGroup& g) {
+template <class Adapter>
+int64_t total_rank(const KohyaGroup<Adapter>& g) {
   int64_t r = 0;
   for (const LoraAdapter* a : g.ads) r += a->down.size(0);
   return r;
 }
 
 TensorMap export_kohya(const FluxConfig& cfg, const LoraSet& set) {
-  // kohya_groups needs mutable pointers only to share code with import; nothing is written.
-  auto adapters = const_cast<LoraSet&>(set).adapters();
   TensorMap m;
-  for (const KohyaGroup& g : kohya_groups(cfg, adapters)) {
+  for (const auto& g : kohya_groups<const LoraAdapter>(cfg, set.adapters())) {
     const at::Tensor d0 = g.ads[0]->down.detach();
     const int64_t R = total_rank(g);
     std::vector<at::Tensor> downs;
@@ -141,7 +145,7 @@ const at::Tensor& need(const TensorMap& t, const std::string& key, const std::st
 void import_kohya(const FluxConfig& cfg, LoraSet& set, const TensorMap& tensors, const std::string& file,
                   std::set<std::string>& used) {
   at::NoGradGuard ng;
-  for (const KohyaGroup& g : kohya_groups(cfg, set.adapters())) {
+  for (const auto& g : kohya_groups<LoraAdapter>(cfg, set.adapters())) {
     const at::Tensor& down = need(tensors, g.name + ".lora_down.weight", file, used);
     const at::Tensor& up = need(tensors, g.name + ".lora_up.weight", file, used);
     const int64_t in = g.ads[0]->down.size(1), r0 = g.ads[0]->down.size(0), R = total_rank(g);
