@@ -25,6 +25,11 @@
 #include "model/position_ids.h"
 #include "model/blocks.h"
 #include "dist/communicator.h"
+#include "encoders/clip_text_model.h"
+#include "encoders/t5_encoder.h"
+#include "encoders/text_encoder_configs.h"
+#include "encoders/text_encoder_lora.h"
+#include "encoders/tiny_text_encoders.h"
 #include "dist/process_group.h"
 #include "dist/sharded_weights.h"
 #include "dist/low_memory_options.h"
@@ -67,6 +72,8 @@ int cmd_bench(int argc, char** argv) {
   int warmup = 3, iters = 7, txt_len = 512, batch = 1;
   std::string graph_s;
   bool sharded = false, compare_resident = false;
+  std::string te_mode = "none";
+  int64_t te_rank = 32;
   uint64_t seed = 0;
   po::options_description desc("bench options");
   desc.add_options()
@@ -84,6 +91,11 @@ int cmd_bench(int argc, char** argv) {
       ("cuda_graph", po::value(&graph_s)->default_value("both"), "off, on or both: replay the step as a CUDA graph")
       ("sharded", po::bool_switch(&sharded), "FSDP-style sharded frozen weights over the MPI ranks "
        "(run under mpirun; implies --cuda_graph off)")
+      ("text_encoder_mode", po::value(&te_mode)->default_value("none"),
+       "none (cached embeddings), one_only (CLIP-L with a LoRA in the step, T5 states cached) or both "
+       "(CLIP-L and T5-XXL with LoRAs in the step): the trainer's three modes, encoders at real size "
+       "(tiny with --size tiny), random weights, on the step's device; eager only")
+      ("text_encoder_rank", po::value(&te_rank)->default_value(32), "LoRA rank of the text encoders")
       ("compare_resident", po::bool_switch(&compare_resident),
        "with --sharded: also keep the weights resident and time both paths alternately, step by step "
        "(same process, same inputs), reporting the sharded overhead");
@@ -95,6 +107,12 @@ int cmd_bench(int argc, char** argv) {
   const bool low = low_memory.fp8() || low_memory.streams();
   if (low && sharded) throw Error("bench: the low-memory options are measured without --sharded");
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
+  if (te_mode != "none" && te_mode != "one_only" && te_mode != "both")
+    throw Error("--text_encoder_mode must be none, one_only or both, got '" + te_mode + "'");
+  if (te_rank <= 0 || te_rank > 4096) throw Error("--text_encoder_rank must be in [1, 4096]");
+  if (te_mode != "none" && sharded) throw Error("bench: --text_encoder_mode is measured without --sharded");
+  // The encoders' forward and backward are part of the step and not captured (as in train).
+  if (te_mode != "none") graph_s = "off";
   c10::Device dev = parse_device(device_s, "--device");
   dist::ProcessGroup* pg = nullptr;
   if (sharded) {
@@ -199,6 +217,33 @@ int cmd_bench(int argc, char** argv) {
                     {"resident_frozen_bytes_per_rank", st.resident_bytes()},
                     {"mapping_granularity", st.granularity}};
   }
+  // Text encoders of the mode, on the step's device in its dtype, with their LoRAs (float32
+  // masters, as the trainer keeps them).
+  std::unique_ptr<ClipTextModel> clip;
+  std::unique_ptr<T5Encoder> t5;
+  TextEncoderLora clip_lora, t5_lora;
+  int64_t clip_vocab = 0, clip_len = 0;
+  double encoders_gib = 0;
+  if (te_mode != "none") {
+    const bool tiny_te = size.rfind("tiny", 0) == 0;
+    const ClipTextConfig cc = tiny_te ? ClipTextConfig::tiny(cfg.vec_in_dim) : ClipTextConfig::clip_l();
+    clip = std::make_unique<ClipTextModel>(cc, random_clip_weights(cc, seed, dtype, dev), "random CLIP");
+    clip->to(dtype, dev);
+    clip_lora = TextEncoderLora::create(ClipTextModel::lora_targets(cc), te_rank, static_cast<double>(te_rank), seed);
+    clip_lora.to(dev);
+    clip_vocab = cc.vocab_size;
+    clip_len = cc.max_position_embeddings;
+    encoders_gib += static_cast<double>(clip->resident_bytes());
+    if (te_mode == "both") {
+      const T5EncoderConfig tc = tiny_te ? T5EncoderConfig::tiny(cfg.context_in_dim) : T5EncoderConfig::t5_xxl();
+      t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, dev), "random T5");
+      t5->to(dtype, dev);
+      t5_lora = TextEncoderLora::create(T5Encoder::lora_targets(tc), te_rank, static_cast<double>(te_rank), seed + 1);
+      t5_lora.to(dev);
+      encoders_gib += static_cast<double>(t5->resident_bytes());
+    }
+    encoders_gib /= static_cast<double>(1ull << 30);
+  }
   compare_resident = compare_resident && sharded;
   BlockWeights* current = weights_ptr;  // what the step runs on (alternates with --compare_resident)
   const std::string device_label = device_name(dev);
@@ -219,7 +264,10 @@ int cmd_bench(int argc, char** argv) {
       LoraSet lora = LoraSet::create(cfg, lc, seed);
       lora.to(at::TensorOptions().device(dev).dtype(at::kFloat));
       auto params = lora.parameters();
-      std::unique_ptr<Optimizer> optimizer = make_adamw({{"transformer", params}}, AdamWConfig{});
+      std::vector<ParamGroup> groups{{"transformer", params}};
+      if (clip) groups.push_back({"text_encoder", clip_lora.parameters()});
+      if (t5) groups.push_back({"text_encoder_2", t5_lora.parameters()});
+      std::unique_ptr<Optimizer> optimizer = make_adamw(groups, AdamWConfig{});
       const int64_t nh = bc.noise / 16, ch = bc.cond / 16;
       FluxInputs in;
       in.img = at::randn({batch, nh * nh, cfg.in_channels}, opts);
@@ -233,7 +281,14 @@ int cmd_bench(int argc, char** argv) {
       in.cond_ids = {subject_position_ids(ch, ch).to(dev)};
       at::Tensor target = at::randn({batch, nh * nh, cfg.out_channels}, opts.dtype(at::kFloat));
 
+      const at::Tensor clip_ids =
+          clip ? at::randint(clip_vocab, {batch, clip_len}, at::TensorOptions().dtype(at::kLong)).to(dev) : at::Tensor();
+      const at::Tensor t5_ids =
+          t5 ? at::randint(32100, {batch, txt_len}, at::TensorOptions().dtype(at::kLong)).to(dev) : at::Tensor();
       auto step = [&] {
+        // The text-encoder modes encode in the step, through their LoRAs (the trainer's conditioning).
+        if (clip) in.y = clip->forward(clip_ids, &clip_lora, ckpt).pooled.to(dtype);
+        if (t5) in.txt = t5->forward(t5_ids, &t5_lora, ckpt).to(dtype);
         flow_loss_sum(cfg, *current, &lora, in, target, ckpt).backward();
         // Eager: the trainer's update (its norm decides a skip on the host), then drop grads
         // (the next backward creates them). Graph: the capturable update keeps the captured
@@ -242,7 +297,8 @@ int cmd_bench(int argc, char** argv) {
           optimizer->step_on_device(1e-4, 1.0);
         } else {
           optimizer->step(1e-4, 1.0);
-          for (auto& p : params) p.mutable_grad().reset();
+          for (auto& g : groups)
+            for (auto& p : g.params) p.mutable_grad().reset();
         }
       };
       // Peak memory is measured from here: it covers warm-up and, in graph mode, the capture,
@@ -297,6 +353,7 @@ int cmd_bench(int argc, char** argv) {
                           {"config", {{"model", size}, {"cond_size", bc.cond}, {"noise_size", bc.noise},
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
                                       {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
+                                      {"text_encoder_mode", te_mode},
                                       {"execution", runner->mode()}}},
                           {"ms_per_step", med},
                           {"ms_min", ms.front()},
@@ -307,6 +364,12 @@ int cmd_bench(int argc, char** argv) {
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
       if (low) j["low_memory"] = low_json;
+      if (clip) {
+        // Everything the mode needs is on this device: peak_gib includes the encoders.
+        j["encoders_gib"] = encoders_gib;
+        j["text_encoder_rank"] = te_rank;
+        j["t5"] = t5 ? "trained" : "cached states";
+      }
       if (sharded) {
         // The shards live in mapped memory outside the caching allocator: add them for the
         // process's real peak.

@@ -9,6 +9,7 @@
 # Usage (repo root, after bench/gpu_build_and_bench.sh built build-gpu/): bash bench/gpu_bench_data.sh
 set -euo pipefail
 OUT=${OUT:-$PWD/out}
+source bench/gpu_env.sh
 B=${B:-build-gpu/fluxtrain}
 N=${N:-64}
 SIZE=${SIZE:-flux} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bf16} PX=${PX:-1024} CPX=${CPX:-512}

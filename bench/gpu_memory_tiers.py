@@ -149,6 +149,7 @@ def main():
                     row["stream_bound_ms"] = round(1.25 * streamed / (bw * 1e9) * 1e3, 1)
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
+                log.flush()  # a timeout must not lose the rows already measured
 
 
 if __name__ == "__main__":

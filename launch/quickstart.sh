@@ -14,7 +14,9 @@ RUN=${FLUXTRAIN_RUN_DIR:-runs/quickstart}
 mkdir -p "$RUN"
 [ -f "$RUN/model/flux1-dev.safetensors" ] || "$B" init-model --size tiny --output_dir "$RUN/model" > /dev/null
 [ -f "$RUN/images/data.jsonl" ] || "$VENV/bin/python" launch/make_demo_images.py "$RUN/images" > /dev/null
-# Re-running on unchanged pictures is a no-op (content hashes).
+# Re-running on unchanged pictures is a no-op (content hashes). Without --cache_latents the
+# pictures are stored and `train` encodes them itself (docs/dataset.md); --cache_text_embeddings
+# would cache the frozen encoders' output, but this run trains CLIP's LoRA, so it encodes captions.
 "$B" prepare --pretrained_model_name_or_path "$RUN/model" --train_data_dir "$RUN/images/data.jsonl" \
   --output "$RUN/data.h5" --noise_size 128 --cond_size 64 --subject_column subject --lora_num 1 --cache_latents
 "$B" train --config configs/tiny-cpu.ini --pretrained_model_name_or_path "$RUN/model" \

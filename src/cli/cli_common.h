@@ -2,6 +2,7 @@
 // fluxtrain errors, dtype/device names.
 #pragma once
 #include <string>
+#include <vector>
 
 #include <boost/program_options/options_description.hpp>
 #include <boost/program_options/variables_map.hpp>
@@ -19,5 +20,9 @@ bool parse_command_line(const std::string& command, const boost::program_options
 at::ScalarType parse_dtype(const std::string& s, const std::string& flag);
 // "cpu", "cuda", "cuda:N"; throws naming flag, or when CUDA is asked for but absent.
 c10::Device parse_device(const std::string& s, const std::string& flag);
+
+// A prompts file: one prompt a line; "\n", "\t" and "\\" inside a line stand for newline, tab
+// and backslash (defined in cli_encode.cpp; `encode` and `sample` read the same format).
+std::vector<std::string> read_prompts_file(const std::string& path);
 
 }  // namespace fluxtrain

@@ -5,6 +5,7 @@
 #include <boost/program_options.hpp>
 
 #include "cli/cli_common.h"
+#include "cli/prepare_text_encoders.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "data/prepare.h"
@@ -15,7 +16,8 @@ namespace fluxtrain {
 
 int cmd_prepare(int argc, char** argv) {
   PrepareOptions o;
-  std::string latent_dtype = "f32", vae_dtype = "f32", device = "cpu";
+  std::string latent_dtype = "f32", vae_dtype = "f32", device = "cpu", embed_dtype = "bf16", te_dtype = "f32";
+  int64_t max_sequence_length = 512;
   int64_t seed = 0, tile_px = o.tile.tile_px, overlap_px = o.tile.overlap_px;
   bool json = false, cache_text = false;
   po::options_description desc("prepare options");
@@ -40,7 +42,14 @@ int cmd_prepare(int argc, char** argv) {
                                                             "and the trainer encodes them)")
       ("augment_variants", po::value(&o.augment_variants)->default_value(o.augment_variants),
        "--cache_latents: augmented variants cached per subject condition")
-      ("cache_text_embeddings", po::bool_switch(&cache_text), "cache T5/CLIP embeddings (needs the text encoders)")
+      ("cache_text_embeddings", po::bool_switch(&cache_text),
+       "cache T5 states and CLIP pooled vectors per caption (and of the dropped caption \" \") with the snapshot's "
+       "text encoders; without it captions are stored and the trainer encodes them")
+      ("max_sequence_length", po::value(&max_sequence_length)->default_value(max_sequence_length),
+       "--cache_text_embeddings: T5 tokens per caption (train with the same value)")
+      ("embed_dtype", po::value(&embed_dtype)->default_value(embed_dtype), "stored embeddings: bf16, f16, f32")
+      ("text_encoder_dtype", po::value(&te_dtype)->default_value(te_dtype),
+       "--cache_text_embeddings: encoder compute dtype: f32, bf16")
       ("caption_dropout", po::value(&o.caption_dropout)->default_value(o.caption_dropout),
        "probability that a caption becomes \" \" (drawn per seed, epoch, sample in training)")
       ("on_bad_sample", po::value(&o.on_bad_sample)->default_value(o.on_bad_sample),
@@ -54,9 +63,6 @@ int cmd_prepare(int argc, char** argv) {
       ("json", po::bool_switch(&json), "also print the summary as one JSON line (benchmarks)");
   po::variables_map vm;
   if (!parse_command_line("prepare", desc, argc, argv, vm)) return 0;
-  if (cache_text)
-    throw Error("--cache_text_embeddings: no text encoder is built into this fluxtrain yet; prepare stores captions "
-                "(docs/dataset.md)");
   check_input(seed >= 0, "--seed must be >= 0");
   o.seed = static_cast<uint64_t>(seed);
   o.latent_dtype = parse_dtype(latent_dtype, "--latent_dtype");
@@ -66,6 +72,17 @@ int cmd_prepare(int argc, char** argv) {
   check_input(tile_px == 0 || (tile_px % 16 == 0 && overlap_px % 8 == 0 && overlap_px >= 0 && overlap_px < tile_px),
               "--tile_size must be a multiple of 16 and --tile_overlap a multiple of 8 below it");
   o.tile = {tile_px, tile_px > 0 ? overlap_px : 0};
+  o.embed_dtype = parse_dtype(embed_dtype, "--embed_dtype");
+  check_input(o.embed_dtype != at::kDouble, "--embed_dtype: float64 is not a dataset dtype");
+  PrepareTextEncoders text;
+  if (cache_text) {
+    check_input(!o.model.empty(), "--cache_text_embeddings needs --pretrained_model_name_or_path (the text encoders)");
+    check_input(max_sequence_length >= 1 && max_sequence_length <= 512,
+                "--max_sequence_length must be between 1 and 512 (T5's trained length)");
+    text = load_prepare_text_encoders(o.model, max_sequence_length, parse_dtype(te_dtype, "--text_encoder_dtype"),
+                                      parse_device(device, "--device"));
+    o.text = &text.hook;
+  }
   const PrepareSummary s = prepare_dataset(o);
   std::cerr << format_summary(s, o.output);
   if (json) std::cout << summary_json(s, o) << std::endl;

@@ -32,8 +32,12 @@ Progress::Progress(int64_t total, int64_t start, std::FILE* out, int tty, int64_
 void Progress::update(int64_t step, double loss, double lr, double sps) {
   const double eta = sps * static_cast<double>(total_ - step);
   char line[256];
-  std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4g  lr %.3g  %.3g s/step  ETA %s", (long long)step,
-                (long long)total_, loss, lr, sps, format_duration(eta).c_str());
+  if (std::isnan(loss))  // sampling: no loss and no learning rate to show
+    std::snprintf(line, sizeof line, "step %lld/%lld  %.3g s/step  ETA %s", (long long)step, (long long)total_, sps,
+                  format_duration(eta).c_str());
+  else
+    std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4g  lr %.3g  %.3g s/step  ETA %s", (long long)step,
+                  (long long)total_, loss, lr, sps, format_duration(eta).c_str());
   if (tty_) {
     const int width = 24;
     const double frac = total_ > 0 ? static_cast<double>(step) / static_cast<double>(total_) : 1.0;

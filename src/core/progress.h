@@ -15,6 +15,7 @@ class Progress {
  public:
   // tty < 0: detect from the stream; 0/1 force.
   Progress(int64_t total_steps, int64_t start_step, std::FILE* out = stderr, int tty = -1, int64_t log_every = 10);
+  // loss NaN: neither loss nor lr is shown (sampling).
   void update(int64_t step, double loss, double lr, double seconds_per_step);
   // A message on its own line (the bar is redrawn after it on a terminal).
   void message(const std::string& line);

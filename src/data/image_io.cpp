@@ -14,6 +14,8 @@
 
 namespace fluxtrain {
 #if FLUXTRAIN_WITH_VIPS
+bool image_files_supported() { return true; }
+
 namespace {
 
 void init_vips() {
@@ -187,6 +189,8 @@ void save_png(const std::string& path, const at::Tensor& hwc_u8) {
 // Built without libvips (e.g. the GPU machine's minimal image): the autoencoder and datasets
 // of cached latents work, decoding image files does not.
 namespace {
+bool image_files_supported() { return false; }
+
 [[noreturn]] void no_vips(const std::string& path) {
   throw Error(path + ": this fluxtrain was built without libvips (install libvips-dev and reconfigure)");
 }

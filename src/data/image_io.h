@@ -23,6 +23,10 @@ struct ImageSize {
 // Header only (no pixel decoding): size after orientation. Throws Error for unreadable files.
 ImageSize probe_image(const std::string& path);
 
+// False when built without libvips: image files can then be neither read nor written (only the
+// .safetensors "rgb" stand-in is read).
+bool image_files_supported();
+
 // Full decode to [H, W, 3] uint8 sRGB (see above). Truncated data is an error, not grey pixels.
 at::Tensor load_image_rgb8(const std::string& path);
 

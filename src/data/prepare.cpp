@@ -223,7 +223,8 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
        << " aspect=" << opt.bucket_max_aspect << " variants=" << variants << " seed=" << opt.seed
        << " latent_dtype=" << c10::toString(opt.latent_dtype) << " vae_dtype=" << c10::toString(opt.vae_dtype)
        << " tile=" << opt.tile.tile_px << "/" << opt.tile.overlap_px << " vae=" << vae_id
-       << " text=" << (opt.text ? opt.text->identity : std::string("none")) << " kinds=";
+       << " text=" << (opt.text ? opt.text->identity : std::string("none"))
+       << (opt.text ? " embed_dtype=" + std::string(c10::toString(opt.embed_dtype)) : std::string()) << " kinds=";
     for (const auto& k : kinds) ss << k << ",";
     settings = ss.str();
   }
@@ -398,6 +399,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
   spec.latent_channels = opt.cache_latents ? ae.config().latent_channels : 16;
   spec.cond_kinds = kinds;
   spec.latent_dtype = opt.latent_dtype;
+  spec.embed_dtype = opt.embed_dtype;
   spec.storage = storage;
   spec.text_embeddings = opt.text != nullptr;
   spec.cond_variants.assign(static_cast<size_t>(K), 1);

@@ -57,6 +57,7 @@ struct PrepareOptions {
   std::string on_bad_sample = "skip";
   uint64_t seed = 0;               // draws of the cached variants
   at::ScalarType latent_dtype = at::kFloat;
+  at::ScalarType embed_dtype = at::kBFloat16;  // cached T5/CLIP embeddings (--cache_text_embeddings)
   std::string device = "cpu";      // VAE device
   at::ScalarType vae_dtype = at::kFloat;
   // Tiles only images larger than tile_px: 1024 px targets are encoded whole (tiling changes

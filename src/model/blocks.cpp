@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include "model/condition_cache.h"
 #include "model/layers.h"
 
 namespace fluxtrain {
@@ -149,6 +150,10 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
                      w.at("img_attn.norm.query_norm.scale"), w.at("img_attn.norm.key_norm.scale"));
     ch.q = apply_rope(ch.q, c.rope_cond);
     ch.k = apply_rope(ch.k, c.rope_cond);
+    if (c.record) c.record->record(c.block, ch.k, ch.v);
+  } else if (c.cached_k.defined()) {
+    ch.k = c.cached_k;
+    ch.v = c.cached_v;
   }
   at::Tensor oc;
   at::Tensor om = split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
@@ -193,6 +198,10 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
     ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
     ch.q = cond_out_needed ? apply_rope(ch.q, c.rope_cond) : at::Tensor();  // queries only feed its own output
     ch.k = apply_rope(ch.k, c.rope_cond);
+    if (c.record) c.record->record(c.block, ch.k, ch.v);
+  } else if (c.cached_k.defined()) {
+    ch.k = c.cached_k;
+    ch.v = c.cached_v;
   }
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);

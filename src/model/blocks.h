@@ -12,6 +12,8 @@
 
 namespace fluxtrain {
 
+class ConditionCache;
+
 struct BlockContext {
   const FluxConfig* cfg = nullptr;
   const LoraSet* lora = nullptr;
@@ -20,6 +22,11 @@ struct BlockContext {
   Rope rope_main;                 // text + noise tokens
   Rope rope_cond;                 // all condition tokens, in order
   bool last_block = false;        // condition stream's own output is not needed after it
+  // Condition KV cache (inference, model/condition_cache.h). cached_k/cached_v defined: the
+  // condition stream is absent (cond undefined) and these are its keys (after RoPE) and values.
+  // record set: the block stores the condition keys/values it computes there.
+  at::Tensor cached_k, cached_v;
+  ConditionCache* record = nullptr;
 };
 
 // Text+noise queries attend to all keys (text, noise, every condition); each condition's

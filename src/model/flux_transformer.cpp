@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "model/block_runner.h"
 #include "model/blocks.h"
+#include "model/condition_cache.h"
 #include "model/layers.h"
 
 namespace fluxtrain {
@@ -16,7 +17,7 @@ std::string sizes(const at::Tensor& t) {
   return ss.str();
 }
 
-void check_inputs(const FluxConfig& cfg, const FluxInputs& in) {
+void check_inputs(const FluxConfig& cfg, const FluxInputs& in, bool read_cond) {
   auto need = [](bool ok, const std::string& msg) {
     if (!ok) throw Error("transformer inputs: " + msg);
   };
@@ -33,6 +34,7 @@ void check_inputs(const FluxConfig& cfg, const FluxInputs& in) {
        "y must be [B, " + std::to_string(cfg.vec_in_dim) + "]");
   need(in.timesteps.defined() && in.timesteps.numel() == B, "timesteps must have B values");
   if (cfg.guidance_embed) need(in.guidance.defined() && in.guidance.numel() == B, "guidance must have B values (dev model)");
+  if (!read_cond) return;
   need(in.cond.size() == in.cond_ids.size(), "cond and cond_ids must come in pairs");
   for (size_t n = 0; n < in.cond.size(); ++n) {
     const auto& c = in.cond[n];
@@ -58,7 +60,13 @@ std::vector<at::Tensor> block_params(const LoraSet* lora, int block) {
 
 at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const LoraSet* lora, const FluxInputs& in,
                         const ForwardOptions& opt) {
-  check_inputs(cfg, in);
+  ConditionCache* cache = opt.condition_cache;
+  const bool use_cache = cache && cache->filled();
+  const bool fill_cache = cache && !use_cache && !in.cond.empty();
+  check_inputs(cfg, in, !use_cache);
+  if (use_cache && cache->batch() != in.img.size(0))
+    throw Error("transformer inputs: the condition cache holds " + std::to_string(cache->batch()) +
+                " rows, img has " + std::to_string(in.img.size(0)));
   const TensorMap& g = weights.globals();
   const at::Tensor& w0 = g.at("img_in.weight");
   const auto dt = w0.scalar_type();
@@ -81,7 +89,9 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
   ctx.lora = lora;
   ctx.rope_main = rope_from_ids(at::cat({in.txt_ids, in.img_ids}, 0).to(dev), cfg.axes_dim, cfg.theta, acc);
   at::Tensor cond, vec_cond;
-  if (!in.cond.empty()) {
+  if (use_cache) {
+    ctx.cond_lens = cache->cond_lens();
+  } else if (!in.cond.empty()) {
     std::vector<at::Tensor> parts;
     for (size_t n = 0; n < in.cond.size(); ++n) {
       parts.push_back(linear(on(in.cond[n]), g, "img_in"));
@@ -93,6 +103,16 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
     ctx.rope_cond = rope_from_ids(at::cat(in.cond_ids, 0).to(dev), cfg.axes_dim, cfg.theta, acc);
   }
   const bool has_cond = cond.defined();
+  if (fill_cache) {
+    cache->begin(weights.num_blocks(), ctx.cond_lens, in.img.size(0));
+    ctx.record = cache;
+  }
+  // Per block: the recorded condition keys/values stand for the condition stream.
+  auto set_cached = [&](int i) {
+    if (!use_cache) return;
+    ctx.cached_k = cache->keys(i);
+    ctx.cached_v = cache->values(i);
+  };
 
   // Activations passed between blocks (only defined tensors go through the block runner).
   auto pack = [&](std::initializer_list<at::Tensor> xs) {
@@ -104,6 +124,7 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
 
   for (int i = 0; i < cfg.depth; ++i) {
     ctx.block = i;
+    set_cached(i);
     BlockFn fn = [ctx, has_cond](const std::vector<at::Tensor>& a, const TensorMap& w) {
       // a = {img, txt, vec, [cond, vec_cond]}
       return double_block(ctx, w, a[0], a[1], has_cond ? a[3] : at::Tensor(), a[2],
@@ -121,6 +142,7 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
   for (int s = 0; s < cfg.depth_single; ++s) {
     const int i = static_cast<int>(cfg.depth) + s;
     ctx.block = i;
+    set_cached(i);
     ctx.last_block = s == cfg.depth_single - 1;
     BlockFn fn = [ctx, has_cond](const std::vector<at::Tensor>& a, const TensorMap& w) {
       // a = {x, vec, [cond, vec_cond]}
@@ -132,6 +154,7 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
     if (has_cond) cond = out[1];
   }
   img = x.narrow(1, T, x.size(1) - T);
+  if (fill_cache) cache->finish();
 
   auto mod = linear(at::silu(vec), g, "final_layer.adaLN_modulation.1").unsqueeze(1).chunk(2, -1);  // shift, scale
   return linear(modulate(img, mod[0], mod[1]), g, "final_layer.linear");

@@ -27,8 +27,14 @@ struct FluxInputs {
   std::vector<at::Tensor> cond_ids;  // per condition [Lc_n, 3]
 };
 
+class ConditionCache;
+
 struct ForwardOptions {
   bool gradient_checkpointing = false;  // recompute each block in backward
+  // Inference with conditions (model/condition_cache.h): an empty cache is filled by this call
+  // (in.cond must be given); a filled one replaces the condition stream, and in.cond/cond_ids
+  // are then not read. Null (training): the condition stream runs as always, at no extra cost.
+  ConditionCache* condition_cache = nullptr;
 };
 
 // Returns the prediction for the noise tokens: [B, L, out_channels].

@@ -30,8 +30,16 @@ class Conditioner {
   // may flow into the conditioner's own parameters.
   virtual TextConditioning text(const std::vector<const Sample*>& samples, c10::Device device, at::ScalarType dtype,
                                 bool training) = 0;
-  // Parameters the conditioner trains (none for cached embeddings).
+  // Parameters the conditioner trains (none for cached embeddings), for the run's optimizer.
   virtual std::vector<ParamGroup> param_groups() { return {}; }
+
+  // A conditioner that encodes a whole micro-batch at once (the encoder process under mpirun):
+  // begin_batch before the first text() of a micro-batch, end_batch after its last backward.
+  // Both are collective for such a conditioner: every rank calls them once per micro-batch, also
+  // a rank that skips the computation (non-finite loss). scale: the factor of this rank's loss
+  // in the update's loss (1 / ranks: the mean). Defaults: nothing to do.
+  virtual void begin_batch(const std::vector<const Sample*>& /*samples*/, bool /*training*/) {}
+  virtual void end_batch(double /*scale*/) {}
 };
 
 // Passes the dataset's cached embeddings through.

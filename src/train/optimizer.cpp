@@ -32,18 +32,20 @@ std::vector<at::Tensor> all_params(const std::vector<ParamGroup>& groups) {
   return out;
 }
 
-double grad_global_norm(const std::vector<at::Tensor>& params) {
+double grad_sq_norm(const std::vector<at::Tensor>& params) {
   at::NoGradGuard ng;
   // One host sync for all parameters (this runs every update, also on the GPU).
   std::vector<at::Tensor> norms;
   for (const auto& p : params)
     if (p.grad().defined()) norms.push_back(p.grad().to(at::kDouble).norm());
   if (norms.empty()) return 0.0;
-  return at::stack(norms).pow(2).sum().sqrt().item<double>();
+  return at::stack(norms).pow(2).sum().item<double>();
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
-  const double norm = grad_global_norm(params);
+double grad_global_norm(const std::vector<at::Tensor>& params) { return std::sqrt(grad_sq_norm(params)); }
+
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, double extra_sq_norm) {
+  const double norm = std::sqrt(grad_sq_norm(params) + extra_sq_norm);
   if (!std::isfinite(norm)) return norm;
   const double coef = clip_coefficient(norm, max_norm);
   if (coef < 1.0) {
@@ -72,8 +74,8 @@ class ReplicatedAdamW final : public Optimizer {
     if (!m_.empty()) step_t_ = at::zeros({}, m_[0].options().dtype(at::kFloat));
   }
 
-  double step(double lr, double max_grad_norm) override {
-    const double norm = clip_grad_norm(all_params(groups_), max_grad_norm);
+  double step(double lr, double max_grad_norm, double extra_sq_norm = 0) override {
+    const double norm = clip_grad_norm(all_params(groups_), max_grad_norm, extra_sq_norm);
     if (!std::isfinite(norm)) return norm;
     at::NoGradGuard ng;
     ++steps_;

@@ -44,7 +44,10 @@ class Optimizer {
   // lr x each group's lr_scale. Returns the global gradient norm before clipping; when it is
   // not finite nothing is changed (the caller skips the update). Parameters without a gradient
   // are left alone, their moments too. Collective for the sharded optimizer.
-  virtual double step(double lr, double max_grad_norm) = 0;
+  // extra_sq_norm: the squared norm of gradients this optimizer does not hold (the text-encoder
+  // LoRA on the encoder process, train/encoder_process.h), the same on every rank; the norm that
+  // clips and that is returned is sqrt(own + extra), so that every group gets one coefficient.
+  virtual double step(double lr, double max_grad_norm, double extra_sq_norm = 0) = 0;
   virtual int64_t steps() const = 0;
   // "exp_avg.<i>", "exp_avg_sq.<i>" for parameter i over all groups in order. The same format
   // for both implementations, so that a run can resume with or without --shard_optimizer.
@@ -81,7 +84,10 @@ double clip_coefficient(double norm, double max_norm);
 double grad_global_norm(const std::vector<at::Tensor>& params);
 // Scales gradients so that their global norm is at most max_norm; returns the norm before.
 // A non-finite norm leaves the gradients untouched (the caller skips the update).
-double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+// extra_sq_norm: squared norm of gradients held elsewhere, counted in the norm.
+double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, double extra_sq_norm = 0);
+// Sum of squares of the gradients (float64 accumulation), for extra_sq_norm.
+double grad_sq_norm(const std::vector<at::Tensor>& params);
 
 // The parameters of all groups, in order.
 std::vector<at::Tensor> all_params(const std::vector<ParamGroup>& groups);

@@ -52,6 +52,8 @@ void check_run_limits(const RunConfig& c) {
   check_range(flag("validation_samples"), c.validation.validation_samples, 1, kMaxValidationSamples);
   check_range(flag("test_h"), c.validation.test_h, 16, kMaxImageSize);
   check_range(flag("test_w"), c.validation.test_w, 16, kMaxImageSize);
+  check_range(flag("num_validation_images"), c.validation.num_validation_images, 1, kMaxValidationImages);
+  check_range(flag("validation_inference_steps"), c.validation.validation_inference_steps, 0, kMaxInferenceSteps);
   for (int64_t r : c.lora.ranks)
     check_range(flag("ranks") + " values", r, 1, kMaxLoraRank, " (a LoRA rank above the layer width saves nothing)");
   check_range(flag("lora_num"), static_cast<int64_t>(c.lora.lora_num), 1, kMaxLoraNum);

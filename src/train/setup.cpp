@@ -1,5 +1,7 @@
 #include "train/setup.h"
 
+#include <ATen/DeviceAccelerator.h>
+
 #include <ATen/ATen.h>
 
 #include "core/error.h"
@@ -81,6 +83,9 @@ std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const W
                                               plan.sharded ? runtime.weights_comm.get() : nullptr,
                                               plan.non_weight_bytes, &lp);
     if (description) *description = lp.describe();
+    // Quantising and packing passed every block through the device once; give the caching
+    // allocator's leftovers back so that the driver's view of the run starts at what it holds.
+    if (!runtime.device.is_cpu()) at::accelerator::emptyCache();
     return w;
   }
   if (plan.sharded) {

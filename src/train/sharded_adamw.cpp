@@ -42,7 +42,7 @@ class ShardedAdamW final : public Optimizer {
     step_t_ = at::zeros({}, exp_avg_.options().dtype(at::kFloat));
   }
 
-  double step(double lr, double max_grad_norm) override {
+  double step(double lr, double max_grad_norm, double extra_sq_norm = 0) override {
     at::NoGradGuard no_grad;
     const size_t P = params_.size();
     // Which parameters have a gradient on some rank: the others are left alone (no decay, no
@@ -61,7 +61,7 @@ class ShardedAdamW final : public Optimizer {
 
     at::Tensor sq = g.to(at::kDouble).pow(2).sum().reshape({1});
     comm_.all_reduce(sq, dist::ReduceOp::Sum);
-    const double norm = std::sqrt(sq.item<double>());
+    const double norm = std::sqrt(sq.item<double>() + extra_sq_norm);
     if (!std::isfinite(norm)) return norm;  // the same on every rank: all skip this update
     const double coef = clip_coefficient(norm, max_grad_norm);
     if (coef < 1.0) g.mul_(coef);

@@ -96,7 +96,18 @@ void declare_options(OptionSet& s, ValidationConfig& c) {
       .add("validation_samples", &c.validation_samples, "samples in the validation loss (fixed noise and timesteps)",
            rules::positive())
       .add("test_h", &c.test_h, "validation image height (multiple of 16)", rules::multiple_of_16())
-      .add("test_w", &c.test_w, "validation image width (multiple of 16)", rules::multiple_of_16());
+      .add("test_w", &c.test_w, "validation image width (multiple of 16)", rules::multiple_of_16())
+      .add("validation_prompt", &c.validation_prompt, "prompt of the validation images (empty = no images)")
+      .add("num_validation_images", &c.num_validation_images, "validation images per validation (fixed seeds)",
+           rules::positive())
+      .add("subject_test_images", &c.subject_test_images, "subject condition images of the validation images, one "
+           "per subject condition (None = none)")
+      .add("spatial_test_images", &c.spatial_test_images, "spatial condition images of the validation images, one "
+           "per spatial condition (None = none)")
+      .add("validation_inference_steps", &c.validation_inference_steps,
+           "sampling steps of the validation images (0 = 28, schnell 4)", rules::non_negative())
+      .add("validation_guidance_scale", &c.validation_guidance_scale, "guidance of the validation images (dev models)",
+           rules::non_negative());
 }
 
 void declare_options(OptionSet& s, DebugConfig& c) {

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace fluxtrain {
 
@@ -42,7 +43,14 @@ struct CheckpointConfig {
 struct ValidationConfig {
   int64_t validation_steps = 20;          // 0 = off; validation loss on fixed draws
   int64_t validation_samples = 4;
-  int64_t test_h = 1024, test_w = 1024;   // validation image size (sampler issue)
+  int64_t test_h = 1024, test_w = 1024;   // validation image size
+  // Validation images (src/train/validation.h), EasyControl's train.py flags: drawn every
+  // validation_steps when a prompt is given, with fixed seeds so that steps compare.
+  std::string validation_prompt;           // empty = no images
+  int64_t num_validation_images = 4;
+  std::vector<std::string> subject_test_images, spatial_test_images;  // "None" = none (as train.py)
+  int64_t validation_inference_steps = 0;  // 0 = 28 for dev-style models, 4 for schnell
+  double validation_guidance_scale = 3.5;
 };
 
 

@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -26,6 +27,7 @@
 #include "model/position_ids.h"
 #include "train/flow_matching.h"
 #include "train/memory_estimate.h"
+#include "train/encoder_process_optimizer.h"
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
 #include "core/progress.h"
@@ -86,10 +88,10 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     rethrow_with_context("--pretrained_model_name_or_path");
   }
   model_cfg_ = source.config;
-  // With a text-encoder mode the captions are encoded in the run: datasets without cached
-  // embeddings are fine then.
+  // The run encodes what the dataset lacks (captions, images: train/encoder_process.h), so
+  // datasets without cached embeddings or latents are fine; a missing encoder fails at its load.
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
-                             cfg_.data.noise_size, cfg_.data.cond_size, cfg_.text_encoder.needs_encoders());
+                             cfg_.data.noise_size, cfg_.data.cond_size, /*text_online=*/true, /*vae_online=*/true);
   plan.low_memory = cfg_.low_memory;
   WeightSource ws = weight_source(source);
   if (!cfg_.low_memory.max_gpu_memory.empty()) {
@@ -112,28 +114,6 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     ws.block_shapes = [mc](int i) { return flux_block_shapes(mc, i); };
   }
   weights_ = make_block_weights(rt_, ws, plan, &weights_description_);
-  if (cfg_.text_encoder.needs_encoders()) {
-    // Captions through CLIP (and T5) with their LoRA; neither mode loads no encoder at all.
-    const std::string& td = cfg_.text_encoder.text_encoder_device;
-    const c10::Device te_device = td.empty() ? rt_.device : c10::Device(td);
-    auto load = [&]() -> TextEncoders {
-      try {
-        return TextEncoders::load(TextEncoderSetup::for_training(
-            cfg_.model.pretrained_model_name_or_path, cfg_.text_encoder, rt_.dtype, te_device,
-            derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 1, 0), cfg_.model.gradient_checkpointing));
-      } catch (...) {
-        rethrow_with_context(cfg_.text_encoder.train_text_encoder ? "--train_text_encoder"
-                                                                   : "--train_text_encoder_one_only");
-      }
-    };
-    auto tc = std::make_unique<TextEncoderConditioning>(load(),
-                                                        cfg_.text_encoder.text_encoder_lr / cfg_.train.learning_rate);
-    text_encoders_ = tc.get();
-    conditioner_ = std::move(tc);
-  } else {
-    conditioner_ = std::make_unique<CachedTextConditioning>();
-  }
-
   if (cfg_.lora.mode == LoraMode::Standard)
     for (int b : cfg_.lora.blocks)
       if (b >= model_cfg_.num_blocks())
@@ -142,6 +122,9 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
 
   // Float32 masters (float64 when the whole computation is float64, for exactness tests).
   const at::ScalarType master = rt_.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  // Text encoders and the autoencoder where the dataset lacks embeddings or latents, or a
+  // text-encoder LoRA trains; neither: no encoder is loaded.
+  online_ = make_online_encoding(cfg_, rt_, dataset_->info(), master);
   lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
   lora_.to(at::TensorOptions().device(rt_.device).dtype(master));
 
@@ -168,7 +151,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   ac.eps = cfg_.train.adam_epsilon;
   ac.weight_decay = cfg_.train.adam_weight_decay;
   std::vector<ParamGroup> groups{{"transformer", lora_.parameters(), 1.0}};
-  for (auto& g : conditioner_->param_groups()) groups.push_back(g);
+  for (auto& g : online_.conditioner->param_groups()) groups.push_back(g);
   all_params_ = all_params(groups);
   if (cfg_.dist.shard_optimizer) {
     optimizer_ = make_sharded_adamw(*rt_.grad_comm, groups, ac);
@@ -176,6 +159,14 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     optimizer_ = make_adamw(groups, ac);
     if (rt_.grad_comm && opt.world_size > 1)
       grad_sync_ = std::make_unique<dist::GradSync>(*rt_.grad_comm, all_params_);
+  }
+  if (online_.encoder_process) {
+    // The text-encoder LoRA on --encoder_process: its own AdamW there, outside GradSync, one
+    // clipping norm with the transformer's (train/encoder_process_optimizer.h).
+    for (const auto& p : all_params(online_.encoder_process_groups)) all_params_.push_back(p);
+    optimizer_ = make_encoder_process_optimizer(*rt_.ctl_comm, static_cast<int>(cfg_.dist.encoder_rank),
+                                                std::move(optimizer_), lora_.parameters().size(),
+                                                online_.encoder_process_groups, ac);
   }
 
   // Resume (still before anything is written).
@@ -200,12 +191,12 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     }
     check_checkpoint_matches(ck, path, model_cfg_, lora_);
     check_resume_step(path, ck.state.step, max_steps_);  // resuming at/past the end: an error
-    if (text_encoders_ || !te_state.empty()) {
-      if (!text_encoders_)
-        throw Error(path + ": checkpoint has text-encoder LoRA weights; resume with the same --train_text_encoder mode");
+    if (!online_.trains_text_encoder && !te_state.empty())
+      throw Error(path + ": checkpoint has text-encoder LoRA weights; resume with the same --train_text_encoder mode");
+    if (online_.trains_text_encoder && online_.text_encoders) {  // under mpirun: the encoder process
       TensorMap tw;
       for (const auto& kv : te_state) tw.emplace(kv.first, kv.second.to(master));
-      text_encoders_->encoders().load_lora_state(tw, path);
+      online_.text_encoders->load_lora_state(tw, path);
     }
     // The data stream counts global micro-batches: it continues on M ranks only with the global
     // batch of the run that wrote it. Older checkpoints (no attribute) were written by one rank.
@@ -243,10 +234,12 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
 
 Trainer::~Trainer() = default;
 
-Batch Trainer::next_batch() {
+Batch Trainer::next_batch(double* waited_s) {
   if (!prefetch_)
     prefetch_ = std::make_unique<Prefetcher>(*dataset_, *order_, state_.micro_batch, cfg_.data.prefetch_batches);
+  const auto t0 = std::chrono::steady_clock::now();
   Batch b = prefetch_->next();
+  if (waited_s) *waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (b.micro_batch != state_.micro_batch)
     throw Error("data stream out of order: expected micro-batch " + std::to_string(state_.micro_batch),
                 ErrorKind::Internal);
@@ -282,7 +275,7 @@ at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint
   FluxInputs in;
   in.img = pack_latents(xt).to(opts);
   in.img_ids = noise_position_ids(h / 2, w / 2).to(device);
-  TextConditioning text = conditioner_->text(group, device, dtype, !validation);
+  TextConditioning text = online_.conditioner->text(group, device, dtype, !validation);
   in.txt = text.prompt_embeds;
   in.txt_ids = text_position_ids(in.txt.size(1)).to(device);
   in.y = text.pooled;
@@ -302,11 +295,25 @@ at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint
   return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
 }
 
+void Trainer::begin_online(std::vector<Sample>& samples, bool training) {
+  if (online_.latents) online_.latents->fill(samples);
+  std::vector<const Sample*> ptrs;
+  for (const Sample& s : samples) ptrs.push_back(&s);
+  online_.conditioner->begin_batch(ptrs, training);
+}
+
+void Trainer::end_online() {
+  // This rank's loss enters the update as 1/ranks of it (GradSync averages the transformer's).
+  online_.conditioner->end_batch(rt_.ctl_comm ? 1.0 / opt_.world_size : 1.0);
+}
+
 double Trainer::accumulate(const Batch& batch, double grad_scale) {
+  std::vector<Sample> samples = batch.samples;  // latents are filled in here for image datasets
+  begin_online(samples, true);
   // Group equally shaped samples (first-appearance order) so that each group is one forward.
   std::map<std::string, size_t> slot;
   std::vector<std::vector<const Sample*>> groups;
-  for (const auto& s : batch.samples) {
+  for (const auto& s : samples) {
     auto key = shape_key(s);
     auto it = slot.find(key);
     if (it == slot.end()) {
@@ -317,22 +324,29 @@ double Trainer::accumulate(const Batch& batch, double grad_scale) {
       groups[it->second].push_back(&s);
     }
   }
-  const double n = static_cast<double>(batch.samples.size());
+  const double n = static_cast<double>(samples.size());
+  // Under mpirun, forward and backward hold collectives (sharded blocks, the encoder process):
+  // every rank runs every group even after a non-finite loss (the update is skipped on all ranks).
+  const bool lockstep = rt_.ctl_comm != nullptr;
   double total = 0;
   for (const auto& g : groups) {
     at::Tensor sum = group_loss_sum(g, static_cast<uint64_t>(batch.epoch), false);
     const double v = sum.item<double>();
     total += v;
-    if (!std::isfinite(v)) return std::numeric_limits<double>::quiet_NaN();  // no backward of garbage
+    if (!std::isfinite(v) && !lockstep) break;  // alone: no backward of garbage
     (sum * (grad_scale / n)).backward();
   }
-  return total / n;
+  end_online();
+  return std::isfinite(total) ? total / n : std::numeric_limits<double>::quiet_NaN();
 }
 
 StepResult Trainer::train_step() {
   std::vector<Batch> mbs;
-  for (int64_t a = 0; a < cfg_.train.gradient_accumulation_steps; ++a) mbs.push_back(next_batch());
-  return train_step_on(mbs);
+  double waited = 0;
+  for (int64_t a = 0; a < cfg_.train.gradient_accumulation_steps; ++a) mbs.push_back(next_batch(&waited));
+  StepResult r = train_step_on(mbs);
+  r.data_wait_ms = waited * 1e3;
+  return r;
 }
 
 StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
@@ -349,20 +363,24 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
     // Gradients stay local until the last micro-batch of the window; its backward averages them
     // over the ranks (bucket by bucket, overlapping the rest of backward).
     if (grad_sync_) grad_sync_->set_enabled(i + 1 == micro_batches.size());
-    const double l = accumulate(micro_batches[i], 1.0 / accum);
+    double l = accumulate(micro_batches[i], 1.0 / accum);
+    // Test hook: this rank's first update at step K counts as non-finite (the others' do not),
+    // from its first micro-batch on, so that the rest of the window is skipped as for real data.
+    if (i == 0 && cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank &&
+        state_.nonfinite_total == 0)
+      l = std::numeric_limits<double>::quiet_NaN();
     loss_sum += l;
     if (!std::isfinite(l)) {
-      bad = true;  // the rest of the update's data is consumed but not computed
-      break;
+      bad = true;
+      // Alone, the rest of the update's data is consumed but not computed. Under mpirun the
+      // rank keeps computing: the other ranks' forwards and backwards need its collectives.
+      if (!rt_.ctl_comm) break;
     }
   }
-  // Test hook: this rank's first update at step K counts as non-finite (the others' do not).
-  if (cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank && state_.nonfinite_total == 0)
-    bad = true;
   r.loss = bad ? std::numeric_limits<double>::quiet_NaN() : loss_sum / accum;
   if (grad_sync_) {
-    // Every rank finishes the averaging, also one that stopped early on a non-finite loss, so
-    // that all ranks issue the same collectives (its gradients are discarded below anyway).
+    // Every rank finishes the averaging, also one with a non-finite loss, so that all ranks
+    // issue the same collectives (its gradients are discarded below anyway).
     grad_sync_->set_enabled(true);
     grad_sync_->finish();
   }
@@ -410,8 +428,10 @@ double Trainer::validation_loss() {
   for (int64_t k = 0; k < rounds; ++k) {
     const int64_t i = k * world + rank;
     const bool counted = i < n;
-    const Sample s = dataset_->read(counted ? i : rank % n);
-    const double l = group_loss_sum({&s}, 0, true).item<double>();
+    std::vector<Sample> one{dataset_->read(counted ? i : rank % n)};
+    begin_online(one, false);
+    const double l = group_loss_sum({&one[0]}, 0, true).item<double>();
+    end_online();
     if (counted) {
       local[0] += l;
       local[1] += 1;
@@ -430,8 +450,12 @@ Checkpoint Trainer::make_checkpoint() const {
   Checkpoint ck;
   ck.state = state_;
   for (const auto& kv : lora_.state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
-  if (text_encoders_)
-    for (const auto& kv : text_encoders_->encoders().lora_state()) ck.lora.emplace(kv.first, kv.second.detach().cpu());
+  if (online_.trains_text_encoder) {
+    // Under mpirun the text-encoder LoRA lives on --encoder_process: sent to rank 0, which saves.
+    TensorMap te = online_.text_encoders ? online_.text_encoders->lora_state() : TensorMap{};
+    if (online_.encoder_process) te = send_to_root(*rt_.ctl_comm, static_cast<int>(cfg_.dist.encoder_rank), te);
+    for (const auto& kv : te) ck.lora.emplace(kv.first, kv.second.detach().cpu());
+  }
   for (const auto& kv : optimizer_->state())
     ck.optimizer.emplace(kv.first, kv.second.detach().cpu());
   ck.model = model_cfg_;
@@ -472,9 +496,11 @@ std::string Trainer::run() {
          << global_batch() << ")" << (weights_->transient() ? ", sharded weights" : "")
          << (cfg_.dist.shard_optimizer ? ", sharded optimizer" : "");
     if (!weights_description_.empty()) ss << ", " << weights_description_;
+    if (!online_.description.empty()) ss << ", " << online_.description;
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }
+  if (!online_.description.empty()) progress.message(encoder_weights_per_rank(online_, rt_.ctl_comm.get()));
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
   if (root && cfg_.checkpoint.report_to == "tensorboard" && !tensorboard_available())
@@ -534,6 +560,7 @@ std::string Trainer::run() {
                         {"lr", r.lr},
                         {"grad_norm", r.grad_norm},
                         {"s_per_step", dt},
+                        {"data_wait_ms", r.data_wait_ms},
                         {"skipped", r.skipped},
                         {"nonfinite_total", state_.nonfinite_total}};
     if (r.skipped) {
@@ -555,17 +582,25 @@ std::string Trainer::run() {
   if (last_saved != state_.step) save();
   progress.finish();
   const std::string lora_path = path_join(out, "lora.safetensors");
+  if (online_.trains_text_encoder && online_.text_encoders) {
+    // Written by the process that holds the encoders: rank 0 alone, --encoder_process under
+    // mpirun. diffusers' FluxPipeline.load_lora_weights reads it for the text encoder.
+    const std::string te_path = path_join(out, "text_encoder_lora.safetensors");
+    online_.text_encoders->save_lora_diffusers(te_path);
+    if (root) progress.message("fluxtrain train: wrote " + te_path);
+  }
+  // The text encoders' LoRA in kohya names, for lora_kohya.safetensors. Under mpirun it lives on
+  // --encoder_process and is sent to rank 0 (every rank takes part, as in make_checkpoint).
+  TensorMap te_kohya;
+  const auto& formats = cfg_.lora.formats;
+  if (online_.trains_text_encoder && std::find(formats.begin(), formats.end(), "kohya") != formats.end()) {
+    if (online_.text_encoders) te_kohya = online_.text_encoders->lora_state_kohya();
+    if (online_.encoder_process) te_kohya = send_to_root(*rt_.ctl_comm, static_cast<int>(cfg_.dist.encoder_rank), te_kohya);
+  }
   if (root) {
     // lora.safetensors (native format) plus one file per other --lora_format; atomic writes.
-    const TensorMap te_kohya = text_encoders_ ? text_encoders_->encoders().lora_state_kohya() : TensorMap{};
-    for (const auto& p : save_lora_files(out, lora_, cfg_.lora.formats, te_kohya))
+    for (const auto& p : save_lora_files(out, lora_, formats, te_kohya))
       if (p != lora_path) progress.message("fluxtrain train: wrote " + p);
-    if (text_encoders_) {
-      // diffusers' FluxPipeline.load_lora_weights reads this one for the text encoder.
-      const std::string te_path = path_join(out, "text_encoder_lora.safetensors");
-      text_encoders_->encoders().save_lora_diffusers(te_path);
-      progress.message("fluxtrain train: wrote " + te_path);
-    }
     if (cfg_.debug.save_masters) {
       // The LoRA file is float32; exactness tests compare the float64 masters themselves.
       TensorMap m;

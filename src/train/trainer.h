@@ -27,6 +27,7 @@
 #include "model/lora.h"
 #include "train/checkpoint.h"
 #include "train/conditioning.h"
+#include "train/encoder_process.h"
 #include "train/lr_schedule.h"
 #include "train/optimizer.h"
 #include "train/run_config.h"
@@ -38,7 +39,7 @@ namespace fluxtrain {
 namespace dist {
 class GradSync;
 }  // namespace dist
-class TextEncoderConditioning;
+class TextEncoders;
 
 struct TrainerOptions {
   // Overrides --mixed_precision (tests use float64). Undefined = from the config.
@@ -58,6 +59,7 @@ struct StepResult {
   double grad_norm = 0;  // before clipping
   double lr = 0;
   bool skipped = false;
+  double data_wait_ms = 0;  // time train_step() waited for its micro-batches from the prefetch
 };
 
 class Trainer {
@@ -101,6 +103,9 @@ class Trainer {
   const std::string& resumed_from() const { return resumed_from_; }
   const Dataset& dataset() const { return *dataset_; }
   at::ScalarType compute_dtype() const { return rt_.dtype; }
+  // The text encoders on this rank (null when the run encodes no captions, or on a rank other
+  // than --encoder_process under mpirun).
+  TextEncoders* text_encoders() { return online_.text_encoders; }
 
  private:
   RunConfig cfg_;
@@ -112,8 +117,8 @@ class Trainer {
   FluxConfig model_cfg_;
   std::unique_ptr<BlockWeights> weights_;  // chosen by make_block_weights
   std::string weights_description_;        // the low-memory plan, for the log
-  std::unique_ptr<Conditioner> conditioner_;
-  TextEncoderConditioning* text_encoders_ = nullptr;  // conditioner_, when it runs the encoders
+  // Text conditioning and online latents: cached, encoded here, or on --encoder_process.
+  OnlineEncoding online_;
   LoraSet lora_;
   std::unique_ptr<Optimizer> optimizer_;   // replicated or sharded (--shard_optimizer)
   std::vector<at::Tensor> all_params_;     // every trained tensor, over all parameter groups
@@ -127,7 +132,12 @@ class Trainer {
   std::string resumed_from_;
   std::unique_ptr<TensorBoardWriter> tensorboard_;  // root rank, --report_to tensorboard, in run()
 
-  Batch next_batch();
+  Batch next_batch(double* waited_s = nullptr);
+  // Encodes what the dataset lacks (latents, text states) for one micro-batch, and afterwards
+  // returns the text states' gradients. Collective under mpirun: every rank calls both once per
+  // micro-batch, in order (accumulate computes every micro-batch there, even a non-finite one).
+  void begin_online(std::vector<Sample>& samples, bool training);
+  void end_online();
   // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
   at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
 };

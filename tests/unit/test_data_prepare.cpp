@@ -25,6 +25,10 @@
 #include "data/image_io.h"
 #include "data/online_vae.h"
 #include "data/prepare.h"
+#include "cli/prepare_text_encoders.h"
+#include "encoders/text_encoders.h"
+#include "encoders/tiny_text_encoders.h"
+#include "train/online_latents.h"
 #include "encoders/autoencoder_weights.h"
 #include "model/flux_weights.h"
 #include "support/test_util.h"
@@ -226,6 +230,7 @@ TEST(Augment, DrawsDependOnSeedEpochAndSampleOnly) {
 // the number of ranks: a pixel dataset (subject augmentation applied when read) and a cached
 // dataset with variants, read through prefetchers of different layouts.
 TEST(Augment, ReadIsIndependentOfBatchLayoutAndRankCount) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   write_lines(fx.jsonl, {R"({"s": "img/c1.png", "caption": "a", "target": "img/t1.png"})",
                          R"({"s": "img/c2.png", "caption": "b", "target": "img/t3.png"})",
@@ -288,6 +293,7 @@ TEST(Augment, ReadIsIndependentOfBatchLayoutAndRankCount) {
 
 // ---------------------------------------------------------------------------------------------
 TEST(Prepare, SkipReportsEachBadLineAndWritesTheRest) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   const PrepareSummary s = prepare_dataset(fx.options("skip"));
   std::map<int64_t, std::string> bad;
@@ -332,6 +338,7 @@ TEST(Prepare, SkipReportsEachBadLineAndWritesTheRest) {
 }
 
 TEST(Prepare, FailWritesNothingAndKeepsTheOldDataset) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   prepare_dataset(fx.options("skip"));
   const std::string before = read_bytes(fx.out);
@@ -360,6 +367,7 @@ TEST(Prepare, FailWritesNothingAndKeepsTheOldDataset) {
 }
 
 TEST(Prepare, RerunIsNoOpAndAChangeReencodesOnlyWhatChanged) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   PrepareOptions o = fx.options();
   const TextEncoderHook text = stand_in_text();
@@ -400,6 +408,7 @@ TEST(Prepare, RerunIsNoOpAndAChangeReencodesOnlyWhatChanged) {
 // kill -9 in the middle: the output path never holds a partial dataset (the old one stays);
 // SIGTERM: the temp file is removed too and the exit code says so.
 TEST(Prepare, InterruptedRunLeavesNoPartialDataset) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   std::vector<std::string> lines;
   for (int i = 0; i < 60; ++i) {
@@ -442,6 +451,7 @@ TEST(Prepare, InterruptedRunLeavesNoPartialDataset) {
 
 // images -> prepare (cached latents, stand-in text embeddings) -> fluxtrain train -> LoRA.
 TEST(Prepare, EndToEndImagesToTrainedLora) {
+  if (!image_files_supported()) GTEST_SKIP() << "built without libvips";
   Fixture fx;
   save_bfl(path_join(fx.model, "flux1-dev.safetensors"), FluxConfig::preset("tiny"),
            init_random_weights(FluxConfig::preset("tiny"), 0, at::kFloat));
@@ -456,6 +466,71 @@ TEST(Prepare, EndToEndImagesToTrainedLora) {
                           " --noise_size 64 --max_train_steps 3 --validation_steps 0 --seed 1";
   ASSERT_EQ(run_command(cmd, &log), 0) << log;
   EXPECT_TRUE(path_exists(fx.tmp.path("run/lora.safetensors"))) << log;
+}
+
+// The trainer's online latents (train/online_latents.h) of a dataset that stores images equal the
+// latents `prepare --cache_latents` caches for the same pictures, up to float32 rounding (the
+// autoencoder batches differently: several images at once online, one at a time in prepare).
+TEST(Prepare, PixelDatasetEncodedOnlineEqualsCachedLatents) {
+  Fixture fx;
+  PrepareOptions o = fx.options();
+  prepare_dataset(o);
+  o.cache_latents = false;
+  o.output = fx.tmp.path("pixels.h5");
+  prepare_dataset(o);
+  const Dataset cached(fx.out), pixels(o.output);
+  ASSERT_EQ(pixels.info().storage, "pixels");
+  ASSERT_EQ(cached.size(), pixels.size());
+  LoadedAutoencoder la = load_autoencoder(fx.model, "auto", at::kFloat);
+  OnlineLatents online{Autoencoder(la.config, std::move(la.weights))};
+  std::vector<Sample> batch;
+  for (int64_t i = 0; i < pixels.size(); ++i) batch.push_back(pixels.read(i));
+  online.fill(batch);
+  double worst = 0;
+  for (int64_t i = 0; i < cached.size(); ++i) {
+    const Sample c = cached.read(i);
+    const Sample& p = batch[static_cast<size_t>(i)];
+    ASSERT_TRUE(p.target.defined());
+    ASSERT_EQ(p.target.sizes(), c.target.sizes());
+    worst = std::max(worst, rel_err(p.target, c.target));
+    ASSERT_EQ(p.conds.size(), c.conds.size());
+    for (size_t k = 0; k < c.conds.size(); ++k) worst = std::max(worst, rel_err(p.conds[k], c.conds[k]));
+  }
+  std::cout << "online vs cached latents: max relative difference " << worst << "\n";
+  EXPECT_LT(worst, 1e-5);
+}
+
+// prepare --cache_text_embeddings with the snapshot's encoders (cli/prepare_text_encoders.h):
+// every caption's T5 states and CLIP pooled vector, and the dropped caption's, as the encoders
+// give them (float32 storage: exact).
+TEST(Prepare, CachedTextEmbeddingsAreTheEncodersOutputs) {
+  Fixture fx;
+  const FluxConfig tiny = FluxConfig::preset("tiny");
+  write_tiny_text_encoders(fx.model, tiny.vec_in_dim, tiny.context_in_dim, 3, at::kFloat);
+  PrepareTextEncoders te = load_prepare_text_encoders(fx.model, 8, at::kFloat, at::kCPU);
+  PrepareOptions o = fx.options();
+  o.text = &te.hook;
+  o.embed_dtype = at::kFloat;
+  o.caption_dropout = 0.5;
+  prepare_dataset(o);
+  const Dataset ds(fx.out);
+  ASSERT_TRUE(ds.info().has_text_embeddings);
+  ASSERT_TRUE(ds.info().has_dropout_embeddings);
+  EXPECT_EQ(ds.info().text_len, 8);
+  EXPECT_EQ(ds.info().text_dim, tiny.context_in_dim);
+  EXPECT_EQ(ds.info().pooled_dim, tiny.vec_in_dim);
+  at::NoGradGuard ng;
+  bool dropped = false;
+  for (int64_t i = 0; i < ds.size(); ++i) {
+    for (uint64_t epoch = 0; epoch < 4; ++epoch) {
+      const Sample s = ds.read(i, 7, epoch);
+      const TextEncoding e = te.encoders->encode({s.caption});
+      EXPECT_TRUE(at::equal(s.t5, e.prompt_embeds[0])) << i;
+      EXPECT_TRUE(at::equal(s.pooled, e.pooled_prompt_embeds[0])) << i;
+      dropped = dropped || s.caption_dropped;
+    }
+  }
+  EXPECT_TRUE(dropped);  // the dropped caption's embeddings were checked too
 }
 
 }  // namespace
