@@ -73,7 +73,7 @@ int cmd_forward(int argc, char** argv) {
   s.group("Forward")
       .add("inputs", &inputs, "inputs .safetensors (docs/forward.md; required)")
       .add("output", &output, "output .safetensors (tensor 'output'; required)")
-      .add("lora", &lora_path, "LoRA weights .safetensors (EasyControl or fluxtrain format)")
+      .add("lora", &lora_path, "LoRA weights .safetensors: easycontrol, diffusers or kohya format (from the keys)")
       .add("network_alphas", &alphas, "alphas for a LoRA file without metadata")
       .add("dtype", &dtype_s, "compute dtype: f32, f64, bf16");
   if (!s.parse(argc, argv, std::cout)) return 0;

@@ -14,5 +14,6 @@ int cmd_vae(int argc, char** argv);
 int cmd_prepare(int argc, char** argv);
 int cmd_image(int argc, char** argv);
 int cmd_encode(int argc, char** argv);
+int cmd_convert_lora(int argc, char** argv);
 int cmd_sample(int argc, char** argv);
 }  // namespace fluxtrain

@@ -29,6 +29,7 @@ const Command kCommands[] = {
     {"vae", fluxtrain::cmd_vae, "FLUX autoencoder: encode/decode a .safetensors file, or --bench"},
     {"image", fluxtrain::cmd_image, "decode an image file as prepare does (pixels to .safetensors / PNG)"},
     {"encode", fluxtrain::cmd_encode, "tokenise and encode prompts with CLIP and T5 (docs/encoders.md)"},
+    {"convert-lora", fluxtrain::cmd_convert_lora, "rewrite a LoRA file as kohya (ComfyUI), diffusers or easycontrol"},
     {"sample", fluxtrain::cmd_sample, "images from prompts with an optional LoRA and conditions (docs/sampling.md)"},
 };
 

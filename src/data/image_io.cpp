@@ -156,27 +156,33 @@ at::Tensor load_image_file(const std::string& path) {
   return t;
 }
 
-void save_png(const std::string& path, const at::Tensor& hwc_u8) {
+std::string encode_png(const at::Tensor& hwc_u8) {
   init_vips();
   check_input(hwc_u8.dim() == 3 && hwc_u8.scalar_type() == at::kByte && (hwc_u8.size(2) == 3 || hwc_u8.size(2) == 1),
-              path + ": save_png needs a [H, W, 3 or 1] uint8 tensor");
+              "encode_png needs a [H, W, 3 or 1] uint8 tensor");
   const at::Tensor t = hwc_u8.contiguous().to(at::kCPU);
   Img img(vips_image_new_from_memory_copy(t.data_ptr(), static_cast<size_t>(t.numel()), static_cast<int>(t.size(1)),
                                           static_cast<int>(t.size(0)), static_cast<int>(t.size(2)),
                                           VIPS_FORMAT_UCHAR));
-  if (!img.p) throw Error(path + ": cannot make a PNG (" + vips_reason() + ")");
+  if (!img.p) throw Error("cannot make a PNG (" + vips_reason() + ")");
   void* buf = nullptr;
   size_t len = 0;
-  if (vips_pngsave_buffer(img.p, &buf, &len, nullptr)) throw Error(path + ": cannot encode PNG (" + vips_reason() + ")");
-  try {
-    AtomicFile f(path);
-    f.write(buf, len);
-    f.commit();
-  } catch (...) {
-    g_free(buf);
-    throw;
-  }
+  if (vips_pngsave_buffer(img.p, &buf, &len, nullptr)) throw Error("cannot encode PNG (" + vips_reason() + ")");
+  std::string out(static_cast<const char*>(buf), len);
   g_free(buf);
+  return out;
+}
+
+void save_png(const std::string& path, const at::Tensor& hwc_u8) {
+  std::string png;
+  try {
+    png = encode_png(hwc_u8);
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
+  AtomicFile f(path);
+  f.write(png.data(), png.size());
+  f.commit();
 }
 
 #else
@@ -192,6 +198,7 @@ namespace {
 ImageSize probe_image_file(const std::string& path) { no_vips(path); }
 at::Tensor load_image_file(const std::string& path) { no_vips(path); }
 void save_png(const std::string& path, const at::Tensor&) { no_vips(path); }
+std::string encode_png(const at::Tensor&) { no_vips("PNG encoding"); }
 #endif  // FLUXTRAIN_WITH_VIPS
 
 namespace {

@@ -32,6 +32,8 @@ at::Tensor load_image_rgb8(const std::string& path);
 
 // Writes [H, W, 3] (or [H, W, 1]) uint8 as PNG, atomically (temp file + rename).
 void save_png(const std::string& path, const at::Tensor& hwc_u8);
+// The same PNG file as bytes (for TensorBoard image summaries, core/tensorboard.h).
+std::string encode_png(const at::Tensor& hwc_u8);
 
 enum class ResizeFilter {
   Bilinear,  // Pillow's BILINEAR: triangle filter whose support widens when shrinking (antialiased)

@@ -63,6 +63,24 @@ TensorMap TextEncoderLora::state(const std::string& prefix) const {
   return m;
 }
 
+std::string kohya_text_module(const std::string& kohya_prefix, const std::string& module) {
+  std::string m = module;
+  for (char& c : m)
+    if (c == '.') c = '_';
+  return kohya_prefix + "_" + m;
+}
+
+TensorMap TextEncoderLora::kohya_state(const std::string& kohya_prefix) const {
+  TensorMap m;
+  for (const auto& a : adapters_) {
+    const std::string stem = kohya_text_module(kohya_prefix, a.target.module);
+    m[stem + ".lora_down.weight"] = a.A.detach().to(at::kCPU).contiguous();
+    m[stem + ".lora_up.weight"] = a.B.detach().to(at::kCPU).contiguous();
+    m[stem + ".alpha"] = at::scalar_tensor(alpha_, at::kFloat);
+  }
+  return m;
+}
+
 namespace {
 
 at::Tensor need_lora(const TensorMap& t, const std::string& name, const std::string& source) {

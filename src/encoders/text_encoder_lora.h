@@ -44,6 +44,10 @@ class TextEncoderLora {
   std::vector<at::Tensor> layer_parameters(int layer) const;  // the adapters of one layer
   // "<prefix><module>.lora_A.weight" / ".lora_B.weight".
   TensorMap state(const std::string& prefix) const;
+  // kohya/ComfyUI names: "<kohya_prefix>_<module, '.' -> '_'>.lora_down.weight" / ".lora_up.weight"
+  // / ".alpha" (float32 scalar); kohya_prefix "lora_te1" (CLIP) or "lora_te3" (T5), as sd-scripts'
+  // FLUX LoRA and ComfyUI name them.
+  TensorMap kohya_state(const std::string& kohya_prefix) const;
   // Strict: every adapter's A and B under prefix with the right shapes, no other key under it.
   // Values are copied into the masters (which keep their identity, so optimizer state stays valid).
   void load_state(const TensorMap& tensors, const std::string& prefix, const std::string& source);
@@ -58,6 +62,10 @@ class TextEncoderLora {
   int64_t rank_ = 0;
   double alpha_ = 0;
 };
+
+// kohya's module name of a text-encoder module path ("lora_te1", "text_model.encoder.layers.0.self_attn.q_proj"
+// -> "lora_te1_text_model_encoder_layers_0_self_attn_q_proj").
+std::string kohya_text_module(const std::string& kohya_prefix, const std::string& module);
 
 // x W^T (+ b) (+ scale * (x A^T) B^T when adapter is given).
 at::Tensor linear_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -141,6 +141,14 @@ void TextEncoders::load_lora_state(const TensorMap& state, const std::string& so
   if (!t5_lora_.empty()) t5_lora_.load_state(state, kT5Prefix, source);
 }
 
+TensorMap TextEncoders::lora_state_kohya() const {
+  TensorMap m;
+  if (!clip_lora_.empty()) m = clip_lora_.kohya_state("lora_te1");
+  if (!t5_lora_.empty())
+    for (auto& kv : t5_lora_.kohya_state("lora_te3")) m.emplace(kv.first, kv.second);
+  return m;
+}
+
 void TextEncoders::save_lora_diffusers(const std::string& path) const {
   check_input(!clip_lora_.empty() || !t5_lora_.empty(), "text encoders: no LoRA to save");
   nlohmann::json ours = nlohmann::json::object(), adapter = nlohmann::json::object();
@@ -167,8 +175,31 @@ TextEncoderLoraFile load_text_encoder_lora_file(const std::string& path, const C
   safetensors::File f(path);
   // Normalise every key to "text_encoder." / "text_encoder_2." + module + ".lora_{A,B}.weight".
   TensorMap clip_t, t5_t;
+  // kohya names lose the dots of the module path: look them up among the known targets.
+  std::map<std::string, std::pair<std::string, bool>> kohya;  // kohya module -> (module, is T5)
+  if (clip_cfg)
+    for (const auto& t : ClipTextModel::lora_targets(*clip_cfg)) kohya[kohya_text_module("lora_te1", t.module)] = {t.module, false};
+  if (t5_cfg)
+    for (const auto& t : T5Encoder::lora_targets(*t5_cfg)) kohya[kohya_text_module("lora_te3", t.module)] = {t.module, true};
+  std::map<bool, double> kohya_alpha;
   for (const auto& kv : f.entries()) {
     std::string k = kv.first;
+    if (k.rfind("lora_unet_", 0) == 0) continue;  // a kohya transformer LoRA in the same file
+    if (k.rfind("lora_te", 0) == 0) {
+      const size_t dot = k.find('.');
+      const std::string mod = k.substr(0, dot), what = dot == std::string::npos ? "" : k.substr(dot);
+      auto it = kohya.find(mod);
+      if (it == kohya.end())
+        throw Error(path + ": '" + k + "' is not a kohya text encoder module of the loaded " +
+                    (mod.rfind("lora_te3", 0) == 0 ? "T5" : "CLIP"));
+      const bool t5 = it->second.second;
+      const std::string stem = (t5 ? kT5Prefix : kClipPrefix) + it->second.first;
+      if (what == ".alpha") kohya_alpha[t5] = f.load(k).item<double>();
+      else if (what == ".lora_down.weight") (t5 ? t5_t : clip_t)[stem + ".lora_A.weight"] = f.load(k);
+      else if (what == ".lora_up.weight") (t5 ? t5_t : clip_t)[stem + ".lora_B.weight"] = f.load(k);
+      else throw Error(path + ": '" + k + "' is not a kohya LoRA tensor (.lora_down.weight, .lora_up.weight, .alpha)");
+      continue;
+    }
     for (const char* form : {".lora_A.default.weight", ".lora_B.default.weight"}) {
       const size_t at = k.find(form);
       if (at != std::string::npos) k = k.substr(0, at) + (form[6] == 'A' ? ".lora_A.weight" : ".lora_B.weight");
@@ -210,6 +241,8 @@ TextEncoderLoraFile load_text_encoder_lora_file(const std::string& path, const C
   } catch (const nlohmann::json::exception& e) {
     throw Error(path + ": bad LoRA metadata (" + std::string(e.what()) + ")");
   }
+  if (kohya_alpha.count(false)) clip_alpha = kohya_alpha[false];
+  if (kohya_alpha.count(true)) t5_alpha = kohya_alpha[true];
   TextEncoderLoraFile out;
   if (!clip_t.empty()) {
     check_input(clip_cfg != nullptr, path + ": has CLIP LoRA tensors but CLIP is not loaded");

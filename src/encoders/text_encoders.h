@@ -92,6 +92,9 @@ class TextEncoders {
   // lora_adapter_metadata). T5's adapters, which diffusers' FLUX loader does not take, are kept
   // in the same file under "text_encoder_2." (diffusers skips them; fluxtrain reads them back).
   void save_lora_diffusers(const std::string& path) const;
+  // The same adapters under kohya/ComfyUI names (lora_te1_* CLIP, lora_te3_* T5, with ".alpha"),
+  // for the kohya LoRA file beside the transformer's lora_unet_* modules.
+  TensorMap lora_state_kohya() const;
   // Frozen bytes resident for the encoders (for the per-rank memory report).
   int64_t resident_bytes() const;
 
@@ -106,7 +109,7 @@ class TextEncoders {
 };
 
 // Reads a text-encoder LoRA file: keys "text_encoder.*" / "text_encoder_2.*" (diffusers, fluxtrain),
-// or peft's "base_model.model.*" (the encoder told apart by its module names); "lora_A.default"
+// kohya's "lora_te1_*" (CLIP) / "lora_te3_*" (T5, alpha from their ".alpha"), or peft's "base_model.model.*" (the encoder told apart by its module names); "lora_A.default"
 // forms accepted. Alpha from the metadata (fluxtrain's or diffusers' lora_adapter_metadata), else
 // alpha_fallback (<= 0: alpha = rank). Either result may be empty when the file has none for it.
 struct TextEncoderLoraFile {

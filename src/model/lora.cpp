@@ -67,6 +67,16 @@ void LoraConfig::validate() const {
     if (!std::isfinite(a) || a <= 0) throw Error("--network_alphas values must be positive");
   for (int b : blocks)
     if (b < 0) throw Error("--lora_blocks values must be >= 0");
+  for (const auto& f : formats) {
+    const LoraFormat lf = parse_lora_format(f, "--lora_format");
+    // Said before training starts, not when the files are written at its end.
+    if (mode == LoraMode::EasyControl && lf != LoraFormat::EasyControl)
+      throw Error("--lora_format " + f + ": an EasyControl condition LoRA acts on condition tokens only and cannot be "
+                  "expressed in the " + f + " format (every-token LoRA); use --lora_format easycontrol");
+    if (mode == LoraMode::Standard && lf == LoraFormat::EasyControl)
+      throw Error("--lora_format easycontrol: the EasyControl format holds condition LoRAs only; a standard LoRA "
+                  "is written as diffusers or kohya");
+  }
   if (mode == LoraMode::EasyControl) {
     if (!targets.empty()) throw Error("--lora_targets only applies to --lora_mode standard");
     if (!blocks.empty()) throw Error("--lora_blocks only applies to --lora_mode standard");

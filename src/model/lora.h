@@ -41,10 +41,13 @@ struct LoraConfig {
   std::vector<std::string> targets;
   // standard mode: restrict to these global block indices (empty = all)
   std::vector<int> blocks;
+  // --lora_format: the file formats written at the end of training (model/lora_format.h names);
+  // empty = the mode's native one. Not part of a LoRA file's own description.
+  std::vector<std::string> formats;
   void validate() const;  // counts, ranges and mode-specific flags; throws naming the flag
 };
 
-// --lora_mode, --lora_num, --ranks, --network_alphas, --lora_targets, --lora_blocks
+// --lora_mode, --lora_num, --ranks, --network_alphas, --lora_targets, --lora_blocks, --lora_format
 // (model/lora_options.cpp).
 void declare_options(OptionSet& s, LoraConfig& c);
 

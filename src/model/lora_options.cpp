@@ -1,5 +1,5 @@
 // The LoRA options (--lora_mode, --lora_num, --ranks, --network_alphas, --lora_targets,
-// --lora_blocks), declared beside LoraConfig (model/lora.h). Cross-field checks: LoraConfig::validate.
+// --lora_blocks, --lora_format), declared beside LoraConfig (model/lora.h). Cross-field checks: LoraConfig::validate.
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -28,7 +28,10 @@ void declare_options(OptionSet& s, LoraConfig& c) {
       .add("lora_targets", &c.targets,
            "standard mode: diffusers linear names (to_q,to_k,to_v,to_out.0,add_q_proj,...,proj_mlp,proj_out)")
       .add("lora_blocks", &c.blocks, "standard mode: only these global block indices (default: all)",
-           rules::in_range(0, limits::kMaxBlockIndex));
+           rules::in_range(0, limits::kMaxBlockIndex))
+      .add("lora_format", &c.formats,
+           "LoRA files written at the end: easycontrol, diffusers, kohya (ComfyUI), a list (default: the mode's "
+           "own: easycontrol for --lora_mode easycontrol, diffusers for standard; docs/lora-formats.md)");
 }
 
 }  // namespace fluxtrain

@@ -14,7 +14,10 @@ namespace fluxtrain {
 namespace {
 
 // Files a run writes into its output folder (besides checkpoints).
-const char* const kRunFiles[] = {"metrics.jsonl", "config.json", "lora.safetensors", "lora_masters.safetensors"};
+const char* const kRunFiles[] = {"metrics.jsonl",           "config.json",
+                                 "lora.safetensors",        "lora_masters.safetensors",
+                                 "lora_kohya.safetensors",  "lora_diffusers.safetensors",
+                                 "text_encoder_lora.safetensors"};
 
 bool starts_new_run(const CheckpointConfig& c) { return c.resume_from_checkpoint.empty(); }
 
@@ -53,6 +56,10 @@ std::vector<std::string> prepare_output_dir(const CheckpointConfig& c) {
     for (const auto& ck : list_checkpoints(out)) names.push_back(ck.second.substr(ck.second.find_last_of('/') + 1));
     for (const char* f : kRunFiles)
       if (path_exists(path_join(out, f)) && !is_directory(path_join(out, f))) names.push_back(f);
+    // TensorBoard's folder (a plain relative --logging_dir): the new run's series start afresh.
+    const std::string& ld = c.logging_dir;
+    if (!ld.empty() && ld.find('/') == std::string::npos && ld != "." && ld != ".." && is_directory(path_join(out, ld)))
+      names.push_back(ld);
     if (!names.empty()) {
       const std::string dest = first_free_previous_dir(out);
       make_directories(dest);

@@ -81,6 +81,13 @@ void declare_options(OptionSet& s, CheckpointConfig& c) {
            "latest (newest complete checkpoint in output_dir, if any) or a checkpoint file")
       .add("overwrite_output_dir", &c.overwrite_output_dir,
            "start a new run in an output_dir that holds another run's outputs (they are moved to previous-run-N/)");
+  s.group("Logging", "checkpoint")
+      .add("report_to", &c.report_to, "tensorboard (event files in --logging_dir, beside metrics.jsonl) or none",
+           rules::one_of({"tensorboard", "none"}))
+      .add("logging_dir", &c.logging_dir, "TensorBoard log folder, relative to output_dir unless absolute",
+           [](const std::string& f, const std::string& v) {
+             if (v.empty()) throw Error(f + " must not be empty");
+           });
 }
 
 void declare_options(OptionSet& s, ValidationConfig& c) {
@@ -113,7 +120,8 @@ void declare_options(OptionSet& s, DebugConfig& c) {
       .add("debug_float64", &c.float64, "")
       .add("debug_save_masters", &c.save_masters, "")
       .add("debug_nan_at_step", &c.nan_at_step, "--debug_nan_rank's first update at this step counts as non-finite")
-      .add("debug_nan_rank", &c.nan_rank, "", non_negative_rank);
+      .add("debug_nan_rank", &c.nan_rank, "", non_negative_rank)
+      .add("debug_tensorboard_image", &c.tensorboard_image, "a test-pattern image into TensorBoard at every update");
 }
 
 }  // namespace fluxtrain

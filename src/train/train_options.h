@@ -35,6 +35,9 @@ struct CheckpointConfig {
   int64_t checkpoints_total_limit = 0;    // 0 = keep all
   std::string resume_from_checkpoint;     // "" | latest | PATH
   bool overwrite_output_dir = false;      // start anew in a folder holding another run's outputs
+  // Metrics beside metrics.jsonl (flag names of EasyControl's / diffusers' train scripts).
+  std::string report_to = "tensorboard";  // tensorboard | none
+  std::string logging_dir = "logs";       // TensorBoard event files; relative to output_dir
 };
 
 struct ValidationConfig {
@@ -59,6 +62,7 @@ struct DebugConfig {
   bool save_masters = false;              // also write lora_masters.safetensors (master dtype)
   int64_t nan_at_step = -1;               // nan_rank's first update at this step is non-finite
   int64_t nan_rank = 0;
+  bool tensorboard_image = false;         // a test-pattern image into TensorBoard at every update
 };
 
 void declare_options(OptionSet& s, TrainConfig& c);

@@ -1,5 +1,8 @@
 #include "train/trainer.h"
 
+#include <algorithm>
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -7,6 +10,7 @@
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceAccelerator.h>
 #include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
@@ -19,6 +23,7 @@
 #include "dist/process_group.h"
 #include "dist/sharded_weights.h"
 #include "core/safetensors.h"
+#include "data/image_io.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
@@ -482,6 +487,11 @@ Checkpoint Trainer::make_checkpoint() const {
   return ck;
 }
 
+void Trainer::add_image(const std::string& tag, int64_t step, const at::Tensor& hwc_u8) {
+  if (!tensorboard_) return;
+  tensorboard_->add_image_png(tag, step, encode_png(hwc_u8), hwc_u8.size(0), hwc_u8.size(1), hwc_u8.size(2));
+}
+
 std::string Trainer::run() {
   const std::string& out = cfg_.checkpoint.output_dir;
   // Rank 0 speaks and writes for the job; the other ranks compute the same steps silently.
@@ -512,6 +522,32 @@ std::string Trainer::run() {
   if (!online_.description.empty()) progress.message(encoder_weights_per_rank(online_, rt_.ctl_comm.get()));
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
+  if (root && cfg_.checkpoint.report_to == "tensorboard" && !tensorboard_available())
+    progress.message("fluxtrain train: no TensorBoard event files (built without protobuf); metrics.jsonl only");
+  if (root && cfg_.checkpoint.report_to == "tensorboard" && tensorboard_available()) {
+    // A resumed run opens a new event file in the same folder; TensorBoard merges them.
+    const std::string& ld = cfg_.checkpoint.logging_dir;
+    const std::string logdir = ld[0] == '/' ? ld : path_join(out, ld);
+    make_directories(logdir);
+    tensorboard_ = std::make_unique<TensorBoardWriter>(logdir);
+    // A resumed run continues the series from the checkpoint; what a crashed run logged after it
+    // is dropped by TensorBoard (SessionLog START).
+    if (!resumed_from_.empty()) tensorboard_->add_session_start(state_.step + 1, resumed_from_);
+  }
+  // One record per update: metrics.jsonl, and its numbers as TensorBoard scalars.
+  auto record = [&](const nlohmann::json& m) {
+    if (metrics) metrics->write(m);
+    if (!tensorboard_) return;
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& it : m.items())
+      if (it.key() != "step" && it.value().is_number()) scalars.emplace_back(it.key(), it.value().get<double>());
+    tensorboard_->add_scalars(state_.step, scalars);
+    if (cfg_.debug.tensorboard_image) {
+      // Test hook: a 24x32 pattern that depends on the step, so readers can tell images apart.
+      at::Tensor img = (at::arange(24 * 32 * 3, at::kLong).reshape({24, 32, 3}) * 7 + state_.step) % 256;
+      add_image("debug/pattern", state_.step, img.to(at::kByte));
+    }
+  };
 
   int64_t last_saved = resumed_from_.empty() ? -1 : state_.step;
   auto save = [&] {
@@ -546,10 +582,18 @@ std::string Trainer::run() {
                         {"data_wait_ms", r.data_wait_ms},
                         {"skipped", r.skipped},
                         {"nonfinite_total", state_.nonfinite_total}};
+    // Memory: the process's peak resident host memory, and on a GPU the caching allocator's peak.
+    {
+      rusage ru{};
+      if (getrusage(RUSAGE_SELF, &ru) == 0) m["peak_host_rss_gib"] = static_cast<double>(ru.ru_maxrss) / (1 << 20);
+      if (!rt_.device.is_cpu())
+        m["peak_gpu_gib"] = static_cast<double>(at::accelerator::getDeviceStats(rt_.device.index() < 0 ? 0 : rt_.device.index())
+                                                    .allocated_bytes[0].peak) / (1ull << 30);
+    }
     if (r.skipped) {
       progress.message("update skipped after step " + std::to_string(state_.step) +
                        ": non-finite loss or gradient (" + std::to_string(state_.nonfinite_in_a_row) + " in a row)");
-      if (metrics) metrics->write(m);
+      record(m);
       continue;
     }
     const int64_t vs = cfg_.validation.validation_steps;
@@ -560,14 +604,15 @@ std::string Trainer::run() {
     }
     if (validation_images_->due(state_.step, max_steps_)) {
       std::vector<std::string> written;
-      validation_images_->draw(state_.step, *weights_, lora_, &written);  // collective
+      const at::Tensor images = validation_images_->draw(state_.step, *weights_, lora_, &written);  // collective
       if (root) {
         m["validation_images"] = written;
+        for (int64_t k = 0; k < images.size(0); ++k) add_image("validation/" + std::to_string(k), state_.step, images[k]);
         progress.message("step " + std::to_string(state_.step) + ": " + std::to_string(written.size()) +
                          " validation image(s) in " + path_join(out, "validation"));
       }
     }
-    if (metrics) metrics->write(m);
+    record(m);
     progress.update(state_.step, r.loss, r.lr, sps_avg);
     if (state_.step % cfg_.checkpoint.checkpointing_steps == 0 || state_.step == max_steps_) save();
   }
@@ -581,8 +626,18 @@ std::string Trainer::run() {
     online_.text_encoders->save_lora_diffusers(te_path);
     if (root) progress.message("fluxtrain train: wrote " + te_path);
   }
+  // The text encoders' LoRA in kohya names, for lora_kohya.safetensors. Under mpirun it lives on
+  // --encoder_process and is sent to rank 0 (every rank takes part, as in make_checkpoint).
+  TensorMap te_kohya;
+  const auto& formats = cfg_.lora.formats;
+  if (online_.trains_text_encoder && std::find(formats.begin(), formats.end(), "kohya") != formats.end()) {
+    if (online_.text_encoders) te_kohya = online_.text_encoders->lora_state_kohya();
+    if (online_.encoder_process) te_kohya = send_to_root(*rt_.ctl_comm, static_cast<int>(cfg_.dist.encoder_rank), te_kohya);
+  }
   if (root) {
-    save_lora_file(lora_path, lora_);  // atomic (safetensors::save)
+    // lora.safetensors (native format) plus one file per other --lora_format; atomic writes.
+    for (const auto& p : save_lora_files(out, lora_, formats, te_kohya))
+      if (p != lora_path) progress.message("fluxtrain train: wrote " + p);
     if (cfg_.debug.save_masters) {
       // The LoRA file is float32; exactness tests compare the float64 masters themselves.
       TensorMap m;

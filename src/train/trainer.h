@@ -23,6 +23,7 @@
 #include "data/dataset.h"
 #include "model/block_weights.h"
 #include "model/flux_config.h"
+#include "core/tensorboard.h"
 #include "model/lora.h"
 #include "train/checkpoint.h"
 #include "train/conditioning.h"
@@ -90,6 +91,10 @@ class Trainer {
   int64_t global_batch() const { return cfg_.data.train_batch_size * opt_.world_size; }
   bool is_root() const { return opt_.rank == 0; }
 
+  // An image into TensorBoard at `step` (validation images): [H, W, 3] uint8, PNG-encoded.
+  // Root rank with --report_to tensorboard, during run(); a no-op otherwise (safe on every rank).
+  void add_image(const std::string& tag, int64_t step, const at::Tensor& hwc_u8);
+
   const RunConfig& config() const { return cfg_; }
   const FluxConfig& model_config() const { return model_cfg_; }
   LoraSet& lora() { return lora_; }
@@ -127,6 +132,7 @@ class Trainer {
   TrainState state_;
   int64_t max_steps_ = 0, updates_per_epoch_ = 0;
   std::string resumed_from_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;  // root rank, --report_to tensorboard, in run()
 
   Batch next_batch(double* waited_s = nullptr);
   // Encodes what the dataset lacks (latents, text states) for one micro-batch, and afterwards
