@@ -44,6 +44,10 @@ struct LoraConfig {
   // --lora_format: the file formats written at the end of training (model/lora_format.h names);
   // empty = the mode's native one. Not part of a LoRA file's own description.
   std::vector<std::string> formats;
+  // --pretrained_lora_path: start from this LoRA file (any format model/lora_io.h reads) instead of
+  // the usual initialisation; its adapters must be the ones the options create. Not part of a
+  // LoRA file's own description.
+  std::string pretrained_lora_path;
   void validate() const;  // counts, ranges and mode-specific flags; throws naming the flag
 };
 

@@ -31,7 +31,10 @@ void declare_options(OptionSet& s, LoraConfig& c) {
            rules::in_range(0, limits::kMaxBlockIndex))
       .add("lora_format", &c.formats,
            "LoRA files written at the end: easycontrol, diffusers, kohya (ComfyUI), a list (default: the mode's "
-           "own: easycontrol for --lora_mode easycontrol, diffusers for standard; docs/lora-formats.md)");
+           "own: easycontrol for --lora_mode easycontrol, diffusers for standard; docs/lora-formats.md)")
+      .add("pretrained_lora_path", &c.pretrained_lora_path,
+           "start from this LoRA file (easycontrol, diffusers or kohya keys) instead of a fresh initialisation; "
+           "its adapters must match --lora_mode, --lora_num, --ranks and the targets");
 }
 
 }  // namespace fluxtrain

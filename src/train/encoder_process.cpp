@@ -90,13 +90,19 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
   return o;
 }
 
-std::string encoder_weights_per_rank(const OnlineEncoding& o, dist::Communicator* ctl) {
+std::vector<int64_t> encoder_weight_bytes_per_rank(const OnlineEncoding& o, dist::Communicator* ctl) {
   const int64_t mine = (o.text_encoders ? o.text_encoders->resident_bytes() : 0) +
                        (o.latents ? o.latents->resident_bytes() : 0);
   at::Tensor all = at::tensor({mine}, at::TensorOptions().dtype(at::kLong));
   if (ctl) all = ctl->all_gather(all).reshape({-1});
+  std::vector<int64_t> out;
+  for (int64_t r = 0; r < all.numel(); ++r) out.push_back(all[r].item<int64_t>());
+  return out;
+}
+
+std::string encoder_weights_per_rank(const std::vector<int64_t>& bytes) {
   std::string line = "encoder weights per rank (bytes): ";
-  for (int64_t r = 0; r < all.numel(); ++r) line += (r ? ", " : "") + std::to_string(all[r].item<int64_t>());
+  for (size_t r = 0; r < bytes.size(); ++r) line += (r ? ", " : "") + std::to_string(bytes[r]);
   return line;
 }
 

@@ -41,7 +41,8 @@ struct OnlineEncoding {
 // Collective when ctl is given (every rank): "encoder weights per rank (bytes): a, b, ..." —
 // what each rank holds of the text encoders and the autoencoder (only the encoder process under
 // mpirun). ctl null: this process alone.
-std::string encoder_weights_per_rank(const OnlineEncoding& o, dist::Communicator* ctl);
+std::vector<int64_t> encoder_weight_bytes_per_rank(const OnlineEncoding& o, dist::Communicator* ctl);
+std::string encoder_weights_per_rank(const std::vector<int64_t>& bytes);
 
 // master: dtype of the LoRA masters (float64 in float64 runs, else float32).
 OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, const DatasetInfo& data,

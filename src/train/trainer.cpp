@@ -130,6 +130,26 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // text-encoder LoRA trains; neither: no encoder is loaded.
   online_ = make_online_encoding(cfg_, rt_, dataset_->info(), master);
   lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
+  if (!cfg_.lora.pretrained_lora_path.empty()) {
+    // EasyControl's --pretrained_lora_path: the adapters start from a file (a resume below still
+    // overrides them with the checkpoint's).
+    const std::string& f = cfg_.lora.pretrained_lora_path;
+    try {
+      check_input(path_exists(f), f + ": missing");
+      const LoraSet from = load_lora_file(f, model_cfg_, cfg_.lora.alphas);
+      TensorMap w;
+      for (const auto& kv : from.state()) w.emplace(kv.first, kv.second.to(master));
+      lora_.load_state(w, f);
+      // Same keys and shapes but another alpha would change what the adapters compute.
+      for (size_t i = 0; i < from.adapters().size() && i < lora_.adapters().size(); ++i)
+        if (std::abs(from.adapters()[i].scale - lora_.adapters()[i].scale) > 1e-12 * std::abs(lora_.adapters()[i].scale))
+          throw Error(f + ": its alpha/rank is " + std::to_string(from.adapters()[i].scale) + " (" +
+                      from.adapters()[i].key + "), the run's --network_alphas give " +
+                      std::to_string(lora_.adapters()[i].scale));
+    } catch (...) {
+      rethrow_with_context("--pretrained_lora_path");
+    }
+  }
   lora_.to(at::TensorOptions().device(rt_.device).dtype(master));
 
   order_ = std::make_unique<DataOrder>(
@@ -519,7 +539,13 @@ std::string Trainer::run() {
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
     progress.message(ss.str());
   }
-  if (!online_.description.empty()) progress.message(encoder_weights_per_rank(online_, rt_.ctl_comm.get()));
+  // What each rank holds of the encoders (only --encoder_process under mpirun): on the start line
+  // and in the run's first metrics record.
+  std::vector<int64_t> encoder_bytes;
+  if (!online_.description.empty()) {
+    encoder_bytes = encoder_weight_bytes_per_rank(online_, rt_.ctl_comm.get());
+    progress.message(encoder_weights_per_rank(encoder_bytes));
+  }
   std::unique_ptr<MetricsWriter> metrics;
   if (root) metrics = std::make_unique<MetricsWriter>(path_join(out, "metrics.jsonl"), resumed_from_.empty() ? -1 : state_.step);
   if (root && cfg_.checkpoint.report_to == "tensorboard" && !tensorboard_available())
@@ -601,6 +627,10 @@ std::string Trainer::run() {
       const double vl = validation_loss();
       m["val_loss"] = vl;
       progress.message("step " + std::to_string(state_.step) + ": validation loss " + std::to_string(vl));
+    }
+    if (!encoder_bytes.empty()) {
+      m["encoder_weight_bytes_per_rank"] = encoder_bytes;
+      encoder_bytes.clear();
     }
     if (validation_images_->due(state_.step, max_steps_)) {
       std::vector<std::string> written;

@@ -296,6 +296,9 @@ def text_encoders():
                 assert line, p.stderr
                 held = [int(x) for x in line[0].split(": ")[-1].split(", ")]
                 assert len(held) == 2 and held[enc] > 0 and held[1 - enc] == 0, line
+                # ... and the same numbers in the run's first metrics record (JSON).
+                first = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+                assert first.get("encoder_weight_bytes_per_rank") == held, first
             compare(f"{name}: 2 ranks, encoder process {enc} {' '.join(more)}", ref, out, tol=TE_TOL, files=files)
         # Resume: 2 steps, then the rest from checkpoint-2, bit for bit in one process.
         for np_, batch in [(0, 2), (2, 1)]:
