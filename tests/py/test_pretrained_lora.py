@@ -1,5 +1,5 @@
 """--pretrained_lora_path (EasyControl's train.py flag): a run starts from a LoRA file in any format
-fluxtrain reads. With --learning_rate 0 the LoRA written at the end equals the one given, bit for
+fluxtrain reads. With --learning_rate 1e-30 (no representable change) the LoRA written at the end equals the one given, bit for
 bit (easycontrol file, and a standard-mode LoRA given in kohya keys via convert-lora); a file whose
 alpha differs from --network_alphas, or whose adapters differ from the options, is one line naming
 the flag, exit 2."""
@@ -45,7 +45,7 @@ def main():
         # EasyControl mode: 3 updates, then a run from that file at lr 0.
         run(train(model, data, os.path.join(tmp, "a"), "--max_train_steps", "3"))
         first = os.path.join(tmp, "a", "lora.safetensors")
-        run(train(model, data, os.path.join(tmp, "b"), "--max_train_steps", "1", "--learning_rate", "0",
+        run(train(model, data, os.path.join(tmp, "b"), "--max_train_steps", "1", "--learning_rate", "1e-30",
                   "--pretrained_lora_path", first))
         same(first, os.path.join(tmp, "b", "lora.safetensors"))
         # Another alpha: refused.
@@ -62,7 +62,7 @@ def main():
         kohya = os.path.join(tmp, "e_kohya.safetensors")
         run([BIN, "convert-lora", "--input", os.path.join(tmp, "e", "lora.safetensors"), "--output", kohya,
              "--to", "kohya", "--model", model])
-        run(train(model, data, os.path.join(tmp, "f"), "--max_train_steps", "1", "--learning_rate", "0",
+        run(train(model, data, os.path.join(tmp, "f"), "--max_train_steps", "1", "--learning_rate", "1e-30",
                   "--pretrained_lora_path", kohya, *std))
         same(os.path.join(tmp, "e", "lora.safetensors"), os.path.join(tmp, "f", "lora.safetensors"))
         print("--pretrained_lora_path: easycontrol and kohya files start a run bit-exactly; mismatches refused")
