@@ -149,6 +149,7 @@ int cmd_convert_lora(int argc, char** argv) {
   for (const auto& [flag, v] : {std::pair<const char*, std::string>{"--input", input}, {"--output", output}, {"--to", to}})
     if (v.empty()) throw Error(std::string(flag) + " is required");
   const LoraFormat format = parse_lora_format(to, "--to");
+  check_output_file("--output", output, {{"--input", input}});
   nlohmann::json te_meta = nlohmann::json::object();
   TensorMap te;
   bool has_transformer = false;

@@ -114,6 +114,10 @@ int cmd_sample(int argc, char** argv) {
   } else {
     prompts.assign(static_cast<size_t>(c.bench_prompts), "a photo");
   }
+  if (!c.output.empty()) check_output_file("--output", c.output, {{"--lora", c.lora}, {"--prompts", c.prompts_file}});
+  if (!c.output_dir.empty()) check_output_dir("--output_dir", c.output_dir);
+  if (!c.save_decoded.empty()) check_output_file("--save_decoded", c.save_decoded);
+  if (!c.lora.empty() && !path_exists(c.lora)) throw Error("--lora " + c.lora + ": missing");
   for (const auto& f : c.subject_images)
     if (!path_exists(f)) throw Error("--subject_image " + f + ": missing");
   for (const auto& f : c.spatial_images)
