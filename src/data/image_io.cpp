@@ -82,6 +82,13 @@ void open_image(Img& img, const std::string& path) {
   }
   if (!p) fail(path, vips_reason());
   img.reset(p);
+  // A decompression bomb (a few bytes claiming gigapixels) is refused from its header, as
+  // Pillow's DecompressionBombError does (the same bound: 2 x 89,478,485 pixels).
+  constexpr int64_t kMaxPixels = 178'956'970;
+  const int64_t w = vips_image_get_width(p), h = vips_image_get_height(p);
+  if (w <= 0 || h <= 0 || w * h > kMaxPixels)
+    fail(path, std::to_string(w) + "x" + std::to_string(h) + " pixels, more than the " + std::to_string(kMaxPixels) +
+                   " an image may have");
 }
 
 int orientation_of(VipsImage* p) {
