@@ -95,7 +95,7 @@ void check_output_dir(const std::string& flag, const std::string& path) {
                                                                             : p + " is a file, not a folder"));
       return;
     }
-    if (errno != ENOENT) throw Error(flag + " " + path + ": " + p + ": " + std::strerror(errno));
+    if (errno != ENOENT && errno != ENOTDIR) throw Error(flag + " " + path + ": " + p + ": " + std::strerror(errno));
     const std::string up = parent_of(p);
     if (up == p) return;
     p = up;

@@ -132,11 +132,8 @@ int cmd_sample(int argc, char** argv) {
   configure_attention_backends();
 
   TransformerSource source;
-  try {
-    source = open_transformer(dir, model.model_layout, rt.dtype);
-  } catch (...) {
-    rethrow_with_context("loading transformer");
-  }
+  // Its errors say "loading transformer: ...".
+  source = open_transformer(dir, model.model_layout, rt.dtype);
   const FluxConfig& cfg = source.config;
   std::unique_ptr<BlockWeights> weights = make_block_weights(rt, weight_source(source), {});
   if (!has_autoencoder(dir)) throw Error(dir + ": no autoencoder (ae.safetensors or vae/)");

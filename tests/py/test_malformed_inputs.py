@@ -17,11 +17,13 @@ import sys
 import tempfile
 
 BIN = os.environ["FLUXTRAIN_BIN"]
+# The fixtures may come from another build (to see what an older binary gives for each case).
+FIXTURE_BIN = os.environ.get("FLUXTRAIN_FIXTURE_BIN", BIN)
 VERBOSE = "-v" in sys.argv
 
 
 def run_ok(*args):
-    r = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([FIXTURE_BIN, *args], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         sys.exit(f"fixture: fluxtrain {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
