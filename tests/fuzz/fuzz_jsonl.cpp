@@ -28,7 +28,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }();
   (void)image;
-  static const std::string out = fuzz::scratch_path(".h5");
+  static const std::string out = path + ".h5";  // (scratch_path keeps its first suffix)
   PrepareOptions o;
   o.jsonl = path;
   o.output = out;
