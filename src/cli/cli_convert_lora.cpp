@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/fs.h"
@@ -149,6 +150,7 @@ int cmd_convert_lora(int argc, char** argv) {
   for (const auto& [flag, v] : {std::pair<const char*, std::string>{"--input", input}, {"--output", output}, {"--to", to}})
     if (v.empty()) throw Error(std::string(flag) + " is required");
   const LoraFormat format = parse_lora_format(to, "--to");
+  check_output_file("--output", output, {{"--input", input}});
   nlohmann::json te_meta = nlohmann::json::object();
   TensorMap te;
   bool has_transformer = false;

@@ -15,6 +15,7 @@
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/limits.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
 #include "encoders/text_encoders.h"
@@ -69,7 +70,8 @@ int run_bench(const std::string& sizes, const std::string& batches_s, int64_t to
   {
     std::stringstream ss(batches_s);
     std::string item;
-    while (std::getline(ss, item, ',')) batches.push_back(std::stoll(item));
+    while (std::getline(ss, item, ','))
+      batches.push_back(limits::parse_int("--bench_batches", item, 1, limits::kMaxBatch));
   }
   const bool tiny = sizes == "tiny";
   check_input(tiny || sizes == "real", "--bench_size must be real or tiny");
@@ -177,8 +179,10 @@ int cmd_encode(int argc, char** argv) {
   if (bench) return run_bench(bench_size, bench_batches, bench_tokens, bench_iters, bench_rank, dtype, device);
   for (const char* need : {"pretrained_model_name_or_path", "prompts", "output"})
     if (!vm.count(need)) throw Error(std::string("--") + need + " is required");
-  check_input(max_len >= 1, "--max_sequence_length must be positive");
-  check_input(batch >= 1, "--batch_size must be positive");
+  limits::check_range("--max_sequence_length", max_len, 1, 512, " (T5's trained length)");
+  limits::check_range("--batch_size", batch, 1, limits::kMaxBatch);
+  check_output_file("--output", output, {{"--prompts", prompts_path}});
+  if (!save_lora.empty()) check_output_file("--save_text_encoder_lora", save_lora, {{"--text_encoder_lora", lora_path}});
   check_input(!(tokenize_only && !lora_path.empty()), "--text_encoder_lora needs the encoders (drop --tokenize_only)");
 
   const std::vector<std::string> prompts = read_prompts_file(prompts_path);

@@ -16,6 +16,7 @@
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/limits.h"
 #include "core/fs.h"
 
 namespace po = boost::program_options;
@@ -119,6 +120,7 @@ MemoryEstimateInput EstimateOptions::resolve(const std::string& config_file, int
     throw Error(std::string("bad flag: ") + e.what());
   }
   if (!config_file.empty()) {
+    limits::check_config_file(config_file);  // a directory would read as empty
     std::ifstream f(config_file);
     if (!f) throw Error("--config " + config_file + ": cannot open file");
     try {

@@ -91,11 +91,8 @@ int cmd_forward(int argc, char** argv) {
   configure_attention_backends();
   FluxInputs in = read_forward_inputs(inputs);
   TransformerSource source;
-  try {
-    source = open_transformer(model.pretrained_model_name_or_path, model.model_layout, rt.dtype);
-  } catch (...) {
-    rethrow_with_context("loading transformer");
-  }
+  // Its errors say "loading transformer: ...".
+  source = open_transformer(model.pretrained_model_name_or_path, model.model_layout, rt.dtype);
   LoraSet lora;
   if (!lora_path.empty()) {
     lora = load_lora_file(lora_path, source.config, alphas);

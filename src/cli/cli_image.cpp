@@ -11,6 +11,7 @@
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/limits.h"
 #include "core/safetensors.h"
 #include "data/image_io.h"
 
@@ -31,13 +32,17 @@ int cmd_image(int argc, char** argv) {
   if (!parse_command_line("image", desc, argc, argv, vm)) return 0;
   if (output.empty() && png.empty()) throw Error("give --output and/or --png");
   if (filter != "bilinear" && filter != "area") throw Error("--filter must be bilinear or area, got '" + filter + "'");
-  at::Tensor rgb = load_image_rgb8(input);
+  if (!output.empty()) check_output_file("--output", output, {{"--input", input}});
+  if (!png.empty()) check_output_file("--png", png, {{"--input", input}});
+  long w = 0, h = 0;  // --resize, checked before decoding
   if (!resize.empty()) {
-    long w = 0, h = 0;
-    if (std::sscanf(resize.c_str(), "%ld,%ld", &w, &h) != 2 || w <= 0 || h <= 0)
-      throw Error("--resize must be W,H with positive integers, got '" + resize + "'");
-    rgb = resize_rgb8(rgb, w, h, filter == "area" ? ResizeFilter::Area : ResizeFilter::Bilinear);
+    if (std::sscanf(resize.c_str(), "%ld,%ld", &w, &h) != 2 || w <= 0 || h <= 0 || w > limits::kMaxImageSize ||
+        h > limits::kMaxImageSize)
+      throw Error("--resize must be W,H with integers in [1, " + std::to_string(limits::kMaxImageSize) + "], got '" +
+                  resize + "'");
   }
+  at::Tensor rgb = load_image_rgb8(input);
+  if (!resize.empty()) rgb = resize_rgb8(rgb, w, h, filter == "area" ? ResizeFilter::Area : ResizeFilter::Bilinear);
   if (!output.empty()) safetensors::save(output, {{"rgb", rgb.contiguous()}}, {{"source", input}});
   if (!png.empty()) save_png(png, rgb);
   std::cout << (output.empty() ? png : output) << "\n";

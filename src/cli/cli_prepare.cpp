@@ -63,6 +63,7 @@ int cmd_prepare(int argc, char** argv) {
       ("json", po::bool_switch(&json), "also print the summary as one JSON line (benchmarks)");
   po::variables_map vm;
   if (!parse_command_line("prepare", desc, argc, argv, vm)) return 0;
+  check_output_file("--output", o.output, {{"--train_data_dir", o.jsonl}});
   check_input(seed >= 0, "--seed must be >= 0");
   o.seed = static_cast<uint64_t>(seed);
   o.latent_dtype = parse_dtype(latent_dtype, "--latent_dtype");

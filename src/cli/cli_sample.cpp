@@ -114,6 +114,10 @@ int cmd_sample(int argc, char** argv) {
   } else {
     prompts.assign(static_cast<size_t>(c.bench_prompts), "a photo");
   }
+  if (!c.output.empty()) check_output_file("--output", c.output, {{"--lora", c.lora}, {"--prompts", c.prompts_file}});
+  if (!c.output_dir.empty()) check_output_dir("--output_dir", c.output_dir);
+  if (!c.save_decoded.empty()) check_output_file("--save_decoded", c.save_decoded);
+  if (!c.lora.empty() && !path_exists(c.lora)) throw Error("--lora " + c.lora + ": missing");
   for (const auto& f : c.subject_images)
     if (!path_exists(f)) throw Error("--subject_image " + f + ": missing");
   for (const auto& f : c.spatial_images)
@@ -128,11 +132,8 @@ int cmd_sample(int argc, char** argv) {
   configure_attention_backends();
 
   TransformerSource source;
-  try {
-    source = open_transformer(dir, model.model_layout, rt.dtype);
-  } catch (...) {
-    rethrow_with_context("loading transformer");
-  }
+  // Its errors say "loading transformer: ...".
+  source = open_transformer(dir, model.model_layout, rt.dtype);
   const FluxConfig& cfg = source.config;
   std::unique_ptr<BlockWeights> weights = make_block_weights(rt, weight_source(source), {});
   if (!has_autoencoder(dir)) throw Error(dir + ": no autoencoder (ae.safetensors or vae/)");

@@ -149,6 +149,7 @@ int cmd_vae(int argc, char** argv) {
   if (model.empty()) throw Error("--pretrained_model_name_or_path is required (or --bench)");
   if (enc_in.empty() == dec_in.empty()) throw Error("give exactly one of --encode or --decode");
   if (output.empty()) throw Error("--output is required");
+  check_output_file("--output", output, {{enc_in.empty() ? "--decode" : "--encode", enc_in.empty() ? dec_in : enc_in}});
   LoadedAutoencoder la = load_autoencoder(model, layout, dtype);
   Autoencoder ae(la.config, std::move(la.weights));
   ae.to(at::TensorOptions().device(device));

@@ -75,13 +75,27 @@ void open_image(Img& img, const std::string& path) {
   if (is_directory(path)) throw Error(path + ": is a directory, expected an image file");
   // fail_on truncated: a cut-off file is an error instead of an image with a grey bottom.
   VipsImage* p = vips_image_new_from_file(path.c_str(), "fail_on", VIPS_FAIL_ON_TRUNCATED, nullptr);
+  std::string first_reason;
   if (!p) {
     // Loaders without the fail_on option (rare formats) are opened with their defaults.
-    vips_error_clear();
+    first_reason = vips_reason();
     p = vips_image_new_from_file(path.c_str(), nullptr);
   }
-  if (!p) fail(path, vips_reason());
+  if (!p) {
+    std::string why = vips_reason();
+    if (why == "unknown libvips error" || why.empty()) why = first_reason;
+    // A file no loader recognises leaves libvips' buffer empty.
+    if (why == "unknown libvips error" || why.empty()) why = "not an image format libvips reads";
+    fail(path, why);
+  }
   img.reset(p);
+  // A decompression bomb (a few bytes claiming gigapixels) is refused from its header, as
+  // Pillow's DecompressionBombError does (the same bound: 2 x 89,478,485 pixels).
+  constexpr int64_t kMaxPixels = 178'956'970;
+  const int64_t w = vips_image_get_width(p), h = vips_image_get_height(p);
+  if (w <= 0 || h <= 0 || w * h > kMaxPixels)
+    fail(path, std::to_string(w) + "x" + std::to_string(h) + " pixels, more than the " + std::to_string(kMaxPixels) +
+                   " an image may have");
 }
 
 int orientation_of(VipsImage* p) {

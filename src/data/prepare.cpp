@@ -186,6 +186,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& opt) {
   check_input(!opt.output.empty(), "--output is required");
   check_input(!opt.jsonl.empty(), "--train_data_dir (the jsonl file) is required");
   if (!path_exists(opt.jsonl)) throw Error(opt.jsonl + ": no such file (--train_data_dir)");
+  if (is_directory(opt.jsonl)) throw Error(opt.jsonl + ": is a directory, expected a jsonl file (--train_data_dir)");
   const std::vector<std::string> subject_cols = split_columns(opt.subject_column);
   const std::vector<std::string> spatial_cols = split_columns(opt.spatial_column);
   std::vector<std::string> cond_cols = subject_cols, kinds(subject_cols.size(), "subject");

@@ -256,8 +256,11 @@ namespace {
 void check_grid(const at::Tensor& t, int64_t channels, int64_t multiple, const char* what) {
   check_input(t.dim() == 4 && t.size(1) == channels && t.size(2) > 0 && t.size(3) > 0 && t.size(2) % multiple == 0 &&
                   t.size(3) % multiple == 0,
-              std::string("autoencoder: ") + what + " must be [B, " + std::to_string(channels) +
-                  ", H, W] with H and W positive multiples of " + std::to_string(multiple));
+              std::string("autoencoder: ") + what + " must be [B, " + std::to_string(channels) + ", H, W] with H and W " +
+                  (multiple > 1 ? "positive multiples of " + std::to_string(multiple) : std::string("positive")) +
+                  ", got " + (t.dim() == 4 ? "[" + std::to_string(t.size(0)) + ", " + std::to_string(t.size(1)) + ", " +
+                                                 std::to_string(t.size(2)) + ", " + std::to_string(t.size(3)) + "]"
+                                           : std::to_string(t.dim()) + " dimensions"));
 }
 }  // namespace
 

@@ -99,6 +99,13 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
   set.model_ = cfg;
   auto add = [&](const std::string& target, int block, const std::string& linear, int64_t b, int64_t e, int64_t in,
                  int cond, int64_t rank, double alpha, bool on_output = false) {
+    // A rank above the layer's smaller side adds parameters and no expressiveness (and at
+    // absurd values fails inside the allocator): refused naming the flag and the width.
+    const int64_t width = std::min(in, e - b);
+    if (rank > width)
+      throw Error("--ranks " + std::to_string(rank) + " is above the width of the adapted layer " + target +
+                  " (block " + std::to_string(block) + ", " + std::to_string(in) + " -> " + std::to_string(e - b) +
+                  "): a LoRA rank must be at most " + std::to_string(width) + " for this model");
     LoraAdapter a;
     a.target = target;
     a.block = block;

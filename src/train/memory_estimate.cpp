@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/limits.h"
 #include "dist/low_memory_weights.h"
 #include "model/block_weights.h"
 #include "model/flux_weights.h"
@@ -96,6 +97,15 @@ int64_t encoder_bytes(const MemoryEstimateInput& in) {
 
 void MemoryEstimateInput::validate() const {
   model.validate("memory estimate");
+  // Upper bounds first: past them the token and byte counts below overflow int64.
+  limits::check_range("--cond_size", cond_size, 16, limits::kMaxImageSize);
+  limits::check_range("--noise_size", noise_size, 16, limits::kMaxImageSize);
+  limits::check_range("--lora_num", num_conditions, 0, limits::kMaxLoraNum);
+  limits::check_range("--ranks", lora_rank, 1, limits::kMaxLoraRank);
+  limits::check_range("--train_batch_size", batch, 1, limits::kMaxBatch);
+  limits::check_range("--txt_len", txt_len, 1, 4096);
+  limits::check_range("--text_encoder_rank", text_encoder_rank, 1, limits::kMaxLoraRank);
+  limits::check_range("--world_size", world_size, 1, limits::kMaxRanks);
   check_input(cond_size > 0 && cond_size % 16 == 0, "--cond_size must be a positive multiple of 16");
   check_input(noise_size > 0 && noise_size % 16 == 0, "--noise_size must be a positive multiple of 16");
   check_input(num_conditions >= 0, "--lora_num must be >= 0");

@@ -8,7 +8,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 build=${1:-build-fuzz}
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(safetensors config checkpoint dataset)
+[[ ${#targets[@]} -gt 0 ]] || targets=(safetensors config checkpoint dataset jsonl tokenizers)
+[[ ${#targets[@]} -gt 0 && -x $build/tests/fuzz/fuzz_image && $# -eq 0 ]] && targets+=(image)
 runs=${RUNS:-10000000}
 jobs=${JOBS:-$(nproc)}
 work=${WORK:-$build/fuzz-work}

@@ -23,7 +23,9 @@
 #include "core/limits.h"
 #include "data/dataset.h"
 #include "data/synth_data.h"
+#include "model/flux_config.h"
 #include "model/flux_weights.h"
+#include "model/lora.h"
 #include "support/test_util.h"
 #include "train/checkpoint.h"
 
@@ -420,6 +422,42 @@ TEST(Hardening, MessagesNameTheFileAndPrintOnlyPrintableText) {
   EXPECT_EQ(limits::printable("caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80"), "caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x98\x80");
   EXPECT_EQ(limits::printable("a\nb\x1b[31m\xc0\xaf\xed\xa0\x80"), "a\\x0ab\\x1b[31m\\xc0\\xaf\\xed\\xa0\\x80");
   EXPECT_EQ(limits::printable(std::string(500, 'x'), 10), std::string(10, 'x') + "...");
+}
+
+// ---------------------------------------------------------------------------------------------
+// --ranks against the model: a rank above the adapted layer's smaller side is refused in one
+// line naming --ranks and the width (the tiny model's layers are at least 64 wide).
+TEST(Hardening, RankAboveTheLayerWidthIsRefused) {
+  const FluxConfig cfg = FluxConfig::preset("tiny");
+  for (const LoraMode mode : {LoraMode::Standard, LoraMode::EasyControl}) {
+    LoraConfig lc;
+    lc.mode = mode;
+    lc.lora_num = 1;
+    lc.ranks = {64};
+    lc.alphas = {4};
+    EXPECT_NO_THROW(LoraSet::create(cfg, lc, 0));  // the width itself is allowed
+    lc.ranks = {65};
+    try {
+      LoraSet::create(cfg, lc, 0);
+      ADD_FAILURE() << "rank 65 accepted";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_EQ(m.rfind("--ranks 65 is above the width of the adapted layer", 0), 0u) << m;
+      EXPECT_NE(m.find("must be at most 64"), std::string::npos) << m;
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    }
+  }
+  // The same through `fluxtrain train`: exit 2, one line, no LoRA or checkpoint written.
+  World& w = world();
+  const std::string out = w.tmp.path("rank_above_width");
+  std::string log;
+  const int rc = run_command(w.cli(out, {"--ranks", "65", "--max_train_steps", "1"}), &log);
+  EXPECT_EQ(rc, 2) << log;
+  EXPECT_EQ(lines(log), 1u) << log;
+  EXPECT_NE(log.find("--ranks 65 is above the width of the adapted layer"), std::string::npos) << log;
+  EXPECT_NE(log.find("must be at most 64"), std::string::npos) << log;
+  EXPECT_FALSE(path_exists(path_join(out, "lora.safetensors")));
+  EXPECT_FALSE(path_exists(path_join(out, "checkpoint-1.h5")));
 }
 
 }  // namespace
