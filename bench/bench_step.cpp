@@ -73,6 +73,7 @@ int cmd_bench(int argc, char** argv) {
   std::string graph_s;
   bool sharded = false, compare_resident = false;
   std::string te_mode = "none";
+  std::string lora_mode = "easycontrol";
   int64_t te_rank = 32;
   uint64_t seed = 0;
   po::options_description desc("bench options");
@@ -96,6 +97,10 @@ int cmd_bench(int argc, char** argv) {
        "(CLIP-L and T5-XXL with LoRAs in the step): the trainer's three modes, encoders at real size "
        "(tiny with --size tiny), random weights, on the step's device; eager only")
       ("text_encoder_rank", po::value(&te_rank)->default_value(32), "LoRA rank of the text encoders")
+      ("lora_mode", po::value(&lora_mode)->default_value("easycontrol"),
+       "easycontrol (one condition, its LoRA on the condition tokens) or standard (no condition; LoRA on every "
+       "token: q, k, v, proj of both streams, linear1 and linear2 of the single blocks, what kohya- and "
+       "diffusers-style trainers train); with standard the configs' cond_size is ignored")
       ("compare_resident", po::bool_switch(&compare_resident),
        "with --sharded: also keep the weights resident and time both paths alternately, step by step "
        "(same process, same inputs), reporting the sharded overhead");
@@ -109,6 +114,9 @@ int cmd_bench(int argc, char** argv) {
   if (ckpt_s != "off" && ckpt_s != "on" && ckpt_s != "both") throw Error("--gradient_checkpointing must be off, on or both");
   if (te_mode != "none" && te_mode != "one_only" && te_mode != "both")
     throw Error("--text_encoder_mode must be none, one_only or both, got '" + te_mode + "'");
+  if (lora_mode != "easycontrol" && lora_mode != "standard")
+    throw Error("--lora_mode must be easycontrol or standard, got '" + lora_mode + "'");
+  const bool standard = lora_mode == "standard";
   if (te_rank <= 0 || te_rank > 4096) throw Error("--text_encoder_rank must be in [1, 4096]");
   if (te_mode != "none" && sharded) throw Error("bench: --text_encoder_mode is measured without --sharded");
   // The encoders' forward and backward are part of the step and not captured (as in train).
@@ -261,6 +269,11 @@ int cmd_bench(int argc, char** argv) {
       LoraConfig lc;
       lc.ranks = {bc.rank};
       lc.alphas = {static_cast<double>(bc.rank)};
+      if (standard) {
+        lc.mode = LoraMode::Standard;
+        lc.targets = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                      "proj_mlp", "proj_out"};
+      }
       LoraSet lora = LoraSet::create(cfg, lc, seed);
       lora.to(at::TensorOptions().device(dev).dtype(at::kFloat));
       auto params = lora.parameters();
@@ -268,7 +281,7 @@ int cmd_bench(int argc, char** argv) {
       if (clip) groups.push_back({"text_encoder", clip_lora.parameters()});
       if (t5) groups.push_back({"text_encoder_2", t5_lora.parameters()});
       std::unique_ptr<Optimizer> optimizer = make_adamw(groups, AdamWConfig{});
-      const int64_t nh = bc.noise / 16, ch = bc.cond / 16;
+      const int64_t nh = bc.noise / 16, ch = standard ? 0 : bc.cond / 16;
       FluxInputs in;
       in.img = at::randn({batch, nh * nh, cfg.in_channels}, opts);
       in.img_ids = noise_position_ids(nh, nh).to(dev);
@@ -277,14 +290,18 @@ int cmd_bench(int argc, char** argv) {
       in.y = at::randn({batch, cfg.vec_in_dim}, opts);
       in.timesteps = at::rand({batch}, opts.dtype(at::kFloat));
       in.guidance = at::ones({batch}, opts.dtype(at::kFloat));
-      in.cond = {at::randn({batch, ch * ch, cfg.in_channels}, opts)};
-      in.cond_ids = {subject_position_ids(ch, ch).to(dev)};
+      if (!standard) {
+        in.cond = {at::randn({batch, ch * ch, cfg.in_channels}, opts)};
+        in.cond_ids = {subject_position_ids(ch, ch).to(dev)};
+      }
       at::Tensor target = at::randn({batch, nh * nh, cfg.out_channels}, opts.dtype(at::kFloat));
 
       const at::Tensor clip_ids =
           clip ? at::randint(clip_vocab, {batch, clip_len}, at::TensorOptions().dtype(at::kLong)).to(dev) : at::Tensor();
       const at::Tensor t5_ids =
           t5 ? at::randint(32100, {batch, txt_len}, at::TensorOptions().dtype(at::kLong)).to(dev) : at::Tensor();
+      const at::Tensor lr_t = at::full({}, 1e-4, at::TensorOptions().device(dev).dtype(at::kFloat));
+      const at::Tensor no_skip = at::zeros({}, at::TensorOptions().device(dev).dtype(at::kFloat));
       auto step = [&] {
         // The text-encoder modes encode in the step, through their LoRAs (the trainer's conditioning).
         if (clip) in.y = clip->forward(clip_ids, &clip_lora, ckpt).pooled.to(dtype);
@@ -294,7 +311,7 @@ int cmd_bench(int argc, char** argv) {
         // (the next backward creates them). Graph: the capturable update keeps the captured
         // buffers, which backward overwrites on every replay.
         if (graph) {
-          optimizer->step_on_device(1e-4, 1.0);
+          optimizer->step_on_device(lr_t, 1.0, no_skip);
         } else {
           optimizer->step(1e-4, 1.0);
           for (auto& g : groups)
@@ -343,7 +360,8 @@ int cmd_bench(int argc, char** argv) {
       if (!dev.is_cpu())
         peak_gib = static_cast<double>(at::accelerator::getDeviceStats(dev.index() < 0 ? 0 : dev.index())
                                            .allocated_bytes[0].peak) / (1ull << 30);
-      StepShape shape{batch, txt_len, nh * nh, {ch * ch}, bc.rank};
+      StepShape shape{batch, txt_len, nh * nh, standard ? std::vector<int64_t>{} : std::vector<int64_t>{ch * ch}, bc.rank};
+      shape.standard = standard;
       const double flops = lora_step_flops(cfg, shape);
       const int64_t tokens = batch * (txt_len + nh * nh + ch * ch);
       nlohmann::json j = {{"name", "lora_step"},
@@ -353,7 +371,7 @@ int cmd_bench(int argc, char** argv) {
                           {"config", {{"model", size}, {"cond_size", bc.cond}, {"noise_size", bc.noise},
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
                                       {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
-                                      {"text_encoder_mode", te_mode},
+                                      {"text_encoder_mode", te_mode}, {"lora_mode", lora_mode},
                                       {"execution", runner->mode()}}},
                           {"ms_per_step", med},
                           {"ms_min", ms.front()},

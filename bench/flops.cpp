@@ -17,7 +17,10 @@ double lora_step_flops(const FluxConfig& c, const StepShape& s) {
   linear += 2.0 * (s.noise + lc) * c.in_channels * H + 2.0 * s.txt * c.context_in_dim * H + 2.0 * s.noise * H * c.out_channels;
   const double attn = 4.0 * H * (main * (main + lc) + lc2) * (c.depth + c.depth_single);
   const double r = static_cast<double>(s.rank);
-  const double lora = 2.0 * lc * (c.depth * 4 * (H * r + r * H) + c.depth_single * 3 * (H * r + r * H));
+  double lora = 2.0 * lc * (c.depth * 4 * (H * r + r * H) + c.depth_single * 3 * (H * r + r * H));
+  if (s.standard)
+    lora = 2.0 * main * (c.depth * 4 * (H * r + r * H) +
+                         c.depth_single * (3 * (H * r + r * H) + (H * r + r * M) + ((H + M) * r + r * H)));
   return s.batch * (2.0 * linear + 3.0 * attn + 3.0 * lora);
 }
 

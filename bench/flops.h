@@ -10,6 +10,9 @@ struct StepShape {
   int64_t batch, txt, noise;          // tokens
   std::vector<int64_t> cond;          // tokens per condition
   int64_t rank;                       // LoRA rank (easycontrol, one adapter set per condition)
+  bool standard = false;              // --lora_mode standard: adapters on every text and noise token
+                                      // (double: q, k, v, proj of both streams; single: linear1 as
+                                      // q, k, v, proj_mlp and linear2 as proj_out)
 };
 
 // Model FLOPs of one EasyControl LoRA training step (forward + backward), counting a multiply-add

@@ -103,6 +103,12 @@ Fp8BlockWeights::Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::Scalar
 
 Fp8BlockWeights::~Fp8BlockWeights() = default;
 
+void Fp8BlockWeights::forget_cached_blocks() {
+  for (int s = 0; s < slots_->num_slots(); ++s)
+    if (!held_[s]) slots_->clear(s);
+  inner_->forget_cached_blocks();
+}
+
 const TensorMap& Fp8BlockWeights::acquire(int block) {
   check_input(block >= 0 && block < num_blocks(), "fp8 weights: block " + std::to_string(block) + " out of range");
   int slot = slots_->slot_of(block);

@@ -58,6 +58,7 @@ class Fp8BlockWeights : public BlockWeights {
   Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::ScalarType compute_dtype, c10::Device device,
                   std::vector<std::vector<SlotTensorSpec>> compute_specs = {}, int num_slots = 1);
   ~Fp8BlockWeights() override;
+  void forget_cached_blocks() override;  // unheld slots are emptied; the inner provider forgets too
 
   const TensorMap& globals() override { return inner_->globals(); }
   int num_blocks() const override { return inner_->num_blocks(); }

@@ -27,6 +27,10 @@ class BlockWeights {
   // True when weights handed out by acquire() may not outlive release(), so that a block
   // run with autograd must re-acquire them in backward (sharded, offloaded providers).
   virtual bool transient() const { return false; }
+  // Forget which blocks device buffers hold, so that the next acquire of any block fills its
+  // buffer anew. Called around CUDA-graph captures and replays (train/step_graphs.h): a replay
+  // rewrites those buffers without the provider's host-side bookkeeping seeing it.
+  virtual void forget_cached_blocks() {}
 };
 
 // All weights resident on one device. acquire/release are free.

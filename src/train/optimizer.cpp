@@ -10,6 +10,16 @@
 namespace fluxtrain {
 
 void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
+                  const std::vector<at::Tensor>& v, const at::Tensor& step, const at::Tensor& lr, const AdamWConfig& cfg,
+                  const at::Tensor& found_inf) {
+  if (p.empty()) return;
+  const std::vector<at::Tensor> steps(p.size(), step);
+  at::_fused_adamw_(p, g, m, v, {}, steps, lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.eps,
+                    /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
+                    found_inf.defined() ? std::optional<at::Tensor>(found_inf) : std::nullopt);
+}
+
+void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
                   const std::vector<at::Tensor>& v, const at::Tensor& step, double lr, const AdamWConfig& cfg,
                   const at::Tensor& found_inf) {
   if (p.empty()) return;
@@ -56,8 +66,12 @@ double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, do
   return norm;
 }
 
-void Optimizer::step_on_device(double, double) {
-  throw Error("this optimizer has no graph-capturable step", ErrorKind::Internal);
+Optimizer::DeviceStep Optimizer::step_on_device(const at::Tensor&, double, const at::Tensor&) {
+  throw Error("this optimizer has no device-side step", ErrorKind::Internal);
+}
+
+void Optimizer::count_device_step(bool) {
+  throw Error("this optimizer has no device-side step", ErrorKind::Internal);
 }
 
 namespace {
@@ -99,17 +113,20 @@ class ReplicatedAdamW final : public Optimizer {
 
   int64_t steps() const override { return steps_; }
 
-  void step_on_device(double lr, double max_grad_norm) override {
+  bool has_device_step() const override { return true; }
+
+  DeviceStep step_on_device(const at::Tensor& lr, double max_grad_norm, const at::Tensor& skip) override {
     at::NoGradGuard ng;
     std::vector<at::Tensor> grads;
     for (const auto& g : groups_)
       for (const auto& p : g.params) grads.push_back(p.grad());
     for (const auto& g : grads)
       if (!g.defined()) throw Error("step_on_device needs a gradient for every parameter", ErrorKind::Internal);
-    const at::Tensor norm = at::stack(at::_foreach_norm(grads, 2)).to(at::kFloat).norm();
-    const at::Tensor found_inf = at::logical_not(at::isfinite(norm)).to(at::kFloat);
-    if (max_grad_norm > 0) at::_foreach_mul_(grads, at::clamp_max(max_grad_norm / (norm + 1e-6), 1.0));
-    // The step count advances on the device, unless the norm was not finite.
+    DeviceStep out;
+    out.norm = at::stack(at::_foreach_norm(grads, 2)).norm();
+    const at::Tensor found_inf = at::logical_or(skip != 0, at::logical_not(at::isfinite(out.norm))).to(at::kFloat);
+    if (max_grad_norm > 0) at::_foreach_mul_(grads, at::clamp_max(max_grad_norm / (out.norm + 1e-6), 1.0));
+    // The step count advances on the device, unless the update is skipped.
     step_t_.add_(1.0 - found_inf);
     size_t i = 0;
     for (auto& g : groups_) {
@@ -117,10 +134,14 @@ class ReplicatedAdamW final : public Optimizer {
       std::vector<at::Tensor> p(g.params.begin(), g.params.end()), gr(grads.begin() + i, grads.begin() + i + n),
           m(m_.begin() + i, m_.begin() + i + n), v(v_.begin() + i, v_.begin() + i + n);
       for (auto& t : p) t = t.detach();
-      adamw_update(p, gr, m, v, step_t_, lr * g.lr_scale, cfg_, found_inf);
+      adamw_update(p, gr, m, v, step_t_, g.lr_scale == 1.0 ? lr : lr * g.lr_scale, cfg_, found_inf);
       i += n;
     }
+    out.applied = 1.0 - found_inf;
+    return out;
   }
+
+  void count_device_step(bool applied) override { steps_ += applied ? 1 : 0; }
 
   TensorMap state() override {
     TensorMap s;
@@ -147,6 +168,7 @@ class ReplicatedAdamW final : public Optimizer {
       }
     }
     steps_ = steps;
+    if (step_t_.defined()) step_t_.fill_(static_cast<double>(steps_));  // step_on_device counts from here
   }
 
   int64_t state_bytes() const override {

@@ -56,11 +56,22 @@ class Optimizer {
   virtual void load_state(const TensorMap& state, int64_t steps, const std::string& file) = 0;
   // Bytes of optimizer state this process holds.
   virtual int64_t state_bytes() const = 0;
-  // The same update without host synchronisation, for capture in a CUDA graph: the clipping
-  // coefficient and the non-finite check stay on the device (a non-finite norm turns the
-  // update into a no-op). Its step counts live on the device; steps() does not see them.
-  // Replicated optimizer only.
-  virtual void step_on_device(double lr, double max_grad_norm);
+  // The same update without host synchronisation (the trainer's single-process path, eager or
+  // captured in a CUDA graph; train/step_graphs.h). PyTorch's clip_grad_norm_ formula on the
+  // device: norm = |(|g_1|, ..., |g_n|)| in the gradients' dtype, coefficient
+  // min(1, max_norm / (norm + 1e-6)). lr: 0-dim tensor on the parameters' device (float32, or
+  // float64 for float64 parameters) holding the schedule's rate; each group multiplies its
+  // lr_scale. skip: 0-dim tensor, non-zero = leave everything unchanged (a non-finite loss);
+  // a non-finite norm does the same. Every parameter must have a gradient. Returns the norm
+  // before clipping and whether the update was applied (1) or skipped (0), as 0-dim tensors
+  // of this call. The device-side step count advances only when applied; tell the host with
+  // count_device_step so that steps() and the checkpoint agree.
+  virtual bool has_device_step() const { return false; }
+  struct DeviceStep {
+    at::Tensor norm, applied;
+  };
+  virtual DeviceStep step_on_device(const at::Tensor& lr, double max_grad_norm, const at::Tensor& skip);
+  virtual void count_device_step(bool applied);
 };
 
 // Every rank the whole state.
@@ -76,6 +87,10 @@ std::unique_ptr<Optimizer> make_sharded_adamw(dist::Communicator& comm, std::vec
 // optional): when non-zero the update is a no-op.
 void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
                   const std::vector<at::Tensor>& v, const at::Tensor& step, double lr, const AdamWConfig& cfg,
+                  const at::Tensor& found_inf = {});
+// The same with the learning rate in a 0-dim tensor on the parameters' device (capturable).
+void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, const std::vector<at::Tensor>& m,
+                  const std::vector<at::Tensor>& v, const at::Tensor& step, const at::Tensor& lr, const AdamWConfig& cfg,
                   const at::Tensor& found_inf = {});
 // max_norm / (norm + 1e-6) when that is below 1, else 1 (also for max_norm <= 0).
 double clip_coefficient(double norm, double max_norm);

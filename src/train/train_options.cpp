@@ -29,7 +29,11 @@ void declare_options(OptionSet& s, TrainConfig& c) {
                   },
                   [&c] { return nlohmann::json(c.seed); })
       .add("num_threads", &c.num_threads, "CPU threads for LibTorch (0 = its default; at most 4 per hardware thread)",
-           rules::non_negative());
+           rules::non_negative())
+      .add("cuda_graph", &c.cuda_graph,
+           "auto | on | off: replay each micro-step and the update as CUDA graphs (auto: where the run allows it, "
+           "else eager with the reason in the log; on: refuse a run that cannot)",
+           rules::one_of({"auto", "on", "off"}));
   s.group("Optimisation", "train")
       .add("learning_rate", &c.learning_rate, "AdamW learning rate", rules::positive_number(), "1e-4")
       .add("adam_beta1", &c.adam_beta1, "", rules::in_range(0, 1, true, "[0, 1)"))

@@ -27,6 +27,9 @@ struct TrainConfig {
   uint64_t seed = 0;
   bool seed_given = false;                // false: a random seed was drawn (and is printed/stored)
   int64_t num_threads = 0;                // CPU intra-op threads; 0 = LibTorch's default
+  // auto | on | off: micro-steps and the update replayed as CUDA graphs (train/step_graphs.h);
+  // auto falls back to eager with the reason in the log, on refuses a run that cannot.
+  std::string cuda_graph = "auto";
 };
 
 struct CheckpointConfig {

@@ -33,6 +33,7 @@
 #include "train/encoder_process_optimizer.h"
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
+#include "train/step_graphs.h"
 #include "train/validation.h"
 #include "core/progress.h"
 #include "train/output_dir.h"
@@ -269,6 +270,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     vc.text_rank = opt.world_size > 1 ? static_cast<int>(cfg_.dist.encoder_rank) : 0;
     validation_images_ = std::make_unique<ValidationImages>(vc);
   }
+  setup_step_mode();
 }
 
 Trainer::~Trainer() = default;
@@ -287,6 +289,13 @@ Batch Trainer::next_batch(double* waited_s) {
 }
 
 at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
+  at::Tensor target;
+  const FluxInputs in = group_inputs(group, epoch, validation, &target);
+  return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
+}
+
+FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                                 at::Tensor* target_out) {
   const int64_t b = static_cast<int64_t>(group.size());
   const c10::Device device = rt_.device;
   const at::ScalarType dtype = rt_.dtype;
@@ -308,7 +317,7 @@ at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint
   const at::Tensor noise = at::stack(noises).to(mix);
   const at::Tensor sigma = at::tensor(sigmas, at::TensorOptions().dtype(at::kDouble)).to(mix);
   const at::Tensor xt = noisy_latents(x0, noise, sigma);
-  const at::Tensor target = pack_latents(flow_target(x0, noise)).to(device);
+  *target_out = pack_latents(flow_target(x0, noise)).to(device);
   const int64_t h = x0.size(2), w = x0.size(3);
 
   FluxInputs in;
@@ -331,7 +340,7 @@ at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint
                                                  : spatial_position_ids(ch / 2, cw / 2, h / 2, w / 2))
                               .to(device));
   }
-  return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
+  return in;
 }
 
 void Trainer::begin_online(std::vector<Sample>& samples, bool training) {
@@ -391,6 +400,8 @@ StepResult Trainer::train_step() {
 StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
   if (opt_.world_size > 1 && !rt_.ctl_comm)
     throw Error("trainer: an update with world_size > 1 needs dist::ProcessGroup::init() first", ErrorKind::Internal);
+  if (device_step_) return train_step_device(micro_batches);
+  // The host update: gradients averaged over ranks, the norm and the skip decided on the host.
   StepResult r;
   const double accum = static_cast<double>(micro_batches.size());
   const auto params = all_params_;
@@ -537,6 +548,7 @@ std::string Trainer::run() {
     if (!weights_description_.empty()) ss << ", " << weights_description_;
     if (!online_.description.empty()) ss << ", " << online_.description;
     if (!resumed_from_.empty()) ss << ", resumed from " << resumed_from_ << " at step " << state_.step;
+    if (!rt_.device.is_cpu()) ss << ", step: " << step_mode_;
     progress.message(ss.str());
   }
   // What each rank holds of the encoders (only --encoder_process under mpirun): on the start line

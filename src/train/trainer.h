@@ -13,6 +13,8 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +25,7 @@
 #include "data/dataset.h"
 #include "model/block_weights.h"
 #include "model/flux_config.h"
+#include "model/flux_transformer.h"
 #include "core/tensorboard.h"
 #include "model/lora.h"
 #include "train/checkpoint.h"
@@ -39,6 +42,7 @@ namespace fluxtrain {
 namespace dist {
 class GradSync;
 }  // namespace dist
+class StepGraphs;
 class TextEncoders;
 class ValidationImages;
 
@@ -99,6 +103,8 @@ class Trainer {
   const FluxConfig& model_config() const { return model_cfg_; }
   LoraSet& lora() { return lora_; }
   const TrainState& state() const { return state_; }
+  // How updates run: "device update, CUDA graphs", "device update, eager (<why>)" or "host update".
+  const std::string& step_mode() const { return step_mode_; }
   int64_t max_train_steps() const { return max_steps_; }
   int64_t updates_per_epoch() const { return updates_per_epoch_; }
   const std::string& resumed_from() const { return resumed_from_; }
@@ -134,6 +140,30 @@ class Trainer {
   std::string resumed_from_;
   std::unique_ptr<TensorBoardWriter> tensorboard_;  // root rank, --report_to tensorboard, in run()
 
+  // The single-process step (train/trainer_device_step.cpp): the update on the device with one
+  // host synchronisation per update, micro-steps and update optionally replayed as CUDA graphs.
+  // Used when this process alone holds every gradient (no collectives in the step).
+  struct DeviceStepState {
+    at::Tensor lr;     // 0-dim, the parameters' device: the schedule's rate for this update
+    at::Tensor skip;   // 0-dim float: 1 = skip this update whatever the norm (test hook)
+    at::Tensor loss;   // 0-dim float64: the update's mean loss, accumulated by the micro-steps
+    at::Tensor stats;  // [3] float64: loss, gradient norm, applied (1) or skipped (0)
+    struct Group {     // a captured micro-step's inputs (one per shape of samples)
+      FluxInputs in;
+      at::Tensor target, scale;
+    };
+    std::map<std::string, std::unique_ptr<Group>> groups;
+  };
+  std::unique_ptr<DeviceStepState> device_step_;
+  std::unique_ptr<StepGraphs> graphs_;
+  std::string step_mode_;
+  void setup_step_mode();
+  StepResult train_step_device(const std::vector<Batch>& micro_batches);
+  void micro_step_device(const Batch& batch, double grad_scale);
+  // Runs fn as the CUDA graph `key` where graphs are on, else eagerly; a failed capture turns
+  // graphs off for the rest of the run (with the reason in the log) and runs fn eagerly.
+  void run_piece(const std::string& key, const std::function<void()>& fn);
+
   Batch next_batch(double* waited_s = nullptr);
   // Encodes what the dataset lacks (latents, text states) for one micro-batch, and afterwards
   // returns the text states' gradients. Collective under mpirun: every rank calls both once per
@@ -142,6 +172,8 @@ class Trainer {
   void end_online();
   // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
   at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
+  // The model inputs and the flow-matching target of such a group (what group_loss_sum runs).
+  FluxInputs group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation, at::Tensor* target);
 };
 
 }  // namespace fluxtrain

@@ -9,8 +9,9 @@ BIN = os.environ["FLUXTRAIN_BIN"]
 
 
 def bench(*args):
+    ckpt = [] if "--gradient_checkpointing" in args else ["--gradient_checkpointing", "both"]
     r = subprocess.run([BIN, "bench", "--size", "tiny", "--device", "cpu", "--dtype", "f32", "--configs", "32/64/4",
-                        "--gradient_checkpointing", "both", "--warmup", "1", "--iters", "1", *args],
+                        *ckpt, "--warmup", "1", "--iters", "1", *args],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     return [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
@@ -27,6 +28,16 @@ def main():
             assert j.get("t5") == t5, j
             if mode != "none":
                 assert j["encoders_gib"] > 0
+    # Plain LoRA on every token (kohya/diffusers-style): no condition, more LoRA FLOPs per step.
+    std = bench("--lora_mode", "standard", "--gradient_checkpointing", "off")
+    ec = bench("--gradient_checkpointing", "off")
+    assert len(std) == 1 and std[0]["config"]["lora_mode"] == "standard" and "error" not in std[0], std
+    assert ec[0]["config"]["lora_mode"] == "easycontrol"
+    # No condition tokens, but LoRAs on every text and noise token: another FLOP count.
+    assert std[0]["step_tflop"] > 0 and std[0]["step_tflop"] != ec[0]["step_tflop"], (std, ec)
+    r = subprocess.run([BIN, "bench", "--size", "tiny", "--device", "cpu", "--lora_mode", "kohya"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--lora_mode" in r.stderr, r.stderr
     r = subprocess.run([BIN, "bench", "--size", "tiny", "--device", "cpu", "--text_encoder_mode", "clip"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--text_encoder_mode" in r.stderr, r.stderr

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <functional>
 #include <vector>
 
@@ -277,6 +278,69 @@ TEST(AdamW, StateRoundTripContinuesIdentically) {
   b.mutable_grad() = g2.clone();
   oc->step(1e-2, 0);
   EXPECT_TRUE(at::equal(a, b));
+}
+
+// The device-side update (the trainer's single-process path and its CUDA graph): the same
+// scalar reference as above, with PyTorch's clip_grad_norm_ coefficient computed in double, the
+// rate in a tensor, and the skip flag / a non-finite norm leaving everything unchanged.
+TEST(AdamW, DeviceStepMatchesScalarReferenceAndSkips) {
+  const double lr = 2e-3, b1 = 0.85, b2 = 0.97, eps = 1e-7, wd = 0.05, max_norm = 3.0;
+  auto gen = cpu_generator(9);
+  at::Tensor p0 = at::randn({6, 4}, gen, at::kDouble);
+  std::vector<at::Tensor> grads;
+  for (int t = 0; t < 5; ++t) grads.push_back(at::randn({6, 4}, gen, at::kDouble) * (t + 1));
+  at::Tensor p = p0.clone().set_requires_grad(true);
+  auto opt = make_adamw({{"all", {p}}}, AdamWConfig{b1, b2, eps, wd});
+  ASSERT_TRUE(opt->has_device_step());
+  at::Tensor lr_t = at::zeros({}, at::kDouble), skip = at::zeros({}, at::kFloat);
+  std::vector<double> ref(p0.data_ptr<double>(), p0.data_ptr<double>() + p0.numel());
+  std::vector<double> m(ref.size(), 0), v(ref.size(), 0);
+  int t_ref = 0;
+  for (int t = 0; t < 5; ++t) {
+    const bool skipped = t == 2;  // the flag: nothing may change
+    p.mutable_grad() = grads[t].clone();
+    lr_t.fill_(lr * (t + 1));
+    skip.fill_(skipped ? 1.0 : 0.0);
+    const at::Tensor before = p.detach().clone();
+    const auto d = opt->step_on_device(lr_t, max_norm, skip);
+    opt->count_device_step(d.applied.item<double>() > 0.5);
+    const double* g = grads[t].data_ptr<double>();
+    double sq = 0;
+    for (size_t i = 0; i < ref.size(); ++i) sq += g[i] * g[i];
+    EXPECT_NEAR(d.norm.item<double>(), std::sqrt(sq), 1e-12 * std::sqrt(sq));
+    if (skipped) {
+      EXPECT_EQ(d.applied.item<double>(), 0.0);
+      EXPECT_TRUE(at::equal(p.detach(), before));
+      continue;
+    }
+    EXPECT_EQ(d.applied.item<double>(), 1.0);
+    ++t_ref;
+    const double coef = std::min(1.0, max_norm / (std::sqrt(sq) + 1e-6)), a = lr * (t + 1);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double gi = g[i] * coef;
+      ref[i] -= a * wd * ref[i];
+      m[i] = b1 * m[i] + (1 - b1) * gi;
+      v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+      const double mh = m[i] / (1 - std::pow(b1, t_ref)), vh = v[i] / (1 - std::pow(b2, t_ref));
+      ref[i] -= a * mh / (std::sqrt(vh) + eps);
+    }
+    const double* got = p.data_ptr<double>();
+    for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-13 * (1 + std::abs(ref[i])));
+  }
+  EXPECT_EQ(opt->steps(), 4);
+  // A non-finite gradient: skipped without the flag, parameters and step count unchanged.
+  p.mutable_grad() = grads[0].clone();
+  p.mutable_grad()[0][0] = std::numeric_limits<double>::infinity();
+  skip.fill_(0.0);
+  const at::Tensor before = p.detach().clone();
+  const auto d = opt->step_on_device(lr_t, max_norm, skip);
+  EXPECT_EQ(d.applied.item<double>(), 0.0);
+  EXPECT_FALSE(std::isfinite(d.norm.item<double>()));
+  EXPECT_TRUE(at::equal(p.detach(), before));
+  // Resuming sets the device step count: the next update's bias correction is the 5th.
+  auto o2 = make_adamw({{"all", {p}}}, AdamWConfig{b1, b2, eps, wd});
+  o2->load_state(opt->state(), opt->steps(), "test");
+  EXPECT_EQ(o2->steps(), 4);
 }
 
 TEST(ClipGradNorm, MatchesReference) {
