@@ -9,6 +9,7 @@
 #include "dist/process_group.h"
 #include "dist/low_memory_weights.h"
 #include "dist/sharded_weights.h"
+#include "model/blocks.h"
 #include "model/flux_weights.h"
 
 namespace fluxtrain {
@@ -27,6 +28,9 @@ Runtime make_runtime(const RuntimeRequest& r) {
     c10::DeviceIndex index = r.cuda_device >= 0 ? static_cast<c10::DeviceIndex>(r.cuda_device) : 0;
     if (r.cuda_device < 0 && d.size() > 5) index = c10::Device(d).index();
     rt.device = c10::Device(c10::kCUDA, index);
+    // The attention backends `bench`, `forward` and `sample` use (model/blocks.h), so that
+    // `train` runs the step the benchmark measures.
+    configure_attention_backends();
   }
   rt.dtype = r.dtype;
   check_input(r.world_size >= 1 && r.rank >= 0 && r.rank < r.world_size, "runtime: bad rank/world size");
