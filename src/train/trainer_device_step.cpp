@@ -9,7 +9,9 @@
 // Eager and graph replay run the same functions on the same tensors, so on the same device
 // they give bit-identical results. The host update (trainer.cpp, train_step_on) remains for
 // runs whose step holds collectives (mpirun, sharded optimizer, --encoder_process).
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -27,6 +29,21 @@ namespace {
 // Micro-step shapes captured at most; further shapes (rare buckets) run eagerly. Graphs share
 // one memory pool, so more shapes cost little memory, but each capture takes a second or two.
 constexpr size_t kMaxGraphShapes = 8;
+
+// FLUXTRAIN_STEP_TIMING=1: one line per update with where the host's time went (finding the
+// per-update cost that separates `train` from `bench`, docs/benchmarks.md).
+struct HostTiming {
+  using Clock = std::chrono::steady_clock;
+  bool on = std::getenv("FLUXTRAIN_STEP_TIMING") != nullptr;
+  Clock::time_point last_end{};
+  static double ms(Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  }
+};
+HostTiming& host_timing() {
+  static HostTiming t;
+  return t;
+}
 
 std::string inputs_key(const FluxInputs& in, const at::Tensor& target) {
   std::ostringstream ss;
@@ -174,6 +191,8 @@ void Trainer::micro_step_device(const Batch& batch, double grad_scale) {
 }
 
 StepResult Trainer::train_step_device(const std::vector<Batch>& micro_batches) {
+  HostTiming& ht = host_timing();
+  const auto t_begin = HostTiming::Clock::now();
   DeviceStepState& st = *device_step_;
   StepResult r;
   r.lr = schedule_.lr(state_.step);
@@ -200,7 +219,15 @@ StepResult Trainer::train_step_device(const std::vector<Batch>& micro_batches) {
     at::_foreach_zero_(grads);
     st.loss.zero_();
   });
+  const auto t_launched = HostTiming::Clock::now();
   const at::Tensor stats = st.stats.cpu();  // the update's one synchronisation
+  if (ht.on) {
+    const auto t_end = HostTiming::Clock::now();
+    std::fprintf(opt_.log, "step timing: outside the step %.2f ms, micro-steps and update issued %.2f ms, wait %.2f ms\n",
+                 ht.last_end == HostTiming::Clock::time_point{} ? 0.0 : HostTiming::ms(ht.last_end, t_begin),
+                 HostTiming::ms(t_begin, t_launched), HostTiming::ms(t_launched, t_end));
+    ht.last_end = t_end;
+  }
   const double* v = stats.data_ptr<double>();
   const bool applied = v[2] > 0.5;
   optimizer_->count_device_step(applied);
