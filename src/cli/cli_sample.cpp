@@ -47,6 +47,8 @@ struct SampleCli {
   bool no_kv_cache = false, bench = false;
   int64_t bench_prompts = 1, bench_conditions = 0, bench_lora_rank = 128;
   std::string initial_latents, save_decoded;  // parity tests
+  std::string text_encoder_lora;  // the CLIP/T5 LoRA `train` writes beside lora.safetensors
+  double text_encoder_alpha = 0;
 };
 
 void sync(const c10::Device& d) {
@@ -84,6 +86,11 @@ int cmd_sample(int argc, char** argv) {
       .add("dtype", &c.dtype, "auto (bf16 on CUDA, f32 on CPU), f32, f64, bf16")
       .add("lora", &c.lora, "LoRA .safetensors (any file `train`/`forward --lora` read)")
       .add("network_alphas", &c.network_alphas, "alphas for a LoRA file without metadata (EasyControl's own)")
+      .add("text_encoder_lora", &c.text_encoder_lora,
+           "text-encoder LoRA .safetensors (train's text_encoder_lora.safetensors; diffusers/peft/kohya keys); "
+           "text-encoder keys inside --lora (kohya files) are applied without it")
+      .add("text_encoder_alpha", &c.text_encoder_alpha, "alpha for a text-encoder LoRA file without metadata "
+           "(0: alpha = rank)", rules::non_negative())
       .add("subject_image", &c.subject_images, "EasyControl subject condition image(s)")
       .add("spatial_image", &c.spatial_images, "EasyControl spatial condition image(s) (after the subject ones)")
       .add("cond_size", &c.cond_size, "condition images are resized to this (as in training)", rules::multiple_of_16())
@@ -114,7 +121,11 @@ int cmd_sample(int argc, char** argv) {
   } else {
     prompts.assign(static_cast<size_t>(c.bench_prompts), "a photo");
   }
-  if (!c.output.empty()) check_output_file("--output", c.output, {{"--lora", c.lora}, {"--prompts", c.prompts_file}});
+  if (!c.output.empty())
+    check_output_file("--output", c.output,
+                      {{"--lora", c.lora}, {"--prompts", c.prompts_file}, {"--text_encoder_lora", c.text_encoder_lora}});
+  if (!c.text_encoder_lora.empty() && !path_exists(c.text_encoder_lora))
+    throw Error("--text_encoder_lora " + c.text_encoder_lora + ": missing");
   if (!c.output_dir.empty()) check_output_dir("--output_dir", c.output_dir);
   if (!c.save_decoded.empty()) check_output_file("--save_decoded", c.save_decoded);
   if (!c.lora.empty() && !path_exists(c.lora)) throw Error("--lora " + c.lora + ": missing");
@@ -152,6 +163,33 @@ int cmd_sample(int argc, char** argv) {
     text = std::make_unique<TextEncoders>(TextEncoders::load(ts));
   } else if (!c.bench) {
     throw Error(dir + ": no text encoders (text_encoder/ and text_encoder_2/ are needed for prompts)");
+  }
+  // The text encoders' LoRA: an explicit file, else text-encoder keys inside --lora (a kohya
+  // file holds lora_te* beside lora_unet_*), so that pictures show everything a run trained.
+  {
+    const std::string& f = !c.text_encoder_lora.empty() ? c.text_encoder_lora : c.lora;
+    const std::string flag = !c.text_encoder_lora.empty() ? "--text_encoder_lora" : "--lora";
+    bool has_te_keys = !c.text_encoder_lora.empty();
+    if (!has_te_keys && !f.empty() && text) {
+      try {
+        for (const auto& kv : safetensors::File(f).entries())
+          if (kv.first.rfind("text_encoder", 0) == 0 || kv.first.rfind("lora_te", 0) == 0) has_te_keys = true;
+      } catch (...) {
+        rethrow_with_context(flag);
+      }
+    }
+    if (has_te_keys && text) {
+      try {
+        TextEncoderLoraFile te = load_text_encoder_lora_file(f, text->clip() ? &text->clip()->config() : nullptr,
+                                                             text->t5() ? &text->t5()->config() : nullptr,
+                                                             c.text_encoder_alpha);
+        text->set_lora(std::move(te.clip), std::move(te.t5));
+      } catch (...) {
+        rethrow_with_context(flag);
+      }
+    } else if (!c.text_encoder_lora.empty()) {
+      throw Error("--text_encoder_lora needs the snapshot's text encoders (text_encoder/, text_encoder_2/)");
+    }
   }
 
   LoraSet lora;

@@ -32,10 +32,10 @@ def fixtures(tmp):
     return snap, os.path.join(tmp, "data.h5")
 
 
-def train(snap, data, out, device, *extra, ok=True):
+def train(snap, data, out, device, *extra, ok=True, steps="6"):
     return run("train", "--pretrained_model_name_or_path", snap, "--train_data", data, "--output_dir", out,
                "--device", device, "--ranks", "4", "--network_alphas", "4", "--learning_rate", "1e-2",
-               "--max_train_steps", "6", "--train_batch_size", "1", "--cond_size", "64", "--noise_size", "96",
+               "--max_train_steps", steps, "--train_batch_size", "1", "--cond_size", "64", "--noise_size", "96",
                "--validation_steps", "3", "--checkpointing_steps", "3", "--report_to", "none", "--seed", "5",
                *extra, ok=ok)
 
@@ -94,7 +94,7 @@ def check_cuda(tmp, snap, data):
 
     # Resume: 3 updates, then resume to 6, graphs on; equal to the uninterrupted run.
     out = os.path.join(tmp, "resume")
-    train(snap, data, out, "cuda", "--mixed_precision", "bf16", "--cuda_graph", "on", "--max_train_steps", "3")
+    train(snap, data, out, "cuda", "--mixed_precision", "bf16", "--cuda_graph", "on", steps="3")
     train(snap, data, out, "cuda", "--mixed_precision", "bf16", "--cuda_graph", "on", "--resume_from_checkpoint",
           "latest")
     if lora_bytes(os.path.join(tmp, "bf16-off")) == lora_bytes(os.path.join(tmp, "bf16-off2")):
