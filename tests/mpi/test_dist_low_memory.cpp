@@ -54,6 +54,11 @@ WeightsSource source_of(ResidentBlockWeights& w) {
   src.globals = w.globals();
   src.num_blocks = w.num_blocks();
   src.load_block = [&w](int i) { return w.blocks()[i]; };
+  src.block_shapes = [&w](int i) {  // so that every plan counts bytes
+    BlockShapes sh;
+    for (const auto& [k, v] : w.blocks()[i]) sh.emplace_back(k, v.sizes().vec());
+    return sh;
+  };
   return src;
 }
 
@@ -136,6 +141,43 @@ TEST(DistLowMemory, ShardedStreamingOnCudaMatchesShardedResident) {
     }
     EXPECT_GE(sharded_of(*streamed)->stats().shard_copies, 2 * cfg.num_blocks());
   }
+}
+
+// --max_gpu_memory under sharding: a budget just under the sharded-resident weights streams
+// blocks, the provider holds about what the plan says, and the results stay bit-identical.
+TEST(DistLowMemory, ShardedBudgetStreamsTheFewestBlocksThatFit) {
+  const FluxConfig cfg = deeper_tiny();
+  ResidentBlockWeights original(init_random_weights(cfg, 46, at::kFloat), cfg.depth, cfg.depth_single);
+  const int n = static_cast<int>(cfg.num_blocks());
+  const WeightsSource src = source_of(original);
+  LowMemoryOptions o;
+  LowMemoryPlan all_resident;
+  auto resident = compose_low_memory_weights(src, o, at::kCPU, at::kDouble, &comm(), 0, &all_resident);
+  EXPECT_EQ(all_resident.streamed_blocks, 0);
+  EXPECT_EQ(all_resident.shard_ranks, comm().size());
+  o.max_gpu_memory = std::to_string(all_resident.device_weight_bytes - 1);
+  LowMemoryPlan plan;
+  auto streamed = compose_low_memory_weights(src, o, at::kCPU, at::kDouble, &comm(), 0, &plan);
+  // Streaming costs two whole-block buffers and saves 1/N per block: on many ranks only most or
+  // all blocks streamed fit under the sharded-resident bytes. The fewest that fit are chosen.
+  EXPECT_GT(plan.streamed_blocks, 0);
+  EXPECT_LE(plan.streamed_blocks, n);
+  EXPECT_LE(plan.device_weight_bytes, o.max_gpu_memory_bytes());
+  if (plan.streamed_blocks > 1) {
+    LowMemoryOptions fewer;
+    fewer.blocks_to_swap = plan.streamed_blocks - 1;
+    EXPECT_GT(plan_low_memory_weights(src, fewer, at::kDouble, 0, comm().size()).device_weight_bytes,
+              o.max_gpu_memory_bytes());
+  }
+  const ShardedWeightsStats& st = sharded_of(*streamed)->stats();
+  EXPECT_EQ(st.streamed_blocks, plan.streamed_blocks);
+  // What the provider holds, up to the padding of each part to the mapping granularity.
+  const int64_t padding = 4 * (n + 4) * comm().size() * st.granularity;
+  EXPECT_LE(st.resident_bytes(), plan.device_weight_bytes + padding);
+  EXPECT_GE(st.resident_bytes() + padding, plan.device_weight_bytes);
+  EXPECT_LE(st.host_shard_bytes, plan.host_weight_bytes + padding);
+  expect_identical(run(cfg, *streamed, false, 900 + comm().rank(), at::kDouble),
+                   run(cfg, *resident, false, 900 + comm().rank(), at::kDouble));
 }
 
 TEST(DistLowMemory, ShardedStreamingRefusesAnotherPrefetch) {
