@@ -24,7 +24,7 @@ for part in ${PARTS:-graph_test standard}; do
   s0=$(date +%s)
   case $part in
     graph_test)
-      FLUXTRAIN_BIN=$B FLUXTRAIN_TEST_CUDA=1 python3 tests/py/test_train_cuda_graph.py 2>&1 | tail -12 ;;
+      FLUXTRAIN_BIN=$B FLUXTRAIN_TEST_CUDA=1 python3 tests/py/test_train_cuda_graph.py > "$OUT/graph_test.log" 2>&1; tail -12 "$OUT/graph_test.log" ;;
     unit)
       (cd build-gpu && ctest -L unit -j8 --output-on-failure > "$OUT/ctest.log" 2>&1; tail -4 "$OUT/ctest.log") ;;
     standard)

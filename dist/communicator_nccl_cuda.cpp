@@ -144,7 +144,8 @@ class NcclCommunicator : public Communicator {
     check_input(out.numel() == in.numel() * size_,
                 "all_gather: output has " + std::to_string(out.numel()) + " elements, expected " +
                     std::to_string(in.numel() * size_));
-    const ncclDataType_t type = nccl_type(in.scalar_type());
+    // A gather only moves bytes: one-byte types NCCL does not name (fp8 codes) travel as uint8.
+    const ncclDataType_t type = in.element_size() == 1 ? ncclUint8 : nccl_type(in.scalar_type());
     // NCCL gathers in place when `in` is this rank's part of `out` (the sharded weights' case):
     // then only the other ranks' parts move, and with one rank nothing does.
     const bool in_place = gathers_in_place(out, in);

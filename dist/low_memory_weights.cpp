@@ -7,6 +7,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include "core/error.h"
+#include "dist/communicator.h"
 #include "dist/fp8_weights.h"
 #include "dist/offloaded_weights.h"
 #include "dist/sharded_weights.h"
@@ -46,20 +47,24 @@ std::string gib(int64_t b) {
 std::string LowMemoryPlan::describe() const {
   std::ostringstream s;
   s << "frozen blocks " << (fp8 ? "fp8" : "in the compute dtype") << ", " << streamed_blocks
-    << " streamed from host memory; weights on the device " << gib(device_weight_bytes) << ", in host memory "
+    << " streamed from host memory" << (shard_ranks > 0 ? " (each rank its 1/" + std::to_string(shard_ranks) + ")" : "")
+    << "; weights on the device " << gib(device_weight_bytes) << ", in host memory "
     << gib(host_weight_bytes);
   return s.str();
 }
 
 LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt, at::ScalarType dtype,
-                                      int64_t non_weight_bytes) {
+                                      int64_t non_weight_bytes, int shard_ranks) {
   opt.validate();
+  check_input(shard_ranks >= 0, "low-memory plan: shard_ranks must be >= 0");
   LowMemoryPlan p;
   p.fp8 = opt.fp8();
+  p.shard_ranks = shard_ranks;
   const int n = src.num_blocks;
   const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
   const Fp8WeightsOptions fo = fp8_options(opt);
-  std::vector<int64_t> stored(n);
+  const int64_t N = std::max(shard_ranks, 1);
+  std::vector<int64_t> stored(n), mine(n);  // whole block; this rank's share of it
   int64_t largest_compute = 0;
   // Without shapes, counting bytes means reading every block: only worth it for a budget.
   const bool counted = src.block_shapes || !opt.max_gpu_memory.empty();
@@ -68,6 +73,7 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
     int64_t compute = 0;
     for (const auto& kv : sh) compute += numel(kv.second) * esize;
     stored[i] = p.fp8 ? fp8_stored_bytes(sh, fo, dtype) : compute;
+    mine[i] = (stored[i] + N - 1) / N;  // sharded: 1/N of it (padding not counted)
     largest_compute = std::max(largest_compute, compute);
     p.stored_block_bytes += stored[i];
   }
@@ -75,30 +81,41 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   for (const auto& kv : src.globals) globals += kv.second.numel() * esize;
   const int64_t fixed = globals + (p.fp8 ? largest_compute : 0);  // the fp8 layer's one slot
   const int ring = static_cast<int>(opt.offload_prefetch) + 1;
+  // Device bytes of the weights with `c` streamed blocks. Unsharded: resident blocks and a ring
+  // of slots of the largest streamed block. Sharded (ShardedBlockWeights): this rank's 1/N of
+  // each resident block, two gather slots for the other ranks' parts of the largest resident
+  // block, and two buffers of the largest streamed block, whole (its own part arrives there by
+  // copy, the others' by the gather).
+  auto device_bytes = [&](int c) {
+    const std::vector<bool> s = spread_streamed_blocks(n, c);
+    int64_t resident = 0, largest_resident = 0, largest_streamed = 0;
+    for (int i = 0; i < n; ++i) {
+      if (s[i]) {
+        largest_streamed = std::max(largest_streamed, shard_ranks > 0 ? stored[i] : mine[i]);
+      } else {
+        resident += mine[i];
+        largest_resident = std::max(largest_resident, stored[i]);
+      }
+    }
+    if (shard_ranks == 0) return fixed + resident + (c > 0 ? ring * largest_streamed : 0);
+    return fixed + resident + 2 * (largest_resident - largest_resident / N) + 2 * largest_streamed;
+  };
   int count = opt.blocks_to_swap < 0 ? n : static_cast<int>(std::min<int64_t>(opt.blocks_to_swap, n));
   if (!opt.max_gpu_memory.empty()) {
-    const int64_t budget = opt.max_gpu_memory_bytes() - non_weight_bytes - fixed;
-    count = blocks_to_swap_for_budget(stored, budget, ring);
-    if (count < 0) {
-      int64_t largest = *std::max_element(stored.begin(), stored.end());
+    const int64_t budget = opt.max_gpu_memory_bytes() - non_weight_bytes;
+    count = -1;
+    for (int c = 0; c <= n && count < 0; ++c)  // the fewest streamed blocks that fit
+      if (device_bytes(c) <= budget) count = c;
+    if (count < 0)
       throw Error("--max_gpu_memory " + opt.max_gpu_memory + ": too small; with every block streamed the weights need " +
-                  gib(fixed + ring * largest) + " on the device and the rest of the step about " +
-                  gib(non_weight_bytes) + (p.fp8 ? "" : " (--base_precision fp8 halves the blocks)"));
-    }
+                  gib(device_bytes(n)) + " on the device and the rest of the step about " + gib(non_weight_bytes) +
+                  (p.fp8 ? "" : " (--base_precision fp8 halves the blocks)"));
   }
   const std::vector<bool> s = spread_streamed_blocks(n, count);
   p.streamed_blocks = count;
-  int64_t largest_streamed = 0;
-  p.device_weight_bytes = fixed;
-  for (int i = 0; i < n; ++i) {
-    if (s[i]) {
-      p.host_weight_bytes += stored[i];
-      largest_streamed = std::max(largest_streamed, stored[i]);
-    } else {
-      p.device_weight_bytes += stored[i];
-    }
-  }
-  p.device_weight_bytes += count > 0 ? ring * largest_streamed : 0;
+  p.device_weight_bytes = device_bytes(count);
+  for (int i = 0; i < n; ++i)
+    if (s[i]) p.host_weight_bytes += mine[i];
   return p;
 }
 
@@ -112,11 +129,14 @@ const OffloadStats* find_offload_stats(BlockWeights& stack) {
 std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt,
                                                          c10::Device device, at::ScalarType dtype, Communicator* comm,
                                                          int64_t non_weight_bytes, LowMemoryPlan* plan_out) {
-  const LowMemoryPlan plan = plan_low_memory_weights(src, opt, dtype, non_weight_bytes);
+  // Sharded streaming moves shards through the provider's two gather slots: the next block's
+  // copy and gather are issued one block ahead, a ring that --offload_prefetch cannot widen.
+  if (comm && opt.streams() && opt.offload_prefetch != 1)
+    throw Error("--offload_prefetch " + std::to_string(opt.offload_prefetch) +
+                " with --shard_weights: sharded streaming prefetches exactly 1 block (its two gather slots); leave "
+                "--offload_prefetch at 1");
+  const LowMemoryPlan plan = plan_low_memory_weights(src, opt, dtype, non_weight_bytes, comm ? comm->size() : 0);
   if (plan_out) *plan_out = plan;
-  if (comm && plan.streamed_blocks > 0)
-    throw Error("--blocks_to_swap / --max_gpu_memory with sharded weights: not supported yet (each rank already keeps "
-                "1/N of every block; use --base_precision fp8 to halve it)");
   const int n = src.num_blocks;
   TensorMap globals;
   for (const auto& [k, v] : src.globals) globals.emplace(k, v.detach().to(device, dtype));
@@ -140,6 +160,8 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     ShardedWeightsOptions so;
     so.device = device;
     if (!plan.fp8) so.dtype = dtype;  // fp8: each group keeps its dtype (codes, scales, the rest)
+    // Streamed: this rank's shard of the block in host memory; fp8 streams codes and scales.
+    if (plan.streamed_blocks > 0) so.streamed = spread_streamed_blocks(n, plan.streamed_blocks);
     inner = std::make_unique<ShardedBlockWeights>(*comm, globals, n, stored_block, so);
   } else {
     OffloadOptions oo;

@@ -8,11 +8,17 @@
 //   fp8 + streaming            Fp8BlockWeights > OffloadedBlockWeights of fp8 blocks
 //   sharded (comm given)       ShardedBlockWeights, as before
 //   sharded + fp8              Fp8BlockWeights > ShardedBlockWeights of fp8 blocks (fp8 gathered)
-//   sharded + streaming        not supported yet (Error): each rank already holds 1/N
+//   sharded + streaming        ShardedBlockWeights with streamed blocks: each rank keeps its 1/N
+//                              of a streamed block in (pinned) host memory, copied in before the gather
+//   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
 // fp8 dequantisation slot, resident blocks and the streaming ring fit in the budget minus
 // `non_weight_bytes` (activations, LoRA, optimizer, workspace: src/train/memory_estimate.h).
+// Sharded over N ranks, every block counts 1/N of its bytes (on the device when resident, in
+// host memory when streamed), plus two gather slots for the other ranks' parts of the largest
+// resident block ((N-1)/N of it) and, when blocks stream, two buffers of the largest streamed
+// block, whole, which it is gathered into.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -46,16 +52,17 @@ struct WeightsSource {
 struct LowMemoryPlan {
   bool fp8 = false;
   int streamed_blocks = 0;             // in host memory
+  int shard_ranks = 0;                 // 0: not sharded; N: blocks sharded over N ranks
   int64_t device_weight_bytes = 0;     // globals + resident blocks + slots (this rank)
-  int64_t host_weight_bytes = 0;       // streamed blocks in host memory
+  int64_t host_weight_bytes = 0;       // streamed blocks in host memory (this rank)
   int64_t stored_block_bytes = 0;      // all blocks in their stored precision
   std::string describe() const;        // one line for the start-up log
 };
 
 // Bytes of the device slots and blocks for `streamed` blocks (no allocation): what the
-// provider built with these options will hold.
+// provider built with these options will hold. shard_ranks: 0 unsharded, N sharded over N ranks.
 LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryOptions& opt, at::ScalarType dtype,
-                                      int64_t non_weight_bytes = 0);
+                                      int64_t non_weight_bytes = 0, int shard_ranks = 0);
 
 struct OffloadStats;
 // The streaming layer's counters in a stack built by compose_low_memory_weights (nullptr when

@@ -42,6 +42,10 @@ class StreamEngine {
   virtual void slot_released(int slot) = 0;  // the slot's readers are queued on the compute stream
   virtual void wait_filled(int slot) = 0;    // the compute stream waits for the slot's copy
   virtual void synchronize() = 0;            // every copy issued is done
+  // Calls `enqueue` (work for another queue, e.g. a collective that reads the slot) so that it
+  // is ordered after the slot's last copy. CUDA: the side stream is the current stream while it
+  // runs, so the work waits for the copy and not for the compute queued since. CPU: just calls.
+  virtual void after_copy(int /*slot*/, const std::function<void()>& enqueue) { enqueue(); }
 };
 std::unique_ptr<StreamEngine> make_stream_engine(c10::Device device, int num_slots);
 #ifdef FLUXTRAIN_WITH_CUDA

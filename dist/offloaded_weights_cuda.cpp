@@ -60,6 +60,10 @@ class CudaStreamEngine : public StreamEngine {
     filled_[slot].block(c10::cuda::getCurrentCUDAStream(device_.index()));
   }
   void synchronize() override { side_.synchronize(); }
+  void after_copy(int, const std::function<void()>& enqueue) override {
+    c10::cuda::CUDAStreamGuard guard(side_);
+    enqueue();
+  }
 
  private:
   c10::Device device_;

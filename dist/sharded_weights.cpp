@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "dist/communicator.h"
 #include "dist/mapped_memory.h"
+#include "dist/offloaded_weights.h"
 
 namespace fluxtrain::dist {
 
@@ -53,6 +54,7 @@ ShardedBlockWeights::~ShardedBlockWeights() {
   // Gathers in flight write into our windows (and, on MPI, are requests that must complete).
   try {
     quiesce();
+    if (engine_) engine_->synchronize();  // shard copies in flight read host_ and write stream buffers
   } catch (...) {
   }
   // Tensors handed out may outlive us: leave them with empty storage, not unmapped addresses.
@@ -63,8 +65,18 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
   const int world = comm_.size(), rank = comm_.rank();
   const int64_t granule = static_cast<int64_t>(memory_->granularity());
   const c10::Device dev = memory_->device();
+  if (!opt_.streamed.empty() && static_cast<int>(opt_.streamed.size()) != num_blocks)
+    throw Error("sharded weights: " + std::to_string(opt_.streamed.size()) + " streaming flags for " +
+                    std::to_string(num_blocks) + " blocks",
+                ErrorKind::Internal);
+  streamed_ = opt_.streamed.empty() ? std::vector<bool>(num_blocks, false) : opt_.streamed;
+  if (std::find(streamed_.begin(), streamed_.end(), true) != streamed_.end())
+    engine_ = make_stream_engine(dev, /*num_slots=*/2);
+  host_.resize(num_blocks);
+  own_bytes_.assign(num_blocks, 0);
   layouts_.resize(num_blocks);
-  int64_t slot_bytes = 0;  // the largest block's other parts, all groups together
+  int64_t slot_bytes = 0;     // the largest resident block's other parts, all groups together
+  int64_t stream_bytes = 0;   // the largest streamed block, all parts of all groups
   Hasher hash;
   hash.i64(granule);
   for (int b = 0; b < num_blocks; ++b) {
@@ -79,7 +91,7 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
       ends[dt] = e.offset + e.numel;
       g.entries.push_back(std::move(e));
     }
-    int64_t others_offset = 0;  // running offset of this block's other parts inside a slot
+    // Part sizes first: a streamed shard is one packed host buffer of all groups' parts.
     for (auto& [dt, g] : groups) {
       const int64_t esize = static_cast<int64_t>(c10::elementSize(dt));
       if (granule % (esize * kAlign) != 0)
@@ -90,28 +102,49 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
       const int64_t used = std::max<int64_t>(ends[dt], 1);
       g.part = round_up((used + world - 1) / world, unit);
       g.part_bytes = g.part * esize;
+      g.own_offset = own_bytes_[b];
+      own_bytes_[b] += g.part_bytes;
       hash.i64(static_cast<int64_t>(dt));
       hash.i64(g.part);
       for (const Entry& e : g.entries) {
         hash.str(e.name);
         for (int64_t d : e.shape) hash.i64(d);
       }
-
-      // Two windows of the full buffer; this rank's part in both comes from its own memory.
-      const int own = memory_->create(static_cast<size_t>(g.part_bytes));
-      char* base = memory_->reserve(static_cast<size_t>(2 * world * g.part_bytes));
+    }
+    const bool streamed = streamed_[b];
+    if (streamed) {
+      host_[b] = engine_->host_buffer(own_bytes_[b]);
+      stats_.host_shard_bytes += own_bytes_[b];
+      ++stats_.streamed_blocks;
+    }
+    int64_t others_offset = 0;  // running offset of this block's other parts inside a slot
+    int64_t full_offset = 0;    // streamed: running offset of this block's groups in a stream buffer
+    for (auto& [dt, g] : groups) {
+      const int64_t esize = static_cast<int64_t>(c10::elementSize(dt));
       const at::TensorOptions o = at::TensorOptions().dtype(dt).device(dev);
-      for (int s = 0; s < 2; ++s) {
-        g.window[s] = base + s * world * g.part_bytes;
-        memory_->map(g.window[s] + rank * g.part_bytes, static_cast<size_t>(g.part_bytes), own, 0);
-        g.full[s] = at::from_blob(g.window[s], {world * g.part}, o);
-        g.mine[s] = g.full[s].narrow(0, rank * g.part, g.part);
+      if (streamed) {
+        // Gathered into a plain buffer of the slot (windows set below): its own part arrives by
+        // copy, so there is no permanent memory to map (and CUDA maps whole allocations only).
+        g.slot_offset = full_offset;
+        full_offset += world * g.part_bytes;
+      } else {
+        // Two windows of the full buffer; this rank's part in both comes from its own memory.
+        char* base = memory_->reserve(static_cast<size_t>(2 * world * g.part_bytes));
+        const int own = memory_->create(static_cast<size_t>(g.part_bytes));
+        for (int s = 0; s < 2; ++s) {
+          g.window[s] = base + s * world * g.part_bytes;
+          memory_->map(g.window[s] + rank * g.part_bytes, static_cast<size_t>(g.part_bytes), own, 0);
+        }
+        g.slot_offset = others_offset;
+        others_offset += (world - 1) * g.part_bytes;
       }
-      g.slot_offset = others_offset;
-      others_offset += (world - 1) * g.part_bytes;
 
       // This rank's slice of the flat buffer; only the overlapping part of each tensor is read.
-      at::Tensor shard = g.mine[0];
+      // (Views over a window are made once all of it is mapped: CUDA checks the address.)
+      at::Tensor shard =
+          streamed ? at::from_blob(static_cast<char*>(host_[b].data_ptr()) + g.own_offset, {g.part},
+                                   at::TensorOptions().dtype(dt))
+                   : at::from_blob(g.window[0] + rank * g.part_bytes, {g.part}, o);
       shard.zero_();
       const int64_t lo = rank * g.part, hi = lo + g.part;
       for (const Entry& e : g.entries) {
@@ -120,12 +153,26 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
         at::Tensor src = full.at(e.name).detach().reshape({-1}).narrow(0, a - e.offset, z - a);
         shard.narrow(0, a - lo, z - a).copy_(src);  // copy_ converts dtype and device
       }
-      stats_.shard_bytes += g.part_bytes;
+      if (!streamed) stats_.shard_bytes += g.part_bytes;
       for (const Entry& e : g.entries) stats_.full_block_bytes += e.numel * esize;
       layouts_[b].groups.push_back(std::move(g));
     }
     slot_bytes = std::max(slot_bytes, others_offset);
+    stream_bytes = std::max(stream_bytes, full_offset);
     hash.i64(-1);  // block separator
+  }
+
+  // Streamed blocks are gathered into one of two plain device buffers, each holding a whole
+  // block (the largest streamed one): the group's window is its place in the buffer.
+  if (stream_bytes > 0) {
+    for (int s = 0; s < 2; ++s) {
+      stream_buffer_[s] = engine_->device_buffer(stream_bytes);
+      char* base = static_cast<char*>(stream_buffer_[s].data_ptr());
+      for (int b = 0; b < num_blocks; ++b)
+        if (streamed_[b])
+          for (Group& g : layouts_[b].groups) g.window[s] = base + g.slot_offset;
+    }
+    stats_.stream_buffer_bytes = 2 * stream_bytes;
   }
 
   // Every rank must have derived the same layout, or the gathers would mix tensors.
@@ -141,8 +188,9 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
   if (slot_bytes > 0) {
     for (int s = 0; s < 2; ++s) {
       const int slot_memory = memory_->create(static_cast<size_t>(slot_bytes));
-      for (Layout& lay : layouts_)
-        for (const Group& g : lay.groups) {
+      for (int b = 0; b < num_blocks; ++b)
+        for (const Group& g : layouts_[b].groups) {
+          if (streamed_[b]) continue;
           const int64_t pb = g.part_bytes;
           memory_->map(g.window[s], static_cast<size_t>(rank * pb), slot_memory, static_cast<size_t>(g.slot_offset));
           memory_->map(g.window[s] + (rank + 1) * pb, static_cast<size_t>((world - 1 - rank) * pb), slot_memory,
@@ -151,6 +199,13 @@ void ShardedBlockWeights::build(const std::function<TensorMap(int)>& load_block,
     }
     stats_.gather_buffer_bytes = 2 * slot_bytes;
   }
+  // Flat views of every window, now that each is mapped in full.
+  for (Layout& lay : layouts_)
+    for (Group& g : lay.groups)
+      for (int s = 0; s < 2; ++s) {
+        g.full[s] = at::from_blob(g.window[s], {world * g.part}, at::TensorOptions().dtype(g.dtype).device(dev));
+        g.mine[s] = g.full[s].narrow(0, rank * g.part, g.part);
+      }
 
   // Each block group's own storage, empty until the block is unsharded. Not resizable and
   // without an allocator: its memory only ever comes from a window (attach) and goes (detach).
@@ -229,7 +284,21 @@ void ShardedBlockWeights::start_gather(Slot& s, int block) {
   // In place: this rank's part is already in the window, only the others' parts arrive.
   Layout& lay = layouts_[block];
   const int si = slot_index(s);
-  for (Group& g : lay.groups) s.pending.push_back(comm_.all_gather_async(g.full[si], g.mine[si]));
+  auto gather = [&] {
+    for (Group& g : lay.groups) s.pending.push_back(comm_.all_gather_async(g.full[si], g.mine[si]));
+  };
+  if (streamed_[block]) {
+    // A streamed shard first comes from host memory into this rank's part of the slot's stream
+    // buffer (one copy per dtype group); the gather is ordered after those copies.
+    const char* host = static_cast<const char*>(host_[block].data_ptr());
+    for (const Group& g : lay.groups)
+      engine_->copy_to_slot(si, g.window[si] + comm_.rank() * g.part_bytes, host + g.own_offset, g.part_bytes);
+    ++stats_.shard_copies;
+    stats_.shard_bytes_copied += own_bytes_[block];
+    engine_->after_copy(si, gather);
+  } else {
+    gather();
+  }
   ++stats_.gathers;
 }
 
@@ -253,6 +322,9 @@ const TensorMap& ShardedBlockWeights::acquire(int block) {
   }
   for (auto& w : s->pending) w->wait();
   s->pending.clear();
+  // The gather already follows the shard's copy; waiting for the copy as well keeps the order
+  // when the communicator has nothing to move (one rank).
+  if (streamed_[block]) engine_->wait_filled(slot_index(*s));
   s->held = true;
   s->used = true;
   s->last_use = ++tick_;
@@ -268,6 +340,8 @@ void ShardedBlockWeights::release(int block) {
   if (!s || !s->held)
     throw Error("sharded weights: release(" + std::to_string(block) + ") without acquire()", ErrorKind::Internal);
   s->held = false;
+  // The slot's readers are queued: a later shard copy into its stream buffer waits for them.
+  if (engine_) engine_->slot_released(slot_index(*s));
 }
 
 void ShardedBlockWeights::will_use(int block) {

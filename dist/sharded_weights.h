@@ -41,6 +41,17 @@
 // provider its own communicator.
 //
 // globals() stay replicated (small: embedders, final layer).
+//
+// Streaming (options.streamed, --blocks_to_swap under --shard_weights): a streamed block's shard
+// lives in host memory (page-locked on CUDA), packed group after group, instead of on the
+// device. Such a block has no mapped windows: each gather slot has a plain device buffer the
+// size of the largest streamed block, and gathering it copies this rank's part from host memory
+// into its place in the slot's buffer (StreamEngine of dist/offloaded_weights.h), then
+// all-gathers in place there. The two gather slots are the ring: the copy and the gather of the
+// next block are issued when the block before it is acquired. On CUDA the copy runs on a side
+// stream after the slot's last release, and the gather is issued from that stream so that it
+// waits for the copy without holding up the compute queued meanwhile. Tensor identity is kept
+// as above (the block's storage points at the slot's buffer while it is unsharded).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -57,24 +68,33 @@
 namespace fluxtrain::dist {
 
 class Communicator;
+class StreamEngine;
 class Work;
 
 struct ShardedWeightsOptions {
   at::Device device = at::kCPU;              // where shards and gathered blocks live
   std::optional<at::ScalarType> dtype;       // cast every weight to this dtype (none: keep)
   bool prefetch = true;                      // issue the next block's gather ahead
+  std::vector<bool> streamed;                // [block]: shard in host memory; empty: none
 };
 
 struct ShardedWeightsStats {
   int64_t full_block_bytes = 0;   // all blocks' weights, unpadded, as one rank would hold them
-  int64_t shard_bytes = 0;        // this rank's shards of all blocks (padding included)
+  int64_t shard_bytes = 0;        // this rank's shards of the blocks kept on the device (padding included)
+  int64_t host_shard_bytes = 0;   // this rank's shards of the streamed blocks, in host memory
   int64_t replicated_bytes = 0;   // globals, held in full by every rank
   int64_t gather_buffer_bytes = 0;// the two slots receiving the other ranks' parts (0 on one rank)
+  int64_t stream_buffer_bytes = 0;// the two slots receiving a whole streamed block
   int64_t granularity = 0;        // bytes: the mapping unit that parts are padded to
-  int64_t resident_bytes() const { return shard_bytes + replicated_bytes + gather_buffer_bytes; }
+  int streamed_blocks = 0;
+  int64_t resident_bytes() const {
+    return shard_bytes + replicated_bytes + gather_buffer_bytes + stream_buffer_bytes;
+  }
   int64_t gathers = 0;            // all-gathers issued so far
   int64_t prefetch_hits = 0;      // acquires whose block was already gathered or in flight
   int64_t wasted_prefetches = 0;  // gathers evicted before use
+  int64_t shard_copies = 0;       // streamed shards copied from host memory to the device
+  int64_t shard_bytes_copied = 0;
 };
 
 class ShardedBlockWeights : public BlockWeights {
@@ -116,6 +136,8 @@ class ShardedBlockWeights : public BlockWeights {
     int64_t part_bytes = 0;       // a multiple of the mapping granularity
     char* window[2] = {};         // the full buffer as seen through slot 0 / slot 1
     int64_t slot_offset = 0;      // bytes: where this group's other parts sit in a slot allocation
+                                  // (streamed block: where the group sits in a stream buffer)
+    int64_t own_offset = 0;       // bytes: where this rank's part sits in a packed (streamed) shard
     at::Tensor full[2], mine[2];  // flat views of a window and of this rank's part in it
   };
   struct Layout {
@@ -133,6 +155,13 @@ class ShardedBlockWeights : public BlockWeights {
   ShardedWeightsOptions opt_;
   // Declared first so that it is destroyed last: every view below points into its mappings.
   std::unique_ptr<MappedMemory> memory_;
+  // Streaming: host copies of the streamed shards, and the engine that moves them (null when
+  // nothing streams). Declared after memory_: the engine finishes its copies before unmapping.
+  std::unique_ptr<StreamEngine> engine_;
+  std::vector<bool> streamed_;
+  std::vector<at::Tensor> host_;       // [block]: packed shard (streamed blocks only)
+  std::vector<int64_t> own_bytes_;     // [block]: bytes of this rank's parts, all groups
+  at::Tensor stream_buffer_[2];        // each slot's buffer for a whole streamed block
   TensorMap globals_;
   std::vector<Layout> layouts_;
   std::vector<std::vector<at::Storage>> storage_;  // [block][group]: the block's own storage

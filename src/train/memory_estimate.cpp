@@ -166,22 +166,16 @@ MemoryEstimate estimate_memory(const MemoryEstimateInput& in) {
   const dist::WeightsSource src = shapes_source(in.model, dtype);
   int64_t rest = 0;
   if (!in.low_memory.max_gpu_memory.empty()) rest = estimate_non_weight_bytes(in);
-  const dist::LowMemoryPlan plan = dist::plan_low_memory_weights(src, in.low_memory, dtype, rest);
+  // Several ranks always shard the frozen blocks (train/setup.h): the plan counts 1/N of each,
+  // resident or streamed, and the two gather slots.
+  const int shard_ranks = in.shard_weights || in.world_size > 1 ? static_cast<int>(in.world_size) : 0;
+  const dist::LowMemoryPlan plan = dist::plan_low_memory_weights(src, in.low_memory, dtype, rest, shard_ranks);
   m.weights = plan.device_weight_bytes;
-  int64_t largest_block = 0, all_blocks = 0;  // in the compute dtype
+  int64_t largest_block = 0;  // in the compute dtype
   for (int i = 0; i < src.num_blocks; ++i) {
     int64_t b = 0;
     for (const auto& kv : flux_block_shapes(in.model, i)) b += numel(kv.second) * in.compute_bytes;
     largest_block = std::max(largest_block, b);
-    all_blocks += b;
-  }
-  if (in.shard_weights || in.world_size > 1) {
-    // 1/N of every stored block per rank, plus two gather slots for the other ranks' parts of
-    // the largest block (stored precision).
-    const int64_t N = in.world_size;
-    const double stored_ratio = static_cast<double>(plan.stored_block_bytes) / static_cast<double>(all_blocks);
-    m.weights = plan.device_weight_bytes - plan.stored_block_bytes + plan.stored_block_bytes / N +
-                static_cast<int64_t>(2.0 * stored_ratio * static_cast<double>(largest_block) * (N - 1) / N);
   }
   m.streamed_blocks = plan.streamed_blocks;
   m.host_weights = plan.host_weight_bytes;

@@ -50,6 +50,10 @@ void declare_options(OptionSet& s, TrainConfig& c) {
            })
       .add("gradient_accumulation_steps", &c.gradient_accumulation_steps, "micro-batches per update",
            rules::positive())
+      .add("block_major_accumulation", &c.block_major_accumulation,
+           "run an update's micro-batches through the transformer together, block by block, with one backward: "
+           "streamed/sharded/fp8 blocks are fetched once per update instead of once per micro-batch; costs the "
+           "activations of all micro-batches at once (docs/memory.md)")
       .add("max_train_steps", &c.max_train_steps, "updates to run (0 = num_train_epochs worth)", rules::non_negative())
       .add("num_train_epochs", &c.num_train_epochs, "used when max_train_steps is 0")
       .add("max_nonfinite_steps", &c.max_nonfinite_steps,

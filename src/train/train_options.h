@@ -18,6 +18,7 @@ struct TrainConfig {
   double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-4, adam_epsilon = 1e-8;
   double max_grad_norm = 1.0;             // 0 = no clipping
   int64_t gradient_accumulation_steps = 1;
+  bool block_major_accumulation = false;  // the micro-batches of an update block by block (train/block_major_step.h)
   int64_t max_train_steps = 0;            // 0: num_train_epochs * updates per epoch
   int64_t num_train_epochs = 1;
   std::string weighting_scheme = "none";  // none | logit_normal | mode | sigmoid

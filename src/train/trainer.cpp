@@ -30,6 +30,7 @@
 #include "model/position_ids.h"
 #include "train/flow_matching.h"
 #include "train/memory_estimate.h"
+#include "train/block_major_step.h"
 #include "train/encoder_process_optimizer.h"
 #include "train/text_conditioning.h"
 #include "train/train_step.h"
@@ -130,6 +131,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // Text encoders and the autoencoder where the dataset lacks embeddings or latents, or a
   // text-encoder LoRA trains; neither: no encoder is loaded.
   online_ = make_online_encoding(cfg_, rt_, dataset_->info(), master);
+  check_block_major_accumulation(cfg_, online_);  // train/block_major_step.h
   lora_ = LoraSet::create(model_cfg_, cfg_.lora, derive_seed(cfg_.train.seed, RngPurpose::LoraInit, 0, 0), master);
   if (!cfg_.lora.pretrained_lora_path.empty()) {
     // EasyControl's --pretrained_lora_path: the adapters start from a file (a resume below still
@@ -288,14 +290,8 @@ Batch Trainer::next_batch(double* waited_s) {
   return b;
 }
 
-at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
-  at::Tensor target;
-  const FluxInputs in = group_inputs(group, epoch, validation, &target);
-  return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
-}
-
 FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
-                                 at::Tensor* target_out) {
+                                 at::Tensor* target) {
   const int64_t b = static_cast<int64_t>(group.size());
   const c10::Device device = rt_.device;
   const at::ScalarType dtype = rt_.dtype;
@@ -317,7 +313,7 @@ FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64
   const at::Tensor noise = at::stack(noises).to(mix);
   const at::Tensor sigma = at::tensor(sigmas, at::TensorOptions().dtype(at::kDouble)).to(mix);
   const at::Tensor xt = noisy_latents(x0, noise, sigma);
-  *target_out = pack_latents(flow_target(x0, noise)).to(device);
+  *target = pack_latents(flow_target(x0, noise)).to(device);
   const int64_t h = x0.size(2), w = x0.size(3);
 
   FluxInputs in;
@@ -341,6 +337,12 @@ FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64
                               .to(device));
   }
   return in;
+}
+
+at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
+  at::Tensor target;
+  const FluxInputs in = group_inputs(group, epoch, validation, &target);
+  return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
 }
 
 void Trainer::begin_online(std::vector<Sample>& samples, bool training) {
@@ -409,11 +411,14 @@ StepResult Trainer::train_step_on(const std::vector<Batch>& micro_batches) {
   r.lr = schedule_.lr(state_.step);
   bool bad = false;
   double loss_sum = 0;
+  // --block_major_accumulation: every micro-batch's forward and backward at once, block by
+  // block (train/block_major_step.h); the loop below then only takes their losses.
+  const std::vector<double> block_major = accumulate_block_major(micro_batches);
   for (size_t i = 0; i < micro_batches.size(); ++i) {
     // Gradients stay local until the last micro-batch of the window; its backward averages them
     // over the ranks (bucket by bucket, overlapping the rest of backward).
     if (grad_sync_) grad_sync_->set_enabled(i + 1 == micro_batches.size());
-    double l = accumulate(micro_batches[i], 1.0 / accum);
+    double l = block_major.empty() ? accumulate(micro_batches[i], 1.0 / accum) : block_major[i];
     // Test hook: this rank's first update at step K counts as non-finite (the others' do not),
     // from its first micro-batch on, so that the rest of the window is skipped as for real data.
     if (i == 0 && cfg_.debug.nan_at_step == state_.step && cfg_.debug.nan_rank == opt_.rank &&

@@ -109,6 +109,7 @@ class Trainer {
   int64_t updates_per_epoch() const { return updates_per_epoch_; }
   const std::string& resumed_from() const { return resumed_from_; }
   const Dataset& dataset() const { return *dataset_; }
+  BlockWeights& block_weights() { return *weights_; }  // the frozen weights' provider stack
   at::ScalarType compute_dtype() const { return rt_.dtype; }
   // The text encoders on this rank (null when the run encodes no captions, or on a rank other
   // than --encoder_process under mpirun).
@@ -172,8 +173,13 @@ class Trainer {
   void end_online();
   // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
   at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
-  // The model inputs and the flow-matching target of such a group (what group_loss_sum runs).
-  FluxInputs group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation, at::Tensor* target);
+  // The transformer's inputs of equally shaped samples (their draws) and the flow target.
+  FluxInputs group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                          at::Tensor* target);
+  // --block_major_accumulation (train/block_major_step.cpp): forward and backward of every
+  // micro-batch at once, block by block; each micro-batch's mean loss. Empty when the flag is
+  // off or there is one micro-batch: then accumulate() runs them one by one.
+  std::vector<double> accumulate_block_major(const std::vector<Batch>& micro_batches);
 };
 
 }  // namespace fluxtrain

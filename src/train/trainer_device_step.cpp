@@ -95,6 +95,14 @@ void Trainer::setup_step_mode() {
                   "--encoder_process); use --cuda_graph auto or off");
     return;
   }
+  if (cfg_.train.block_major_accumulation && cfg_.train.gradient_accumulation_steps > 1) {
+    // Block-major runs all micro-batches through each block at once (train/block_major_step.h),
+    // with the host update after them.
+    step_mode_ = "host update (--block_major_accumulation)";
+    if (cfg_.train.cuda_graph == "on")
+      throw Error("--cuda_graph on: --block_major_accumulation runs its micro-batches eagerly; use --cuda_graph auto or off");
+    return;
+  }
   device_step_ = std::make_unique<DeviceStepState>();
   const at::ScalarType master = all_params_.empty() ? at::kFloat : all_params_[0].scalar_type();
   const auto on = at::TensorOptions().device(rt_.device);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Distributed `fluxtrain train` end to end (issue 4), on the tiny model, float64, CPU, MPI.
 
-Usage: train_dist_test.py data_parallel|resume|failure|text_encoders|online_encoding
+Usage: train_dist_test.py data_parallel|resume|failure|text_encoders|online_encoding|sharded_streaming|block_major
 Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
 
   data_parallel  2 ranks x batch 1 (replicated and --shard_optimizer) for 5 updates, across an
@@ -36,6 +36,14 @@ Environment: FLUXTRAIN_BIN (the binary), MPIEXEC (mpirun).
                  cached by `prepare --cache_text_embeddings` trains like the captions encoded online
                  by the frozen encoders (embeddings stored as float32: LoRA 1e-6, losses 1e-7);
                  data_wait_ms is in metrics.jsonl.
+  sharded_streaming  2 ranks with --shard_weights and --blocks_to_swap (each rank streams its
+                 shard from host memory) write the same LoRA file, bit for bit, as without
+                 --blocks_to_swap; also with fp8 blocks, with every block streamed and
+                 checkpointing, and with gradient accumulation.
+  block_major    --block_major_accumulation (2 and 3 micro-batches per update) gives the ordinary
+                 order's LoRA masters (1e-12): one process, 2 ranks with sharded streamed weights,
+                 one process training both text encoders; refused with one line under mpirun
+                 with a text-encoder LoRA on the encoder process.
 """
 import json
 import os
@@ -398,11 +406,68 @@ def online_encoding():
     assert all("data_wait_ms" in m and m["data_wait_ms"] >= 0 for m in metrics), metrics
 
 
+def same_bytes(name, ref, got, files=("lora.safetensors", "lora_masters.safetensors")):
+    for f in files:
+        a = open(os.path.join(ref, f), "rb").read()
+        b = open(os.path.join(got, f), "rb").read()
+        if a != b:
+            sys.exit(f"FAILED: {name}: {f} differs")
+    print(f"{name}: {', '.join(files)} bit-identical")
+
+
+def sharded_streaming():
+    for name, common, streamed in [
+            ("bf16", ("--shard_weights",), ("--blocks_to_swap", "2")),
+            ("fp8", ("--shard_weights", "--base_precision", "fp8"), ("--blocks_to_swap", "2")),
+            ("all streamed, checkpointing", ("--shard_weights", "--gradient_checkpointing"), ("--blocks_to_swap", "-1")),
+            ("fp8, 2 accumulation steps", ("--shard_weights", "--base_precision", "fp8",
+                                           "--gradient_accumulation_steps", "2"), ("--blocks_to_swap", "3"))]:
+        tag = name.replace(" ", "_").replace(",", "")
+        ref = os.path.join(TMP, f"shard_resident_{tag}")
+        train(2, ref, 1, 3, common)
+        moved(ref)
+        out = os.path.join(TMP, f"shard_streamed_{tag}")
+        p, _ = train(2, out, 1, 3, common + streamed)
+        assert "streamed from host memory (each rank its 1/2)" in p.stderr, p.stderr
+        same_bytes(f"2 ranks, --shard_weights {name}: streamed vs resident", ref, out)
+
+
+def block_major():
+    bm = ("--block_major_accumulation",)
+    for name, np_, batch, extra in [
+            ("1 process, 3 micro-batches", 0, 2, ("--gradient_accumulation_steps", "3")),
+            ("1 process, 2 micro-batches, checkpointing, 2 blocks streamed", 0, 2,
+             ("--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--blocks_to_swap", "2")),
+            ("2 ranks, 2 micro-batches, sharded weights, 2 blocks streamed", 2, 1,
+             ("--gradient_accumulation_steps", "2", "--shard_weights", "--blocks_to_swap", "2")),
+            ("2 ranks, 2 micro-batches, non-finite first micro-batch on rank 1", 2, 1,
+             ("--gradient_accumulation_steps", "2", "--debug_nan_at_step", "1", "--debug_nan_rank", "1")),
+            ("1 process, 2 micro-batches, both text encoders trained", 0, 2,
+             TE_FLAGS + ("--train_text_encoder", "--gradient_accumulation_steps", "2"))]:
+        tag = name.replace(" ", "_").replace(",", "")
+        ref = os.path.join(TMP, f"ordinary_{tag}")
+        train(np_, ref, batch, 3, extra)
+        moved(ref)
+        out = os.path.join(TMP, f"block_major_{tag}")
+        train(np_, out, batch, 3, extra + bm)
+        files = ("lora_masters.safetensors", TE_FILE) if "--train_text_encoder" in extra else ("lora_masters.safetensors",)
+        if "--train_text_encoder" in extra:
+            te_moved(ref, True)
+        compare(f"--block_major_accumulation, {name}", ref, out, tol=TE_TOL, files=files)
+    # The encoder process takes each micro-batch's text gradients back before the next one.
+    p, _ = train(2, os.path.join(TMP, "bm_te_np2"), 1, 2,
+                 TE_FLAGS + ("--train_text_encoder", "--gradient_accumulation_steps", "2") + bm, expect_ok=False)
+    assert p.returncode != 0, p.stderr
+    assert "--block_major_accumulation with --train_text_encoder / --train_text_encoder_one_only under mpirun" \
+        in p.stderr, p.stderr
+
+
 if __name__ == "__main__":
     try:
         setup()
         {"data_parallel": data_parallel, "resume": resume, "failure": failure, "text_encoders": text_encoders,
-         "online_encoding": online_encoding}[sys.argv[1]]()
+         "online_encoding": online_encoding, "sharded_streaming": sharded_streaming,
+         "block_major": block_major}[sys.argv[1]]()
         print("OK")
     finally:
         shutil.rmtree(TMP, ignore_errors=True)

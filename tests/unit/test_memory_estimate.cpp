@@ -153,3 +153,33 @@ TEST(MemoryEstimate, EstimateAndDoctorCommands) {
       << out;
   EXPECT_NE(out.find("no preset fits in 1.00 GiB"), std::string::npos) << out;
 }
+
+// Sharded over N ranks (--shard_weights, or any multi-rank run) each block counts 1/N of its
+// bytes: on the device when resident, in host memory when streamed (each rank streams its shard).
+TEST(MemoryEstimate, ShardedStreamedBlocksCountOneNth) {
+  MemoryEstimateInput in;  // FLUX.1-dev
+  in.low_memory.base_precision = "fp8";
+  const MemoryEstimate whole = estimate_memory(in);
+  in.world_size = 4;
+  in.shard_weights = true;
+  const MemoryEstimate sharded = estimate_memory(in);
+  in.low_memory.blocks_to_swap = -1;
+  const MemoryEstimate streamed = estimate_memory(in);
+  in.world_size = 1;
+  const MemoryEstimate alone = estimate_memory(in);  // streamed, one process
+  EXPECT_LT(sharded.weights, whole.weights);
+  EXPECT_LT(streamed.weights, sharded.weights);
+  EXPECT_EQ(streamed.streamed_blocks, in.model.num_blocks());
+  // Every block streamed: the host holds 1/4 of what one process streaming alone holds.
+  EXPECT_NEAR(static_cast<double>(streamed.host_weights), static_cast<double>(alone.host_weights) / 4,
+              static_cast<double>(in.model.num_blocks()));
+  EXPECT_EQ(streamed.bytes_streamed_per_step, 2 * streamed.host_weights);
+  // A budget between "all streamed" and "all resident" streams some of the shards, and fits.
+  in.world_size = 4;
+  in.low_memory.blocks_to_swap = 0;
+  in.low_memory.max_gpu_memory = std::to_string((sharded.driver() + streamed.driver()) / 2);
+  const MemoryEstimate some = estimate_memory(in);
+  EXPECT_GT(some.streamed_blocks, 0);
+  EXPECT_LT(some.streamed_blocks, in.model.num_blocks());
+  EXPECT_LE(some.driver(), in.low_memory.max_gpu_memory_bytes());
+}

@@ -21,6 +21,8 @@
 #include "core/safetensors.h"
 #include "data/dataset.h"
 #include "data/synth_data.h"
+#include "dist/low_memory_weights.h"
+#include "dist/offloaded_weights.h"
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
 #include "support/test_util.h"
@@ -421,6 +423,131 @@ TEST(TrainBinary, BadDataAndCheckpointsFailWithOneLineAndNoDamage) {
   // A fresh output directory is not even created when the input is bad.
   EXPECT_EQ(run_command(s.cli({"--train_data", tmp.path("garbage.h5"), "--output_dir", tmp.path("fresh")}), &log), 2);
   EXPECT_FALSE(path_exists(tmp.path("fresh")));
+}
+
+}  // namespace
+}  // namespace fluxtrain
+
+namespace fluxtrain {
+namespace {
+
+// --block_major_accumulation (train/block_major_step.h): the k micro-batches of an update in one
+// block-major forward and one backward give the ordinary order's update (float64: the same
+// draws, the same loss scaling; only sums are ordered differently), with and without
+// checkpointing, with shape groups inside micro-batches, with streamed blocks, and with a
+// non-finite micro-batch (the same updates are skipped).
+TEST(TrainLoop, BlockMajorAccumulationEqualsOrdinaryInFloat64) {
+  SynthSpec spec = tiny_spec();
+  spec.sizes = {8, 4, 8, 6};  // micro-batches of 2 mix latent sizes: several groups per micro-batch
+  spec.cond_latent_size = 0;
+  TinyRun mixed(spec);
+  TinyRun plain;  // with a condition per sample (EasyControl's condition stream)
+  const std::vector<std::string> acc = {"--train_batch_size", "2", "--gradient_accumulation_steps", "3"};
+  struct Case {
+    const char* what;
+    TinyRun* run;
+    std::vector<std::string> extra;
+  };
+  const std::vector<Case> cases = {
+      {"mixed sizes", &mixed, {}},
+      {"mixed sizes, checkpointing", &mixed, {"--gradient_checkpointing"}},
+      {"conditions", &plain, {}},
+      {"conditions, 3 blocks streamed", &plain, {"--blocks_to_swap", "3"}},
+      {"conditions, all streamed, checkpointing", &plain, {"--blocks_to_swap", "-1", "--gradient_checkpointing"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    std::vector<std::string> f = acc;
+    f.insert(f.end(), c.extra.begin(), c.extra.end());
+    Trainer ordinary(make_config(c.run->flags(f)), f64());
+    f.push_back("--block_major_accumulation");
+    Trainer block_major(make_config(c.run->flags(f)), f64());
+    for (int i = 0; i < 2; ++i) {
+      const StepResult a = ordinary.train_step();
+      const StepResult b = block_major.train_step();
+      EXPECT_FALSE(a.skipped || b.skipped);
+      EXPECT_NEAR(b.loss, a.loss, 1e-12 * std::abs(a.loss));
+      EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-12 * std::abs(a.grad_norm));
+    }
+    EXPECT_EQ(block_major.state().micro_batch, 6);
+    EXPECT_LT(max_rel(params(block_major.lora()), params(ordinary.lora())), 1e-12);
+    double up = 0;
+    for (const auto& a : block_major.lora().adapters()) up = std::max(up, a.up.abs().max().item<double>());
+    EXPECT_GT(up, 0) << "the LoRA did not move: the comparison proves nothing";
+  }
+}
+
+TEST(TrainLoop, BlockMajorAccumulationSkipsTheSameNonFiniteUpdates) {
+  TempDir tmp;
+  SynthSpec spec = tiny_spec();
+  DatasetSpec ds;
+  ds.text_len = spec.text_len;
+  ds.text_dim = 32;
+  ds.pooled_dim = 16;
+  ds.cond_kinds = {"spatial"};
+  {
+    DatasetWriter w(tmp.path("nan.h5"), ds);
+    for (int64_t i = 0; i < spec.num_samples; ++i) {
+      Sample x = synthetic_sample(spec, i);
+      if (i == 4) x.target[0][1][1].fill_(std::nan(""));
+      w.add(x);
+    }
+    w.finish();
+  }
+  TinyRun s;
+  const std::vector<std::string> f = {"--train_batch_size", "1", "--gradient_accumulation_steps", "3", "--train_data",
+                                      tmp.path("nan.h5")};
+  Trainer ordinary(make_config(s.flags(f)), f64());
+  std::vector<std::string> g = f;
+  g.push_back("--block_major_accumulation");
+  Trainer block_major(make_config(s.flags(g)), f64());
+  int skipped = 0;
+  for (int i = 0; i < 4; ++i) {
+    const StepResult a = ordinary.train_step();
+    const StepResult b = block_major.train_step();
+    EXPECT_EQ(a.skipped, b.skipped) << "update " << i;
+    skipped += b.skipped;
+  }
+  EXPECT_GE(skipped, 1);
+  EXPECT_EQ(block_major.state().step, ordinary.state().step);
+  EXPECT_LT(max_rel(params(block_major.lora()), params(ordinary.lora())), 1e-12);
+  for (const auto& p : block_major.lora().parameters()) EXPECT_TRUE(at::isfinite(p).all().item<bool>());
+}
+
+// With every block streamed, an ordinary update with k micro-batches streams the model k times;
+// block-major streams it once, as an update of one micro-batch does.
+TEST(TrainLoop, BlockMajorAccumulationStreamsEachBlockOncePerUpdate) {
+  TinyRun s;
+  for (bool ckpt : {false, true}) {
+    SCOPED_TRACE(ckpt ? "checkpointing" : "no checkpointing");
+    std::vector<std::string> base = {"--train_batch_size", "1", "--blocks_to_swap", "-1", "--offload_prefetch", "1"};
+    if (ckpt) base.push_back("--gradient_checkpointing");
+    auto with = [&](std::vector<std::string> extra) {
+      std::vector<std::string> f = base;
+      f.insert(f.end(), extra.begin(), extra.end());
+      return make_config(s.flags(f));
+    };
+    Trainer one(with({"--gradient_accumulation_steps", "1"}), f64());
+    Trainer ordinary(with({"--gradient_accumulation_steps", "3"}), f64());
+    Trainer block_major(with({"--gradient_accumulation_steps", "3", "--block_major_accumulation"}), f64());
+    auto copies_of_second_update = [](Trainer& t) {
+      t.train_step();
+      const dist::OffloadStats* st = dist::find_offload_stats(t.block_weights());
+      EXPECT_NE(st, nullptr);
+      if (!st) return int64_t{0};
+      const int64_t before = st->copies;
+      t.train_step();
+      return st->copies - before;
+    };
+    const int64_t c1 = copies_of_second_update(one), ck = copies_of_second_update(ordinary),
+                  cb = copies_of_second_update(block_major);
+    std::cout << "block copies per update: k=1 " << c1 << ", k=3 ordinary " << ck << ", k=3 block-major " << cb
+              << "\n";
+    const int n = static_cast<int>(one.model_config().num_blocks());
+    EXPECT_GE(c1, n);  // forward streams every block at least once
+    EXPECT_EQ(cb, c1);
+    EXPECT_GE(ck, 3 * c1 - 6);  // each micro-batch streams the model (a few turn-around blocks reused)
+  }
 }
 
 }  // namespace
