@@ -172,7 +172,8 @@ int cmd_sample(int argc, char** argv) {
     bool has_te_keys = !c.text_encoder_lora.empty();
     if (!has_te_keys && !f.empty() && text) {
       try {
-        for (const auto& kv : safetensors::File(f).entries())
+        const safetensors::File file(f);
+        for (const auto& kv : file.entries())
           if (kv.first.rfind("text_encoder", 0) == 0 || kv.first.rfind("lora_te", 0) == 0) has_te_keys = true;
       } catch (...) {
         rethrow_with_context(flag);
