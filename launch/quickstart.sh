@@ -25,8 +25,9 @@ mkdir -p "$RUN"
   --train_data "$RUN/data.h5" --output_dir "$RUN/output" --train_text_encoder_one_only \
   --validation_prompt "a red circle on a pale background" --subject_test_images "$RUN/images/subject_0.png" \
   --validation_steps 250 --num_validation_images 2 --validation_inference_steps 8 "$@"
-# A picture from the trained LoRA, as any user would draw one.
+# A picture from the trained LoRAs (transformer and CLIP), as any user would draw one.
 "$B" sample --pretrained_model_name_or_path "$RUN/model" --lora "$RUN/output/lora.safetensors" \
+  --text_encoder_lora "$RUN/output/text_encoder_lora.safetensors" \
   --prompt "a blue square on a pale background" --subject_image "$RUN/images/subject_1.png" --cond_size 64 \
   --height 128 --width 128 --num_inference_steps 8 --seed 3 --output "$RUN/picture.png"
 echo "LoRA: $RUN/output/lora.safetensors (text encoder: $RUN/output/text_encoder_lora.safetensors)"
