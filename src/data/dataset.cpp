@@ -163,6 +163,8 @@ Dataset::Dataset(const std::string& path) {
     if (!pixels)
       for (int64_t c = 0; c < k; ++c)
         floating(cond_group(c) + "/data", file_.group(cond_group(c)).read_rows("data", 0, 1));
+    // The count is checked before reading: HDF5 reads variable-length strings one by one.
+    if (file_.shape("caption") != std::vector<int64_t>{n}) throw Error(p + "/caption must have one string per sample");
     captions_ = file_.read_strings("caption");
     if (static_cast<int64_t>(captions_.size()) != n) throw Error(p + "/caption must have one string per sample");
     if (file_.has("source/target")) target_paths_ = file_.read_strings("source/target");
