@@ -5,6 +5,11 @@
 # Usage: tests/fuzz/run_long.sh [build dir] [targets...]  (env RUNS, JOBS, WORK, MAX_TIME, MAX_LEN)
 #   MAX_TIME: seconds each worker may run at most (libFuzzer -max_total_time; default: no bound),
 #             so that a run on a slow target ends by a deadline whatever its count.
+#   FORK=1:   libFuzzer's fork mode (-fork=JOBS) going on past crashes, out-of-memory and
+#             timeouts (every one is still written to $WORK/artifacts). For fuzz_dataset and
+#             fuzz_checkpoint (re-stamped): crafted HDF5 files crash libhdf5 1.10 itself within
+#             seconds to minutes (README), which would otherwise end the run at the first one.
+#             Triage the artifacts afterwards: tests/fuzz/triage.sh.
 # Run it under `nice -n 19` on a shared machine. One line per target (executions, wall time,
 # exec/s, workers, coverage, findings) is appended to $WORK/summary.txt; the workers' logs
 # stay in $WORK/logs.
@@ -52,15 +57,26 @@ for t in "${targets[@]}"; do
   echo "== fuzz_$t: $runs executions on $jobs workers (corpus $work/$t)"
   rm -f fuzz-*.log
   start=$(date +%s)
-  # -runs applies per worker: jobs x per_job >= runs executions in all.
-  "$build/tests/fuzz/fuzz_$t" -runs="$per_job" -jobs="$jobs" -workers="$jobs" -timeout=10 -rss_limit_mb=4096 \
+  # -runs applies per worker: jobs x per_job >= runs executions in all (fork mode: in all).
+  if [[ ${FORK:-0} == 1 ]]; then
+    mode=(-fork="$jobs" -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 -runs="$runs")
+  else
+    mode=(-runs="$per_job" -jobs="$jobs" -workers="$jobs")
+  fi
+  "$build/tests/fuzz/fuzz_$t" "${mode[@]}" -timeout=10 -rss_limit_mb=4096 \
       -max_len="${MAX_LEN:-$(max_len_of "$t")}" -print_final_stats=1 "${time_opt[@]}" -artifact_prefix="$work/artifacts/fuzz_$t-" \
       "$work/$t" "$here/corpus/$t" >"$work/fuzz_$t.log" 2>&1 || true
   wall=$(( $(date +%s) - start ))
-  execs=$(cat fuzz-*.log 2>/dev/null | awk '/stat::number_of_executed_units/ {s+=$2} END {print s+0}')
-  cov=$(cat fuzz-*.log 2>/dev/null | grep -o 'cov: [0-9]*' | awk '{if ($2>m) m=$2} END {print m+0}')
+  if [[ ${FORK:-0} == 1 ]]; then  # the parent's status lines: "#<executions>: cov: <n> ..."
+    execs=$(grep -o '^#[0-9]*: cov: [0-9]*' "$work/fuzz_$t.log" | tail -1 | awk '{print substr($1, 2) + 0}')
+    cov=$(grep -o '^#[0-9]*: cov: [0-9]*' "$work/fuzz_$t.log" | tail -1 | awk '{print $3 + 0}')
+    execs=${execs:-0} cov="${cov:-0} (fork-mode count)"
+  else
+    execs=$(cat fuzz-*.log 2>/dev/null | awk '/stat::number_of_executed_units/ {s+=$2} END {print s+0}')
+    cov=$(cat fuzz-*.log 2>/dev/null | grep -o 'cov: [0-9]*' | awk '{if ($2>m) m=$2} END {print m+0}')
+  fi
   found=$(ls "$work/artifacts" | grep -c "^fuzz_$t-" || true)
-  line="$(date -u +%F) fuzz_$t: $execs executions, ${wall} s wall, $(( execs / (wall > 0 ? wall : 1) )) exec/s on $jobs workers, cov $cov, corpus $(ls "$work/$t" | wc -l), findings $found"
+  line="$(date -u +%F) fuzz_$t: $execs executions, ${wall} s wall, $(( execs / (wall > 0 ? wall : 1) )) exec/s on $jobs workers$([[ ${FORK:-0} == 1 ]] && echo " (fork mode)"), cov $cov, corpus $(ls "$work/$t" | wc -l), findings $found"
   echo "$line" | tee -a "$work/summary.txt"
   for f in fuzz-*.log; do [[ -e $f ]] && mv "$f" "$work/logs/fuzz_$t-${f#fuzz-}"; done
 done
