@@ -75,12 +75,12 @@ for t in "${targets[@]}"; do
     execs=$(cat fuzz-*.log 2>/dev/null | awk '/stat::number_of_executed_units/ {s+=$2} END {print s+0}')
     cov=$(cat fuzz-*.log 2>/dev/null | grep -o 'cov: [0-9]*' | awk '{if ($2>m) m=$2} END {print m+0}')
   fi
-  found=$(ls "$work/artifacts" | grep -c "^fuzz_$t-" || true)
+  found=$(ls "$work/artifacts" | grep -c -E "^fuzz_$t-(crash|oom|timeout|leak|slow-unit)-[0-9a-f]+$" || true)
   line="$(date -u +%F) fuzz_$t: $execs executions, ${wall} s wall, $(( execs / (wall > 0 ? wall : 1) )) exec/s on $jobs workers$([[ ${FORK:-0} == 1 ]] && echo " (fork mode)"), cov $cov, corpus $(ls "$work/$t" | wc -l), findings $found"
   echo "$line" | tee -a "$work/summary.txt"
   for f in fuzz-*.log; do [[ -e $f ]] && mv "$f" "$work/logs/fuzz_$t-${f#fuzz-}"; done
 done
 ls "$work/artifacts"
-n=$(ls "$work/artifacts" | wc -l)
+n=$(ls "$work/artifacts" | grep -c -E -- "-(crash|oom|timeout|leak|slow-unit)-[0-9a-f]+$" || true)
 echo "findings: $n"
 [[ $n -eq 0 ]]
