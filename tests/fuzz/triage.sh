@@ -3,7 +3,8 @@
 # -oom-*, -timeout-*) once with full ASan reports and prints one line per artifact: the kind, the
 # sanitizer's summary, and where it happened. "libhdf5" means the first frame of the report that
 # is not the sanitizer's own is inside libhdf5 (a crafted file crashing HDF5 1.10 itself, see
-# README); "fluxtrain" means our code: fix it. Full reports are left next to the artifacts (.txt).
+# README); "fluxtrain" means our code: fix it. Full reports are left next to the artifacts (.txt);
+# an artifact with a report already is not run again.
 # Usage: tests/fuzz/triage.sh [build dir] [artifacts dir]
 set -uo pipefail
 build=${1:-build-fuzz}
@@ -15,11 +16,16 @@ for a in "$arts"/fuzz_*-{crash,oom,timeout,leak}-*; do
   [[ -f $a && $a != *.txt ]] || continue
   name=$(basename "$a"); t=${name%%-*}
   report=$a.txt
-  timeout 60 "$build/tests/fuzz/$t" -timeout=10 -rss_limit_mb=4096 "$a" >"$report" 2>&1
-  rc=$?
+  if [[ -f $report ]]; then  # triaged before: the exit status is the report's last line
+    rc=$(tail -1 "$report" | sed -n 's/^exit //p'); rc=${rc:-1}
+  else
+    timeout 60 "$build/tests/fuzz/$t" -timeout=10 -rss_limit_mb=4096 "$a" >"$report" 2>&1
+    rc=$?
+    echo "exit $rc" >>"$report"
+  fi
   summary=$(grep -m1 -E '^SUMMARY|ERROR: libFuzzer' "$report" | sed -E 's/ \((\/|BuildId)[^)]*\)//g' | cut -c1-110)
   # First frame outside the sanitizer/libFuzzer runtime and libc's mem* interceptors.
-  frame=$(grep -E '^ +#[0-9]+ 0x' "$report" | grep -v -E 'in (__interceptor_|__asan|__sanitizer|fuzzer::|malloc|calloc|realloc|operator new|__libc|_start|main)\b|libc\.so|/fuzz_[a-z]+\+0x' | head -1)
+  frame=$(grep -E '^ +#[0-9]+ 0x' "$report" | grep -v -E 'in (__interceptor_|__asan|__sanitizer|fuzzer::|malloc|calloc|realloc|operator new|__libc|_start|main)\b|libc\.so|sysdeps/|/fuzz_[a-z]+\+0x' | head -1)
   if [[ $rc -eq 0 ]]; then where="no longer reproduces"
   elif grep -q libhdf5 <<<"$frame"; then where="libhdf5 ($(grep -o -m1 'in H5[A-Za-z0-9_]*' "$report" | head -1 | cut -c4-))"
   elif grep -q -E 'libvips|libMagick|libjpeg|libpng|libtiff|libwebp|libgif' <<<"$frame"; then where="image library ($(sed -E 's/.*\((.*)\+0x.*/\1/' <<<"$frame"))"
