@@ -450,6 +450,12 @@ std::vector<std::string> Location::read_strings(const std::string& name, bool al
   if (dims[0] == 0) return out;
   if (H5Tis_variable_str(ftype) > 0 && !allow_variable)
     throw Error(w + ": variable-length strings where fixed-length ones were written (damaged or foreign file)");
+  // Everything below is sized from the file's shape: the result (one std::string per element),
+  // plus the read buffer (a pointer or the fixed size per element), at most 1 GiB.
+  const size_t elem = H5Tis_variable_str(ftype) > 0 ? sizeof(char*) : H5Tget_size(ftype);
+  if (static_cast<double>(elem + sizeof(std::string)) * static_cast<double>(dims[0]) > (1u << 30))
+    throw Error(w + ": string array of " + std::to_string(dims[0]) + " x " + std::to_string(elem) +
+                " bytes is implausible (damaged file?)");
   if (H5Tis_variable_str(ftype) > 0) {
     Hid mt(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mt, H5T_VARIABLE);
@@ -465,7 +471,7 @@ std::vector<std::string> Location::read_strings(const std::string& name, bool al
 #endif
   } else {
     const size_t sz = H5Tget_size(ftype);
-    if (sz == 0 || static_cast<double>(sz) * static_cast<double>(dims[0]) > (1u << 30))
+    if (sz == 0)
       throw Error(w + ": string array of " + std::to_string(dims[0]) + " x " + std::to_string(sz) +
                   " bytes is implausible (damaged file?)");
     std::string buf(sz * static_cast<size_t>(dims[0]), '\0');

@@ -384,6 +384,33 @@ void declare(po::options_description& d, const OptionGroup::Option& o, const std
   }
 }
 
+// Option values end up in JSON (the resolved config printed at start and stored in every
+// checkpoint), which holds text only: nlohmann's dump() throws on bytes that are not UTF-8.
+bool valid_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // range of the second byte
+    if (c < 0x80) len = 1;
+    else if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) len = 3, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4) len = 4, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    else return false;
+    if (i + len > n) return false;
+    for (size_t k = 1; k < len; ++k)
+      if (p[i + k] < (k == 1 ? lo : 0x80) || p[i + k] > (k == 1 ? hi : 0xBF)) return false;
+    i += len;
+  }
+  return true;
+}
+
+void check_text(const std::string& flag, const std::string& value) {
+  if (!valid_utf8(value))
+    throw Error(flag + ": '" + limits::printable(value, 60) + "' is not valid UTF-8 text");
+}
+
 [[noreturn]] void rethrow_po(const po::error& e, const std::string& where, const std::string& command) {
   std::string msg = e.what();
   if (auto* u = dynamic_cast<const po::unknown_option*>(&e))
@@ -466,6 +493,7 @@ bool OptionSet::parse(int argc, const char* const* argv, std::ostream& help_out)
   }
   if (config_path_ && vm.count("config")) {
     const std::string file = vm["config"].as<std::string>();
+    check_text("--config", file);
     *config_path_ = file;
     ini_file = file;
     limits::check_config_file(file);  // a readable regular file
@@ -504,6 +532,7 @@ bool OptionSet::parse(int argc, const char* const* argv, std::ostream& help_out)
     const bool from_ini = !ini_file.empty() && std::find(from_command_line.begin(), from_command_line.end(),
                                                          kv.first) == from_command_line.end();
     try {
+      for (const auto& tok : tokens) check_text("--" + kv.first, tok);
       o->set(tokens);
     } catch (const Error& e) {
       if (!from_ini) throw;

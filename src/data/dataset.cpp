@@ -103,13 +103,14 @@ Dataset::Dataset(const std::string& path) {
                       (pixels ? "image" : "latent") + " shape [" + std::to_string(C) + ", " + std::to_string(h) +
                       ", " + std::to_string(w) + "], expected [" + std::to_string(want_c) + ", h, w] with h, w multiples of " +
                       std::to_string(mult));
-        if (off[i] < 0 || off[i] + C * h * w > total)
-          throw Error(p + "/" + group + ": sample " + std::to_string(i / variants) + " lies outside the data array (corrupt index)");
         const int64_t lh = pixels ? h / 8 : h, lw = pixels ? w / 8 : w;
         if (lh > limits::kMaxImageSize / 8 || lw > limits::kMaxImageSize / 8)
           throw Error(p + "/" + group + ": sample " + std::to_string(i / variants) + " has latents of " +
                       std::to_string(lh) + " x " + std::to_string(lw) + ", more than " +
                       std::to_string(limits::kMaxImageSize / 8) + " per side");
+        // Sides bounded above, so C * h * w cannot overflow; nor can the comparison (off >= 0).
+        if (off[i] < 0 || off[i] > total - C * h * w)
+          throw Error(p + "/" + group + ": sample " + std::to_string(i / variants) + " lies outside the data array (corrupt index)");
         *max_hw = std::max({*max_hw, lh, lw});
         if (max_area) *max_area = std::max(*max_area, lh * lw);
       }
@@ -163,6 +164,8 @@ Dataset::Dataset(const std::string& path) {
     if (!pixels)
       for (int64_t c = 0; c < k; ++c)
         floating(cond_group(c) + "/data", file_.group(cond_group(c)).read_rows("data", 0, 1));
+    // The count is checked before reading: HDF5 reads variable-length strings one by one.
+    if (file_.shape("caption") != std::vector<int64_t>{n}) throw Error(p + "/caption must have one string per sample");
     captions_ = file_.read_strings("caption");
     if (static_cast<int64_t>(captions_.size()) != n) throw Error(p + "/caption must have one string per sample");
     if (file_.has("source/target")) target_paths_ = file_.read_strings("source/target");

@@ -4,7 +4,13 @@
 #include <ATen/ATen.h>
 
 #include "data/dataset.h"
+#include "tests/fuzz/fuzz_hdf5.h"
 #include "tests/fuzz/fuzz_util.h"
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  fluxtrain::fuzz::hdf5_init_for_fuzzing();
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace fluxtrain;

@@ -7,6 +7,11 @@
 #include "data/image_io.h"
 #include "tests/fuzz/fuzz_util.h"
 
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  fluxtrain::fuzz::single_threaded_decoders();
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace fluxtrain;
   const std::string& path = fuzz::write_input(data, size, ".img");

@@ -9,9 +9,16 @@
 #include "core/fs.h"
 #include "data/image_io.h"
 #include "data/prepare.h"
+#include "tests/fuzz/fuzz_hdf5.h"
 #include "tests/fuzz/fuzz_util.h"
 
 #include <ATen/ATen.h>
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  fluxtrain::fuzz::single_threaded_decoders();
+  fluxtrain::fuzz::hdf5_init_for_fuzzing();
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace fluxtrain;

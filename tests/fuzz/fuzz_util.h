@@ -34,6 +34,16 @@ inline const std::string& write_input(const uint8_t* data, size_t size, const ch
   return p;
 }
 
+// Decoders (libvips, the ImageMagick loader behind it, LibTorch) on one thread each, as
+// tests/fuzz/run_long.sh asks too: a fuzzer process runs one input at a time, and under ASan
+// every thread a library starts or wakes per input costs more than the small image it decodes.
+// Set in LLVMFuzzerInitialize, before libvips starts; a value in the environment is kept.
+inline void single_threaded_decoders() {
+  ::setenv("VIPS_CONCURRENCY", "1", 0);
+  ::setenv("MAGICK_THREAD_LIMIT", "1", 0);
+  ::setenv("OMP_NUM_THREADS", "1", 0);
+}
+
 template <class F>
 void expect_clean(F&& body) {
   try {
