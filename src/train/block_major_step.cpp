@@ -16,10 +16,7 @@
 #include "train/trainer.h"
 
 namespace fluxtrain {
-namespace {
 
-// Samples of equal shapes, in order of first appearance: the groups Trainer::accumulate forms
-// (same key), so that each group is one input of the block-major forward.
 std::vector<std::vector<const Sample*>> shape_groups(const std::vector<Sample>& samples) {
   std::map<std::string, size_t> slot;
   std::vector<std::vector<const Sample*>> groups;
@@ -33,8 +30,6 @@ std::vector<std::vector<const Sample*>> shape_groups(const std::vector<Sample>& 
   }
   return groups;
 }
-
-}  // namespace
 
 std::vector<at::Tensor> block_major_loss_sums(const FluxConfig& cfg, BlockWeights& weights, const LoraSet* lora,
                                               const std::vector<FluxInputs>& inputs,

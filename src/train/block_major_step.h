@@ -25,6 +25,12 @@
 
 namespace fluxtrain {
 
+struct Sample;
+
+// Samples of equal shapes (target and conditions), in order of first appearance: each group is
+// one forward (Trainer::accumulate, the device micro-step, the block-major forward).
+std::vector<std::vector<const Sample*>> shape_groups(const std::vector<Sample>& samples);
+
 struct RunConfig;
 struct OnlineEncoding;
 

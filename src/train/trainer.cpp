@@ -46,13 +46,6 @@ namespace {
 // training draw and stay fixed for the whole run.
 constexpr uint64_t kValidationEpoch = std::numeric_limits<uint64_t>::max();
 
-std::string shape_key(const Sample& s) {
-  std::ostringstream ss;
-  ss << s.target.sizes();
-  for (const auto& c : s.conds) ss << c.sizes();
-  return ss.str();
-}
-
 }  // namespace
 
 Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), opt_(opt) {
@@ -360,20 +353,7 @@ void Trainer::end_online() {
 double Trainer::accumulate(const Batch& batch, double grad_scale) {
   std::vector<Sample> samples = batch.samples;  // latents are filled in here for image datasets
   begin_online(samples, true);
-  // Group equally shaped samples (first-appearance order) so that each group is one forward.
-  std::map<std::string, size_t> slot;
-  std::vector<std::vector<const Sample*>> groups;
-  for (const auto& s : samples) {
-    auto key = shape_key(s);
-    auto it = slot.find(key);
-    if (it == slot.end()) {
-      slot.emplace(key, groups.size());
-      groups.emplace_back();
-      groups.back().push_back(&s);
-    } else {
-      groups[it->second].push_back(&s);
-    }
-  }
+  const std::vector<std::vector<const Sample*>> groups = shape_groups(samples);  // one forward each
   const double n = static_cast<double>(samples.size());
   // Under mpirun, forward and backward hold collectives (sharded blocks, the encoder process):
   // every rank runs every group even after a non-finite loss (the update is skipped on all ranks).

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "train/block_major_step.h"
 #include "train/step_graphs.h"
 #include "train/train_step.h"
 #include "train/trainer.h"
@@ -151,16 +152,7 @@ void Trainer::run_piece(const std::string& key, const std::function<void()>& fn)
 void Trainer::micro_step_device(const Batch& batch, double grad_scale) {
   std::vector<Sample> samples = batch.samples;  // latents are filled in here for image datasets
   begin_online(samples, true);
-  std::map<std::string, size_t> slot;
-  std::vector<std::vector<const Sample*>> groups;
-  for (const auto& s : samples) {
-    std::ostringstream ss;
-    ss << s.target.sizes();
-    for (const auto& c : s.conds) ss << c.sizes();
-    auto it = slot.emplace(ss.str(), groups.size()).first;
-    if (it->second == groups.size()) groups.emplace_back();
-    groups[it->second].push_back(&s);
-  }
+  const std::vector<std::vector<const Sample*>> groups = shape_groups(samples);
   const double scale = grad_scale / static_cast<double>(samples.size());
   const bool ckpt = cfg_.model.gradient_checkpointing;
   DeviceStepState& st = *device_step_;
