@@ -158,7 +158,9 @@ int cmd_bench(int argc, char** argv) {
       const auto first = parse_cases(cases_s).at(0);
       MemoryEstimateInput mi;
       mi.model = cfg;
-      mi.cond_size = first.cond;
+      mi.cond_size = standard ? 16 : first.cond;  // standard: no condition (the size is not used)
+      mi.easycontrol = !standard;
+      mi.num_conditions = standard ? 0 : 1;
       mi.noise_size = first.noise;
       mi.lora_rank = first.rank;
       mi.batch = batch;
@@ -166,6 +168,9 @@ int cmd_bench(int argc, char** argv) {
       mi.gradient_checkpointing = ckpt_s == "on";
       mi.compute_bytes = static_cast<int64_t>(c10::elementSize(dtype));
       mi.low_memory = low_memory;
+      mi.train_clip = te_mode != "none";  // the encoders of the mode share the budget, as in train
+      mi.train_t5 = te_mode == "both";
+      mi.text_encoder_rank = te_rank;
       plan.non_weight_bytes = estimate_non_weight_bytes(mi);
     }
     WeightSource ws = weight_source(init_random_weights(cfg, seed, dtype, at::kCPU), cfg.depth, cfg.depth_single);
@@ -244,8 +249,14 @@ int cmd_bench(int argc, char** argv) {
     encoders_gib += static_cast<double>(clip->resident_bytes());
     if (te_mode == "both") {
       const T5EncoderConfig tc = tiny_te ? T5EncoderConfig::tiny(cfg.context_in_dim) : T5EncoderConfig::t5_xxl();
-      t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, dev), "random T5");
-      t5->to(dtype, dev);
+      if (low) {
+        // Placed as `train` places it under the low-memory options (train/setup.h).
+        t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, at::kCPU), "random T5");
+        low_json["t5_plan"] = place_t5_low_memory(*t5, low_memory, dev, dtype);
+      } else {
+        t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, dev), "random T5");
+        t5->to(dtype, dev);
+      }
       t5_lora = TextEncoderLora::create(T5Encoder::lora_targets(tc), te_rank, static_cast<double>(te_rank), seed + 1);
       t5_lora.to(dev);
       encoders_gib += static_cast<double>(t5->resident_bytes());

@@ -12,9 +12,10 @@ Each tier runs twice: with its low-memory options ("low_memory") and fully resid
   python3 bench/gpu_memory_tiers.py --bin build-gpu/fluxtrain [--tiers standard,ultra-low] [--out DIR]
   python3 bench/gpu_memory_tiers.py --bin build/fluxtrain --size tiny --device cpu   # CPU smoke test
 
-Transformer side only (the text encoders are not in the step yet): each row uses its preset's
-image sizes and rank; the 4 GiB row uses EasyControl at 256/512/32 as a stand-in for plain LoRA
-at 512 px (the bench has no plain-LoRA mode), which has more tokens, so it is conservative.
+Each row uses its preset's image sizes and rank and its text-encoder mode (`bench
+--text_encoder_mode`: real-size random CLIP-L / T5-XXL with their LoRAs in the step, placed as
+`train` places them under the row's low-memory options); the 4 GiB row is plain LoRA
+(`--lora_mode standard`) at 512 px.
 """
 import argparse
 import json
@@ -27,18 +28,24 @@ import sys
 import threading
 import time
 
-# tier name, preset file, cond/noise/rank, goal GiB, low-memory flags (as in the preset)
+# tier name, preset file, cond/noise/rank, goal GiB, low-memory flags (as in the preset),
+# the row's mode: bench flags and the matching estimate flags (text encoders, LoRA mode)
+BOTH = (["--text_encoder_mode", "both", "--text_encoder_rank", "32"], ["--train_text_encoder", "--text_encoder_rank", "32"])
+CLIP = (["--text_encoder_mode", "one_only", "--text_encoder_rank", "32"],
+        ["--train_text_encoder_one_only", "--text_encoder_rank", "32"])
+NONE = ([], [])
+STANDARD = (["--lora_mode", "standard"], ["--lora_mode", "standard"])
 TIERS = [
-    ("standard", "standard.ini", "384/768/64", 16, ["--base_precision", "fp8", "--max_gpu_memory", "14GiB"]),
+    ("standard", "standard.ini", "384/768/64", 16, ["--base_precision", "fp8", "--max_gpu_memory", "14GiB"], BOTH),
     ("text-encoder-one-only", "text-encoder-one-only.ini", "384/768/64", 14,
-     ["--base_precision", "fp8", "--max_gpu_memory", "12GiB"]),
+     ["--base_precision", "fp8", "--max_gpu_memory", "12GiB"], CLIP),
     ("text-encoder-one-low-memory", "text-encoder-one-low-memory.ini", "256/512/32", 8,
-     ["--base_precision", "fp8", "--max_gpu_memory", "7GiB"]),
-    ("ultra-low", "ultra-low.ini", "192/384/16", 6, ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"]),
+     ["--base_precision", "fp8", "--max_gpu_memory", "7GiB"], CLIP),
+    ("ultra-low", "ultra-low.ini", "192/384/16", 6, ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"], NONE),
     ("no-text-encoder", "no-text-encoder.ini", "256/512/32", 6,
-     ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"]),
-    ("low-vram-4gb", "low-vram-4gb.ini", "256/512/32", 4,
-     ["--base_precision", "fp8", "--fp8_modulation", "--blocks_to_swap", "-1", "--offload_prefetch", "1"]),
+     ["--base_precision", "fp8", "--max_gpu_memory", "5GiB"], NONE),
+    ("low-vram-4gb", "low-vram-4gb.ini", "0/512/32", 4,
+     ["--base_precision", "fp8", "--fp8_modulation", "--blocks_to_swap", "-1", "--offload_prefetch", "1"], STANDARD),
 ]
 
 
@@ -80,10 +87,10 @@ def run_child(cmd, gpu):
     return p.stdout, p.stderr, p.returncode, rss_gib, smi.peak, time.time() - t0
 
 
-def estimate(binary, cfg, ckpt, size, flags):
+def estimate(binary, cfg, ckpt, size, flags, mode_flags):
     c, n, r = cfg.split("/")
-    cmd = [binary, "estimate", "--json", "--size", size, "--cond_size", c, "--noise_size", n, "--ranks", r,
-           "--gradient_checkpointing", "1" if ckpt else "0"] + flags
+    cmd = [binary, "estimate", "--json", "--size", size, "--cond_size", c if c != "0" else "16", "--noise_size", n,
+           "--ranks", r, "--gradient_checkpointing", "1" if ckpt else "0"] + flags + mode_flags
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return {"estimate_error": (p.stderr.strip() or p.stdout.strip())[-300:]}
@@ -116,7 +123,7 @@ def main():
     bw = bandwidth(a.bin) if a.device.startswith("cuda") else None
     wanted = a.tiers.split(",")
     with open(os.path.join(a.out, "memory_tiers.jsonl"), "a") as log:
-        for name, preset, cfg, goal, flags in TIERS:
+        for name, preset, cfg, goal, flags, (bench_mode, est_mode) in TIERS:
             if name not in wanted:
                 continue
             for mode in ["low_memory"] + ([] if a.no_resident else ["resident"]):
@@ -124,10 +131,10 @@ def main():
                 mflags = flags if mode == "low_memory" else []
                 cmd = [a.bin, "bench", "--size", a.size, "--device", a.device, "--configs", cfg,
                        "--gradient_checkpointing", "on" if ckpt else "off", "--cuda_graph", "off",
-                       "--warmup", a.warmup, "--iters", a.iters] + mflags
+                       "--warmup", a.warmup, "--iters", a.iters] + mflags + bench_mode
                 out, err, rc, rss, smi_mib, secs = run_child(cmd, gpu)
                 row = {"name": "memory_tier", "tier": name, "preset": "configs/" + preset, "mode": mode,
-                       "goal_gib": goal, "config": cfg, "gradient_checkpointing": ckpt, "flags": mflags,
+                       "goal_gib": goal, "config": cfg, "gradient_checkpointing": ckpt, "flags": mflags + bench_mode,
                        "host_to_device_gb_s": bw, "peak_rss_gib": rss, "wall_s": round(secs, 1)}
                 lines = [l for l in out.splitlines() if l.startswith("{")]
                 if rc != 0 or not lines:
@@ -136,13 +143,13 @@ def main():
                     j = json.loads(lines[-1])
                     row["ms_per_step"] = j.get("ms_per_step")
                     row["peak_allocated_gib"] = j.get("peak_gib")
-                    for k in ("bytes_streamed_per_step", "weights", "low_memory"):
+                    for k in ("bytes_streamed_per_step", "weights", "low_memory", "encoders_gib"):
                         if k in j:
                             row[k] = j[k]
                     if "error" in j:
                         row["error"] = j["error"]
                 row["peak_driver_gib"] = round(smi_mib / 1024, 3) if smi_mib else None
-                est = estimate(a.bin, cfg, ckpt, a.size, mflags)
+                est = estimate(a.bin, cfg, ckpt, a.size, mflags, est_mode)
                 row["estimate"] = est
                 streamed = row.get("bytes_streamed_per_step", est.get("bytes_streamed_per_step"))
                 if bw and streamed:

@@ -517,8 +517,8 @@ std::vector<int64_t> DataOrder::indices(int64_t m) const {
 }
 
 // ---------------------------------------------------------------------------------------------
-Prefetcher::Prefetcher(const Dataset& ds, const DataOrder& order, int64_t start, int64_t depth)
-    : ds_(ds), order_(order), next_read_(start), depth_(std::max<int64_t>(1, depth)) {
+Prefetcher::Prefetcher(const Dataset& ds, const DataOrder& order, int64_t start, int64_t depth, PrepareFn prepare)
+    : ds_(ds), order_(order), next_read_(start), depth_(std::max<int64_t>(1, depth)), prepare_(std::move(prepare)) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -546,6 +546,7 @@ void Prefetcher::run() {
       b.epoch = order_.epoch_of(m);
       for (int64_t i : order_.indices(m))
         b.samples.push_back(ds_.read(i, order_.seed(), static_cast<uint64_t>(b.epoch)));
+      if (prepare_) prepare_(b);
     } catch (...) {
       std::lock_guard<std::mutex> g(mu_);
       error_ = std::current_exception();

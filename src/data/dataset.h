@@ -10,7 +10,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <any>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -188,13 +190,20 @@ struct Batch {
   int64_t micro_batch = 0;  // global position in the data stream
   int64_t epoch = 0;
   std::vector<Sample> samples;
+  // What the consumer's prepare hook made of the samples on the prefetch thread (the trainer:
+  // its host-side inputs, train/trainer.h); empty without a hook.
+  std::any prepared;
 };
 
 // Reads micro-batches start, start+1, ... on a background thread, keeping up to `depth` ready.
-// An error on the thread (corrupt chunk, ...) is rethrown by next().
+// `prepare`, when given, runs on that thread on each batch after it is read (work that depends
+// only on the batch, moved off the consumer's critical path). An error on the thread (corrupt
+// chunk, a throwing hook, ...) is rethrown by next().
 class Prefetcher {
  public:
-  Prefetcher(const Dataset& ds, const DataOrder& order, int64_t start_micro_batch, int64_t depth);
+  using PrepareFn = std::function<void(Batch&)>;
+  Prefetcher(const Dataset& ds, const DataOrder& order, int64_t start_micro_batch, int64_t depth,
+             PrepareFn prepare = {});
   ~Prefetcher();
   Prefetcher(const Prefetcher&) = delete;
   Prefetcher& operator=(const Prefetcher&) = delete;
@@ -204,6 +213,7 @@ class Prefetcher {
   const Dataset& ds_;
   DataOrder order_;
   int64_t next_read_, depth_;
+  PrepareFn prepare_;
   std::deque<Batch> ready_;
   std::exception_ptr error_;
   bool stop_ = false;

@@ -109,14 +109,31 @@ T5Encoder::T5Encoder(const T5EncoderConfig& cfg, const TensorMap& hf_in, const s
   dtype_ = hf.at("shared.weight").scalar_type();
 }
 
-std::unique_ptr<T5Encoder> T5Encoder::load(const std::string& dir, at::ScalarType dtype, at::Device device) {
+std::unique_ptr<T5Encoder> T5Encoder::load_stored(const std::string& dir) {
   const T5EncoderConfig cfg = T5EncoderConfig::from_json(read_hf_config(dir), dir + "/config.json");
-  auto m = std::make_unique<T5Encoder>(cfg, load_hf_weights(dir), dir);
+  return std::make_unique<T5Encoder>(cfg, load_hf_weights(dir), dir);
+}
+
+std::unique_ptr<T5Encoder> T5Encoder::load(const std::string& dir, at::ScalarType dtype, at::Device device) {
+  auto m = load_stored(dir);
   m->to(dtype, device);
   return m;
 }
 
+void T5Encoder::use_layer_provider(std::unique_ptr<BlockWeights> provider, at::ScalarType dtype, at::Device device,
+                                   int64_t device_bytes) {
+  check_input(provider && provider->num_blocks() == cfg_.num_layers,
+              "T5 encoder: a layer provider must hold " + std::to_string(cfg_.num_layers) + " layers");
+  provider_ = std::move(provider);
+  provider_device_bytes_ = device_bytes;
+  w_.globals_.clear();
+  w_.layers_.clear();
+  dtype_ = dtype;
+  device_ = device;
+}
+
 void T5Encoder::to(at::ScalarType dtype, at::Device device) {
+  check_input(!provider_, "T5 encoder: weights placed by a layer provider cannot be moved");
   for (auto& kv : w_.globals_) kv.second = kv.second.to(device, dtype);
   for (auto& l : w_.layers_)
     for (auto& kv : l) {
@@ -129,6 +146,7 @@ void T5Encoder::to(at::ScalarType dtype, at::Device device) {
 }
 
 int64_t T5Encoder::resident_bytes() const {
+  if (provider_) return provider_device_bytes_;
   int64_t b = 0;
   for (const auto& kv : w_.globals_)
     if (kv.first != "relative_attention_bias") b += static_cast<int64_t>(kv.second.nbytes());
@@ -143,7 +161,7 @@ at::Tensor T5Encoder::position_bias(int64_t L) {
   const at::Tensor rel = pos.unsqueeze(0) - pos.unsqueeze(1);  // [query, key] = key - query
   const at::Tensor buckets =
       t5_relative_position_bucket(rel, cfg_.relative_attention_num_buckets, cfg_.relative_attention_max_distance);
-  return at::embedding(w_.globals_.at("relative_attention_bias"), buckets).permute({2, 0, 1}).unsqueeze(0);
+  return at::embedding(layers().globals().at("relative_attention_bias"), buckets).permute({2, 0, 1}).unsqueeze(0);
 }
 
 at::Tensor T5Encoder::forward(const at::Tensor& input_ids, const TextEncoderLora* lora, bool checkpoint) {
@@ -153,7 +171,8 @@ at::Tensor T5Encoder::forward(const at::Tensor& input_ids, const TextEncoderLora
   const at::Tensor ids = input_ids.to(device_, at::kLong);
   check_input(B == 0 || (ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < cfg_.vocab_size),
               "T5 encoder: token id outside the vocabulary (0.." + std::to_string(cfg_.vocab_size - 1) + ")");
-  at::Tensor x = at::embedding(w_.globals_.at("shared.weight"), ids);
+  BlockWeights& weights = layers();
+  at::Tensor x = at::embedding(weights.globals().at("shared.weight"), ids);
   const at::Tensor bias = position_bias(L);
   const double lora_scale = lora ? lora->scale() : 0.0;
   // The layer function is run again in backward under checkpointing: it captures by value.
@@ -185,9 +204,9 @@ at::Tensor T5Encoder::forward(const at::Tensor& input_ids, const TextEncoderLora
       return {y + at::linear(ff.to(wo.scalar_type()), wo)};
     };
     std::vector<at::Tensor> params = lora ? lora->layer_parameters(layer) : std::vector<at::Tensor>{};
-    x = run_block(w_, layer, fn, {x, bias}, params, checkpoint)[0];
+    x = run_block(weights, layer, fn, {x, bias}, params, checkpoint)[0];
   }
-  return rms_norm(x, w_.globals_.at("encoder.final_layer_norm.weight"), cfg_.layer_norm_epsilon);
+  return rms_norm(x, weights.globals().at("encoder.final_layer_norm.weight"), cfg_.layer_norm_epsilon);
 }
 
 }  // namespace fluxtrain

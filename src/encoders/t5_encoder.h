@@ -23,6 +23,9 @@ class T5Encoder {
   T5Encoder(const T5EncoderConfig& cfg, const TensorMap& hf_weights, const std::string& where);
   // dir: a text_encoder_2/ folder (config.json + shards + model.safetensors.index.json, or one file).
   static std::unique_ptr<T5Encoder> load(const std::string& dir, at::ScalarType dtype, at::Device device);
+  // The same, with the weights left as the files hold them (host, stored dtype: views of the
+  // mapped files), for a caller that places them itself (use_layer_provider).
+  static std::unique_ptr<T5Encoder> load_stored(const std::string& dir);
 
   static std::map<std::string, std::vector<int64_t>> expected_shapes(const T5EncoderConfig& cfg);
   static std::vector<TextLoraTarget> lora_targets(const T5EncoderConfig& cfg);  // q k v o
@@ -30,9 +33,17 @@ class T5Encoder {
   void to(at::ScalarType dtype, at::Device device);
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
-  int64_t resident_bytes() const;
-  // The frozen weights (globals + per layer); none ever requires grad.
+  int64_t resident_bytes() const;  // frozen weights on the compute device
+  // The frozen weights (globals + per layer) as loaded; none ever requires grad. Empty once a
+  // layer provider took them over.
   const EncoderLayerWeights& weights() const { return w_; }
+  // Runs the layers and globals from another provider from now on (fp8 and/or streamed from
+  // host memory: train/setup.h place_t5_low_memory, built from weights()), computing in
+  // dtype on device; the weights held so far are dropped. device_bytes: what the provider
+  // holds on the device (for resident_bytes).
+  void use_layer_provider(std::unique_ptr<BlockWeights> provider, at::ScalarType dtype, at::Device device,
+                          int64_t device_bytes);
+  bool has_layer_provider() const { return provider_ != nullptr; }
 
   // input_ids [B, L] int64 -> last hidden state [B, L, d_model] in the compute dtype.
   at::Tensor forward(const at::Tensor& input_ids, const TextEncoderLora* lora = nullptr, bool checkpoint = false);
@@ -42,6 +53,9 @@ class T5Encoder {
  private:
   T5EncoderConfig cfg_;
   EncoderLayerWeights w_;
+  std::unique_ptr<BlockWeights> provider_;  // replaces w_ when set
+  int64_t provider_device_bytes_ = 0;
+  BlockWeights& layers() { return provider_ ? *provider_ : static_cast<BlockWeights&>(w_); }
   at::ScalarType dtype_;
   at::Device device_ = at::kCPU;
 };

@@ -70,7 +70,12 @@ TextEncoders TextEncoders::load(const TextEncoderSetup& s) {
   }
   if (s.load_t5) {
     e.t5_tok_ = std::make_unique<T5Tokenizer>(path_join(s.snapshot_dir, "tokenizer_2"));
-    if (!s.tokenizers_only) e.t5_ = T5Encoder::load(path_join(s.snapshot_dir, "text_encoder_2"), s.dtype, s.device);
+    if (!s.tokenizers_only && s.place_t5) {
+      e.t5_ = T5Encoder::load_stored(path_join(s.snapshot_dir, "text_encoder_2"));
+      s.place_t5(*e.t5_);
+    } else if (!s.tokenizers_only) {
+      e.t5_ = T5Encoder::load(path_join(s.snapshot_dir, "text_encoder_2"), s.dtype, s.device);
+    }
   }
   if (s.train_clip && e.clip_) {
     e.clip_lora_ = TextEncoderLora::create(ClipTextModel::lora_targets(e.clip_->config()), s.rank, s.alpha, s.seed);

@@ -10,6 +10,7 @@
 //   checkpoint: enc.lora_state() / enc.load_lora_state(); output: enc.save_lora_diffusers(path)
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,10 @@ struct TextEncoderSetup {
   double alpha = 64;
   uint64_t seed = 0;
   bool gradient_checkpointing = false;
+  // When set, T5 is read as stored (host, no copy) and this places its frozen weights (the
+  // low-memory engine: fp8 and/or streamed layers, train/setup.h place_t5_low_memory) instead
+  // of moving them all to `device` in `dtype`.
+  std::function<void(T5Encoder&)> place_t5;
 
   // The setup `fluxtrain train` wants for its options (neither mode: nothing to load).
   static TextEncoderSetup for_training(const std::string& snapshot_dir, const TextEncoderOptions& o,

@@ -30,6 +30,12 @@ class Conditioner {
   // may flow into the conditioner's own parameters.
   virtual TextConditioning text(const std::vector<const Sample*>& samples, c10::Device device, at::ScalarType dtype,
                                 bool training) = 0;
+  // The same conditioning on the host (CPU tensors in `dtype`) when it needs no model (cached
+  // embeddings): callable from the prefetch thread. False: ask text() on the training thread.
+  virtual bool host_text(const std::vector<const Sample*>& /*samples*/, at::ScalarType /*dtype*/,
+                         TextConditioning* /*out*/) const {
+    return false;
+  }
   // Parameters the conditioner trains (none for cached embeddings), for the run's optimizer.
   virtual std::vector<ParamGroup> param_groups() { return {}; }
 
@@ -47,6 +53,7 @@ class CachedTextConditioning final : public Conditioner {
  public:
   TextConditioning text(const std::vector<const Sample*>& samples, c10::Device device, at::ScalarType dtype,
                         bool training) override;
+  bool host_text(const std::vector<const Sample*>& samples, at::ScalarType dtype, TextConditioning* out) const override;
 };
 
 }  // namespace fluxtrain

@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "encoders/autoencoder_weights.h"
+#include "encoders/t5_encoder.h"
 #include "encoders/text_encoders.h"
 #include "train/run_config.h"
 #include "train/setup.h"
@@ -28,6 +29,7 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
 
   if (text_online) {
     std::unique_ptr<TextEncoders> enc;
+    std::string t5_plan;  // the low-memory placement of T5, for the start line
     if (here) {
       const std::string& td = te.text_encoder_device;
       const c10::Device device = td.empty() ? rt.device : c10::Device(td);
@@ -35,6 +37,11 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
                                                           derive_seed(cfg.train.seed, RngPurpose::LoraInit, 1, 0),
                                                           cfg.model.gradient_checkpointing);
       s.load_clip = s.load_t5 = true;  // a dataset without embeddings needs both, LoRA or not
+      // The low-memory options place T5 too (fp8 and/or streamed layers, train/setup.h).
+      if (cfg.low_memory.fp8() || cfg.low_memory.streams())
+        s.place_t5 = [&cfg, &t5_plan, device, &rt](T5Encoder& t5) {
+          t5_plan = place_t5_low_memory(t5, cfg.low_memory, device, rt.dtype);
+        };
       try {
         enc = std::make_unique<TextEncoders>(TextEncoders::load(s));
       } catch (...) {
@@ -60,6 +67,7 @@ OnlineEncoding make_online_encoding(const RunConfig& cfg, const Runtime& rt, con
       o.conditioner = std::move(c);
     }
     o.description = std::string(te.needs_encoders() ? "text encoders with LoRA" : "frozen text encoders");
+    if (!t5_plan.empty()) o.description += " (" + t5_plan + ")";
   } else {
     o.conditioner = std::make_unique<CachedTextConditioning>();
   }

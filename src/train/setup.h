@@ -81,4 +81,13 @@ struct WeightsPlan {
 std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const WeightSource& source,
                                                  const WeightsPlan& plan, std::string* description = nullptr);
 
+class T5Encoder;
+// T5-XXL under the low-memory options (the guide's rows that train T5's LoRA): its frozen
+// layers follow the transformer's --base_precision, and are all streamed from host memory
+// when the transformer streams any block (the estimator counts three layers on the device:
+// train/memory_estimate.cpp). No-op without fp8 or streaming. The embedding, norms and
+// relative position bias stay on the device. Returns the plan's one line for the log.
+std::string place_t5_low_memory(T5Encoder& t5, const dist::LowMemoryOptions& transformer, c10::Device device,
+                                at::ScalarType dtype);
+
 }  // namespace fluxtrain

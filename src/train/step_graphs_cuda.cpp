@@ -43,8 +43,10 @@ class CudaStepGraphs final : public StepGraphs {
     auto g = std::make_unique<at::cuda::CUDAGraph>();
     try {
       c10::cuda::CUDAStreamGuard sg(side_);
-      if (pool_set_) g->capture_begin(pool_);
-      else g->capture_begin();
+      // Thread-local capture: the prefetch thread keeps allocating page-locked buffers and
+      // querying their events meanwhile, which a global capture would count as an illegal call
+      // (and so invalidate the capture). Nothing outside this thread touches the side stream.
+      g->capture_begin(pool_set_ ? pool_ : decltype(pool_){0, 0}, cudaStreamCaptureModeThreadLocal);
       try {
         fn();
       } catch (...) {

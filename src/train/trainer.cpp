@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -108,6 +109,12 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     mi.low_memory = cfg_.low_memory;
     mi.world_size = opt.world_size;
     mi.shard_weights = plan.sharded;
+    // Trained text encoders share the budget (on this process unless --encoder_process is another).
+    const bool encoders_here = opt.world_size == 1 || opt.rank == cfg_.dist.encoder_rank;
+    mi.train_clip = encoders_here && cfg_.text_encoder.trains_clip();
+    mi.train_t5 = encoders_here && cfg_.text_encoder.trains_t5();
+    mi.text_encoder_rank = cfg_.text_encoder.text_encoder_rank;
+    mi.txt_len = cfg_.text_encoder.max_sequence_length;
     plan.non_weight_bytes = estimate_non_weight_bytes(mi);
     const FluxConfig mc = model_cfg_;
     ws.block_shapes = [mc](int i) { return flux_block_shapes(mc, i); };
@@ -268,11 +275,34 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   setup_step_mode();
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  // The prefetch thread's hook reads members declared after prefetch_ (sampler_): stop it first.
+  prefetch_.reset();
+}
 
 Batch Trainer::next_batch(double* waited_s) {
-  if (!prefetch_)
-    prefetch_ = std::make_unique<Prefetcher>(*dataset_, *order_, state_.micro_batch, cfg_.data.prefetch_batches);
+  if (!prefetch_) {
+    // With cached latents, the noise draws, packing (and on CUDA page-locking) of each
+    // micro-batch happen on the prefetch thread while the step before it runs; the step itself
+    // only issues (asynchronous) copies. Issue 15: on the H200 this host work had cost 25-65 ms
+    // per update, with the GPU idle.
+    // FLUXTRAIN_PREPARE_ON_STEP=1 keeps it on the training thread (a check that both give the
+    // same bits: tests/py/test_train_cuda_graph.py).
+    Prefetcher::PrepareFn prepare;
+    if (!online_.latents && !std::getenv("FLUXTRAIN_PREPARE_ON_STEP")) {
+      const bool cuda = rt_.device.is_cuda();
+      const c10::DeviceIndex index = rt_.device.index() < 0 ? 0 : rt_.device.index();
+      prepare = [this, cuda, index](Batch& b) {
+        if (cuda) at::accelerator::setDeviceIndex(index);  // page-locked buffers belong to the run's GPU
+        std::vector<HostInputs> inputs;
+        for (const auto& g : shape_groups(b.samples))
+          inputs.push_back(host_group_inputs(g, static_cast<uint64_t>(b.epoch), false, cuda));
+        b.prepared = std::move(inputs);
+      };
+    }
+    prefetch_ = std::make_unique<Prefetcher>(*dataset_, *order_, state_.micro_batch, cfg_.data.prefetch_batches,
+                                             std::move(prepare));
+  }
   const auto t0 = std::chrono::steady_clock::now();
   Batch b = prefetch_->next();
   if (waited_s) *waited_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -283,12 +313,10 @@ Batch Trainer::next_batch(double* waited_s) {
   return b;
 }
 
-FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
-                                 at::Tensor* target) {
+Trainer::HostInputs Trainer::host_group_inputs(const std::vector<const Sample*>& group, uint64_t epoch,
+                                               bool validation, bool pin) const {
   const int64_t b = static_cast<int64_t>(group.size());
-  const c10::Device device = rt_.device;
   const at::ScalarType dtype = rt_.dtype;
-  const auto opts = at::TensorOptions().device(device).dtype(dtype);
   const uint64_t seed = cfg_.train.seed;
   const uint64_t draw_epoch = validation ? kValidationEpoch : epoch;
 
@@ -306,30 +334,79 @@ FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64
   const at::Tensor noise = at::stack(noises).to(mix);
   const at::Tensor sigma = at::tensor(sigmas, at::TensorOptions().dtype(at::kDouble)).to(mix);
   const at::Tensor xt = noisy_latents(x0, noise, sigma);
-  *target = pack_latents(flow_target(x0, noise)).to(device);
   const int64_t h = x0.size(2), w = x0.size(3);
 
-  FluxInputs in;
-  in.img = pack_latents(xt).to(opts);
-  in.img_ids = noise_position_ids(h / 2, w / 2).to(device);
-  TextConditioning text = online_.conditioner->text(group, device, dtype, !validation);
-  in.txt = text.prompt_embeds;
-  in.txt_ids = text_position_ids(in.txt.size(1)).to(device);
-  in.y = text.pooled;
-  in.timesteps = sigma.to(device);
-  in.guidance = at::full({b}, cfg_.model.guidance_scale, at::TensorOptions().dtype(mix)).to(device);
+  HostInputs out;
+  out.target = pack_latents(flow_target(x0, noise));
+  FluxInputs& in = out.in;
+  in.img = pack_latents(xt).to(dtype);
+  in.img_ids = noise_position_ids(h / 2, w / 2);
+  TextConditioning text;
+  out.has_text = online_.conditioner->host_text(group, dtype, &text);
+  if (out.has_text) {
+    in.txt = text.prompt_embeds;
+    in.txt_ids = text_position_ids(in.txt.size(1));
+    in.y = text.pooled;
+  }
+  in.timesteps = sigma;
+  in.guidance = at::full({b}, cfg_.model.guidance_scale, at::TensorOptions().dtype(mix));
   const auto& kinds = dataset_->info().cond_kinds;
   for (size_t k = 0; k < kinds.size(); ++k) {
     std::vector<at::Tensor> cs;
     for (const Sample* s : group) cs.push_back(s->conds[k].to(mix));
     const at::Tensor c = at::stack(cs);
     const int64_t ch = c.size(2), cw = c.size(3);
-    in.cond.push_back(pack_latents(c).to(opts));
-    in.cond_ids.push_back((kinds[k] == "subject" ? subject_position_ids(ch / 2, cw / 2)
-                                                 : spatial_position_ids(ch / 2, cw / 2, h / 2, w / 2))
-                              .to(device));
+    in.cond.push_back(pack_latents(c).to(dtype));
+    in.cond_ids.push_back(kinds[k] == "subject" ? subject_position_ids(ch / 2, cw / 2)
+                                                : spatial_position_ids(ch / 2, cw / 2, h / 2, w / 2));
   }
+  if (pin) {
+    // Page-locked, so that the step's copies are asynchronous (the caching host allocator
+    // reuses a buffer only after the copy that read it has run).
+    auto p = [](at::Tensor& t) {
+      if (t.defined()) t = t.contiguous().pin_memory();
+    };
+    p(out.target);
+    for (at::Tensor* t : {&in.img, &in.img_ids, &in.txt, &in.txt_ids, &in.y, &in.timesteps, &in.guidance}) p(*t);
+    for (auto& t : in.cond) p(t);
+    for (auto& t : in.cond_ids) p(t);
+  }
+  out.pinned = pin;
+  return out;
+}
+
+FluxInputs Trainer::group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                                 at::Tensor* target, const HostInputs* prepared) {
+  const HostInputs h = prepared ? *prepared : host_group_inputs(group, epoch, validation, false);
+  const c10::Device device = rt_.device;
+  const bool nb = h.pinned;  // asynchronous copies from page-locked memory
+  auto dev = [&](const at::Tensor& t) { return t.defined() ? t.to(device, /*non_blocking=*/nb) : t; };
+  *target = dev(h.target);
+  FluxInputs in;
+  in.img = dev(h.in.img);
+  in.img_ids = dev(h.in.img_ids);
+  if (h.has_text) {
+    in.txt = dev(h.in.txt);
+    in.txt_ids = dev(h.in.txt_ids);
+    in.y = dev(h.in.y);
+  } else {
+    TextConditioning text = online_.conditioner->text(group, device, rt_.dtype, !validation);
+    in.txt = text.prompt_embeds;
+    in.txt_ids = text_position_ids(in.txt.size(1)).to(device);
+    in.y = text.pooled;
+  }
+  in.timesteps = dev(h.in.timesteps);
+  in.guidance = dev(h.in.guidance);
+  for (const auto& c : h.in.cond) in.cond.push_back(dev(c));
+  for (const auto& c : h.in.cond_ids) in.cond_ids.push_back(dev(c));
   return in;
+}
+
+const Trainer::HostInputs* Trainer::prepared_inputs(const Batch& batch, size_t group) const {
+  const auto* v = std::any_cast<std::vector<HostInputs>>(&batch.prepared);
+  if (!v) return nullptr;
+  if (group >= v->size()) throw Error("prepared inputs: a shape group beyond the prefetch's", ErrorKind::Internal);
+  return &(*v)[group];
 }
 
 at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
@@ -359,8 +436,11 @@ double Trainer::accumulate(const Batch& batch, double grad_scale) {
   // every rank runs every group even after a non-finite loss (the update is skipped on all ranks).
   const bool lockstep = rt_.ctl_comm != nullptr;
   double total = 0;
-  for (const auto& g : groups) {
-    at::Tensor sum = group_loss_sum(g, static_cast<uint64_t>(batch.epoch), false);
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const auto& g = groups[gi];
+    at::Tensor target;
+    const FluxInputs in = group_inputs(g, static_cast<uint64_t>(batch.epoch), false, &target, prepared_inputs(batch, gi));
+    at::Tensor sum = flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing);
     const double v = sum.item<double>();
     total += v;
     if (!std::isfinite(v) && !lockstep) break;  // alone: no backward of garbage

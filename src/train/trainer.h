@@ -173,9 +173,23 @@ class Trainer {
   void end_online();
   // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
   at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
-  // The transformer's inputs of equally shaped samples (their draws) and the flow target.
+  // The transformer's inputs of equally shaped samples (their draws) and the flow target, in two
+  // halves: what the host computes (noise and timestep draws, packing, cached text; CPU tensors,
+  // page-locked with `pin`; thread-safe: the prefetch thread runs it) and the copies to the
+  // device. `prepared`: the host half computed ahead (prepared_inputs), else computed here.
+  struct HostInputs {
+    FluxInputs in;            // CPU; txt, txt_ids, y undefined unless has_text
+    at::Tensor target;        // CPU
+    bool has_text = false;    // the conditioner gave the text on the host (cached embeddings)
+    bool pinned = false;
+  };
+  HostInputs host_group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                               bool pin) const;
   FluxInputs group_inputs(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
-                          at::Tensor* target);
+                          at::Tensor* target, const HostInputs* prepared = nullptr);
+  // The prefetch thread's host inputs of shape group `group` of the batch (shape_groups order),
+  // or nullptr when the batch came without them.
+  const HostInputs* prepared_inputs(const Batch& batch, size_t group) const;
   // --block_major_accumulation (train/block_major_step.cpp): forward and backward of every
   // micro-batch at once, block by block; each micro-batch's mean loss. Empty when the flag is
   // off or there is one micro-batch: then accumulate() runs them one by one.

@@ -5,7 +5,9 @@ captured (a CPU run) stops with one line naming the flag and the reason, writing
 On a GPU (FLUXTRAIN_TEST_CUDA=1, set by bench/gpu_train_loop.sh): the same runs with the step
 replayed as CUDA graphs and eagerly end with bit-identical LoRA files and equal losses, for
 float32 and bf16, with gradient checkpointing, gradient accumulation over a dataset of two
-shapes (two captured micro-steps), fp8 base weights, and a resume in the middle."""
+shapes (two captured micro-steps), fp8 base weights, and a resume in the middle.
+Both: inputs prepared on the prefetch thread (page-locked on CUDA, the default) and on the
+training thread (FLUXTRAIN_PREPARE_ON_STEP=1) give bit-identical runs."""
 import json
 import os
 import subprocess
@@ -16,8 +18,8 @@ BIN = os.environ["FLUXTRAIN_BIN"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run(*args, ok=True):
-    r = subprocess.run([BIN, *args], capture_output=True, text=True, env=ENV)
+def run(*args, ok=True, env=None):
+    r = subprocess.run([BIN, *args], capture_output=True, text=True, env={**ENV, **(env or {})})
     if ok:
         assert r.returncode == 0, f"{args}\n{r.stderr[-3000:]}"
     return r
@@ -32,12 +34,12 @@ def fixtures(tmp):
     return snap, os.path.join(tmp, "data.h5")
 
 
-def train(snap, data, out, device, *extra, ok=True, steps="6"):
+def train(snap, data, out, device, *extra, ok=True, steps="6", env=None):
     return run("train", "--pretrained_model_name_or_path", snap, "--train_data", data, "--output_dir", out,
                "--device", device, "--ranks", "4", "--network_alphas", "4", "--learning_rate", "1e-2",
                "--max_train_steps", steps, "--train_batch_size", "1", "--cond_size", "64", "--noise_size", "96",
                "--validation_steps", "3", "--checkpointing_steps", "3", "--report_to", "none", "--seed", "5",
-               *extra, ok=ok)
+               *extra, ok=ok, env=env)
 
 
 def lora_bytes(out):
@@ -63,6 +65,11 @@ def check_cpu(tmp, snap, data):
     r = train(snap, data, out, "cpu", "--cuda_graph", "sometimes", ok=False)
     assert r.returncode == 2 and "--cuda_graph" in r.stderr, r.stderr
     print("cpu: --cuda_graph on refused with one line, bad value refused")
+    a, b = os.path.join(tmp, "cpu-prefetch"), os.path.join(tmp, "cpu-step")
+    train(snap, data, a, "cpu", "--gradient_accumulation_steps", "2")
+    train(snap, data, b, "cpu", "--gradient_accumulation_steps", "2", env={"FLUXTRAIN_PREPARE_ON_STEP": "1"})
+    assert lora_bytes(a) == lora_bytes(b) and losses(a) == losses(b), "inputs prepared on the prefetch thread differ"
+    print("cpu: inputs prepared on the prefetch thread and on the step bit-identical")
 
 
 def check_cuda(tmp, snap, data):
@@ -73,9 +80,10 @@ def check_cuda(tmp, snap, data):
              ("bf16-fp8", ["--mixed_precision", "bf16", "--base_precision", "fp8"])]
     for name, extra in cases:
         outs = {}
-        for mode in ("off", "off2", "on"):
+        for mode in ("off", "off2", "on", "off-step"):
             out = os.path.join(tmp, f"{name}-{mode}")
-            r = train(snap, data, out, "cuda", "--cuda_graph", mode[:3], *extra)
+            env = {"FLUXTRAIN_PREPARE_ON_STEP": "1"} if mode == "off-step" else None
+            r = train(snap, data, out, "cuda", "--cuda_graph", mode[:3].rstrip("-"), *extra, env=env)
             want = "CUDA graphs" if mode == "on" else "eager (--cuda_graph off)"
             assert want in r.stderr, r.stderr
             outs[mode] = out
@@ -84,12 +92,14 @@ def check_cuda(tmp, snap, data):
             # Eager is bit-reproducible here, so the graph must be bit-identical to it.
             assert lora_bytes(outs["off"]) == lora_bytes(outs["on"]), f"{name}: eager and CUDA-graph LoRA differ"
             assert losses(outs["off"]) == losses(outs["on"]), name
+            assert lora_bytes(outs["off"]) == lora_bytes(outs["off-step"]), f"{name}: page-locked prefetch inputs differ"
             print(f"cuda {name}: eager and CUDA-graph runs bit-identical over {len(losses(outs['on']))} updates")
         else:
             # Some GPU kernels (atomics in attention backward) vary run to run: the graph may
             # differ from eager by no more than eager differs from itself (x4).
             noise, diff = max_rel(outs["off"], outs["off2"]), max_rel(outs["off"], outs["on"])
             assert diff <= 4 * noise, (name, diff, noise)
+            assert max_rel(outs["off"], outs["off-step"]) <= 4 * noise, name
             print(f"cuda {name}: eager varies run to run ({noise:.1e}); CUDA graph vs eager {diff:.1e}")
 
     # Resume: 3 updates, then resume to 6, graphs on; equal to the uninterrupted run.
