@@ -80,6 +80,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // host memory. Sharded: blocks come in the file's dtype and only this rank's slice is cast.
   WeightsPlan plan;
   plan.sharded = rt_.weights_comm && (opt.world_size > 1 || cfg_.dist.shard_weights);
+  sharded_weights_ = plan.sharded;
   TransformerSource source;
   try {
     source = open_transformer(cfg_.model.pretrained_model_name_or_path, cfg_.model.model_layout,
@@ -116,9 +117,10 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     mi.text_encoder_rank = cfg_.text_encoder.text_encoder_rank;
     mi.txt_len = cfg_.text_encoder.max_sequence_length;
     plan.non_weight_bytes = estimate_non_weight_bytes(mi);
-    const FluxConfig mc = model_cfg_;
-    ws.block_shapes = [mc](int i) { return flux_block_shapes(mc, i); };
   }
+  // Shapes without reading: the plan's byte counts (start line, budget) cost no pass over the file.
+  const FluxConfig mc = model_cfg_;
+  ws.block_shapes = [mc](int i) { return flux_block_shapes(mc, i); };
   weights_ = make_block_weights(rt_, ws, plan, &weights_description_);
   if (cfg_.lora.mode == LoraMode::Standard)
     for (int b : cfg_.lora.blocks)
@@ -606,9 +608,9 @@ std::string Trainer::run() {
     ss << "fluxtrain train: " << dataset_->size() << " samples, " << updates_per_epoch_ << " updates per epoch, "
        << max_steps_ << " updates, device " << rt_.device << ", " << c10::toString(rt_.dtype) << ", seed "
        << cfg_.train.seed;
-    if (opt_.world_size > 1 || weights_->transient())
+    if (opt_.world_size > 1 || sharded_weights_)
       ss << ", " << opt_.world_size << " rank(s) x batch " << cfg_.data.train_batch_size << " (global "
-         << global_batch() << ")" << (weights_->transient() ? ", sharded weights" : "")
+         << global_batch() << ")" << (sharded_weights_ ? ", sharded weights" : "")
          << (cfg_.dist.shard_optimizer ? ", sharded optimizer" : "");
     if (!weights_description_.empty()) ss << ", " << weights_description_;
     if (!online_.description.empty()) ss << ", " << online_.description;

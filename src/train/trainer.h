@@ -125,6 +125,7 @@ class Trainer {
   FluxConfig model_cfg_;
   std::unique_ptr<BlockWeights> weights_;  // chosen by make_block_weights
   std::string weights_description_;        // the low-memory plan, for the log
+  bool sharded_weights_ = false;           // frozen blocks sharded over the ranks (start line)
   // Text conditioning and online latents: cached, encoded here, or on --encoder_process.
   OnlineEncoding online_;
   std::unique_ptr<ValidationImages> validation_images_;  // --validation_prompt (train/validation.h)
