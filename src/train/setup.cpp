@@ -111,9 +111,7 @@ std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const W
   for (const auto& kv : source.globals) full.emplace(kv.first, kv.second.to(opts));
   for (int i = 0; i < source.num_blocks; ++i)
     for (auto& kv : source.block(i)) full.emplace(block_prefix(i, source.depth) + kv.first, kv.second.to(opts));
-  auto resident = std::make_unique<ResidentBlockWeights>(full, source.depth, source.depth_single);
-  resident->to(opts);
-  return resident;
+  return std::make_unique<ResidentBlockWeights>(full, source.depth, source.depth_single);
 }
 
 std::string place_t5_low_memory(T5Encoder& t5, const dist::LowMemoryOptions& transformer, c10::Device device,

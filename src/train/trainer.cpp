@@ -411,9 +411,10 @@ const Trainer::HostInputs* Trainer::prepared_inputs(const Batch& batch, size_t g
   return &(*v)[group];
 }
 
-at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation) {
+at::Tensor Trainer::group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                                   const HostInputs* prepared) {
   at::Tensor target;
-  const FluxInputs in = group_inputs(group, epoch, validation, &target);
+  const FluxInputs in = group_inputs(group, epoch, validation, &target, prepared);
   return flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing && !validation);
 }
 
@@ -439,10 +440,7 @@ double Trainer::accumulate(const Batch& batch, double grad_scale) {
   const bool lockstep = rt_.ctl_comm != nullptr;
   double total = 0;
   for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const auto& g = groups[gi];
-    at::Tensor target;
-    const FluxInputs in = group_inputs(g, static_cast<uint64_t>(batch.epoch), false, &target, prepared_inputs(batch, gi));
-    at::Tensor sum = flow_loss_sum(model_cfg_, *weights_, &lora_, in, target, cfg_.model.gradient_checkpointing);
+    at::Tensor sum = group_loss_sum(groups[gi], static_cast<uint64_t>(batch.epoch), false, prepared_inputs(batch, gi));
     const double v = sum.item<double>();
     total += v;
     if (!std::isfinite(v) && !lockstep) break;  // alone: no backward of garbage

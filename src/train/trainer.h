@@ -172,8 +172,6 @@ class Trainer {
   // micro-batch, in order (accumulate computes every micro-batch there, even a non-finite one).
   void begin_online(std::vector<Sample>& samples, bool training);
   void end_online();
-  // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
-  at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation);
   // The transformer's inputs of equally shaped samples (their draws) and the flow target, in two
   // halves: what the host computes (noise and timestep draws, packing, cached text; CPU tensors,
   // page-locked with `pin`; thread-safe: the prefetch thread runs it) and the copies to the
@@ -191,6 +189,9 @@ class Trainer {
   // The prefetch thread's host inputs of shape group `group` of the batch (shape_groups order),
   // or nullptr when the batch came without them.
   const HostInputs* prepared_inputs(const Batch& batch, size_t group) const;
+  // Loss (sum over the samples, as a tensor with graph) of equally shaped samples.
+  at::Tensor group_loss_sum(const std::vector<const Sample*>& group, uint64_t epoch, bool validation,
+                            const HostInputs* prepared = nullptr);
   // --block_major_accumulation (train/block_major_step.cpp): forward and backward of every
   // micro-batch at once, block by block; each micro-batch's mean loss. Empty when the flag is
   // off or there is one micro-batch: then accumulate() runs them one by one.
