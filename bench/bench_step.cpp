@@ -16,6 +16,7 @@
 
 #include "core/device_info.h"
 #include "bench/flops.h"
+#include "bench/profile_trace.h"
 #include "bench/step_runner.h"
 #include "cli/cli_common.h"
 #include "cli/commands.h"
@@ -76,6 +77,7 @@ int cmd_bench(int argc, char** argv) {
   std::string lora_mode = "easycontrol";
   int64_t te_rank = 32;
   uint64_t seed = 0;
+  std::string blocks_s, profile_path;
   po::options_description desc("bench options");
   desc.add_options()
       ("size", po::value(&size)->default_value("flux-dev"), "model size (tiny, flux-dev, flux-schnell)")
@@ -101,6 +103,11 @@ int cmd_bench(int argc, char** argv) {
        "easycontrol (one condition, its LoRA on the condition tokens) or standard (no condition; LoRA on every "
        "token: q, k, v, proj of both streams, linear1 and linear2 of the single blocks, what kohya- and "
        "diffusers-style trainers train); with standard the configs' cond_size is ignored")
+      ("blocks", po::value(&blocks_s),
+       "D/S: only D double and S single blocks of the size's dimensions (quick reproductions; FLOPs follow)")
+      ("profile", po::value(&profile_path),
+       "after timing, run one more eager step under LibTorch's profiler (Kineto) and write its Chrome trace "
+       "to PATH_<cond>_<noise>_<rank>_<ckpt>.json (bench/kernel_classes.py sums it by kernel class)")
       ("compare_resident", po::bool_switch(&compare_resident),
        "with --sharded: also keep the weights resident and time both paths alternately, step by step "
        "(same process, same inputs), reporting the sharded overhead");
@@ -131,7 +138,16 @@ int cmd_bench(int argc, char** argv) {
   const bool print = !pg || pg->rank() == 0;
   configure_attention_backends();
   const at::ScalarType dtype = parse_dtype(dtype_s, "--dtype");
-  const FluxConfig cfg = FluxConfig::preset(size);
+  FluxConfig cfg = FluxConfig::preset(size);
+  if (vm.count("blocks")) {
+    int64_t d = -1, ss = -1;
+    if (std::sscanf(blocks_s.c_str(), "%ld/%ld", &d, &ss) != 2 || d < 0 || ss < 0 || d + ss == 0 || d > cfg.depth ||
+        ss > cfg.depth_single)
+      throw Error("--blocks: '" + blocks_s + "' is not D/S with 0 <= D <= " + std::to_string(cfg.depth) +
+                  " and 0 <= S <= " + std::to_string(cfg.depth_single) + ", not both 0");
+    cfg.depth = d;
+    cfg.depth_single = ss;
+  }
   const auto cases = parse_cases(cases_s);
   const auto opts = at::TensorOptions().device(dev).dtype(dtype);
 
@@ -414,6 +430,13 @@ int cmd_bench(int argc, char** argv) {
         j["sharded_overhead_pct"] = 100.0 * (med - rmed) / rmed;
       }
       if (print) std::cout << j.dump() << std::endl;
+      if (!profile_path.empty() && !graph && print) {
+        // One more step, eager, under the profiler: kernel names and durations per step.
+        const std::string trace = profile_path + "_" + std::to_string(bc.cond) + "_" + std::to_string(bc.noise) +
+                                  "_" + std::to_string(bc.rank) + (ckpt ? "_ckpt" : "") + ".json";
+        profile_to_chrome_trace([&] { runner->run(); }, [&] { sync(dev); }, dev.is_cuda(), trace);
+        std::cerr << "bench: profile trace " << trace << "\n";
+      }
       } catch (const c10::Error& e) {
         // Out of memory, or a failed graph capture: report it and go on with the next case.
         std::string what = e.what_without_backtrace();
