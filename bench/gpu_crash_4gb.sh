@@ -3,6 +3,7 @@
 # bench --lora_mode standard with fp8 + all blocks streamed + checkpointing) on a few blocks of
 # FLUX.1-dev width: each variant leaves one ingredient out. One line per variant: ok or the error.
 set -uo pipefail
+source bench/gpu_env.sh
 OUT=${OUT:-$PWD/out}
 B=${B:-build-gpu/fluxtrain}
 BLOCKS=${BLOCKS:-2/4}
@@ -11,10 +12,11 @@ low="--base_precision fp8 --fp8_modulation --blocks_to_swap -1 --offload_prefetc
 variant() {  # name, env, args
   local name=$1 envs=$2; shift 2
   local t0=$(date +%s)
-  env $envs timeout 60 $B $base "$@" > "$OUT/crash_$name.log" 2>&1
+  env $envs timeout 60 $B $base "$@" > /tmp/crash_$name.log 2>&1
   local rc=$?
-  local line=$(grep -m1 -E '"ms_per_step"|"error"' "$OUT/crash_$name.log" | cut -c1-300)
-  [ -z "$line" ] && line=$(grep -m1 -iE "error|illegal" "$OUT/crash_$name.log" | cut -c1-300)
+  { echo "=== $name"; tail -40 /tmp/crash_$name.log; } >> "$OUT/crash.log"
+  local line=$(grep -m1 -E '"ms_per_step"|"error"' /tmp/crash_$name.log | cut -c1-300)
+  [ -z "$line" ] && line=$(grep -m1 -iE "error|illegal" /tmp/crash_$name.log | cut -c1-300)
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $line"
 }
 variant resident_nockpt "X=1" --gradient_checkpointing off

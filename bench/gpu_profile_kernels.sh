@@ -5,6 +5,7 @@
 # $OUT/kernel_classes.jsonl. Run after the CUDA build (bench/gpu_session.sh builds it).
 #   CONFIGS="192/384/16,512/1024/128" CKPT=off EXTRA="--lora_mode standard" bash bench/gpu_profile_kernels.sh
 set -uo pipefail
+source bench/gpu_env.sh
 OUT=${OUT:-$PWD/out}
 B=${B:-build-gpu/fluxtrain}
 mkdir -p "$OUT/traces"
