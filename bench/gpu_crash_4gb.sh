@@ -21,10 +21,10 @@ variant() {  # name, env, args
 }
 variant resident_nockpt "X=1" --gradient_checkpointing off
 variant resident_ckpt "X=1" --gradient_checkpointing on
-variant resident_ckpt_nocudnn "FLUXTRAIN_SDP_CUDNN=0" --gradient_checkpointing on
+variant resident_ckpt_cudnn "FLUXTRAIN_SDP_CUDNN=1" --gradient_checkpointing on
 variant streamed_bf16_ckpt "X=1" --gradient_checkpointing on --blocks_to_swap -1 --offload_prefetch 1
 variant fp8_resident_ckpt "X=1" --gradient_checkpointing on --base_precision fp8 --fp8_modulation
 variant full_ckpt "CUDA_LAUNCH_BLOCKING=1" --gradient_checkpointing on $low
 variant full_nockpt "CUDA_LAUNCH_BLOCKING=1" --gradient_checkpointing off $low
-variant full_ckpt_nocudnn "FLUXTRAIN_SDP_CUDNN=0" --gradient_checkpointing on $low
+variant full_ckpt_cudnn "FLUXTRAIN_SDP_CUDNN=1" --gradient_checkpointing on $low
 variant full_ckpt_prefetch2 "X=1" --gradient_checkpointing on --base_precision fp8 --fp8_modulation --blocks_to_swap -1 --offload_prefetch 2

@@ -7,7 +7,8 @@ bytes streamed per step and the measured host-to-device bandwidth, so that the s
 issue 14 can be checked: ms_per_step <= max(2 x resident ms, 1.25 x bytes / bandwidth).
 
 Each tier runs twice: with its low-memory options ("low_memory") and fully resident in bf16
-("resident", the speed reference; skipped with --no_resident or when it does not fit).
+("resident", the speed reference: the same step, checkpointing included, with every weight on the
+GPU; skipped with --no_resident or --modes low_memory).
 
   python3 bench/gpu_memory_tiers.py --bin build-gpu/fluxtrain [--tiers standard,ultra-low] [--out DIR]
   python3 bench/gpu_memory_tiers.py --bin build/fluxtrain --size tiny --device cpu   # CPU smoke test
@@ -112,6 +113,7 @@ def main():
     ap.add_argument("--warmup", default="2")
     ap.add_argument("--iters", default="5")
     ap.add_argument("--no_resident", action="store_true")
+    ap.add_argument("--modes", default="low_memory,resident", help="which of the two runs per tier")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -126,8 +128,11 @@ def main():
         for name, preset, cfg, goal, flags, (bench_mode, est_mode) in TIERS:
             if name not in wanted:
                 continue
-            for mode in ["low_memory"] + ([] if a.no_resident else ["resident"]):
-                ckpt = mode == "low_memory"
+            modes = [m for m in a.modes.split(",") if m in ("low_memory", "resident")]
+            for mode in [m for m in modes if not (a.no_resident and m == "resident")]:
+                # The speed reference is the same step (checkpointing included) with every weight
+                # resident in bf16: only where the weights live differs.
+                ckpt = True
                 mflags = flags if mode == "low_memory" else []
                 cmd = [a.bin, "bench", "--size", a.size, "--device", a.device, "--configs", cfg,
                        "--gradient_checkpointing", "on" if ckpt else "off", "--cuda_graph", "off",

@@ -53,7 +53,7 @@ def summarize(path):
         c = classes.setdefault(cls, {"ms": 0.0, "count": 0})
         c["ms"] += dur
         c["count"] += 1
-        short = re.sub(r"\(.*", "", e["name"])[:120]
+        short = re.sub(r"\(.*", "", e["name"].replace("(anonymous namespace)::", ""))[:120]
         b = by_name.setdefault(short, {"ms": 0.0, "count": 0, "class": cls})
         b["ms"] += dur
         b["count"] += 1

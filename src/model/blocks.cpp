@@ -83,7 +83,7 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
 
 void configure_attention_backends() {
   const char* e = std::getenv("FLUXTRAIN_SDP_CUDNN");
-  at::globalContext().setSDPUseCuDNN(!(e && e[0] == '0'));
+  at::globalContext().setSDPUseCuDNN(e && e[0] == '1');
 }
 
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,

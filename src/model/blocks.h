@@ -39,11 +39,13 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
 
 // Process-wide attention backend choice, called once by each subcommand (train through
-// make_runtime) before running the model. cuDNN's fused attention stays among SDPA's choices
-// (LibTorch's default): on the H200 with LibTorch 2.11 its forward and backward run at all four
-// benchmark sizes and the step is 5% (192/384/16) to 16% (512/1024/128) faster than with flash
-// attention (docs/benchmarks.md, issue 15). An earlier session saw its backward fail on an H100
-// ("mha_graph.execute ... is_good()"); FLUXTRAIN_SDP_CUDNN=0 takes it out.
+// make_runtime) before running the model. cuDNN's fused attention is taken OUT of SDPA's choices
+// unless FLUXTRAIN_SDP_CUDNN=1: on the H200 (LibTorch 2.11, cuDNN 9) it is 5-16% faster than
+// flash attention in EasyControl mode, but it failed intermittently in plain-LoRA mode
+// ("mha_graph.execute ... is_good()", then an illegal memory access; same variant passing on one
+// run and failing on the next), as it did on an H100 in an earlier session and as upstream
+// reports (pytorch/pytorch #190321, #134001). A crash hours into training costs more than the
+// speed: flash attention is the default, cuDNN an opt-in (docs/benchmarks.md, session 7).
 void configure_attention_backends();
 
 // img [B,L,H], txt [B,T,H], cond [B,Lc,H] or undefined; vec, vec_cond [B,H].

@@ -41,7 +41,33 @@ def main():
     r = subprocess.run([BIN, "bench", "--size", "tiny", "--device", "cpu", "--text_encoder_mode", "clip"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--text_encoder_mode" in r.stderr, r.stderr
-    print("bench: three text-encoder modes ran at the tiny size")
+    # --blocks keeps the first D double and S single blocks (quick reproductions): fewer FLOPs.
+    one = bench("--blocks", "1/1", "--gradient_checkpointing", "off")
+    assert one[0]["step_tflop"] < ec[0]["step_tflop"], (one, ec)
+    r = subprocess.run([BIN, "bench", "--size", "tiny", "--device", "cpu", "--blocks", "3/0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--blocks" in r.stderr, r.stderr
+    # --profile writes a Chrome trace of one eager step; kernel_classes.py reads it (on the CPU the
+    # trace has operators but no GPU kernels: the summary says 0 kernels).
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        bench("--gradient_checkpointing", "off", "--profile", os.path.join(d, "p"))
+        trace = os.path.join(d, "p_32_64_4.json")
+        with open(trace) as f:
+            assert "traceEvents" in json.load(f)
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run(["python3", os.path.join(here, "..", "..", "bench", "kernel_classes.py"), trace],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout)
+        assert summary["cpu_ops"] > 0 and summary["kernels"] == 0, summary
+        bad = os.path.join(d, "bad.json")
+        with open(bad, "w") as f:
+            f.write("{not json")
+        r = subprocess.run(["python3", os.path.join(here, "..", "..", "bench", "kernel_classes.py"), bad],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "bad.json" in r.stderr, r.stderr
+    print("bench: three text-encoder modes, --blocks and --profile ran at the tiny size")
 
 
 if __name__ == "__main__":
