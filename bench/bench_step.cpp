@@ -78,6 +78,7 @@ int cmd_bench(int argc, char** argv) {
   int64_t te_rank = 32;
   uint64_t seed = 0;
   std::string blocks_s, profile_path;
+  std::string lora_targets_s = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,proj_mlp,proj_out";
   po::options_description desc("bench options");
   desc.add_options()
       ("size", po::value(&size)->default_value("flux-dev"), "model size (tiny, flux-dev, flux-schnell)")
@@ -103,6 +104,9 @@ int cmd_bench(int argc, char** argv) {
        "easycontrol (one condition, its LoRA on the condition tokens) or standard (no condition; LoRA on every "
        "token: q, k, v, proj of both streams, linear1 and linear2 of the single blocks, what kohya- and "
        "diffusers-style trainers train); with standard the configs' cond_size is ignored")
+      ("lora_targets", po::value(&lora_targets_s)->default_value(lora_targets_s),
+       "with --lora_mode standard: the adapted linears (diffusers names), or 'default' for train's default "
+       "(to_q,to_k,to_v,to_out.0, what diffusers' FLUX LoRA script trains)")
       ("blocks", po::value(&blocks_s),
        "D/S: only D double and S single blocks of the size's dimensions (quick reproductions; FLOPs follow)")
       ("profile", po::value(&profile_path),
@@ -124,6 +128,12 @@ int cmd_bench(int argc, char** argv) {
   if (lora_mode != "easycontrol" && lora_mode != "standard")
     throw Error("--lora_mode must be easycontrol or standard, got '" + lora_mode + "'");
   const bool standard = lora_mode == "standard";
+  std::vector<std::string> lora_targets;  // empty: LoraSet's default (train's)
+  if (lora_targets_s != "default") {
+    std::stringstream ts(lora_targets_s);
+    for (std::string t; std::getline(ts, t, ',');)
+      if (!t.empty()) lora_targets.push_back(t);
+  }
   if (te_rank <= 0 || te_rank > 4096) throw Error("--text_encoder_rank must be in [1, 4096]");
   if (te_mode != "none" && sharded) throw Error("bench: --text_encoder_mode is measured without --sharded");
   // The encoders' forward and backward are part of the step and not captured (as in train).
@@ -157,6 +167,7 @@ int cmd_bench(int argc, char** argv) {
   rq.device = dev.str();
   rq.dtype = dtype;
   rq.distributed = sharded;
+  rq.streamed_weights = low_memory.streams();
   if (pg) {
     rq.rank = pg->rank();
     rq.world_size = pg->world_size();
@@ -176,6 +187,7 @@ int cmd_bench(int argc, char** argv) {
       mi.model = cfg;
       mi.cond_size = standard ? 16 : first.cond;  // standard: no condition (the size is not used)
       mi.easycontrol = !standard;
+      mi.lora_targets = lora_targets;
       mi.num_conditions = standard ? 0 : 1;
       mi.noise_size = first.noise;
       mi.lora_rank = first.rank;
@@ -298,8 +310,7 @@ int cmd_bench(int argc, char** argv) {
       lc.alphas = {static_cast<double>(bc.rank)};
       if (standard) {
         lc.mode = LoraMode::Standard;
-        lc.targets = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                      "proj_mlp", "proj_out"};
+        lc.targets = lora_targets;
       }
       LoraSet lora = LoraSet::create(cfg, lc, seed);
       lora.to(at::TensorOptions().device(dev).dtype(at::kFloat));
@@ -399,6 +410,7 @@ int cmd_bench(int argc, char** argv) {
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
                                       {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
                                       {"text_encoder_mode", te_mode}, {"lora_mode", lora_mode},
+                                      {"lora_targets", standard ? lora_targets_s : std::string()},
                                       {"execution", runner->mode()}}},
                           {"ms_per_step", med},
                           {"ms_min", ms.front()},

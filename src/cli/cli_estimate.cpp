@@ -28,6 +28,7 @@ struct Raw {
   std::string size = "flux-dev", mixed_precision = "bf16", lora_mode = "easycontrol";
   int64_t cond_size = 512, noise_size = 1024, train_batch_size = 1, lora_num = 1, txt_len = 512;
   std::vector<std::string> ranks{"128"};
+  std::string lora_targets;  // standard mode, comma-separated diffusers names
   bool gradient_checkpointing = false, train_text_encoder = false, train_text_encoder_one_only = false;
   bool shard_weights = false;
   int64_t text_encoder_rank = 64, world_size = 1;
@@ -43,6 +44,7 @@ void declare(po::options_description& d, Raw& r) {
       ("train_batch_size", po::value(&r.train_batch_size)->default_value(r.train_batch_size), "samples per micro-batch")
       ("lora_mode", po::value(&r.lora_mode)->default_value(r.lora_mode), "easycontrol | standard")
       ("lora_num", po::value(&r.lora_num)->default_value(r.lora_num), "conditions (easycontrol)")
+      ("lora_targets", po::value(&r.lora_targets), "standard mode: adapted linears (to_q,to_k,...; default q, k, v, out)")
       ("ranks", po::value(&r.ranks)->multitoken()->default_value(r.ranks, "128"), "LoRA rank(s); the largest counts")
       ("txt_len", po::value(&r.txt_len)->default_value(r.txt_len), "T5 tokens")
       ("mixed_precision", po::value(&r.mixed_precision)->default_value(r.mixed_precision), "bf16 | no")
@@ -70,6 +72,14 @@ MemoryEstimateInput to_input(const Raw& r) {
     throw Error("--lora_mode must be easycontrol or standard, got '" + r.lora_mode + "'");
   in.easycontrol = r.lora_mode == "easycontrol";
   in.num_conditions = r.lora_num;
+  for (size_t p = 0; !r.lora_targets.empty() && p <= r.lora_targets.size();) {
+    const size_t q = std::min(r.lora_targets.find(',', p), r.lora_targets.size());
+    std::string t = r.lora_targets.substr(p, q - p);
+    t.erase(0, t.find_first_not_of(" \t"));
+    t.erase(t.find_last_not_of(" \t") + 1);
+    if (!t.empty()) in.lora_targets.push_back(t);
+    p = q + 1;
+  }
   in.lora_rank = 0;
   for (const std::string& list : r.ranks) {
     size_t p = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include <ATen/ATen.h>
@@ -91,12 +92,23 @@ void LoraConfig::validate() const {
   }
 }
 
-LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t seed, at::ScalarType dtype) {
-  lc.validate();
-  LoraSet set;
-  set.config_ = lc;
+namespace {
+
+// One adapter the options create: which linear, which output rows, its in-features, condition,
+// rank and alpha. create() and lora_parameter_count() walk the same list.
+struct AdapterSpec {
+  std::string target;
+  int block;
+  std::string linear;
+  int64_t begin, end, in;
+  int cond;
+  int64_t rank;
+  double alpha;
+  bool on_output;
+};
+
+void for_each_adapter(const FluxConfig& cfg, const LoraConfig& lc, const std::function<void(const AdapterSpec&)>& fn) {
   const int64_t H = cfg.hidden_size;
-  set.model_ = cfg;
   auto add = [&](const std::string& target, int block, const std::string& linear, int64_t b, int64_t e, int64_t in,
                  int cond, int64_t rank, double alpha, bool on_output = false) {
     // A rank above the layer's smaller side adds parameters and no expressiveness (and at
@@ -106,18 +118,7 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
       throw Error("--ranks " + std::to_string(rank) + " is above the width of the adapted layer " + target +
                   " (block " + std::to_string(block) + ", " + std::to_string(in) + " -> " + std::to_string(e - b) +
                   "): a LoRA rank must be at most " + std::to_string(width) + " for this model");
-    LoraAdapter a;
-    a.target = target;
-    a.block = block;
-    a.linear = linear;
-    a.out_begin = b;
-    a.out_end = e;
-    a.cond = cond;
-    a.scale = alpha / static_cast<double>(rank);
-    a.on_output = on_output;
-    a.down = at::empty({rank, in}, at::TensorOptions().dtype(dtype));
-    a.up = at::zeros({e - b, rank}, at::TensorOptions().dtype(dtype));
-    set.adapters_.push_back(std::move(a));
+    fn(AdapterSpec{target, block, linear, b, e, in, cond, rank, alpha, on_output});
   };
   if (lc.mode == LoraMode::EasyControl) {
     for (int blk = 0; blk < cfg.num_blocks(); ++blk) {
@@ -146,6 +147,36 @@ LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t se
       }
     }
   }
+}
+
+}  // namespace
+
+int64_t lora_parameter_count(const FluxConfig& cfg, const LoraConfig& lc) {
+  lc.validate();
+  int64_t n = 0;
+  for_each_adapter(cfg, lc, [&](const AdapterSpec& a) { n += a.rank * (a.in + (a.end - a.begin)); });
+  return n;
+}
+
+LoraSet LoraSet::create(const FluxConfig& cfg, const LoraConfig& lc, uint64_t seed, at::ScalarType dtype) {
+  lc.validate();
+  LoraSet set;
+  set.config_ = lc;
+  set.model_ = cfg;
+  for_each_adapter(cfg, lc, [&](const AdapterSpec& s) {
+    LoraAdapter a;
+    a.target = s.target;
+    a.block = s.block;
+    a.linear = s.linear;
+    a.out_begin = s.begin;
+    a.out_end = s.end;
+    a.cond = s.cond;
+    a.scale = s.alpha / static_cast<double>(s.rank);
+    a.on_output = s.on_output;
+    a.down = at::empty({s.rank, s.in}, at::TensorOptions().dtype(dtype));
+    a.up = at::zeros({s.end - s.begin, s.rank}, at::TensorOptions().dtype(dtype));
+    set.adapters_.push_back(std::move(a));
+  });
   const LoraFormat native = lc.mode == LoraMode::EasyControl ? LoraFormat::EasyControl : LoraFormat::Diffusers;
   for (auto& a : set.adapters_) a.key = lora_key_stem(cfg, a, native);
   // EasyControl's init: down ~ N(0, 1/r), up = 0. One generator, adapters in a fixed order.

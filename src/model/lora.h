@@ -71,6 +71,10 @@ struct LoraAdapter {
   bool on_output = false;  // reads the linear's output (EasyControl's proj_loras), not its input
 };
 
+// Parameters (down + up elements) of the adapters LoraSet::create makes for these options,
+// without making them: what the memory estimator counts.
+int64_t lora_parameter_count(const FluxConfig& cfg, const LoraConfig& lc);
+
 class LoraSet {
  public:
   LoraSet() = default;

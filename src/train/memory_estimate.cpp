@@ -11,6 +11,7 @@
 #include "dist/low_memory_weights.h"
 #include "model/block_weights.h"
 #include "model/flux_weights.h"
+#include "model/lora.h"
 
 namespace fluxtrain {
 namespace {
@@ -65,11 +66,14 @@ dist::WeightsSource shapes_source(const FluxConfig& cfg, at::ScalarType dtype) {
 }
 
 int64_t lora_params(const MemoryEstimateInput& in) {
-  const int64_t H = in.model.hidden_size, r = in.lora_rank;
-  // Per adapter on an H -> H slice: down [r, H] + up [H, r]. Double blocks: q, k, v and the
-  // output projection; single blocks: q, k, v (both modes' default targets).
-  const int64_t per_set = 2 * r * H * (4 * in.model.depth + 3 * in.model.depth_single);
-  return per_set * (in.easycontrol ? std::max<int64_t>(in.num_conditions, 1) : 1);
+  // The adapters LoraSet::create makes for these options (every condition at the largest rank).
+  LoraConfig lc;
+  lc.mode = in.easycontrol ? LoraMode::EasyControl : LoraMode::Standard;
+  lc.lora_num = in.easycontrol ? static_cast<int>(std::max<int64_t>(in.num_conditions, 1)) : 1;
+  lc.ranks.assign(lc.lora_num, in.lora_rank);
+  lc.alphas.assign(lc.lora_num, static_cast<double>(in.lora_rank));
+  if (!in.easycontrol) lc.targets = in.lora_targets;
+  return lora_parameter_count(in.model, lc);
 }
 
 int64_t encoder_bytes(const MemoryEstimateInput& in) {

@@ -28,7 +28,8 @@ struct MemoryEstimateInput {
   FluxConfig model = FluxConfig::preset("flux-dev");
   int64_t cond_size = 512, noise_size = 1024;  // pixels (latent tokens: (size / 16)^2)
   int64_t num_conditions = 1;                  // EasyControl condition streams (lora_num)
-  bool easycontrol = true;                     // false: standard LoRA on q, k, v, out (+ single q, k, v)
+  bool easycontrol = true;                     // false: standard LoRA on lora_targets
+  std::vector<std::string> lora_targets;       // standard mode (--lora_targets); empty: q, k, v, out
   int64_t lora_rank = 128;
   int64_t batch = 1;                           // per micro-batch
   int64_t txt_len = 512;                       // T5 tokens

@@ -1,5 +1,9 @@
 #include "train/setup.h"
 
+#include <cstdlib>
+
+#include <c10/core/AllocatorConfig.h>
+
 #include <ATen/DeviceAccelerator.h>
 
 #include <ATen/ATen.h>
@@ -32,6 +36,14 @@ Runtime make_runtime(const RuntimeRequest& r) {
     // The attention backends `bench`, `forward` and `sample` use (model/blocks.h), so that
     // `train` runs the step the benchmark measures.
     configure_attention_backends();
+    // Streamed blocks make the allocator cycle block-sized buffers of two sizes (double and single
+    // blocks, fp8 and dequantised): with fixed segments that fragmented the 4 GiB row's reserve by
+    // 1.3 GiB above its allocated peak (docs/memory.md). Expandable segments grow and shrink one
+    // mapping instead. Not with several ranks (NCCL's buffers, not measured) and never over the
+    // user's own allocator settings.
+    if (r.streamed_weights && r.world_size == 1 && !std::getenv("PYTORCH_CUDA_ALLOC_CONF") &&
+        !std::getenv("PYTORCH_ALLOC_CONF"))
+      c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
   }
   rt.dtype = r.dtype;
   check_input(r.world_size >= 1 && r.rank >= 0 && r.rank < r.world_size, "runtime: bad rank/world size");

@@ -31,6 +31,9 @@ struct RuntimeRequest {
   int cuda_device = -1;            // from ProcessGroup::select_cuda_device; -1: cuda:0 (or the index in `device`)
   bool distributed = false;        // communicators needed (world > 1 or a sharded option)
   double nccl_timeout = 600;
+  // Frozen blocks streamed from host memory (--blocks_to_swap / --max_gpu_memory): in a single
+  // process the caching allocator then uses expandable segments (see make_runtime).
+  bool streamed_weights = false;
 };
 
 struct Runtime {

@@ -70,6 +70,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   // Without an initialised process group (unit tests of accumulate()) several ranks run alone.
   rq.distributed = sharding || (opt.world_size > 1 && dist::ProcessGroup::initialized());
   rq.nccl_timeout = cfg_.dist.nccl_timeout;
+  rq.streamed_weights = cfg_.low_memory.streams();
   rt_ = make_runtime(rq);
 
   // Dataset first: it is cheap to open and the most common source of mistakes.
@@ -103,6 +104,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     mi.noise_size = cfg_.data.noise_size;
     mi.num_conditions = cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : 0;
     mi.easycontrol = cfg_.lora.mode == LoraMode::EasyControl;
+    mi.lora_targets = cfg_.lora.targets;
     mi.lora_rank = cfg_.lora.ranks.empty() ? 0 : cfg_.lora.ranks[0];
     mi.batch = cfg_.data.train_batch_size;
     mi.gradient_checkpointing = cfg_.model.gradient_checkpointing;

@@ -67,7 +67,18 @@ def main():
         r = subprocess.run(["python3", os.path.join(here, "..", "..", "bench", "kernel_classes.py"), bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "bad.json" in r.stderr, r.stderr
-    print("bench: three text-encoder modes, --blocks and --profile ran at the tiny size")
+    # The estimate the tier bench compares against counts the LoRA targets it is given.
+    def est(*args):
+        r = subprocess.run([BIN, "estimate", "--json", "--lora_mode", "standard", "--ranks", "32", *args],
+                           capture_output=True, text=True)
+        return r
+    default, wide = est(), est("--lora_targets", "to_q,to_k,to_v,to_out.0,add_q_proj,proj_mlp,proj_out")
+    assert default.returncode == 0 and wide.returncode == 0, (default.stderr, wide.stderr)
+    lora = lambda r: json.loads(r.stdout.strip().splitlines()[-1])["lora_gib"]
+    assert lora(wide) > lora(default) > 0, (default.stdout, wide.stdout)
+    bogus = est("--lora_targets", "to_q,bogus")
+    assert bogus.returncode == 2 and "--lora_targets" in bogus.stderr and "bogus" in bogus.stderr, bogus.stderr
+    print("bench: three text-encoder modes, --blocks and --profile ran at the tiny size; estimate counts targets")
 
 
 if __name__ == "__main__":

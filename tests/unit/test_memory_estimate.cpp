@@ -61,22 +61,30 @@ TEST(MemoryEstimate, BlockShapesCoverTheModel) {
 }
 
 TEST(MemoryEstimate, LoraStateMatchesTheLoraCode) {
+  // The LoRA tensors LoraSet::create really makes, counted element by element, for both modes and
+  // for standard mode's default and wide target lists (kohya-style: both streams, linear1/2).
   const FluxConfig cfg = FluxConfig::preset("tiny");
-  for (bool easy : {true, false}) {
+  const std::vector<std::string> wide = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                         "add_v_proj", "to_add_out", "proj_mlp", "proj_out"};
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool easy = variant == 0;
     LoraConfig lc;
     lc.mode = easy ? LoraMode::EasyControl : LoraMode::Standard;
     lc.lora_num = easy ? 2 : 1;
     lc.ranks.assign(lc.lora_num, 8);
     lc.alphas.assign(lc.lora_num, 8);
+    if (variant == 2) lc.targets = wide;
     const LoraSet s = LoraSet::create(cfg, lc, 1);
     int64_t params = 0;
     for (const at::Tensor& p : s.parameters()) params += p.numel();
+    EXPECT_EQ(lora_parameter_count(cfg, lc), params);
     MemoryEstimateInput in;
     in.model = cfg;
     in.easycontrol = easy;
     in.num_conditions = lc.lora_num;
     in.lora_rank = 8;
-    EXPECT_EQ(estimate_memory(in).lora, 16 * params) << (easy ? "easycontrol" : "standard");
+    in.lora_targets = lc.targets;
+    EXPECT_EQ(estimate_memory(in).lora, 16 * params) << "variant " << variant;
   }
 }
 
