@@ -179,7 +179,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_cuda(const at::Tensor& x,
   if (B * L == 0) return {y, mean, rstd};
   auto stream = at::cuda::getCurrentCUDAStream();
 #define FLUXTRAIN_MLN_FWD(T, AT)                                                                                    \
-  mln_forward_kernel<T><<<B * L, kRowThreads, 0, stream>>>(                                                          \
+  mln_forward_kernel<T><<<static_cast<unsigned>(B * L), kRowThreads, 0, stream>>>(                                                          \
       reinterpret_cast<const T*>(x.data_ptr<AT>()), reinterpret_cast<const T*>(sh.data_ptr<AT>()),                   \
       reinterpret_cast<const T*>(sc.data_ptr<AT>()), reinterpret_cast<T*>(y.data_ptr<AT>()), mean.data_ptr<float>(), \
       rstd.data_ptr<float>(), L, H, x.stride(0), x.stride(1), sB)
@@ -212,7 +212,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& d
     dx = at::empty({B, L, H}, x.options());
     if (B * L > 0) {
 #define FLUXTRAIN_MLN_BWD(T, AT)                                                                                      \
-  mln_backward_dx_kernel<T><<<B * L, kRowThreads, 0, stream>>>(                                                        \
+  mln_backward_dx_kernel<T><<<static_cast<unsigned>(B * L), kRowThreads, 0, stream>>>(                                                        \
       reinterpret_cast<const T*>(dy.data_ptr<AT>()), reinterpret_cast<const T*>(x.data_ptr<AT>()),                     \
       reinterpret_cast<const T*>(sc.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(),                  \
       reinterpret_cast<T*>(dx.data_ptr<AT>()), L, H, x.stride(0), x.stride(1), H)
