@@ -381,7 +381,9 @@ TEST(FusedKernels, ModulateAutogradCudaMatchesCpu) {
 //   q, k vs float64: |got - want| <= tol * |pair of want| with tol 1.6e-2 for bf16 (the path's
 //   three bf16 roundings, at most ~3.9 half-ulps of the pair) and 1e-5 for f32;
 //   q, k vs the CPU reference in the same dtype (the unfused path's numbers): >= 99.9% of the
-//   elements bit-identical, the rest within one ulp of the pair (2^-7 bf16, 2e-6 f32);
+//   elements bit-identical (a 1/rms that differs in its last float32 bit, ~20% of rows, flips a
+//   bf16 rounding of x*r about once in 2^15 elements), all within 1.6e-2 bf16 / 2e-6 f32 of
+//   the pair (a flipped rounding moves the pair by up to ~1.5 bf16 ulps);
 //   v, and dv inside dqkv: exact copies;
 //   dqkv vs float64: |got - want| <= rtol*|want| + atol*max|want|, rtol one ulp (bf16 8e-3, f32
 //   1e-5), atol 8e-3 bf16 (the rounded dy) / 1e-5 f32; vs the CPU reference: >= 99% bit-identical.
@@ -431,7 +433,7 @@ TEST(FusedKernels, QkNormRopeCudaMatchesReference) {
         const double e64 = pair_err(got[i], want[i]), e = pair_err(got[i], same[i]);
         const double eq = equal_fraction(got[i], same[i]);
         EXPECT_LE(e64, bf ? 1.6e-2 : 1e-5) << what << n;
-        EXPECT_LE(e, bf ? 0.0078125 : 2e-6) << what << n;
+        EXPECT_LE(e, bf ? 1.6e-2 : 2e-6) << what << n;
         EXPECT_GE(eq, 0.999) << what << n;
         std::printf("[qk fwd] %s%s: vs f64 %.3g, vs same-dtype CPU %.3g, identical %.5f\n", what.c_str(), n, e64, e,
                     eq);
