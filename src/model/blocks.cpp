@@ -23,6 +23,28 @@ Heads split_heads(const at::Tensor& qkv, int64_t heads, const at::Tensor& q_scal
   return {rms_norm(t[0], q_scale).to(v.scalar_type()), rms_norm(t[1], k_scale).to(v.scalar_type()), v};
 }
 
+// The fused attention prologue (model/rope.h, qk_norm_rope) is used on CUDA for non-float64
+// activations; CPU (and float64) runs keep the unfused ops below, with unchanged numerics.
+bool fused_prologue(const at::Tensor& x) {
+  return x.is_cuda() && x.scalar_type() != at::kDouble && fused_kernels_enabled();
+}
+
+// q, k (normalised, rotated by r) and v of the streams' tokens in order, through the fused
+// kernels; the unfused ops when the kernels do not take these arguments.
+Heads fused_heads(const std::vector<kernels::QkvSegment>& streams, int64_t heads, const Rope& r) {
+  if (kernels::qk_norm_rope_cuda_supported(streams, heads, r.cos, r.sin)) {
+    auto o = qk_norm_rope(streams, heads, r);
+    return {o[0], o[1], o[2]};
+  }
+  std::vector<at::Tensor> q, k, v;
+  for (const auto& s : streams) {
+    Heads h = split_heads(s.qkv, heads, s.q_scale, s.k_scale);
+    q.push_back(h.q), k.push_back(h.k), v.push_back(h.v);
+  }
+  auto cat = [](const std::vector<at::Tensor>& t) { return t.size() == 1 ? t[0] : at::cat(t, 2); };
+  return {apply_rope(cat(q), r), apply_rope(cat(k), r), cat(v)};
+}
+
 at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, heads*D]
   return o.transpose(1, 2).flatten(2);
 }
@@ -134,22 +156,38 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
 
   auto im = modulation(vec, w, "img_mod.lin", 6);
   auto tm = modulation(vec, w, "txt_mod.lin", 6);
-  Heads ih = split_heads(img_lin(modulate(img, im[0], im[1]), "img_attn.qkv"), heads,
-                         w.at("img_attn.norm.query_norm.scale"), w.at("img_attn.norm.key_norm.scale"));
-  Heads th = split_heads(main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv"), heads,
-                         w.at("txt_attn.norm.query_norm.scale"), w.at("txt_attn.norm.key_norm.scale"));
-  at::Tensor q = apply_rope(at::cat({th.q, ih.q}, 2), c.rope_main);
-  at::Tensor k = apply_rope(at::cat({th.k, ih.k}, 2), c.rope_main);
-  at::Tensor v = at::cat({th.v, ih.v}, 2);
+  const at::Tensor& iqs = w.at("img_attn.norm.query_norm.scale");
+  const at::Tensor& iks = w.at("img_attn.norm.key_norm.scale");
+  const at::Tensor& tqs = w.at("txt_attn.norm.query_norm.scale");
+  const at::Tensor& tks = w.at("txt_attn.norm.key_norm.scale");
+  const bool fused = fused_prologue(img);
+  at::Tensor q, k, v;
+  if (fused) {
+    // Text and image qkv written straight into the concatenated q, k, v (no cat).
+    at::Tensor iqkv = img_lin(modulate(img, im[0], im[1]), "img_attn.qkv");
+    at::Tensor tqkv = main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv");
+    Heads h = fused_heads({{tqkv, tqs, tks}, {iqkv, iqs, iks}}, heads, c.rope_main);
+    q = h.q, k = h.k, v = h.v;
+  } else {
+    Heads ih = split_heads(img_lin(modulate(img, im[0], im[1]), "img_attn.qkv"), heads, iqs, iks);
+    Heads th = split_heads(main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv"), heads, tqs, tks);
+    q = apply_rope(at::cat({th.q, ih.q}, 2), c.rope_main);
+    k = apply_rope(at::cat({th.k, ih.k}, 2), c.rope_main);
+    v = at::cat({th.v, ih.v}, 2);
+  }
 
   std::vector<at::Tensor> cm;
   Heads ch;
   if (has_cond) {
     cm = modulation(vec_cond, w, "img_mod.lin", 6);  // image-stream weights, timestep-0 embedding
-    ch = split_heads(cond_lin(modulate(cond, cm[0], cm[1]), "img_attn.qkv"), heads,
-                     w.at("img_attn.norm.query_norm.scale"), w.at("img_attn.norm.key_norm.scale"));
-    ch.q = apply_rope(ch.q, c.rope_cond);
-    ch.k = apply_rope(ch.k, c.rope_cond);
+    at::Tensor cqkv = cond_lin(modulate(cond, cm[0], cm[1]), "img_attn.qkv");
+    if (fused) {
+      ch = fused_heads({{cqkv, iqs, iks}}, heads, c.rope_cond);
+    } else {
+      ch = split_heads(cqkv, heads, iqs, iks);
+      ch.q = apply_rope(ch.q, c.rope_cond);
+      ch.k = apply_rope(ch.k, c.rope_cond);
+    }
     if (c.record) c.record->record(c.block, ch.k, ch.v);
   } else if (c.cached_k.defined()) {
     ch.k = c.cached_k;
@@ -181,10 +219,18 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
 
   auto m = modulation(vec, w, "modulation.lin", 3);
   at::Tensor xn = modulate(x, m[0], m[1]);
-  Heads h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
+  const bool fused = fused_prologue(x);
+  Heads h;
+  if (fused) {
+    h = fused_heads({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_main);
+  } else {
+    h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
+  }
   at::Tensor mlp_in = main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
-  h.q = apply_rope(h.q, c.rope_main);
-  h.k = apply_rope(h.k, c.rope_main);
+  if (!fused) {
+    h.q = apply_rope(h.q, c.rope_main);
+    h.k = apply_rope(h.k, c.rope_main);
+  }
 
   // After the last block only the noise tokens are read: the condition stream's own attention
   // output and MLP would be discarded, so they are not computed (its keys/values still are).
@@ -195,9 +241,14 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   if (has_cond) {
     cm = modulation(vec_cond, w, "modulation.lin", 3);
     cn = modulate(cond, cm[0], cm[1]);
-    ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
-    ch.q = cond_out_needed ? apply_rope(ch.q, c.rope_cond) : at::Tensor();  // queries only feed its own output
-    ch.k = apply_rope(ch.k, c.rope_cond);
+    if (fused) {
+      ch = fused_heads({{cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_cond);
+      if (!cond_out_needed) ch.q = at::Tensor();  // queries only feed its own output
+    } else {
+      ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
+      ch.q = cond_out_needed ? apply_rope(ch.q, c.rope_cond) : at::Tensor();  // queries only feed its own output
+      ch.k = apply_rope(ch.k, c.rope_cond);
+    }
     if (c.record) c.record->record(c.block, ch.k, ch.v);
   } else if (c.cached_k.defined()) {
     ch.k = c.cached_k;

@@ -1,9 +1,12 @@
 #include "model/layers.h"
 
 #include <cmath>
+#include <cstdlib>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include "kernels/modulated_layer_norm.h"
 
 namespace fluxtrain {
 
@@ -76,7 +79,46 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale) {
   return (xf * rrms).to(x.scalar_type()) * scale;
 }
 
+namespace {
+
+// y = LayerNorm(x) * (1 + scale) + shift in one kernel (kernels/modulated_layer_norm.h).
+// Backward from x, scale and the saved float32 row statistics; each input's gradient only when
+// autograd needs it (shift/scale need one when, e.g., a text-encoder adapter feeds the pooled
+// vector; x practically always).
+struct ModulatedLayerNormFunction : public torch::autograd::Function<ModulatedLayerNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shift,
+                            const at::Tensor& scale) {
+    auto [y, mean, rstd] = kernels::modulated_layer_norm_forward(x, shift, scale);
+    ctx->save_for_backward({x, scale, mean, rstd});
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto [dx, dshift, dscale] =
+        kernels::modulated_layer_norm_backward(grads[0], s[0], s[1], s[2], s[3], ctx->needs_input_grad(0),
+                                               ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return {dx, dshift, dscale};
+  }
+};
+
+}  // namespace
+
+bool fused_kernels_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_FUSED_KERNELS");
+    return !(e && e[0] == '0');
+  }();
+  return enabled;
+}
+
+at::Tensor modulate_fused(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
+  return ModulatedLayerNormFunction::apply(x, shift, scale);
+}
+
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
+  if (x.is_cuda() && fused_kernels_enabled() && kernels::modulated_layer_norm_cuda_supported(x, shift, scale))
+    return modulate_fused(x, shift, scale);
   return at::addcmul(shift, layer_norm(x), 1 + scale);
 }
 

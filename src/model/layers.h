@@ -16,8 +16,17 @@ at::Tensor layer_norm(const at::Tensor& x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& scale);
 // Plain-autograd version of the same (tests compare values and gradients).
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& scale);
-// (1 + scale) * LayerNorm(x) + shift; shift/scale are [B, 1, H].
+// (1 + scale) * LayerNorm(x) + shift; shift/scale are [B, 1, H]. On CUDA (not float64, fused
+// kernels enabled, arguments the kernel takes) modulate_fused; elsewhere the plain ATen
+// expression addcmul(shift, layer_norm(x), 1 + scale).
 at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+// The fused modulated LayerNorm (kernels/modulated_layer_norm.h) as an autograd function with a
+// hand-written backward, on any device (CPU: its ATen reference). Saves x, scale and the per-row
+// float32 mean and 1/std; computes only the gradients that are needed.
+at::Tensor modulate_fused(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+// Whether the model uses the fused CUDA kernels of kernels/ (modulate, the attention prologue):
+// yes unless the environment sets FLUXTRAIN_FUSED_KERNELS=0 (read once).
+bool fused_kernels_enabled();
 // Linear layer weight[prefix.weight], bias[prefix.bias] (bias optional).
 at::Tensor linear(const at::Tensor& x, const TensorMap& w, const std::string& prefix);
 

@@ -1,0 +1,262 @@
+// Fused modulated LayerNorm (kernels/modulated_layer_norm.h). One block of 256 threads per
+// [H] row: x is read in its dtype, statistics are float32 block sums (warp shuffles, then one
+// float per warp in shared memory, summed in the same order by every thread: deterministic),
+// mean first and then the biased variance of (x - mean) (two passes over the row, which stays
+// in L1/L2), and the output is rounded once.
+// Backward: the same row layout for dx; dshift/dscale are column sums over L, done by a second
+// kernel that writes float32 partial sums per chunk of 32 rows, summed by ATen (deterministic).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/modulated_layer_norm.h"
+
+namespace fluxtrain::kernels {
+namespace {
+
+constexpr int kRowThreads = 256;   // multiple of 32, at most 1024
+constexpr int kColThreads = 256;
+constexpr int64_t kChunkRows = 32;  // rows per partial sum of dshift/dscale
+constexpr float kEps = 1e-6f;
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+
+// Sum of v over the block. shm: at least blockDim.x / 32 floats. Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* shm) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // earlier readers of shm are done
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  float t = 0.f;
+  for (int i = 0; i < warps; ++i) t += shm[i];
+  return t;
+}
+
+// The same for two sums at once.
+__device__ __forceinline__ float2 block_sum2(float a, float b, float2* shm) {
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) shm[warp] = make_float2(a, b);
+  __syncthreads();
+  float2 t = make_float2(0.f, 0.f);
+  for (int i = 0; i < warps; ++i) {
+    t.x += shm[i].x;
+    t.y += shm[i].y;
+  }
+  return t;
+}
+
+// grid.x = B * L rows. x row (b, l) at x + b*sxB + l*sxL; shift/scale row b at + b*sB; y, mean,
+// rstd contiguous.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    mln_forward_kernel(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
+                       T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t L,
+                       int64_t H, int64_t sxB, int64_t sxL, int64_t sB) {
+  __shared__ float shm[32];
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / L, l = row % L;
+  const T* xr = x + b * sxB + l * sxL;
+  const float inv_h = 1.f / static_cast<float>(H);
+
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) s += to_f(xr[i]);
+  const float mean = block_sum(s, shm) * inv_h;
+  float v = 0.f;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    const float d = to_f(xr[i]) - mean;
+    v += d * d;
+  }
+  const float rstd = 1.f / sqrtf(block_sum(v, shm) * inv_h + kEps);
+
+  const T* sh = shift + b * sB;
+  const T* sc = scale + b * sB;
+  T* yr = y + row * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    const float xh = (to_f(xr[i]) - mean) * rstd;
+    yr[i] = from_f<T>(xh * (1.f + to_f(sc[i])) + to_f(sh[i]));
+  }
+  if (threadIdx.x == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// dx for row (b, l); dy and dx contiguous [B, L, H].
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    mln_backward_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ scale,
+                           const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
+                           int64_t L, int64_t H, int64_t sxB, int64_t sxL, int64_t sB) {
+  __shared__ float2 shm[32];
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / L, l = row % L;
+  const T* xr = x + b * sxB + l * sxL;
+  const T* dyr = dy + row * H;
+  const T* sc = scale + b * sB;
+  const float m = mean[row], r = rstd[row];
+  const float inv_h = 1.f / static_cast<float>(H);
+
+  float sg = 0.f, sgx = 0.f;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    const float xh = (to_f(xr[i]) - m) * r;
+    const float g = to_f(dyr[i]) * (1.f + to_f(sc[i]));
+    sg += g;
+    sgx += g * xh;
+  }
+  const float2 t = block_sum2(sg, sgx, shm);
+  const float mg = t.x * inv_h, mgx = t.y * inv_h;
+  T* dxr = dx + row * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    const float xh = (to_f(xr[i]) - m) * r;
+    const float g = to_f(dyr[i]) * (1.f + to_f(sc[i]));
+    dxr[i] = from_f<T>(r * (g - mg - xh * mgx));
+  }
+}
+
+// Partial column sums: grid (ceil(H / kColThreads), chunks, B); thread h of chunk c of batch b
+// sums rows l in [c*kChunkRows, (c+1)*kChunkRows) and writes partial[(b*chunks + c)*H + h].
+// pshift / pscale may be null (not needed).
+template <typename T>
+__global__ void __launch_bounds__(kColThreads)
+    mln_backward_dparams_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+                                const float* __restrict__ rstd, float* __restrict__ pshift,
+                                float* __restrict__ pscale, int64_t L, int64_t H, int64_t sxB, int64_t sxL) {
+  const int64_t h = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (h >= H) return;
+  const int64_t c = blockIdx.y, b = blockIdx.z, chunks = gridDim.y;
+  const int64_t l0 = c * kChunkRows;
+  const int64_t l1 = l0 + kChunkRows < L ? l0 + kChunkRows : L;
+  float ssh = 0.f, ssc = 0.f;
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t row = b * L + l;
+    const float d = to_f(dy[row * H + h]);
+    ssh += d;
+    if (pscale) ssc += d * ((to_f(x[b * sxB + l * sxL + h]) - mean[row]) * rstd[row]);
+  }
+  const int64_t o = (b * chunks + c) * H + h;
+  if (pshift) pshift[o] = ssh;
+  if (pscale) pscale[o] = ssc;
+}
+
+}  // namespace
+
+std::array<at::Tensor, 3> modulated_layer_norm_forward_cuda(const at::Tensor& x, const at::Tensor& shift,
+                                                            const at::Tensor& scale) {
+  TORCH_CHECK(modulated_layer_norm_cuda_supported(x, shift, scale),
+              "modulated_layer_norm_forward_cuda: unsupported arguments");
+  const int64_t B = x.size(0), L = x.size(1), H = x.size(2);
+  TORCH_CHECK(B * L <= 0x7fffffff, "modulated_layer_norm_forward_cuda: too many rows");
+  // shift/scale are usually chunks of one [B, 1, 6H] modulation tensor: read in place when they
+  // share a batch stride (one index for both), copied (B*H elements) otherwise.
+  at::Tensor sh = shift, sc = scale;
+  if (sh.stride(2) != 1 || sc.stride(2) != 1 || (B > 1 && sh.stride(0) != sc.stride(0))) {
+    sh = shift.contiguous();
+    sc = scale.contiguous();
+  }
+  const int64_t sB = B > 1 ? sc.stride(0) : 0;
+  at::Tensor y = at::empty({B, L, H}, x.options());
+  at::Tensor mean = at::empty({B, L}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({B, L}, x.options().dtype(at::kFloat));
+  if (B * L == 0) return {y, mean, rstd};
+  auto stream = at::cuda::getCurrentCUDAStream();
+#define FLUXTRAIN_MLN_FWD(T, AT)                                                                                    \
+  mln_forward_kernel<T><<<static_cast<unsigned>(B * L), kRowThreads, 0, stream>>>(                                                          \
+      reinterpret_cast<const T*>(x.data_ptr<AT>()), reinterpret_cast<const T*>(sh.data_ptr<AT>()),                   \
+      reinterpret_cast<const T*>(sc.data_ptr<AT>()), reinterpret_cast<T*>(y.data_ptr<AT>()), mean.data_ptr<float>(), \
+      rstd.data_ptr<float>(), L, H, x.stride(0), x.stride(1), sB)
+  switch (x.scalar_type()) {
+    case at::kBFloat16: FLUXTRAIN_MLN_FWD(__nv_bfloat16, at::BFloat16); break;
+    case at::kHalf: FLUXTRAIN_MLN_FWD(__half, at::Half); break;
+    case at::kFloat: FLUXTRAIN_MLN_FWD(float, float); break;
+    default: TORCH_CHECK(false, "modulated_layer_norm_forward_cuda: unsupported dtype ", x.scalar_type());
+  }
+#undef FLUXTRAIN_MLN_FWD
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mean, rstd};
+}
+
+std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& dy_in, const at::Tensor& x,
+                                                             const at::Tensor& scale, const at::Tensor& mean_in,
+                                                             const at::Tensor& rstd_in, bool need_dx, bool need_dshift,
+                                                             bool need_dscale) {
+  TORCH_CHECK(modulated_layer_norm_cuda_supported(x, scale, scale) && dy_in.sizes() == x.sizes() &&
+                  mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat,
+              "modulated_layer_norm_backward_cuda: unsupported arguments");
+  const int64_t B = x.size(0), L = x.size(1), H = x.size(2);
+  at::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
+  at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor sc = scale.contiguous();
+  TORCH_CHECK(B * L <= 0x7fffffff, "modulated_layer_norm_backward_cuda: too many rows");
+  at::Tensor dx, dshift, dscale;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (need_dx) {
+    dx = at::empty({B, L, H}, x.options());
+    if (B * L > 0) {
+#define FLUXTRAIN_MLN_BWD(T, AT)                                                                                      \
+  mln_backward_dx_kernel<T><<<static_cast<unsigned>(B * L), kRowThreads, 0, stream>>>(                                                        \
+      reinterpret_cast<const T*>(dy.data_ptr<AT>()), reinterpret_cast<const T*>(x.data_ptr<AT>()),                     \
+      reinterpret_cast<const T*>(sc.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(),                  \
+      reinterpret_cast<T*>(dx.data_ptr<AT>()), L, H, x.stride(0), x.stride(1), H)
+      switch (x.scalar_type()) {
+        case at::kBFloat16: FLUXTRAIN_MLN_BWD(__nv_bfloat16, at::BFloat16); break;
+        case at::kHalf: FLUXTRAIN_MLN_BWD(__half, at::Half); break;
+        case at::kFloat: FLUXTRAIN_MLN_BWD(float, float); break;
+        default: TORCH_CHECK(false, "modulated_layer_norm_backward_cuda: unsupported dtype ", x.scalar_type());
+      }
+#undef FLUXTRAIN_MLN_BWD
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (need_dshift || need_dscale) {
+    const int64_t chunks = (L + kChunkRows - 1) / kChunkRows;
+    if (chunks == 0) {  // L == 0: the sums are zero
+      if (need_dshift) dshift = at::zeros({B, 1, H}, scale.options());
+      if (need_dscale) dscale = at::zeros({B, 1, H}, scale.options());
+    } else {
+      TORCH_CHECK(chunks <= 65535 && B <= 65535, "modulated_layer_norm_backward_cuda: too many rows");
+      auto fopt = x.options().dtype(at::kFloat);
+      at::Tensor pshift = need_dshift ? at::empty({B, chunks, H}, fopt) : at::Tensor();
+      at::Tensor pscale = need_dscale ? at::empty({B, chunks, H}, fopt) : at::Tensor();
+      float* psh = need_dshift ? pshift.data_ptr<float>() : nullptr;
+      float* psc = need_dscale ? pscale.data_ptr<float>() : nullptr;
+      const dim3 grid(static_cast<unsigned>((H + kColThreads - 1) / kColThreads), static_cast<unsigned>(chunks),
+                      static_cast<unsigned>(B));
+#define FLUXTRAIN_MLN_DP(T, AT)                                                                                    \
+  mln_backward_dparams_kernel<T><<<grid, kColThreads, 0, stream>>>(                                                 \
+      reinterpret_cast<const T*>(dy.data_ptr<AT>()), reinterpret_cast<const T*>(x.data_ptr<AT>()),                  \
+      mean.data_ptr<float>(), rstd.data_ptr<float>(), psh, psc, L, H, x.stride(0), x.stride(1))
+      switch (x.scalar_type()) {
+        case at::kBFloat16: FLUXTRAIN_MLN_DP(__nv_bfloat16, at::BFloat16); break;
+        case at::kHalf: FLUXTRAIN_MLN_DP(__half, at::Half); break;
+        case at::kFloat: FLUXTRAIN_MLN_DP(float, float); break;
+        default: TORCH_CHECK(false, "modulated_layer_norm_backward_cuda: unsupported dtype ", x.scalar_type());
+      }
+#undef FLUXTRAIN_MLN_DP
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_dshift) dshift = pshift.sum(1, /*keepdim=*/true).to(scale.scalar_type());
+      if (need_dscale) dscale = pscale.sum(1, /*keepdim=*/true).to(scale.scalar_type());
+    }
+  }
+  return {dx, dshift, dscale};
+}
+
+}  // namespace fluxtrain::kernels
