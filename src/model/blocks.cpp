@@ -103,9 +103,39 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
 
 }  // namespace
 
+namespace {
+
+// FLUXTRAIN_SDP_CUDNN: "0" never, "1" for every call, unset/"auto" only for the cross-length calls
+// (text+noise queries over text+noise+condition keys), see blocks.h.
+enum class CudnnPolicy { Off, On, CrossOnly };
+CudnnPolicy g_cudnn_policy = CudnnPolicy::CrossOnly;
+
+// SDPA with the policy applied: under CrossOnly a call whose queries and keys have the same length
+// runs with cuDNN taken out of SDPA's choices (flash attention), restored afterwards. The choice
+// is made at forward time; backward follows the forward's kernel family.
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  if (g_cudnn_policy != CudnnPolicy::CrossOnly || q.size(2) != k.size(2) || !q.is_cuda())
+    return at::scaled_dot_product_attention(q, k, v);
+  auto& ctx = at::globalContext();
+  const bool was = ctx.userEnabledCuDNNSDP();
+  ctx.setSDPUseCuDNN(false);
+  try {
+    at::Tensor o = at::scaled_dot_product_attention(q, k, v);
+    ctx.setSDPUseCuDNN(was);
+    return o;
+  } catch (...) {
+    ctx.setSDPUseCuDNN(was);
+    throw;
+  }
+}
+
+}  // namespace
+
 void configure_attention_backends() {
   const char* e = std::getenv("FLUXTRAIN_SDP_CUDNN");
-  at::globalContext().setSDPUseCuDNN(e && e[0] == '1');
+  const std::string v = e ? e : "auto";
+  g_cudnn_policy = v == "0" ? CudnnPolicy::Off : v == "1" ? CudnnPolicy::On : CudnnPolicy::CrossOnly;
+  at::globalContext().setSDPUseCuDNN(g_cudnn_policy != CudnnPolicy::Off);
 }
 
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
@@ -113,10 +143,10 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
   // Dense [B, h, L, D] operands: fused attention backends (cuDNN in particular) want them.
   if (!k_cond.defined())
-    return merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_main.contiguous(), v_main.contiguous()));
+    return merge_heads(sdpa(q_main.contiguous(), k_main.contiguous(), v_main.contiguous()));
   at::Tensor k_all = at::cat({k_main, k_cond}, 2);
   at::Tensor v_all = at::cat({v_main, v_cond}, 2);
-  at::Tensor om = merge_heads(at::scaled_dot_product_attention(q_main.contiguous(), k_all, v_all));
+  at::Tensor om = merge_heads(sdpa(q_main.contiguous(), k_all, v_all));
   if (out_cond && q_cond.defined()) {
     bool equal = true;
     for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
@@ -127,7 +157,7 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
         const int64_t B = t.size(0), h = t.size(1), D = t.size(3);
         return t.reshape({B, h, n, cond_lens[0], D}).transpose(1, 2).reshape({B * n, h, cond_lens[0], D}).contiguous();
       };
-      at::Tensor oc = at::scaled_dot_product_attention(fold(q_cond), fold(k_cond), fold(v_cond));
+      at::Tensor oc = sdpa(fold(q_cond), fold(k_cond), fold(v_cond));
       const int64_t B = q_cond.size(0), h = q_cond.size(1), D = q_cond.size(3);
       oc = oc.view({B, n, h, cond_lens[0], D}).transpose(1, 2).reshape({B, h, n * cond_lens[0], D});
       *out_cond = merge_heads(oc);
@@ -135,7 +165,7 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       std::vector<at::Tensor> parts;
       int64_t off = 0;
       for (int64_t l : cond_lens) {
-        parts.push_back(at::scaled_dot_product_attention(q_cond.narrow(2, off, l).contiguous(),
+        parts.push_back(sdpa(q_cond.narrow(2, off, l).contiguous(),
                                                          k_cond.narrow(2, off, l).contiguous(),
                                                          v_cond.narrow(2, off, l).contiguous()));
         off += l;
