@@ -10,7 +10,8 @@ set -uo pipefail
 build=${1:-build-fuzz}
 arts=${2:-$build/fuzz-work/artifacts}
 export ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-export OMP_NUM_THREADS=1 FLUXTRAIN_FUZZ_RESTAMP=1 VIPS_CONCURRENCY=1
+# Re-stamped checkpoints as run_long.sh fuzzes them, unless the caller says otherwise (run_ci.sh: 0).
+export OMP_NUM_THREADS=1 FLUXTRAIN_FUZZ_RESTAMP=${FLUXTRAIN_FUZZ_RESTAMP:-1} VIPS_CONCURRENCY=1
 if [[ -z ${TMPDIR:-} && -d /dev/shm && -w /dev/shm ]]; then export TMPDIR=/dev/shm; fi
 for a in "$arts"/fuzz_*-{crash,oom,timeout,leak}-*; do
   [[ -f $a && $a != *.txt ]] || continue
