@@ -34,7 +34,8 @@ s = [x["s_per_step"] for x in m[5:]]  # after warm-up and capture
 print(json.dumps({"name": "train_loop", "config": sys.argv[2], "cuda_graph": sys.argv[3], "mode": sys.argv[4],
                   "s_per_update_median": statistics.median(s), "updates_timed": len(s),
                   "data_wait_ms_median": statistics.median(x["data_wait_ms"] for x in m[5:]),
-                  "peak_gpu_gib": max(x.get("peak_gpu_gib", 0) for x in m)}))
+                  "peak_gpu_gib": max(x.get("peak_gpu_gib", 0) for x in m),
+                  "peak_host_rss_gib": max(x.get("peak_host_rss_gib", 0) for x in m)}))
 PY
 }
 for cfg in $CONFIGS; do
