@@ -27,3 +27,5 @@ timeout 200 $B bench --device cuda --gradient_checkpointing on --cuda_graph on -
 echo "ckpt: $(( $(date +%s) - t0 )) s"; t0=$(date +%s)
 STEPS=25 EAGER_CONFIGS=none timeout 330 bash bench/gpu_train_loop.sh 2>&1 | tail -8
 echo "train_loop: $(( $(date +%s) - t0 )) s"
+# At most 8 files come back: keep the JSON lines, bundle the logs.
+(cd "$OUT" && tar czf logs.tgz train-*.log 2>/dev/null && rm -f train-*.log; rmdir traces 2>/dev/null; ls)
