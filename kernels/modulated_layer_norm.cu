@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda_dtype.cuh"
 #include "kernels/modulated_layer_norm.h"
 
 namespace fluxtrain::kernels {
@@ -21,18 +22,6 @@ constexpr int kColThreads = 256;
 constexpr int64_t kChunkRows = 32;  // rows per partial sum of dshift/dscale
 constexpr float kEps = 1e-6f;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
 
 // Sum of v over the block. shm: at least blockDim.x / 32 floats. Every thread gets the result.
 __device__ __forceinline__ float block_sum(float v, float* shm) {

@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda_dtype.cuh"
 #include "kernels/qk_norm_rope.h"
 
 namespace fluxtrain::kernels {
@@ -22,21 +23,6 @@ constexpr int kThreads = 256;  // 8 warps = 8 rows per block
 constexpr int kWarps = kThreads / 32;
 constexpr float kEps = 1e-6f;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-// v rounded to T and back (identity for float).
-template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_f(from_f<T>(v)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -181,6 +167,164 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- Fast path for D == 128 (FLUX): one warp per row, each lane holding 4 consecutive elements
+// (pairs 2*lane and 2*lane + 1) in registers, read and written with one vector access each, and
+// 32-bit row indexing. The per-element arithmetic is the generic kernels' (same roundings); only
+// the order of the warp's float32 sums differs. The generic kernels above stay for other D and
+// for unaligned operands (vec_path_ok on the host).
+constexpr int kVecD = 128;
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec4<T> load4(const T* p) { return *reinterpret_cast<const Vec4<T>*>(p); }
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const Vec4<T>& x) { *reinterpret_cast<Vec4<T>*>(p) = x; }
+
+struct RowIndex32 {
+  uint32_t b, l, t, h;
+};
+
+__device__ __forceinline__ RowIndex32 row_index32(uint32_t row, uint32_t heads, uint32_t L) {
+  RowIndex32 r;
+  const uint32_t th = row / heads;
+  r.h = row - th * heads;
+  const uint32_t bl = th / 3;
+  r.t = th - bl * 3;
+  r.b = bl / L;
+  r.l = bl - r.b * L;
+  return r;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    qk_norm_rope_forward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                    T* __restrict__ q, T* __restrict__ k, T* __restrict__ v, uint32_t L,
+                                    uint32_t heads, uint32_t rows) {
+  constexpr int D = kVecD;
+  const int lane = threadIdx.x & 31;
+  const uint32_t row = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;  // uniform over the warp
+  const RowIndex32 ix = row_index32(row, heads, L);
+  const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
+  const T* src = sg.qkv + ix.b * sg.sB + (ix.l - sg.l0) * sg.sL + (ix.t * heads + ix.h) * D + 4 * lane;
+  const int64_t out_off = ((static_cast<int64_t>(ix.b) * heads + ix.h) * L + ix.l) * D + 4 * lane;
+  const Vec4<T> x = load4(src);
+  if (ix.t == 2) {
+    store4(v + out_off, x);
+    return;
+  }
+  float a[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    a[e] = to_f(x.v[e]);
+    ss = __fadd_rn(ss, __fmul_rn(a[e], a[e]));
+  }
+  ss = warp_sum(ss);
+  const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
+  const float4 sc = *reinterpret_cast<const float4*>((ix.t == 0 ? sg.q_scale : sg.k_scale) + 4 * lane);
+  const float scv[4] = {sc.x, sc.y, sc.z, sc.w};
+  const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
+  const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
+  const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
+  Vec4<T> o;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const float y0 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(a[2 * p], r)), scv[2 * p]));
+    const float y1 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(a[2 * p + 1], r)), scv[2 * p + 1]));
+    o.v[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(cv[p], y0), __fmul_rn(sv[p], y1)));
+    o.v[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(sv[p], y0), __fmul_rn(cv[p], y1)));
+  }
+  store4((ix.t == 0 ? q : k) + out_off, o);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
+                                     uint32_t heads, uint32_t rows) {
+  constexpr int D = kVecD;
+  const int lane = threadIdx.x & 31;
+  const uint32_t row = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const RowIndex32 ix = row_index32(row, heads, L);
+  const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
+  if (sg.dqkv == nullptr) return;
+  const int64_t li = ix.l - sg.l0;
+  T* dst = sg.dqkv + ((ix.b * sg.L + li) * 3 + ix.t) * heads * D + ix.h * D + 4 * lane;
+  const Grad<T>& gr = ix.t == 0 ? gq : ix.t == 1 ? gk : gv;
+  if (gr.p == nullptr) {
+    Vec4<T> z;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) z.v[e] = from_f<T>(0.f);
+    store4(dst, z);
+    return;
+  }
+  const Vec4<T> gvec = load4(gr.p + ix.b * gr.sB + ix.h * gr.sH + ix.l * gr.sL + 4 * lane);
+  if (ix.t == 2) {
+    store4(dst, gvec);
+    return;
+  }
+  const Vec4<T> x = load4(sg.qkv + ix.b * sg.sB + li * sg.sL + (ix.t * heads + ix.h) * D + 4 * lane);
+  float a[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    a[e] = to_f(x.v[e]);
+    ss = __fadd_rn(ss, __fmul_rn(a[e], a[e]));
+  }
+  ss = warp_sum(ss);
+  const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
+  const float4 sc = *reinterpret_cast<const float4*>((ix.t == 0 ? sg.q_scale : sg.k_scale) + 4 * lane);
+  const float scv[4] = {sc.x, sc.y, sc.z, sc.w};
+  const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
+  const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
+  const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
+  // dy: the gradient rotated back, rounded to T (as in the generic kernel).
+  float dy[4];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const float g0 = to_f(gvec.v[2 * p]), g1 = to_f(gvec.v[2 * p + 1]);
+    dy[2 * p] = round_to<T>(__fadd_rn(__fmul_rn(cv[p], g0), __fmul_rn(sv[p], g1)));
+    dy[2 * p + 1] = round_to<T>(__fsub_rn(__fmul_rn(cv[p], g1), __fmul_rn(sv[p], g0)));
+  }
+  float sgx = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) sgx += (dy[e] * scv[e]) * (a[e] * r);
+  const float m = warp_sum(sgx) / static_cast<float>(D);
+  Vec4<T> o;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) o.v[e] = from_f<T>(r * (dy[e] * scv[e] - (a[e] * r) * m));
+  store4(dst, o);
+}
+
+bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Whether the D == 128 vector kernels may run: every row start aligned to 4 elements, scales to
+// 16 bytes, cos/sin to 8, and the row count within 32-bit indexing.
+bool vec_path_ok(const std::vector<QkvSegment>& segs, const std::vector<at::Tensor>& qs,
+                 const std::vector<at::Tensor>& ks, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::vector<const at::Tensor*>& grads, int64_t D, int64_t rows, int64_t L, int64_t heads) {
+  if (D != kVecD || rows >= (int64_t{1} << 31) || L * heads * D >= (int64_t{1} << 31)) return false;
+  const size_t e = segs[0].qkv.element_size(), row_bytes = 4 * e;
+  for (const auto& s : segs)
+    if (!aligned_to(s.qkv.data_ptr(), row_bytes) || s.qkv.stride(0) % 4 != 0 || s.qkv.stride(1) % 4 != 0) return false;
+  for (const auto& t : qs)
+    if (!aligned_to(t.data_ptr(), 16)) return false;
+  for (const auto& t : ks)
+    if (!aligned_to(t.data_ptr(), 16)) return false;
+  if (!aligned_to(cos.data_ptr(), 8) || !aligned_to(sin.data_ptr(), 8)) return false;
+  for (const at::Tensor* g : grads)
+    if (g->defined() && (!aligned_to(g->data_ptr(), row_bytes) || g->stride(0) % 4 != 0 || g->stride(1) % 4 != 0 ||
+                         g->stride(2) % 4 != 0))
+      return false;
+  return true;
+}
+
 template <typename T>
 Segments<T> make_segments(const std::vector<QkvSegment>& segs, const std::vector<at::Tensor>& qs,
                           const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>* dqkv) {
@@ -241,7 +385,14 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_forward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool vec = vec_path_ok(segs, qs, ks, c, s, {}, D, rows, L, heads);
 #define FLUXTRAIN_QKNR_FWD(T)                                                                                      \
+  if (vec)                                                                                                         \
+    qk_norm_rope_forward_vec_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                    \
+        make_segments<T>(segs, qs, ks, nullptr), c.data_ptr<float>(), s.data_ptr<float>(),                          \
+        reinterpret_cast<T*>(q.data_ptr()), reinterpret_cast<T*>(k.data_ptr()), reinterpret_cast<T*>(v.data_ptr()), \
+        static_cast<uint32_t>(L), static_cast<uint32_t>(heads), static_cast<uint32_t>(rows));                      \
+  else                                                                                                             \
   qk_norm_rope_forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                           \
       make_segments<T>(segs, qs, ks, nullptr), c.data_ptr<float>(), s.data_ptr<float>(),                            \
       reinterpret_cast<T*>(q.data_ptr()), reinterpret_cast<T*>(k.data_ptr()), reinterpret_cast<T*>(v.data_ptr()), B, \
@@ -289,7 +440,14 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
+  if (vec)                                                                                                      \
+    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                \
+        make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
+        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
+        static_cast<uint32_t>(rows));                                                                           \
+  else                                                                                                          \
   qk_norm_rope_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                       \
       make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),         \
       make_grad<T>(dk), make_grad<T>(dv), B, L, heads, D, rows)

@@ -6,23 +6,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda_dtype.cuh"
 #include "kernels/rope.h"
 
 namespace fluxtrain::kernels {
 namespace {
 
-template <typename T>
-__device__ inline float to_f(T v) { return static_cast<float>(v); }
-template <>
-__device__ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ inline float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ inline T from_f(float v) { return static_cast<T>(v); }
-template <>
-__device__ inline __nv_bfloat16 from_f(float v) { return __float2bfloat16(v); }
-template <>
-__device__ inline __half from_f(float v) { return __float2half(v); }
 
 template <typename T>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
