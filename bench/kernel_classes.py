@@ -6,7 +6,12 @@ most expensive kernels. The classes follow issue 15's list: GEMMs, attention, no
 GELU/activations, other elementwise (modulation, gates, residuals), copies/concatenation, fp8
 dequantisation, reductions, the optimizer, host<->device memcpy/memset.
 
-  python3 bench/kernel_classes.py out/profile_*.json
+  python3 bench/kernel_classes.py [--attribute copy_cat,elementwise,gpu_memset] out/profile_*.json
+
+--attribute CLASSES adds, for the kernels of those classes, where they come from: the outermost
+and innermost host op around each kernel's launch (an autograd node's name in backward, e.g.
+"autograd::engine::evaluate_function: CatBackward0"), with count and ms per pair, so that the
+ops worth fusing or removing can be read off the trace.
 """
 import json
 import re
@@ -36,7 +41,47 @@ def classify(name):
     return "other"
 
 
-def summarize(path):
+def attribute(events, kernels, wanted, top=25):
+    """(outer op, inner op) around the launch of each kernel whose class is in `wanted`."""
+    launch_by_corr = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+            launch_by_corr[e["args"]["correlation"]] = e
+    want = {}  # launch correlation -> (class, kernel ms)
+    for e in kernels:
+        cls = e["cat"] if e["cat"] != "kernel" else classify(e["name"])
+        corr = e.get("args", {}).get("correlation")
+        if cls in wanted and corr in launch_by_corr:
+            want[corr] = (cls, float(e.get("dur", 0)) / 1000.0)
+    # Host ops nest on their thread: sweep ops and launches in time order with a stack of open ops.
+    timeline = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
+            timeline.append((e["ts"], 0, e))
+    for corr, _ in want.items():
+        e = launch_by_corr[corr]
+        timeline.append((e["ts"], 1, e))
+    timeline.sort(key=lambda x: (x[0], x[1]))
+    stacks, agg = {}, {}
+    for ts, kind, e in timeline:
+        st = stacks.setdefault(e.get("tid"), [])
+        while st and st[-1]["ts"] + st[-1].get("dur", 0) < ts:
+            st.pop()
+        if kind == 0:
+            st.append(e)
+            continue
+        cls, ms = want[e["args"]["correlation"]]
+        outer = st[0]["name"] if st else "(none)"
+        inner = st[-1]["name"] if st else "(none)"
+        a = agg.setdefault((cls, outer, inner), {"count": 0, "ms": 0.0})
+        a["count"] += 1
+        a["ms"] += ms
+    rows = sorted(agg.items(), key=lambda kv: -kv[1]["count"])[:top]
+    return [{"class": k[0], "outer": k[1][:90], "inner": k[2][:60], "count": v["count"], "ms": round(v["ms"], 3)}
+            for k, v in rows]
+
+
+def summarize(path, wanted=()):
     with open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -65,7 +110,7 @@ def summarize(path):
         c["ms"] = round(c["ms"], 3)
         c["share"] = round(c["share"], 4)
     top = sorted(by_name.items(), key=lambda kv: -kv[1]["ms"])[:15]
-    return {
+    out = {
         "trace": path,
         "kernels": sum(1 for e in kernels if e["cat"] == "kernel"),
         "kernel_launches": len(launches),
@@ -75,15 +120,24 @@ def summarize(path):
         "classes": dict(sorted(classes.items(), key=lambda kv: -kv[1]["ms"])),
         "top": [{"name": n, "class": v["class"], "ms": round(v["ms"], 3), "count": v["count"]} for n, v in top],
     }
+    if wanted:
+        out["attribution"] = attribute(events, kernels, set(wanted))
+    return out
 
 
 def main(argv):
-    if len(argv) < 2:
+    args, wanted = argv[1:], ()
+    if args and args[0] == "--attribute":
+        if len(args) < 2:
+            print("kernel_classes: --attribute needs a comma-separated list of classes", file=sys.stderr)
+            return 2
+        wanted, args = tuple(c for c in args[1].split(",") if c), args[2:]
+    if not args:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    for p in argv[1:]:
+    for p in args:
         try:
-            print(json.dumps(summarize(p)))
+            print(json.dumps(summarize(p, wanted)))
         except (OSError, ValueError, KeyError) as e:
             print(f"kernel_classes: {p}: not a readable Chrome trace ({e})", file=sys.stderr)
             return 2

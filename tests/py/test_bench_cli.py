@@ -67,6 +67,29 @@ def main():
         r = subprocess.run(["python3", os.path.join(here, "..", "..", "bench", "kernel_classes.py"), bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "bad.json" in r.stderr, r.stderr
+        # --attribute: each kernel of a class is traced back, through its launch's correlation id,
+        # to the host ops around the launch (a hand-made trace: CPU runs launch no kernels).
+        syn = os.path.join(d, "syn.json")
+        ev = [{"ph": "X", "cat": "cpu_op", "name": "autograd::engine::evaluate_function: CatBackward0",
+               "ts": 0, "dur": 100, "tid": 1},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 10, "dur": 40, "tid": 1},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 20, "dur": 2, "tid": 1,
+               "args": {"correlation": 7}},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::gelu", "ts": 200, "dur": 10, "tid": 1},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 300, "dur": 2, "tid": 1,
+               "args": {"correlation": 8}},
+              {"ph": "X", "cat": "kernel", "name": "direct_copy_kernel_cuda", "ts": 25, "dur": 5000,
+               "tid": 7, "args": {"correlation": 7}},
+              {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel", "ts": 400, "dur": 1000,
+               "tid": 7, "args": {"correlation": 8}}]
+        with open(syn, "w") as f:
+            json.dump({"traceEvents": ev}, f)
+        r = subprocess.run(["python3", os.path.join(here, "..", "..", "bench", "kernel_classes.py"),
+                            "--attribute", "copy_cat,elementwise", syn], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        att = {(a["class"], a["outer"], a["inner"]): (a["count"], a["ms"]) for a in json.loads(r.stdout)["attribution"]}
+        assert att == {("copy_cat", "autograd::engine::evaluate_function: CatBackward0", "aten::copy_"): (1, 5.0),
+                       ("elementwise", "(none)", "(none)"): (1, 1.0)}, att
     # The estimate the tier bench compares against counts the LoRA targets it is given.
     def est(*args):
         r = subprocess.run([BIN, "estimate", "--json", "--lora_mode", "standard", "--ranks", "32", *args],
