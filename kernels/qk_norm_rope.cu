@@ -7,6 +7,9 @@
 // Every float32 operation that the reference does as a separate ATen op is written with an
 // explicit _rn intrinsic so that nvcc cannot contract it into an FMA (which would round
 // differently from the reference).
+#include <cstdlib>
+#include <string>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,12 +32,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// A norm scale [D], read in its own dtype (T, or float32): no float32 copy per call.
+template <typename T>
+struct ScaleRef {
+  const void* p;
+  bool f32;
+  __device__ __forceinline__ float operator[](int64_t i) const {
+    return f32 ? static_cast<const float*>(p)[i] : to_f(static_cast<const T*>(p)[i]);
+  }
+};
+
 template <typename T>
 struct Segment {
   const T* qkv;          // [B, L, 3, heads, D] with batch stride sB and token stride sL (elements)
   T* dqkv;               // backward: contiguous [B, L, 3*heads*D], null when not needed
-  const float* q_scale;  // [D] float32
-  const float* k_scale;
+  ScaleRef<T> q_scale;  // [D]
+  ScaleRef<T> k_scale;
   int64_t L, sB, sL;
   int64_t l0;  // first token of this segment in the concatenation
 };
@@ -97,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   T* dst = (ix.t == 0 ? q : k) + out_off;
-  const float* scale = ix.t == 0 ? sg.q_scale : sg.k_scale;
+  const ScaleRef<T> scale = ix.t == 0 ? sg.q_scale : sg.k_scale;
   const float r = row_rrms(src, D, lane);
   const int64_t D2 = D / 2;
   const float* cr = cos_t + ix.l * D2;
@@ -138,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const T* src = sg.qkv + ix.b * sg.sB + li * sg.sL + (ix.t * heads + ix.h) * D;
-  const float* scale = ix.t == 0 ? sg.q_scale : sg.k_scale;
+  const ScaleRef<T> scale = ix.t == 0 ? sg.q_scale : sg.k_scale;
   const float r = row_rrms(src, D, lane);
   const int64_t D2 = D / 2;
   const float* cr = cos_t + ix.l * D2;
@@ -184,6 +197,19 @@ __device__ __forceinline__ Vec4<T> load4(const T* p) { return *reinterpret_cast<
 template <typename T>
 __device__ __forceinline__ void store4(T* p, const Vec4<T>& x) { *reinterpret_cast<Vec4<T>*>(p) = x; }
 
+// Elements i..i+3 of a scale (16-byte aligned when float32, 4-element aligned otherwise).
+template <typename T>
+__device__ __forceinline__ void load_scale4(const ScaleRef<T>& sc, int64_t i, float out[4]) {
+  if (sc.f32) {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(sc.p) + i);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    const Vec4<T> v = load4(static_cast<const T*>(sc.p) + i);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = to_f(v.v[e]);
+  }
+}
+
 struct RowIndex32 {
   uint32_t b, l, t, h;
 };
@@ -226,8 +252,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   ss = warp_sum(ss);
   const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  const float4 sc = *reinterpret_cast<const float4*>((ix.t == 0 ? sg.q_scale : sg.k_scale) + 4 * lane);
-  const float scv[4] = {sc.x, sc.y, sc.z, sc.w};
+  float scv[4];
+  load_scale4(ix.t == 0 ? sg.q_scale : sg.k_scale, 4 * lane, scv);
   const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
   const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
   const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
@@ -242,7 +268,20 @@ __global__ void __launch_bounds__(kThreads)
   store4((ix.t == 0 ? q : k) + out_off, o);
 }
 
-template <typename T>
+// Rows in (b, t, h, l) order: neighbouring warps read neighbouring rows of the [B, heads, L, D]
+// gradients (and write dqkv rows 3*heads*D apart) instead of the reverse.
+__device__ __forceinline__ RowIndex32 row_index32_head_major(uint32_t row, uint32_t heads, uint32_t L) {
+  RowIndex32 r;
+  const uint32_t bth = row / L;
+  r.l = row - bth * L;
+  const uint32_t bt = bth / heads;
+  r.h = bth - bt * heads;
+  r.b = bt / 3;
+  r.t = bt - r.b * 3;
+  return r;
+}
+
+template <typename T, bool HeadMajor>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
@@ -251,7 +290,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31;
   const uint32_t row = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const RowIndex32 ix = row_index32(row, heads, L);
+  const RowIndex32 ix = HeadMajor ? row_index32_head_major(row, heads, L) : row_index32(row, heads, L);
   const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
   if (sg.dqkv == nullptr) return;
   const int64_t li = ix.l - sg.l0;
@@ -279,8 +318,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   ss = warp_sum(ss);
   const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  const float4 sc = *reinterpret_cast<const float4*>((ix.t == 0 ? sg.q_scale : sg.k_scale) + 4 * lane);
-  const float scv[4] = {sc.x, sc.y, sc.z, sc.w};
+  float scv[4];
+  load_scale4(ix.t == 0 ? sg.q_scale : sg.k_scale, 4 * lane, scv);
   const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
   const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
   const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
@@ -305,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
 bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Whether the D == 128 vector kernels may run: every row start aligned to 4 elements, scales to
-// 16 bytes, cos/sin to 8, and the row count within 32-bit indexing.
+// 4 elements, cos/sin to 8, and the row count within 32-bit indexing.
 bool vec_path_ok(const std::vector<QkvSegment>& segs, const std::vector<at::Tensor>& qs,
                  const std::vector<at::Tensor>& ks, const at::Tensor& cos, const at::Tensor& sin,
                  const std::vector<const at::Tensor*>& grads, int64_t D, int64_t rows, int64_t L, int64_t heads) {
@@ -313,10 +352,9 @@ bool vec_path_ok(const std::vector<QkvSegment>& segs, const std::vector<at::Tens
   const size_t e = segs[0].qkv.element_size(), row_bytes = 4 * e;
   for (const auto& s : segs)
     if (!aligned_to(s.qkv.data_ptr(), row_bytes) || s.qkv.stride(0) % 4 != 0 || s.qkv.stride(1) % 4 != 0) return false;
-  for (const auto& t : qs)
-    if (!aligned_to(t.data_ptr(), 16)) return false;
-  for (const auto& t : ks)
-    if (!aligned_to(t.data_ptr(), 16)) return false;
+  for (const auto* v : {&qs, &ks})
+    for (const auto& t : *v)
+      if (!aligned_to(t.data_ptr(), 4 * t.element_size())) return false;
   if (!aligned_to(cos.data_ptr(), 8) || !aligned_to(sin.data_ptr(), 8)) return false;
   for (const at::Tensor* g : grads)
     if (g->defined() && (!aligned_to(g->data_ptr(), row_bytes) || g->stride(0) % 4 != 0 || g->stride(1) % 4 != 0 ||
@@ -336,8 +374,8 @@ Segments<T> make_segments(const std::vector<QkvSegment>& segs, const std::vector
     Segment<T>& s = out.s[i];
     s.qkv = reinterpret_cast<const T*>(x.data_ptr());
     s.dqkv = (dqkv && (*dqkv)[i].defined()) ? reinterpret_cast<T*>((*dqkv)[i].data_ptr()) : nullptr;
-    s.q_scale = qs[i].data_ptr<float>();
-    s.k_scale = ks[i].data_ptr<float>();
+    s.q_scale = {qs[i].data_ptr(), qs[i].scalar_type() == at::kFloat};
+    s.k_scale = {ks[i].data_ptr(), ks[i].scalar_type() == at::kFloat};
     s.L = x.size(1);
     s.sB = x.stride(0);
     s.sL = x.stride(1);
@@ -353,11 +391,12 @@ Grad<T> make_grad(const at::Tensor& g) {
   return {reinterpret_cast<const T*>(g.data_ptr()), g.stride(0), g.stride(1), g.stride(2)};
 }
 
-// Float32 contiguous copies of the scales (exact for bf16/fp16), kept alive by the caller.
-void float_scales(const std::vector<QkvSegment>& segs, std::vector<at::Tensor>& qs, std::vector<at::Tensor>& ks) {
+// Contiguous views of the scales in their own dtype (the kernels read T or float32), kept alive by
+// the caller.
+void scale_views(const std::vector<QkvSegment>& segs, std::vector<at::Tensor>& qs, std::vector<at::Tensor>& ks) {
   for (const auto& s : segs) {
-    qs.push_back(s.q_scale.to(at::kFloat).contiguous().view({-1}));
-    ks.push_back(s.k_scale.to(at::kFloat).contiguous().view({-1}));
+    qs.push_back(s.q_scale.contiguous().view({-1}));
+    ks.push_back(s.k_scale.contiguous().view({-1}));
   }
 }
 
@@ -380,7 +419,7 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   const int64_t rows = B * L * 3 * heads;
   if (rows == 0) return {q, k, v};
   std::vector<at::Tensor> qs, ks;
-  float_scales(segs, qs, ks);
+  scale_views(segs, qs, ks);
   at::Tensor c = cos.contiguous(), s = sin.contiguous();
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_forward_cuda: too many rows");
@@ -435,15 +474,26 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   const int64_t rows = B * L * 3 * heads;
   if (!any || rows == 0) return dqkv;
   std::vector<at::Tensor> qs, ks;
-  float_scales(segs, qs, ks);
+  scale_views(segs, qs, ks);
   at::Tensor c = cos.contiguous(), s = sin.contiguous();
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
+  // Row order of the backward vector kernel (session 8 A/B, docs/benchmarks.md):
+  // FLUXTRAIN_QKNR_BWD_ORDER=head reads the gradients in their own order, anything else the qkv's.
+  static const bool head_major = [] {
+    const char* e = std::getenv("FLUXTRAIN_QKNR_BWD_ORDER");
+    return e && std::string(e) == "head";
+  }();
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
-  if (vec)                                                                                                      \
-    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                \
+  if (vec && head_major)                                                                                        \
+    qk_norm_rope_backward_vec_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(          \
+        make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
+        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
+        static_cast<uint32_t>(rows));                                                                           \
+  else if (vec)                                                                                                 \
+    qk_norm_rope_backward_vec_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(         \
         make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
         make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
         static_cast<uint32_t>(rows));                                                                           \
