@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 8, device call D: the CUDA build with the tests; the fused-kernel GPU tests under both
+# Session 8, device call D (run before the A/B option was removed again: it made no difference, see
+# docs/benchmarks.md): the CUDA build with the tests; the fused-kernel GPU tests under both
 # row orders of the QK RMSNorm + RoPE backward (FLUXTRAIN_QKNR_BWD_ORDER); eager vs CUDA-graph
 # `train` bit-identity; the bench's graph step at the four configurations, without and with
 # checkpointing, and the head-major backward order at the two large ones (A/B).

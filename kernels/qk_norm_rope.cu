@@ -7,9 +7,6 @@
 // Every float32 operation that the reference does as a separate ATen op is written with an
 // explicit _rn intrinsic so that nvcc cannot contract it into an FMA (which would round
 // differently from the reference).
-#include <cstdlib>
-#include <string>
-
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -268,20 +265,7 @@ __global__ void __launch_bounds__(kThreads)
   store4((ix.t == 0 ? q : k) + out_off, o);
 }
 
-// Rows in (b, t, h, l) order: neighbouring warps read neighbouring rows of the [B, heads, L, D]
-// gradients (and write dqkv rows 3*heads*D apart) instead of the reverse.
-__device__ __forceinline__ RowIndex32 row_index32_head_major(uint32_t row, uint32_t heads, uint32_t L) {
-  RowIndex32 r;
-  const uint32_t bth = row / L;
-  r.l = row - bth * L;
-  const uint32_t bt = bth / heads;
-  r.h = bth - bt * heads;
-  r.b = bt / 3;
-  r.t = bt - r.b * 3;
-  return r;
-}
-
-template <typename T, bool HeadMajor>
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
@@ -290,7 +274,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31;
   const uint32_t row = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const RowIndex32 ix = HeadMajor ? row_index32_head_major(row, heads, L) : row_index32(row, heads, L);
+  const RowIndex32 ix = row_index32(row, heads, L);
   const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
   if (sg.dqkv == nullptr) return;
   const int64_t li = ix.l - sg.l0;
@@ -480,20 +464,10 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
-  // Row order of the backward vector kernel (session 8 A/B, docs/benchmarks.md):
-  // FLUXTRAIN_QKNR_BWD_ORDER=head reads the gradients in their own order, anything else the qkv's.
-  static const bool head_major = [] {
-    const char* e = std::getenv("FLUXTRAIN_QKNR_BWD_ORDER");
-    return e && std::string(e) == "head";
-  }();
+
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
-  if (vec && head_major)                                                                                        \
-    qk_norm_rope_backward_vec_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(          \
-        make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
-        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
-        static_cast<uint32_t>(rows));                                                                           \
-  else if (vec)                                                                                                 \
-    qk_norm_rope_backward_vec_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(         \
+  if (vec)                                                                                                      \
+    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                \
         make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
         make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
         static_cast<uint32_t>(rows));                                                                           \
