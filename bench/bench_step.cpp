@@ -178,7 +178,7 @@ int cmd_bench(int argc, char** argv) {
   nlohmann::json low_json;
   if (low) {
     // fp8 / streamed: random weights made on the host, then stacked by make_block_weights the
-    // way `train` stacks them; nothing of the full bf16 model stays on the device.
+    // way `train` stacks them; nothing of the full bf16 model stays on the device or the host.
     WeightsPlan plan;
     plan.low_memory = low_memory;
     if (!low_memory.max_gpu_memory.empty()) {
@@ -201,7 +201,15 @@ int cmd_bench(int argc, char** argv) {
       mi.text_encoder_rank = te_rank;
       plan.non_weight_bytes = estimate_non_weight_bytes(mi);
     }
-    WeightSource ws = weight_source(init_random_weights(cfg, seed, dtype, at::kCPU), cfg.depth, cfg.depth_single);
+    // Drawn a block at a time as the stack reads it: the host never holds the whole bf16 model,
+    // so peak RSS is what the run holds (issue 14's host-memory bound), as with `train`, which
+    // reads blocks from the file's mapping one at a time.
+    WeightSource ws;
+    ws.globals = init_random_global_weights(cfg, seed, dtype);
+    ws.num_blocks = static_cast<int>(cfg.depth + cfg.depth_single);
+    ws.depth = cfg.depth;
+    ws.depth_single = cfg.depth_single;
+    ws.block = [cfg, seed, dtype](int i) { return init_random_block_weights(cfg, seed, i, dtype); };
     ws.block_shapes = [cfg](int i) { return flux_block_shapes(cfg, i); };
     std::string described;
     low_ptr = make_block_weights(rt, ws, plan, &described);

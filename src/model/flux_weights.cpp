@@ -213,6 +213,41 @@ std::vector<std::pair<std::string, Shape>> flux_weight_shapes(const FluxConfig& 
   return s;
 }
 
+namespace {
+
+// One random weight, drawn by the rules init_random_weights documents.
+at::Tensor random_weight(const std::string& name, const std::vector<int64_t>& shape,
+                         const std::optional<at::Generator>& gen, const at::TensorOptions& fopts,
+                         at::ScalarType dtype) {
+  at::Tensor t;
+  const bool is_scale = name.size() > 6 && name.compare(name.size() - 6, 6, ".scale") == 0;
+  const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+  if (is_scale) {
+    t = at::normal(1.0, 0.1, shape, gen, fopts);
+  } else if (is_bias) {
+    t = at::normal(0.0, 0.02, shape, gen, fopts);
+  } else {
+    // 1/sqrt(fan_in) keeps each linear's output at the input's scale; modulation linears
+    // get a smaller scale so that gates and shifts stay moderate, as in trained FLUX.
+    const bool is_mod = name.find("_mod.") != std::string::npos || name.find("modulation") != std::string::npos;
+    const double std = (is_mod ? 0.3 : 1.0) / std::sqrt(static_cast<double>(shape[1]));
+    t = at::normal(0.0, std, shape, gen, fopts);
+  }
+  return t.to(dtype);
+}
+
+// "double_blocks.3." / "single_blocks.0." prefix of block i (BlockWeights numbering).
+std::string block_prefix(const FluxConfig& cfg, int block) {
+  return block < cfg.depth ? "double_blocks." + std::to_string(block) + "."
+                           : "single_blocks." + std::to_string(block - cfg.depth) + ".";
+}
+
+bool is_block_key(const std::string& name) {
+  return name.compare(0, 14, "double_blocks.") == 0 || name.compare(0, 14, "single_blocks.") == 0;
+}
+
+}  // namespace
+
 TensorMap init_random_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarType dtype, c10::Device device) {
   std::optional<at::Generator> gen;
   if (device.is_cpu()) {
@@ -222,23 +257,35 @@ TensorMap init_random_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarTy
   }
   const auto fopts = at::TensorOptions().dtype(at::kFloat).device(device);
   TensorMap w;
-  for (const auto& [name, shape] : flux_weight_shapes(cfg)) {
-    at::Tensor t;
-    const bool is_scale = name.size() > 6 && name.compare(name.size() - 6, 6, ".scale") == 0;
-    const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    if (is_scale) {
-      t = at::normal(1.0, 0.1, shape, gen, fopts);
-    } else if (is_bias) {
-      t = at::normal(0.0, 0.02, shape, gen, fopts);
-    } else {
-      // 1/sqrt(fan_in) keeps each linear's output at the input's scale; modulation linears
-      // get a smaller scale so that gates and shifts stay moderate, as in trained FLUX.
-      const bool is_mod = name.find("_mod.") != std::string::npos || name.find("modulation") != std::string::npos;
-      const double std = (is_mod ? 0.3 : 1.0) / std::sqrt(static_cast<double>(shape[1]));
-      t = at::normal(0.0, std, shape, gen, fopts);
-    }
-    w.emplace(name, t.to(dtype));
-  }
+  for (const auto& [name, shape] : flux_weight_shapes(cfg)) w.emplace(name, random_weight(name, shape, gen, fopts, dtype));
+  return w;
+}
+
+TensorMap init_random_global_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarType dtype) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const auto fopts = at::TensorOptions().dtype(at::kFloat);
+  TensorMap w;
+  for (const auto& [name, shape] : flux_weight_shapes(cfg))
+    if (!is_block_key(name)) w.emplace(name, random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
+  return w;
+}
+
+TensorMap init_random_block_weights(const FluxConfig& cfg, uint64_t seed, int block, at::ScalarType dtype) {
+  if (block < 0 || block >= cfg.depth + cfg.depth_single)
+    throw Error("random block weights: block " + std::to_string(block) + " is outside the model's " +
+                    std::to_string(cfg.depth) + "+" + std::to_string(cfg.depth_single) + " blocks",
+                ErrorKind::Internal);
+  // Its own stream per block (splitmix64 of seed and block), so that any block can be drawn alone.
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(block) + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(z ^ (z >> 31));
+  const auto fopts = at::TensorOptions().dtype(at::kFloat);
+  const std::string prefix = block_prefix(cfg, block);
+  TensorMap w;
+  for (const auto& [name, shape] : flux_weight_shapes(cfg))
+    if (name.compare(0, prefix.size(), prefix) == 0)
+      w.emplace(name.substr(prefix.size()), random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
   return w;
 }
 

@@ -22,6 +22,13 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> flux_weight_shapes(con
 // With a non-CPU device the weights are drawn there (its generator seeded with seed).
 TensorMap init_random_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarType dtype,
                               c10::Device device = c10::Device(c10::kCPU));
+// The same kind of weights drawn on the host a part at a time, so that a caller that places or
+// quantises block by block never holds the whole model (bench's low-memory rows): the globals
+// (every key outside the blocks, full names), and block i (BlockWeights numbering: doubles, then
+// singles) under its block-local names. Each block has its own random stream (deterministic in
+// seed and i); the values differ from init_random_weights'.
+TensorMap init_random_global_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarType dtype);
+TensorMap init_random_block_weights(const FluxConfig& cfg, uint64_t seed, int block, at::ScalarType dtype);
 
 // Strict check: every expected key present with its shape, nothing unexpected.
 // Errors name the key, the file and both shapes.

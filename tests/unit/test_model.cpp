@@ -2,9 +2,13 @@
 // finite differences; LoRA scoping; activation checkpointing; position ids.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <map>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "core/error.h"
 #include "core/safetensors.h"
 #include "model/blocks.h"
 #include "model/flux_transformer.h"
@@ -518,4 +522,56 @@ TEST(EasyControlProjLora, ForwardCommandReadsEasyControlFiles) {
     at::Tensor got = safetensors::File(tmp.path("out.safetensors")).load("output");
     EXPECT_LT(rel_err(got, want), 1e-12) << ckpt;
   }
+}
+
+// The bench's low-memory rows draw the model a block at a time (init_random_block_weights): the
+// globals and the blocks together are exactly the model's keys and shapes, each block is
+// deterministic in (seed, block) and drawn from its own stream, and the values follow the
+// documented rules (scales ~ N(1, 0.1), biases ~ N(0, 0.02), linears std 1/sqrt(fan_in)).
+TEST(RandomWeights, BlockByBlockCoversTheModelDeterministically) {
+  FluxConfig cfg = FluxConfig::preset("tiny");
+  std::map<std::string, std::vector<int64_t>> want;
+  for (const auto& [name, shape] : flux_weight_shapes(cfg)) want[name] = shape;
+  std::map<std::string, std::vector<int64_t>> got;
+  for (const auto& [name, t] : init_random_global_weights(cfg, 3, at::kFloat)) {
+    EXPECT_EQ(name.find("_blocks."), std::string::npos) << name;
+    got[name] = t.sizes().vec();
+  }
+  const int n = static_cast<int>(cfg.depth + cfg.depth_single);
+  for (int i = 0; i < n; ++i) {
+    const std::string prefix = i < cfg.depth ? "double_blocks." + std::to_string(i) + "."
+                                             : "single_blocks." + std::to_string(i - cfg.depth) + ".";
+    TensorMap b = init_random_block_weights(cfg, 3, i, at::kFloat);
+    ASSERT_FALSE(b.empty()) << i;
+    for (const auto& [name, t] : b) {
+      EXPECT_EQ(name.find("blocks."), std::string::npos) << "block-local names: " << name;
+      EXPECT_EQ(t.scalar_type(), at::kFloat);
+      got[prefix + name] = t.sizes().vec();
+    }
+  }
+  EXPECT_EQ(got, want);
+  // Deterministic in (seed, block); another block or seed draws other values.
+  TensorMap a = init_random_block_weights(cfg, 3, 1, at::kBFloat16), a2 = init_random_block_weights(cfg, 3, 1, at::kBFloat16);
+  TensorMap other_block = init_random_block_weights(cfg, 3, 0, at::kBFloat16);
+  TensorMap other_seed = init_random_block_weights(cfg, 4, 1, at::kBFloat16);
+  for (const auto& [name, t] : a) {
+    EXPECT_EQ(t.scalar_type(), at::kBFloat16);
+    EXPECT_TRUE(at::equal(t, a2.at(name))) << name;
+    EXPECT_FALSE(at::equal(t, other_seed.at(name))) << name;
+    if (other_block.count(name)) EXPECT_FALSE(at::equal(t, other_block.at(name))) << name;
+  }
+  EXPECT_THROW(init_random_block_weights(cfg, 3, n, at::kFloat), Error);
+  // The distributions, on a model wide enough for the statistics (flux-dev's first double block).
+  FluxConfig dev = FluxConfig::preset("flux-dev");
+  dev.depth = 1;
+  dev.depth_single = 0;
+  TensorMap d = init_random_block_weights(dev, 5, 0, at::kFloat);
+  const at::Tensor& qkv = d.at("img_attn.qkv.weight");  // [3H, H]
+  EXPECT_NEAR(qkv.std().item<double>() * std::sqrt(static_cast<double>(qkv.size(1))), 1.0, 0.01);
+  EXPECT_NEAR(qkv.mean().item<double>(), 0.0, 1e-3);
+  const at::Tensor& mod = d.at("img_mod.lin.weight");
+  EXPECT_NEAR(mod.std().item<double>() * std::sqrt(static_cast<double>(mod.size(1))), 0.3, 0.01);
+  const at::Tensor& sc = d.at("img_attn.norm.query_norm.scale");
+  EXPECT_NEAR(sc.mean().item<double>(), 1.0, 0.05);
+  EXPECT_NEAR(d.at("img_attn.qkv.bias").std().item<double>(), 0.02, 0.002);
 }
