@@ -261,11 +261,23 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
       sz.back() = n;
       return at::zeros(sz, x.options());
     };
-    int64_t pos = row_begin;
+    // The adapters share x: one GEMM for all their down projections (downs stacked), then each up
+    // on its own columns of h (split: one node whose backward concatenates the gradients).
+    std::vector<at::Tensor> downs;
+    std::vector<int64_t> ranks;
     for (const LoraAdapter* a : ads) {
+      downs.push_back(a->down);
+      ranks.push_back(a->down.size(0));
+    }
+    const at::Tensor down = downs.size() == 1 ? downs[0] : at::cat(downs, 0);
+    const at::Tensor h_all = at::linear(x, down.to(x.scalar_type()));
+    const std::vector<at::Tensor> hs =
+        ads.size() == 1 ? std::vector<at::Tensor>{h_all} : at::split_with_sizes(h_all, ranks, -1);
+    int64_t pos = row_begin;
+    for (size_t i = 0; i < ads.size(); ++i) {
+      const LoraAdapter* a = ads[i];
       if (a->out_begin > pos) pieces.push_back(zeros(a->out_begin - pos));
-      at::Tensor h = at::linear(x, a->down.to(x.scalar_type()));
-      pieces.push_back(at::linear(h, a->up.to(x.scalar_type())) * a->scale);
+      pieces.push_back(at::linear(hs[i], a->up.to(x.scalar_type())) * a->scale);
       pos = a->out_end;
     }
     if (pos < row_end) pieces.push_back(zeros(row_end - pos));
