@@ -226,7 +226,11 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   at::Tensor oc;
   at::Tensor om = split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
 
-  at::Tensor txt_a = om.narrow(1, 0, T), img_a = om.narrow(1, T, om.size(1) - T);
+  // split, not two narrows: its backward is one cat of the two gradients (narrow's zero-fills a
+  // full-size gradient per slice and adds them).
+  const auto parts = at::split_with_sizes(om, {T, om.size(1) - T}, 1);
+  const at::Tensor& txt_a = parts[0];
+  const at::Tensor& img_a = parts[1];
   at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
   img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), "img_mlp", img_lin));
   at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
