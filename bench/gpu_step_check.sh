@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call that checks and measures the training step after a change to the model or its
+# kernels: the CUDA build with the tests; the fused-kernel GPU tests; eager vs CUDA-graph `train`
+# bit-identity (tests/py/test_train_cuda_graph.py); the bench's graph step at the four EasyControl
+# configurations without and with checkpointing (issue 15's targets); plain LoRA at 512/768/1024 px
+# (ranks 32/64/128). About 5 minutes on the H200. Usage: bash bench/gpu_step_check.sh (carry .deps)
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+source bench/gpu_env.sh
+BUILD_TESTS=1 PARTS="graph_test" bash bench/gpu_session.sh || exit 1
+rm -f "$OUT/build.log" "$OUT/cmake.log"
+B=build-gpu/fluxtrain
+timeout 120 build-gpu/tests/fluxtrain_tests --gtest_filter='Fused*:Kernels*' > "$OUT/fused_tests.log" 2>&1
+echo "fused tests rc=$?: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/fused_tests.log" | tr '\n' ' ')"
+grep -E "FAILED|Failure" -A4 "$OUT/fused_tests.log" | head -20
+show() { python3 -c '
+import json, sys
+for l in open(sys.argv[1]):
+    d = json.loads(l); c = d["config"]
+    print(sys.argv[2], c["cond_size"], c["noise_size"], c["rank"], "ckpt" if c["gradient_checkpointing"] else "",
+          round(d["ms_per_step"], 1), round(d["model_tflops"]), round(d["peak_gib"], 2))
+' "$1" "$2"; }
+G="bench --device cuda --cuda_graph on --warmup 3 --iters 7"
+C=192/384/16,256/512/32,384/768/64,512/1024/128
+timeout 150 $B $G --gradient_checkpointing off --configs $C > "$OUT/graph.jsonl"; show "$OUT/graph.jsonl" graph
+timeout 150 $B $G --gradient_checkpointing on --configs $C > "$OUT/graph_ckpt.jsonl"; show "$OUT/graph_ckpt.jsonl" graph
+timeout 150 $B $G --gradient_checkpointing off --lora_mode standard --configs 0/512/32,0/768/64,0/1024/128 \
+  > "$OUT/graph_standard.jsonl"; show "$OUT/graph_standard.jsonl" standard
