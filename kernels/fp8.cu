@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda_dtype.cuh"
 #include "kernels/fp8.h"
 
 namespace fluxtrain::kernels {
@@ -21,13 +22,6 @@ __device__ inline float decode_e4m3(uint8_t b) {
   if (e == 0) return __int_as_float(__float_as_int(static_cast<float>(m) * 0.001953125f) | sign);  // m * 2^-9
   return __int_as_float(static_cast<int>(sign | ((e + 120) << 23) | (m << 20)));  // exponent e - 7 + 127
 }
-
-template <typename T>
-__device__ inline T from_f(float v) { return static_cast<T>(v); }
-template <>
-__device__ inline __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ inline __half from_f(float v) { return __float2half_rn(v); }
 
 template <typename T>
 __global__ void dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scale, T* __restrict__ out,

@@ -207,6 +207,34 @@ __device__ __forceinline__ void load_scale4(const ScaleRef<T>& sc, int64_t i, fl
   }
 }
 
+// What both vector kernels compute for a q or k row before they differ: the lane's four inputs
+// in float32, the row's 1/rms (the generic row_rrms' formula), the lane's scales and its two
+// pairs' cos/sin.
+template <typename T>
+struct VecRow {
+  float a[4], r, scv[4], cv[2], sv[2];
+};
+
+template <typename T>
+__device__ __forceinline__ VecRow<T> vec_row(const Vec4<T>& x, const ScaleRef<T>& scale, const float* cos_t,
+                                             const float* sin_t, uint32_t l, int lane) {
+  constexpr int D = kVecD;
+  VecRow<T> w;
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    w.a[e] = to_f(x.v[e]);
+    ss = __fadd_rn(ss, __fmul_rn(w.a[e], w.a[e]));
+  }
+  ss = warp_sum(ss);
+  w.r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
+  load_scale4(scale, 4 * lane, w.scv);
+  const float2 cs = *reinterpret_cast<const float2*>(cos_t + l * (D / 2) + 2 * lane);
+  const float2 sn = *reinterpret_cast<const float2*>(sin_t + l * (D / 2) + 2 * lane);
+  w.cv[0] = cs.x, w.cv[1] = cs.y, w.sv[0] = sn.x, w.sv[1] = sn.y;
+  return w;
+}
+
 struct RowIndex32 {
   uint32_t b, l, t, h;
 };
@@ -240,20 +268,12 @@ __global__ void __launch_bounds__(kThreads)
     store4(v + out_off, x);
     return;
   }
-  float a[4];
-  float ss = 0.f;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    a[e] = to_f(x.v[e]);
-    ss = __fadd_rn(ss, __fmul_rn(a[e], a[e]));
-  }
-  ss = warp_sum(ss);
-  const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  float scv[4];
-  load_scale4(ix.t == 0 ? sg.q_scale : sg.k_scale, 4 * lane, scv);
-  const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
-  const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
-  const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
+  const VecRow<T> w = vec_row(x, ix.t == 0 ? sg.q_scale : sg.k_scale, cos_t, sin_t, ix.l, lane);
+  const float* a = w.a;
+  const float r = w.r;
+  const float* scv = w.scv;
+  const float* cv = w.cv;
+  const float* sv = w.sv;
   Vec4<T> o;
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
@@ -293,20 +313,12 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const Vec4<T> x = load4(sg.qkv + ix.b * sg.sB + li * sg.sL + (ix.t * heads + ix.h) * D + 4 * lane);
-  float a[4];
-  float ss = 0.f;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    a[e] = to_f(x.v[e]);
-    ss = __fadd_rn(ss, __fmul_rn(a[e], a[e]));
-  }
-  ss = warp_sum(ss);
-  const float r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  float scv[4];
-  load_scale4(ix.t == 0 ? sg.q_scale : sg.k_scale, 4 * lane, scv);
-  const float2 cs = *reinterpret_cast<const float2*>(cos_t + ix.l * (D / 2) + 2 * lane);
-  const float2 sn = *reinterpret_cast<const float2*>(sin_t + ix.l * (D / 2) + 2 * lane);
-  const float cv[2] = {cs.x, cs.y}, sv[2] = {sn.x, sn.y};
+  const VecRow<T> w = vec_row(x, ix.t == 0 ? sg.q_scale : sg.k_scale, cos_t, sin_t, ix.l, lane);
+  const float* a = w.a;
+  const float r = w.r;
+  const float* scv = w.scv;
+  const float* cv = w.cv;
+  const float* sv = w.sv;
   // dy: the gradient rotated back, rounded to T (as in the generic kernel).
   float dy[4];
 #pragma unroll
