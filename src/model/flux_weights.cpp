@@ -236,17 +236,15 @@ at::Tensor random_weight(const std::string& name, const std::vector<int64_t>& sh
   return t.to(dtype);
 }
 
-// "double_blocks.3." / "single_blocks.0." prefix of block i (BlockWeights numbering).
-std::string block_prefix(const FluxConfig& cfg, int block) {
-  return block < cfg.depth ? "double_blocks." + std::to_string(block) + "."
-                           : "single_blocks." + std::to_string(block - cfg.depth) + ".";
-}
-
-bool is_block_key(const std::string& name) {
-  return name.compare(0, 14, "double_blocks.") == 0 || name.compare(0, 14, "single_blocks.") == 0;
-}
-
 }  // namespace
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> flux_block_shapes(const FluxConfig& cfg, int block) {
+  const std::string prefix = block_prefix(block, cfg.depth);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  for (const auto& [name, shape] : flux_weight_shapes(cfg))
+    if (name.compare(0, prefix.size(), prefix) == 0) out.emplace_back(name.substr(prefix.size()), shape);
+  return out;
+}
 
 TensorMap init_random_weights(const FluxConfig& cfg, uint64_t seed, at::ScalarType dtype, c10::Device device) {
   std::optional<at::Generator> gen;
@@ -266,7 +264,7 @@ TensorMap init_random_global_weights(const FluxConfig& cfg, uint64_t seed, at::S
   const auto fopts = at::TensorOptions().dtype(at::kFloat);
   TensorMap w;
   for (const auto& [name, shape] : flux_weight_shapes(cfg))
-    if (!is_block_key(name)) w.emplace(name, random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
+    if (block_of(name, cfg.depth) < 0) w.emplace(name, random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
   return w;
 }
 
@@ -281,11 +279,9 @@ TensorMap init_random_block_weights(const FluxConfig& cfg, uint64_t seed, int bl
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(z ^ (z >> 31));
   const auto fopts = at::TensorOptions().dtype(at::kFloat);
-  const std::string prefix = block_prefix(cfg, block);
   TensorMap w;
-  for (const auto& [name, shape] : flux_weight_shapes(cfg))
-    if (name.compare(0, prefix.size(), prefix) == 0)
-      w.emplace(name.substr(prefix.size()), random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
+  for (const auto& [name, shape] : flux_block_shapes(cfg, block))
+    w.emplace(name, random_weight(name, shape, std::optional<at::Generator>(gen), fopts, dtype));
   return w;
 }
 

@@ -16,6 +16,9 @@ namespace fluxtrain {
 
 // Every BFL key of the transformer with its expected shape, in a fixed order.
 std::vector<std::pair<std::string, std::vector<int64_t>>> flux_weight_shapes(const FluxConfig& cfg);
+// Names and shapes of block i's tensors (block-local BFL names, BlockWeights numbering), without
+// any file: what --max_gpu_memory plans with (WeightsSource::block_shapes).
+std::vector<std::pair<std::string, std::vector<int64_t>>> flux_block_shapes(const FluxConfig& cfg, int block);
 
 // Random weights (deterministic in seed) at a scale that keeps activations O(1) through all
 // blocks, so that the tiny model trains and the benchmark runs on realistic numbers.

@@ -126,14 +126,6 @@ int64_t MemoryEstimateInput::tokens() const {
   return txt_len + n * n + (easycontrol ? num_conditions : 0) * c * c;
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> flux_block_shapes(const FluxConfig& cfg, int block) {
-  const std::string prefix = block_prefix(block, cfg.depth);
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
-  for (const auto& [name, shape] : flux_weight_shapes(cfg))
-    if (name.compare(0, prefix.size(), prefix) == 0) out.emplace_back(name.substr(prefix.size()), shape);
-  return out;
-}
-
 std::string format_gib(int64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(bytes) / kGiB);

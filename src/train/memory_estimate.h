@@ -60,10 +60,6 @@ MemoryEstimate estimate_memory(const MemoryEstimateInput& in);
 // Everything but the frozen transformer weights (for --max_gpu_memory's budget).
 int64_t estimate_non_weight_bytes(const MemoryEstimateInput& in);
 
-// Names and shapes of block i's tensors (relative BFL names), without any file: the
-// WeightsSource::block_shapes that --max_gpu_memory needs.
-std::vector<std::pair<std::string, std::vector<int64_t>>> flux_block_shapes(const FluxConfig& cfg, int block);
-
 // "12.34 GiB"
 std::string format_gib(int64_t bytes);
 
