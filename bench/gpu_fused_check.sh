@@ -7,12 +7,8 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
-BUILD_TESTS=1 PARTS=" " bash bench/gpu_session.sh || exit 1
-rm -f "$OUT/build.log" "$OUT/cmake.log"
+PARTS=" " source bench/gpu_kernel_tests.sh
 B=build-gpu/fluxtrain
-timeout 120 build-gpu/tests/fluxtrain_tests --gtest_filter='Fused*:Kernels*' > "$OUT/fused_tests.log" 2>&1
-echo "fused tests rc=$?: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/fused_tests.log" | tr '\n' ' ')"
-grep -E "FAILED|Failure" -A4 "$OUT/fused_tests.log" | head -30
 G="bench --device cuda --gradient_checkpointing off --cuda_graph on --warmup 3 --iters 7"
 timeout 200 $B $G --configs 192/384/16,256/512/32,384/768/64,512/1024/128 | tee "$OUT/graph_fused.jsonl" | cut -c1-400
 FLUXTRAIN_FUSED_KERNELS=0 timeout 100 $B $G --configs 192/384/16,512/1024/128 | tee "$OUT/graph_unfused.jsonl" | cut -c1-400

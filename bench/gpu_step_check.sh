@@ -8,12 +8,8 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
-BUILD_TESTS=1 PARTS="graph_test" bash bench/gpu_session.sh || exit 1
-rm -f "$OUT/build.log" "$OUT/cmake.log"
+PARTS=graph_test source bench/gpu_kernel_tests.sh
 B=build-gpu/fluxtrain
-timeout 120 build-gpu/tests/fluxtrain_tests --gtest_filter='Fused*:Kernels*' > "$OUT/fused_tests.log" 2>&1
-echo "fused tests rc=$?: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/fused_tests.log" | tr '\n' ' ')"
-grep -E "FAILED|Failure" -A4 "$OUT/fused_tests.log" | head -20
 show() { python3 -c '
 import json, sys
 for l in open(sys.argv[1]):
