@@ -2,6 +2,8 @@
 // one JSON line per configuration. The step is the trainer's: its weights provider comes from
 // make_block_weights (train/setup.h), the model part is flow_loss_sum (train/train_step.h) and
 // the update the trainer's optimizer (clipping + AdamW; in graph mode its capturable form).
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -286,9 +288,11 @@ int cmd_bench(int argc, char** argv) {
     if (te_mode == "both") {
       const T5EncoderConfig tc = tiny_te ? T5EncoderConfig::tiny(cfg.context_in_dim) : T5EncoderConfig::t5_xxl();
       if (low) {
-        // Placed as `train` places it under the low-memory options (train/setup.h).
-        t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, at::kCPU), "random T5");
-        low_json["t5_plan"] = place_t5_low_memory(*t5, low_memory, dev, dtype);
+        // Placed as `train` places it under the low-memory options (train/setup.h), its layers
+        // drawn one at a time as the stack packs them (as train reads them from the file).
+        t5 = std::make_unique<T5Encoder>(tc, random_t5_weights_meta_layers(tc, seed, dtype), "random T5");
+        low_json["t5_plan"] = place_t5_low_memory(
+            *t5, low_memory, dev, dtype, [tc, seed, dtype](int i) { return random_t5_layer_weights(tc, seed, i, dtype); });
       } else {
         t5 = std::make_unique<T5Encoder>(tc, random_t5_weights(tc, seed, dtype, dev), "random T5");
         t5->to(dtype, dev);
@@ -428,6 +432,12 @@ int cmd_bench(int argc, char** argv) {
                           {"model_tflops", flops / (med / 1000.0) / 1e12},
                           {"step_tflop", flops / 1e12},
                           {"peak_gib", peak_gib}};
+      {
+        // The process's peak resident host memory so far (weights held on the host included;
+        // issue 14's bound is those plus 4 GiB): getrusage's high-water mark, as train reports it.
+        rusage ru{};
+        if (getrusage(RUSAGE_SELF, &ru) == 0) j["peak_host_rss_gib"] = static_cast<double>(ru.ru_maxrss) / (1 << 20);
+      }
       if (low) j["low_memory"] = low_json;
       if (clip) {
         // Everything the mode needs is on this device: peak_gib includes the encoders.

@@ -2,7 +2,8 @@
 """The memory tiers of docs/memory.md measured at FLUX.1-dev size (random weights), one JSON line
 per (tier, mode): peak GPU memory as max_memory_allocated (the bench's peak_gib) and as the
 driver sees it (nvidia-smi, sampled every 100 ms), the estimate (`fluxtrain estimate --json`
-with the same options), peak host RSS of the process (getrusage of the child), ms per step,
+with the same options), peak host RSS of the bench process (its own getrusage, `peak_host_rss_gib`)
+beside issue 14's bound (the host-held weights of the plans + 4 GiB), ms per step,
 bytes streamed per step and the measured host-to-device bandwidth, so that the speed clause of
 issue 14 can be checked: ms_per_step <= max(2 x resident ms, 1.25 x bytes / bandwidth).
 
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -80,14 +80,17 @@ class SmiSampler:
 
 
 def run_child(cmd, gpu):
-    """Runs cmd, returns (stdout, stderr, rc, peak RSS GiB of this child, driver peak MiB, seconds)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Runs cmd, returns (stdout, stderr, rc, driver peak MiB, seconds)."""
     t0 = time.time()
     with SmiSampler(gpu) as smi:
         p = subprocess.run(cmd, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; the max over children
-    rss_gib = after / 2**20 if after > before else None  # None: not above an earlier child's peak
-    return p.stdout, p.stderr, p.returncode, rss_gib, smi.peak, time.time() - t0
+    return p.stdout, p.stderr, p.returncode, smi.peak, time.time() - t0
+
+
+def host_weights_gib(low_memory):
+    """GiB the plans hold in host memory: the transformer's blocks and T5's layers ("in host memory X GiB")."""
+    plans = [low_memory.get("plan", ""), low_memory.get("t5_plan", "")]
+    return sum(float(m) for p in plans for m in re.findall(r"in host memory ([0-9.]+) GiB", p))
 
 
 def estimate(binary, cfg, ckpt, size, flags, mode_flags):
@@ -139,10 +142,10 @@ def main():
                 cmd = [a.bin, "bench", "--size", a.size, "--device", a.device, "--configs", cfg,
                        "--gradient_checkpointing", "on" if ckpt else "off", "--cuda_graph", "off",
                        "--warmup", a.warmup, "--iters", a.iters] + mflags + bench_mode
-                out, err, rc, rss, smi_mib, secs = run_child(cmd, gpu)
+                out, err, rc, smi_mib, secs = run_child(cmd, gpu)
                 row = {"name": "memory_tier", "tier": name, "preset": "configs/" + preset, "mode": mode,
                        "goal_gib": goal, "config": cfg, "gradient_checkpointing": ckpt, "flags": mflags + bench_mode,
-                       "host_to_device_gb_s": bw, "peak_rss_gib": rss, "wall_s": round(secs, 1)}
+                       "host_to_device_gb_s": bw, "wall_s": round(secs, 1)}
                 lines = [l for l in out.splitlines() if l.startswith("{")]
                 if rc != 0 or not lines:
                     row["error"] = (err.strip().splitlines() or ["no output"])[-1][-300:]
@@ -150,9 +153,12 @@ def main():
                     j = json.loads(lines[-1])
                     row["ms_per_step"] = j.get("ms_per_step")
                     row["peak_allocated_gib"] = j.get("peak_gib")
-                    for k in ("bytes_streamed_per_step", "weights", "low_memory", "encoders_gib"):
+                    for k in ("bytes_streamed_per_step", "weights", "low_memory", "encoders_gib", "peak_host_rss_gib"):
                         if k in j:
                             row[k] = j[k]
+                    held = host_weights_gib(j.get("low_memory", {}))
+                    row["host_weights_gib"] = round(held, 2)
+                    row["host_rss_bound_gib"] = round(held + 4, 2)  # issue 14: held weights + 4 GiB
                     if "error" in j:
                         row["error"] = j["error"]
                 row["peak_driver_gib"] = round(smi_mib / 1024, 3) if smi_mib else None

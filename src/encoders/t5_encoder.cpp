@@ -120,6 +120,13 @@ std::unique_ptr<T5Encoder> T5Encoder::load(const std::string& dir, at::ScalarTyp
   return m;
 }
 
+EncoderLayerWeights T5Encoder::take_weights() {
+  check_input(!provider_, "T5 encoder: its weights were already handed to a layer provider");
+  EncoderLayerWeights w = std::move(w_);
+  w_ = EncoderLayerWeights();
+  return w;
+}
+
 void T5Encoder::use_layer_provider(std::unique_ptr<BlockWeights> provider, at::ScalarType dtype, at::Device device,
                                    int64_t device_bytes) {
   check_input(provider && provider->num_blocks() == cfg_.num_layers,

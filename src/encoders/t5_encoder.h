@@ -37,6 +37,9 @@ class T5Encoder {
   // The frozen weights (globals + per layer) as loaded; none ever requires grad. Empty once a
   // layer provider took them over.
   const EncoderLayerWeights& weights() const { return w_; }
+  // Hands the frozen weights over to a caller that places them (place_t5_low_memory): the
+  // encoder runs nothing until use_layer_provider gives it a provider.
+  EncoderLayerWeights take_weights();
   // Runs the layers and globals from another provider from now on (fp8 and/or streamed from
   // host memory: train/setup.h place_t5_low_memory, built from weights()), computing in
   // dtype on device; the weights held so far are dropped. device_bytes: what the provider

@@ -72,6 +72,31 @@ TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::Scala
                             1.0, 0.05, device);
 }
 
+TensorMap random_t5_weights_meta_layers(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype) {
+  std::map<std::string, std::vector<int64_t>> drawn;
+  TensorMap w;
+  for (const auto& [name, shape] : T5Encoder::expected_shapes(cfg)) {
+    if (name.rfind("encoder.block.", 0) == 0 && name.find("relative_attention_bias") == std::string::npos)
+      w[name] = at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kMeta));
+    else
+      drawn.emplace(name, shape);
+  }
+  for (auto& kv : random_from_shapes(drawn, derive_seed(seed, RngPurpose::Synthetic, 0x75, 0), dtype, 1.0, 0.05,
+                                     at::kCPU))
+    w.emplace(kv.first, kv.second);
+  return w;
+}
+
+TensorMap random_t5_layer_weights(const T5EncoderConfig& cfg, uint64_t seed, int64_t layer, at::ScalarType dtype) {
+  const std::string prefix = "encoder.block." + std::to_string(layer) + ".";
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& [name, shape] : T5Encoder::expected_shapes(cfg))
+    if (name.rfind(prefix, 0) == 0 && name.find("relative_attention_bias") == std::string::npos)
+      shapes.emplace(name.substr(prefix.size()), shape);
+  return random_from_shapes(shapes, derive_seed(seed, RngPurpose::Synthetic, 0x75, static_cast<uint64_t>(layer) + 1),
+                            dtype, 1.0, 0.05, at::kCPU);
+}
+
 std::string tokenizer_data_dir() {
   if (const char* e = std::getenv("FLUXTRAIN_TOKENIZER_DATA"); e && *e) return e;
   return FLUXTRAIN_TOKENIZER_DATA_DIR;

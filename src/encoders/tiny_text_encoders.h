@@ -20,6 +20,13 @@ TensorMap random_clip_weights(const ClipTextConfig& cfg, uint64_t seed, at::Scal
                               at::Device device = at::kCPU);
 TensorMap random_t5_weights(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype,
                             at::Device device = at::kCPU);
+// The same model for a caller that places T5's layers itself, a layer at a time (the bench's
+// low-memory rows, drawn as `train` reads a snapshot: the host never holds the whole bf16 T5):
+// every layer tensor as a meta tensor (shapes only) and the rest (embedding, final norm, the
+// relative position bias) drawn on the host; random_t5_layer_weights draws layer i under names
+// relative to the layer (the bias, which the encoder keeps with its globals, left out).
+TensorMap random_t5_weights_meta_layers(const T5EncoderConfig& cfg, uint64_t seed, at::ScalarType dtype);
+TensorMap random_t5_layer_weights(const T5EncoderConfig& cfg, uint64_t seed, int64_t layer, at::ScalarType dtype);
 
 // Where the FLUX tokenizer files are read from: $FLUXTRAIN_TOKENIZER_DATA, else the repository's
 // tests/data/tokenizers (clip/vocab.json, clip/merges.txt, t5/spiece.model).

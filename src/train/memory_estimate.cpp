@@ -43,7 +43,7 @@ constexpr double kHostBase = 1.5 * kGiB;
 // trainer): parameters, layers, width, and activation vectors per token and layer.
 constexpr double kClipParams = 123.1e6, kT5Params = 4.762e9;
 constexpr int64_t kClipLayers = 12, kClipWidth = 768, kClipTokens = 77;
-constexpr int64_t kT5Layers = 24, kT5Width = 4096;
+constexpr int64_t kT5Layers = 24, kT5Width = 4096, kT5Vocab = 32128;
 constexpr double kEncoderSavedPerLayer = 12.0;
 
 int64_t numel(const std::vector<int64_t>& s) {
@@ -175,6 +175,10 @@ MemoryEstimate estimate_memory(const MemoryEstimateInput& in) {
   }
   m.streamed_blocks = plan.streamed_blocks;
   m.host_weights = plan.host_weight_bytes;
+  // T5's layers are all streamed when the transformer streams (train/setup.h place_t5_low_memory):
+  // its layers live in host memory too, in the transformer's base precision.
+  if (in.train_t5 && in.low_memory.streams())
+    m.host_weights += static_cast<int64_t>((kT5Params - kT5Vocab * kT5Width) * (in.low_memory.fp8() ? 1.0 : e));
   m.bytes_streamed_per_step = 2 * plan.host_weight_bytes;  // forward and backward
   m.slack = static_cast<int64_t>(kSlackFraction * static_cast<double>(m.allocated()));
   m.host_rss = m.host_weights + static_cast<int64_t>(kHostBase) + 2 * largest_block;

@@ -127,21 +127,28 @@ std::unique_ptr<BlockWeights> make_block_weights(const Runtime& runtime, const W
 }
 
 std::string place_t5_low_memory(T5Encoder& t5, const dist::LowMemoryOptions& transformer, c10::Device device,
-                                at::ScalarType dtype) {
+                                at::ScalarType dtype, const std::function<TensorMap(int)>& load_layer) {
   if (!transformer.fp8() && !transformer.streams()) return "";
   dist::LowMemoryOptions o = transformer;
   o.max_gpu_memory.clear();
   o.blocks_to_swap = transformer.streams() ? -1 : 0;
-  const EncoderLayerWeights& w = t5.weights();
-  dist::WeightsSource src;
-  src.globals = w.globals_;
-  src.num_blocks = static_cast<int>(w.layers_.size());
-  src.load_block = [&w](int i) { return w.layers_.at(static_cast<size_t>(i)); };
-  src.block_shapes = [&w](int i) {
+  auto w = std::make_shared<EncoderLayerWeights>(t5.take_weights());
+  std::vector<dist::BlockShapes> shapes;
+  for (const auto& layer : w->layers_) {
     dist::BlockShapes sh;
-    for (const auto& kv : w.layers_.at(static_cast<size_t>(i))) sh.emplace_back(kv.first, kv.second.sizes().vec());
-    return sh;
+    for (const auto& kv : layer) sh.emplace_back(kv.first, kv.second.sizes().vec());
+    shapes.push_back(std::move(sh));
+  }
+  dist::WeightsSource src;
+  src.globals = w->globals_;
+  src.num_blocks = static_cast<int>(w->layers_.size());
+  src.load_block = [w, load_layer](int i) {
+    if (load_layer) return load_layer(i);
+    TensorMap layer = std::move(w->layers_.at(static_cast<size_t>(i)));
+    w->layers_[static_cast<size_t>(i)].clear();
+    return layer;
   };
+  src.block_shapes = [shapes](int i) { return shapes.at(static_cast<size_t>(i)); };
   dist::LowMemoryPlan plan;
   auto provider = dist::compose_low_memory_weights(src, o, device, dtype, nullptr, 0, &plan);
   t5.use_layer_provider(std::move(provider), dtype, device, plan.device_weight_bytes);

@@ -90,7 +90,11 @@ class T5Encoder;
 // when the transformer streams any block (the estimator counts three layers on the device:
 // train/memory_estimate.cpp). No-op without fp8 or streaming. The embedding, norms and
 // relative position bias stay on the device. Returns the plan's one line for the log.
+// The layers are taken out of the encoder and each is dropped as soon as the stack has packed
+// it, so host memory never holds the stored layers beside their packed copies (views of a
+// file's mapping give their pages back as they go: core/safetensors.h). load_layer, when given,
+// supplies layer i instead of the encoder's own (the bench's random T5, drawn a layer at a time).
 std::string place_t5_low_memory(T5Encoder& t5, const dist::LowMemoryOptions& transformer, c10::Device device,
-                                at::ScalarType dtype);
+                                at::ScalarType dtype, const std::function<TensorMap(int)>& load_layer = {});
 
 }  // namespace fluxtrain

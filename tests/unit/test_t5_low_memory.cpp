@@ -92,6 +92,23 @@ TEST_F(T5LowMemory, Fp8LayersMatchResidentDequantised) {
   EXPECT_FALSE(at::equal(run(plain, lora, ids, false).out, run(reference, lora, ids, false).out));
 }
 
+TEST_F(T5LowMemory, LayersDrawnOneAtATimeMatchTheWholeModel) {
+  // The bench's low-memory T5: meta layers in the encoder, each layer drawn as the stack packs it.
+  TensorMap whole = random_t5_weights_meta_layers(cfg, 5, at::kFloat);
+  for (int64_t i = 0; i < cfg.num_layers; ++i)
+    for (auto& [name, t] : random_t5_layer_weights(cfg, 5, i, at::kFloat))
+      whole["encoder.block." + std::to_string(i) + "." + name] = t;
+  for (const auto& [name, t] : whole) ASSERT_FALSE(t.is_meta()) << name << " was not drawn";
+  T5Encoder resident(cfg, whole, "random T5");
+  T5Encoder drawn(cfg, random_t5_weights_meta_layers(cfg, 5, at::kFloat), "random T5, meta layers");
+  dist::LowMemoryOptions o;
+  o.blocks_to_swap = -1;
+  place_t5_low_memory(drawn, o, at::kCPU, at::kFloat,
+                      [this](int i) { return random_t5_layer_weights(cfg, 5, i, at::kFloat); });
+  const TextEncoderLora lora = trained_lora(cfg);
+  expect_identical(run(resident, lora, ids, true), run(drawn, lora, ids, true), "layers drawn one at a time");
+}
+
 TEST_F(T5LowMemory, NoOptionsLeaveItResident) {
   T5Encoder t5(cfg, hf, "random T5");
   EXPECT_EQ(place_t5_low_memory(t5, dist::LowMemoryOptions{}, at::kCPU, at::kFloat), "");
