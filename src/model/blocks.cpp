@@ -1,5 +1,6 @@
 #include "model/blocks.h"
 
+
 #include <cstdlib>
 
 #include <ATen/ATen.h>
@@ -101,32 +102,40 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
       .view(sz);
 }
 
-}  // namespace
+// Strides of a dense [B, heads, L, D] tensor laid out as [B, L, heads, D] (merged heads): the
+// layout of the output gradient when it comes back through merge_heads from a dense [B, L, H].
+std::vector<int64_t> merged_heads_strides(at::IntArrayRef sizes) {
+  const int64_t h = sizes[1], L = sizes[2], D = sizes[3];
+  return {L * h * D, D, h * D, 1};
+}
 
-namespace {
+bool same_layout(const at::Tensor& t, const std::vector<int64_t>& strides) {
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) != strides[d]) return false;
+  return true;
+}
 
-// FLUXTRAIN_SDP_CUDNN: "0" never, "1" for every call, unset/"auto" only for the cross-length calls
-// (text+noise queries over text+noise+condition keys), see blocks.h.
-enum class CudnnPolicy { Off, On, CrossOnly };
-CudnnPolicy g_cudnn_policy = CudnnPolicy::CrossOnly;
-
-// SDPA with the policy applied: under CrossOnly a call whose queries and keys have the same length
-// runs with cuDNN taken out of SDPA's choices (flash attention), restored afterwards. The choice
-// is made at forward time; backward follows the forward's kernel family.
+// at::scaled_dot_product_attention with its output gradient always in the merged-heads layout.
+// LibTorch's cuDNN attention keys its cached backward graph by the shapes and strides of q, k and v
+// only, yet builds the graph with the strides of the output gradient it first sees (ATen's
+// cudnn/MHA.cpp with cuDNN >= 9.5.1). Two calls with equal q, k, v but differently strided output
+// gradients then share a graph that reads the second gradient with the first one's strides, out
+// of bounds: "mha_graph.execute ... is_good()" or an illegal memory access. That is what failed
+// in plain-LoRA mode in sessions 6-7, then blamed on cuDNN (docs/benchmarks.md, session 10): a
+// single block whose linear2 is adapted takes its attention output through a cat, so its gradient
+// comes back as a slice with a row stride of 5H, while the double blocks' calls of the same shape
+// get a dense gradient (row stride H). Normalising the gradient costs one copy where it is not
+// already dense, and makes the graph the same for every call.
 at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  if (g_cudnn_policy != CudnnPolicy::CrossOnly || q.size(2) != k.size(2) || !q.is_cuda())
-    return at::scaled_dot_product_attention(q, k, v);
-  auto& ctx = at::globalContext();
-  const bool was = ctx.userEnabledCuDNNSDP();
-  ctx.setSDPUseCuDNN(false);
-  try {
-    at::Tensor o = at::scaled_dot_product_attention(q, k, v);
-    ctx.setSDPUseCuDNN(was);
-    return o;
-  } catch (...) {
-    ctx.setSDPUseCuDNN(was);
-    throw;
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v);
+  if (o.requires_grad() && o.is_cuda() && o.dim() == 4) {
+    o.register_hook([](const at::Tensor& g) -> at::Tensor {
+      auto strides = merged_heads_strides(g.sizes());
+      if (same_layout(g, strides)) return g;
+      return at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+    });
   }
+  return o;
 }
 
 }  // namespace
@@ -134,8 +143,7 @@ at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 void configure_attention_backends() {
   const char* e = std::getenv("FLUXTRAIN_SDP_CUDNN");
   const std::string v = e ? e : "auto";
-  g_cudnn_policy = v == "0" ? CudnnPolicy::Off : v == "1" ? CudnnPolicy::On : CudnnPolicy::CrossOnly;
-  at::globalContext().setSDPUseCuDNN(g_cudnn_policy != CudnnPolicy::Off);
+  at::globalContext().setSDPUseCuDNN(v != "0");
 }
 
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,

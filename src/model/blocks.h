@@ -39,15 +39,12 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
 
 // Process-wide attention backend choice, called once by each subcommand (train through
-// make_runtime) before running the model. cuDNN's fused attention is 2x faster than LibTorch's
-// flash attention (FlashAttention-2) on the H200 in backward (512/1024/128: attention 114 vs
-// 218 ms of a 469 vs 573 ms step), but it failed intermittently in plain-LoRA mode, whose every
-// call is a self-attention of equal query and key lengths ("mha_graph.execute ... is_good()",
-// then an illegal memory access; one variant passing on one run and failing on the next), as
-// upstream reports (pytorch/pytorch #190321, #134001). It never failed on the cross-length call
-// of EasyControl mode (text+noise queries over text+noise+condition keys) in any run of
-// sessions 5-7. FLUXTRAIN_SDP_CUDNN: unset or "auto" = cuDNN for cross-length calls only,
-// flash for the rest; "0" = never; "1" = every call (docs/benchmarks.md, session 7).
+// make_runtime) before running the model. cuDNN's fused attention is about 2x faster than
+// LibTorch's flash attention (FlashAttention-2) in backward on the H200, and SDPA picks it first.
+// FLUXTRAIN_SDP_CUDNN=0 takes it out of SDPA's choices (flash attention everywhere); unset,
+// "auto" or "1" leave it in. Every call goes through sdpa() in blocks.cpp, which keeps LibTorch's
+// cuDNN backward from reusing a graph built for another gradient layout (the failure of sessions
+// 6-7, docs/benchmarks.md, session 10).
 void configure_attention_backends();
 
 // img [B,L,H], txt [B,T,H], cond [B,Lc,H] or undefined; vec, vec_cond [B,H].
