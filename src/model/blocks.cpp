@@ -109,10 +109,9 @@ std::vector<int64_t> merged_heads_strides(at::IntArrayRef sizes) {
   return {L * h * D, D, h * D, 1};
 }
 
+// Every stride compared, size-1 dimensions too: the cached graph keeps all of them.
 bool same_layout(const at::Tensor& t, const std::vector<int64_t>& strides) {
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) != strides[d]) return false;
-  return true;
+  return t.strides().vec() == strides;
 }
 
 // at::scaled_dot_product_attention with its output gradient always in the merged-heads layout.
