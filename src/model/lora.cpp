@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "model/lora_format.h"
+#include "model/lora_linear.h"
 
 namespace fluxtrain {
 namespace {
@@ -254,42 +255,28 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
   const bool whole = row_begin == 0 && row_end == full;
   at::Tensor w = whole ? weight : weight.narrow(0, row_begin, row_end - row_begin);
   at::Tensor b = (!bias.defined() || whole) ? bias : bias.narrow(0, row_begin, row_end - row_begin);
-  at::Tensor y = at::linear(x, w, b);
-  if (!lora) return y;
+  if (!lora) return at::linear(x, w, b);
   std::vector<const LoraAdapter*> ads, after;
   for (const LoraAdapter* a : lora->find(block, linear, cond)) {
     if (a->out_begin < row_begin || a->out_end > row_end) continue;
     (a->on_output ? after : ads).push_back(a);
   }
+  at::Tensor y;
   if (!ads.empty()) {
-    // Deltas of all input-side adapters, side by side over the rows they cover, zeros in any gap.
-    std::vector<at::Tensor> pieces;
-    auto zeros = [&](int64_t n) {
-      auto sz = x.sizes().vec();
-      sz.back() = n;
-      return at::zeros(sz, x.options());
-    };
-    // The adapters share x: one GEMM for all their down projections (downs stacked), then each up
-    // on its own columns of h (split: one node whose backward concatenates the gradients).
-    std::vector<at::Tensor> downs;
-    std::vector<int64_t> ranks;
+    // All input-side adapters in one autograd node (model/lora_linear.h): their products go
+    // straight into their rows of y, and their input gradient into the base's.
+    std::vector<at::Tensor> downs, ups;
+    std::vector<int64_t> offsets;
+    std::vector<double> scales;
     for (const LoraAdapter* a : ads) {
       downs.push_back(a->down);
-      ranks.push_back(a->down.size(0));
+      ups.push_back(a->up);
+      offsets.push_back(a->out_begin - row_begin);
+      scales.push_back(a->scale);
     }
-    const at::Tensor down = downs.size() == 1 ? downs[0] : at::cat(downs, 0);
-    const at::Tensor h_all = at::linear(x, down.to(x.scalar_type()));
-    const std::vector<at::Tensor> hs =
-        ads.size() == 1 ? std::vector<at::Tensor>{h_all} : at::split_with_sizes(h_all, ranks, -1);
-    int64_t pos = row_begin;
-    for (size_t i = 0; i < ads.size(); ++i) {
-      const LoraAdapter* a = ads[i];
-      if (a->out_begin > pos) pieces.push_back(zeros(a->out_begin - pos));
-      pieces.push_back(scaled(at::linear(hs[i], a->up.to(x.scalar_type())), a->scale));
-      pos = a->out_end;
-    }
-    if (pos < row_end) pieces.push_back(zeros(row_end - pos));
-    y = y + (pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1));
+    y = lora_linear(x, w, b, downs, ups, offsets, scales);
+  } else {
+    y = at::linear(x, w, b);
   }
   // Output-side adapters (EasyControl's proj_loras), one after the other as EasyControl applies
   // them: y = y + scale * up(down(y)). They cover the whole output (in = out features).

@@ -1,0 +1,131 @@
+#include "model/lora_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace fluxtrain {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Forward: h = x D^T with the adapters' downs stacked (one GEMM), y = x w^T + b, then each up
+// product added into its rows of y by an in-place addmm (beta = 1). Backward: dh_i = s_i dy_i U_i
+// written into its columns of dh, dU_i = s_i dy_i^T h_i, dD = dh^T x (one GEMM), and
+// dx = dy w + dh D with the second product accumulated into the first (beta = 1).
+// Autograd on the plain ops instead materialises cat(deltas) and y + cat forward and adds the two
+// input gradients backward: three passes over activation-sized tensors per adapted linear.
+struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                            at::TensorList downs, at::TensorList ups, std::vector<int64_t> offsets,
+                            std::vector<double> scales) {
+    const int64_t k = static_cast<int64_t>(downs.size()), in = x.size(-1), out = w.size(0);
+    const auto dt = x.scalar_type();
+    const at::Tensor x2 = x.reshape({-1, in});
+    std::vector<int64_t> ranks;
+    for (const auto& d : downs) ranks.push_back(d.size(0));
+    const at::Tensor D = (k == 1 ? downs[0] : at::cat(downs, 0)).to(dt);
+    const at::Tensor h = at::mm(x2, D.t());
+    at::Tensor y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    std::vector<at::Tensor> U;
+    int64_t r0 = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      U.push_back(ups[i].to(dt));
+      y.narrow(1, offsets[i], ups[i].size(0)).addmm_(h.narrow(1, r0, ranks[i]), U[i].t(), 1.0, scales[i]);
+      r0 += ranks[i];
+    }
+    // Saved only where backward needs them, as autograd on the plain ops would: w for the input
+    // gradient (a streamed block's weights must not outlive their use), x for the downs'.
+    const bool x_grad = x.requires_grad();
+    bool down_grad = false;
+    for (const auto& d : downs) down_grad = down_grad || d.requires_grad();
+    variable_list saved{down_grad ? x2 : at::Tensor(), x_grad ? w : at::Tensor(), D, h};
+    saved.insert(saved.end(), U.begin(), U.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["offsets"] = offsets;
+    ctx->saved_data["scales"] = scales;
+    ctx->saved_data["ranks"] = ranks;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["out"] = out;
+    std::vector<int64_t> master_dtypes;
+    for (int64_t i = 0; i < k; ++i) {
+      master_dtypes.push_back(static_cast<int64_t>(downs[i].scalar_type()));
+      master_dtypes.push_back(static_cast<int64_t>(ups[i].scalar_type()));
+    }
+    ctx->saved_data["master_dtypes"] = master_dtypes;
+    auto sizes = x.sizes().vec();
+    sizes.back() = out;
+    return y.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &w = saved[1], &D = saved[2], &h = saved[3];
+    const auto offsets = ctx->saved_data["offsets"].toIntVector();
+    const auto scales = ctx->saved_data["scales"].toDoubleVector();
+    const auto ranks = ctx->saved_data["ranks"].toIntVector();
+    const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    const auto master_dtypes = ctx->saved_data["master_dtypes"].toIntVector();
+    const int64_t k = static_cast<int64_t>(ranks.size());
+    // Inputs in forward's order: x, w, b, downs[k], ups[k], offsets, scales.
+    variable_list result(3 + 2 * k + 2);
+    if (!grads[0].defined()) return result;
+    const at::Tensor dy = grads[0].reshape({-1, ctx->saved_data["out"].toInt()});
+    const int64_t rows = dy.size(0);
+
+    const bool need_x = ctx->needs_input_grad(0);
+    bool need_down = false;
+    for (int64_t i = 0; i < k; ++i) need_down = need_down || ctx->needs_input_grad(3 + i);
+
+    at::Tensor dh;
+    if (need_x || need_down) {
+      dh = at::empty({rows, D.size(0)}, dy.options());
+      int64_t r0 = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        at::Tensor dhi = dh.narrow(1, r0, ranks[i]);
+        const at::Tensor dyi = dy.narrow(1, offsets[i], saved[4 + i].size(0));
+        at::addmm_out(dhi, dhi, dyi, saved[4 + i], 0.0, scales[i]);  // beta 0: dh's contents unread
+        r0 += ranks[i];
+      }
+    }
+    int64_t r0 = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const auto up_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i + 1]);
+      if (ctx->needs_input_grad(3 + k + i)) {
+        const at::Tensor dyi = dy.narrow(1, offsets[i], saved[4 + i].size(0));
+        at::Tensor g = at::mm(dyi.t(), h.narrow(1, r0, ranks[i])).to(up_dtype);
+        result[3 + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
+      }
+      r0 += ranks[i];
+    }
+    if (need_down) {
+      const at::Tensor dD = at::mm(dh.t(), x2);
+      r0 = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const auto down_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i]);
+        if (ctx->needs_input_grad(3 + i))
+          result[3 + i] = dD.narrow(0, r0, ranks[i]).to(down_dtype, /*non_blocking=*/false, /*copy=*/true);
+        r0 += ranks[i];
+      }
+    }
+    if (need_x) {
+      at::Tensor dx = at::mm(dy, w);
+      dx.addmm_(dh, D);
+      result[0] = dx.view(x_sizes);
+    }
+    return result;
+  }
+};
+
+}  // namespace
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                       const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,
+                       const std::vector<int64_t>& offsets, const std::vector<double>& scales) {
+  TORCH_CHECK(!downs.empty() && downs.size() == ups.size() && offsets.size() == downs.size() &&
+                  scales.size() == downs.size(),
+              "lora_linear: one down, up, offset and scale per adapter");
+  return LoraLinearFunction::apply(x, w, b, at::TensorList(downs), at::TensorList(ups), offsets, scales);
+}
+
+}  // namespace fluxtrain
