@@ -1,6 +1,5 @@
 #include "model/blocks.h"
 
-
 #include <cstdlib>
 
 #include <ATen/ATen.h>
