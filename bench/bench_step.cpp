@@ -27,6 +27,8 @@
 #include "model/flux_weights.h"
 #include "model/position_ids.h"
 #include "model/blocks.h"
+#include "model/model_options.h"
+#include "model/recompute.h"
 #include "dist/communicator.h"
 #include "encoders/clip_text_model.h"
 #include "encoders/t5_encoder.h"
@@ -71,7 +73,7 @@ void sync(const c10::Device& d) {
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
-  std::string size, cases_s, ckpt_s, device_s, dtype_s;
+  std::string size, cases_s, ckpt_s, device_s, dtype_s, ckpt_attn;
   int warmup = 3, iters = 7, txt_len = 512, batch = 1;
   std::string graph_s;
   bool sharded = false, compare_resident = false;
@@ -87,6 +89,9 @@ int cmd_bench(int argc, char** argv) {
       ("configs", po::value(&cases_s)->default_value("192/384/16,256/512/32,384/768/64,512/1024/128"),
        "comma-separated cond_size/noise_size/rank")
       ("gradient_checkpointing", po::value(&ckpt_s)->default_value("both"), "off, on or both")
+      ("checkpoint_attention", po::value(&ckpt_attn)->default_value("auto"),
+       "auto, on or off: checkpointed blocks keep their attention results (train's flag; auto: on unless the "
+       "low-memory options are used)")
       ("device", po::value(&device_s)->default_value("cuda"), "cpu or cuda[:N]")
       ("dtype", po::value(&dtype_s)->default_value("bf16"), "weight/activation dtype")
       ("txt_len", po::value(&txt_len)->default_value(512), "text tokens")
@@ -130,6 +135,11 @@ int cmd_bench(int argc, char** argv) {
   if (lora_mode != "easycontrol" && lora_mode != "standard")
     throw Error("--lora_mode must be easycontrol or standard, got '" + lora_mode + "'");
   const bool standard = lora_mode == "standard";
+  if (ckpt_attn != "auto" && ckpt_attn != "on" && ckpt_attn != "off")
+    throw Error("--checkpoint_attention must be auto, on or off, got '" + ckpt_attn + "'");
+  // What checkpointed blocks keep (model/recompute.h), resolved as train resolves it.
+  const bool keep_attention = checkpoint_attention_enabled(ckpt_attn, low);
+  set_checkpoint_attention(keep_attention);
   std::vector<std::string> lora_targets;  // empty: LoraSet's default (train's)
   if (lora_targets_s != "default") {
     std::stringstream ts(lora_targets_s);
@@ -196,6 +206,7 @@ int cmd_bench(int argc, char** argv) {
       mi.batch = batch;
       mi.txt_len = txt_len;
       mi.gradient_checkpointing = ckpt_s == "on";
+      mi.checkpoint_attention = keep_attention;
       mi.compute_bytes = static_cast<int64_t>(c10::elementSize(dtype));
       mi.low_memory = low_memory;
       mi.train_clip = te_mode != "none";  // the encoders of the mode share the budget, as in train
@@ -420,7 +431,8 @@ int cmd_bench(int argc, char** argv) {
                           {"sharded", sharded},
                           {"config", {{"model", size}, {"cond_size", bc.cond}, {"noise_size", bc.noise},
                                       {"rank", bc.rank}, {"batch", batch}, {"txt_len", txt_len},
-                                      {"gradient_checkpointing", ckpt}, {"dtype", dtype_s},
+                                      {"gradient_checkpointing", ckpt},
+                                      {"checkpoint_attention", ckpt && keep_attention}, {"dtype", dtype_s},
                                       {"text_encoder_mode", te_mode}, {"lora_mode", lora_mode},
                                       {"lora_targets", standard ? lora_targets_s : std::string()},
                                       {"execution", runner->mode()}}},

@@ -16,6 +16,7 @@
 #include "cli/cli_common.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "model/model_options.h"
 #include "core/limits.h"
 #include "core/fs.h"
 
@@ -25,7 +26,7 @@ namespace fluxtrain {
 namespace {
 
 struct Raw {
-  std::string size = "flux-dev", mixed_precision = "bf16", lora_mode = "easycontrol";
+  std::string size = "flux-dev", mixed_precision = "bf16", lora_mode = "easycontrol", checkpoint_attention = "auto";
   int64_t cond_size = 512, noise_size = 1024, train_batch_size = 1, lora_num = 1, txt_len = 512;
   std::vector<std::string> ranks{"128"};
   std::string lora_targets;  // standard mode, comma-separated diffusers names
@@ -49,6 +50,8 @@ void declare(po::options_description& d, Raw& r) {
       ("txt_len", po::value(&r.txt_len)->default_value(r.txt_len), "T5 tokens")
       ("mixed_precision", po::value(&r.mixed_precision)->default_value(r.mixed_precision), "bf16 | no")
       ("gradient_checkpointing", bv(&r.gradient_checkpointing), "recompute each block in backward")
+      ("checkpoint_attention", po::value(&r.checkpoint_attention)->default_value(r.checkpoint_attention),
+       "auto | on | off: checkpointed blocks keep their attention output (train's flag)")
       ("train_text_encoder", bv(&r.train_text_encoder), "both text encoders trained")
       ("train_text_encoder_one_only", bv(&r.train_text_encoder_one_only), "CLIP trained, T5 frozen")
       ("text_encoder_rank", po::value(&r.text_encoder_rank)->default_value(r.text_encoder_rank), "text-encoder LoRA rank")
@@ -101,6 +104,10 @@ MemoryEstimateInput to_input(const Raw& r) {
     throw Error("--mixed_precision must be bf16 or no, got '" + r.mixed_precision + "'");
   in.compute_bytes = r.mixed_precision == "bf16" ? 2 : 4;
   in.gradient_checkpointing = r.gradient_checkpointing;
+  if (r.checkpoint_attention != "auto" && r.checkpoint_attention != "on" && r.checkpoint_attention != "off")
+    throw Error("--checkpoint_attention must be auto, on or off, got '" + r.checkpoint_attention + "'");
+  in.checkpoint_attention = checkpoint_attention_enabled(r.checkpoint_attention,
+                                                         r.low_memory.fp8() || r.low_memory.streams());
   in.train_clip = r.train_text_encoder || r.train_text_encoder_one_only;
   in.train_t5 = r.train_text_encoder && !r.train_text_encoder_one_only;
   in.text_encoder_rank = r.text_encoder_rank;
@@ -217,7 +224,10 @@ int cmd_estimate(int argc, char** argv) {
   row("frozen weights", m.weights,
       in.low_memory.fp8() ? "fp8 blocks, dequantised one at a time" : "compute dtype");
   row("LoRA + AdamW", m.lora, "float32 masters, gradients, two moments");
-  row("activations", m.activations, in.gradient_checkpointing ? "checkpointed blocks" : "every block's saved tensors");
+  row("activations", m.activations,
+      !in.gradient_checkpointing ? "every block's saved tensors"
+      : in.checkpoint_attention  ? "checkpointed blocks, attention outputs kept"
+                                 : "checkpointed blocks");
   row("text encoders", m.encoders, in.train_clip || in.train_t5 ? "trained (provisional)" : "cached embeddings");
   row("= allocated peak", m.allocated(), "what max_memory_allocated reports");
   row("CUDA context", m.context, "driver view only");

@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include "model/recompute.h"
+
 namespace fluxtrain {
 namespace {
 
@@ -17,6 +19,7 @@ struct BlockBackward : public torch::autograd::Node {
   BlockFn fn;
   bool recompute = false;
   std::vector<torch::autograd::SavedVariable> saved_acts;  // recompute mode
+  RecomputeTape tape;                                       // recompute mode: what the recomputation replays
   std::vector<bool> act_requires_grad;
   std::vector<at::Tensor> inner_in, inner_out;             // graph mode: the block's own graph
   std::vector<at::Tensor> params;
@@ -25,6 +28,7 @@ struct BlockBackward : public torch::autograd::Node {
 
   void release_variables() override {
     saved_acts.clear();
+    tape = RecomputeTape();
     inner_in.clear();
     inner_out.clear();
   }
@@ -42,6 +46,7 @@ struct BlockBackward : public torch::autograd::Node {
           a.set_requires_grad(act_requires_grad[i]);
           ins.push_back(a);
         }
+        RecomputeScope replay(&tape, RecomputeTape::Phase::Replay);
         outs = fn(ins, w);
       } else {
         ins = inner_in;
@@ -108,6 +113,7 @@ std::vector<at::Tensor> run_block(BlockWeights& weights, int block, const BlockF
   const TensorMap& w = weights.acquire(block);
   if (recompute) {
     at::NoGradGuard no_grad;
+    RecomputeScope record(&node->tape, RecomputeTape::Phase::Record);
     outs = fn(acts, w);
     for (const auto& a : acts) node->saved_acts.emplace_back(a, /*is_output=*/false);
   } else {

@@ -2,8 +2,9 @@
 // work under autograd:
 //  * plain: weights resident and no checkpointing -> the block runs inline, autograd as usual;
 //  * recompute (--gradient_checkpointing): forward runs without a graph and keeps only the
-//    block's inputs; backward re-acquires the weights, recomputes the block with a graph and
-//    back-propagates through it. LibTorch's C++ API has no checkpoint helper, so this is a
+//    block's inputs (and its attention results, model/recompute.h); backward re-acquires the
+//    weights, recomputes the block with a graph, skipping what model/recompute.h lets it skip,
+//    and back-propagates through it. LibTorch's C++ API has no checkpoint helper, so this is a
 //    custom autograd node.
 //  * transient weights without recompute (sharded/offloaded providers): forward keeps the
 //    block's graph; backward re-acquires the weights (the provider refills the same tensors)

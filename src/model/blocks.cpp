@@ -7,6 +7,7 @@
 
 #include "model/condition_cache.h"
 #include "model/layers.h"
+#include "model/recompute.h"
 
 namespace fluxtrain {
 namespace {
@@ -78,9 +79,29 @@ std::vector<at::Tensor> modulation(const at::Tensor& vec, const TensorMap& w, co
   return linear(at::silu(vec), w, name).unsqueeze(1).chunk(n, -1);
 }
 
+// In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
+// uncomputed (its backward only) when no adapter of these tokens' conditions (-1: the main
+// stream) is on it and its gate needs no gradient: then nothing reads its output values.
+bool skip_terminal(const BlockContext& c, const at::Tensor& gate, const std::string& linear,
+                   const std::vector<int>& conds) {
+  if (!replaying_recompute() || gate.requires_grad()) return false;
+  if (c.lora)
+    for (int n : conds)
+      if (!c.lora->find(c.block, linear, n).empty()) return false;
+  return true;
+}
+
+std::vector<int> cond_indices(const BlockContext& c) {
+  std::vector<int> n(c.cond_lens.size());
+  for (size_t i = 0; i < n.size(); ++i) n[i] = static_cast<int>(i);
+  return n;
+}
+
+// The MLP; skip_out: its second linear is only given a backward (skip_terminal).
 template <typename Lin>
-at::Tensor mlp(const at::Tensor& x, const std::string& prefix, Lin&& lin) {
-  return lin(at::gelu(lin(x, prefix + ".0"), "tanh"), prefix + ".2");
+at::Tensor mlp(const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin, bool skip_out) {
+  at::Tensor h = at::gelu(lin(x, prefix + ".0"), "tanh");
+  return skip_out ? grad_only_linear({h}, w.at(prefix + ".2.weight")) : lin(h, prefix + ".2");
 }
 
 // linear2 of a single block applied to cat(attn, act) without materialising the concatenation:
@@ -124,15 +145,20 @@ bool same_layout(const at::Tensor& t, const std::vector<int64_t>& strides) {
 // comes back as a slice with a row stride of 5H, while the double blocks' calls of the same shape
 // get a dense gradient (row stride H). Normalising the gradient costs one copy where it is not
 // already dense, and makes the graph the same for every call.
+at::Tensor merged_heads_grad(const at::Tensor& g) {
+  if (!g.is_cuda() || g.dim() != 4) return g;
+  auto strides = merged_heads_strides(g.sizes());
+  if (same_layout(g, strides)) return g;
+  return at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+}
+
+// In a checkpointed block the call is recorded in the first forward and replayed in the
+// recomputation (model/recompute.h), with the same gradient layout rule.
 at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v);
-  if (o.requires_grad() && o.is_cuda() && o.dim() == 4) {
-    o.register_hook([](const at::Tensor& g) -> at::Tensor {
-      auto strides = merged_heads_strides(g.sizes());
-      if (same_layout(g, strides)) return g;
-      return at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
-    });
-  }
+  at::Tensor o = recorded_attention(q, k, v, &merged_heads_grad);
+  if (o.defined()) return o;
+  o = at::scaled_dot_product_attention(q, k, v);
+  if (o.requires_grad() && o.is_cuda() && o.dim() == 4) o.register_hook(&merged_heads_grad);
   return o;
 }
 
@@ -238,14 +264,17 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const at::Tensor& txt_a = parts[0];
   const at::Tensor& img_a = parts[1];
   at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
-  img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), "img_mlp", img_lin));
+  img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin,
+                                            skip_terminal(c, im[5], "img_mlp.2", {-1})));
   at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
-  txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), "txt_mlp",
-                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); }));
+  txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
+                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); },
+                        skip_terminal(c, tm[5], "txt_mlp.2", {-1})));
   at::Tensor cond_out;
   if (has_cond) {
     cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
-    cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), "img_mlp", cond_lin));
+    cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin,
+                                                skip_terminal(c, cm[5], "img_mlp.2", cond_indices(c))));
   }
   return {img_out, txt_out, cond_out};
 }
@@ -296,11 +325,16 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   }
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor x_out = at::addcmul(x, m[2], single_linear2(c, w, om, at::gelu(mlp_in, "tanh"), -1));
+  at::Tensor act = at::gelu(mlp_in, "tanh");
+  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, m[2], "linear2", {-1})
+                                              ? grad_only_linear({om, act}, w.at("linear2.weight"))
+                                              : single_linear2(c, w, om, act, -1));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
-    at::Tensor cmlp = cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M);
-    cond_out = at::addcmul(cond, cm[2], single_linear2(c, w, oc, at::gelu(cmlp, "tanh"), 0));
+    at::Tensor cact = at::gelu(cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M), "tanh");
+    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, cm[2], "linear2", cond_indices(c))
+                                            ? grad_only_linear({oc, cact}, w.at("linear2.weight"))
+                                            : single_linear2(c, w, oc, cact, 0));
   }
   return {x_out, cond_out};
 }

@@ -21,9 +21,18 @@ void declare_options(OptionSet& s, ModelConfig& c, bool training) {
             rules::one_of({"no", "bf16"})(f, v);
           });
   g.add("gradient_checkpointing", &c.gradient_checkpointing, "recompute each block in backward");
+  g.add("checkpoint_attention", &c.checkpoint_attention,
+        "auto | on | off: with --gradient_checkpointing, keep each block's attention output for backward "
+        "instead of recomputing it (faster; about one hidden-size activation per token and block); auto: on "
+        "unless fp8 base weights, block streaming or --max_gpu_memory are in use",
+        rules::one_of({"auto", "on", "off"}));
   if (training)
     g.add("guidance_scale", &c.guidance_scale, "guidance value fed to guidance-embedding models during training",
           rules::finite());
+}
+
+bool checkpoint_attention_enabled(const std::string& value, bool low_memory) {
+  return value == "on" || (value == "auto" && !low_memory);
 }
 
 }  // namespace fluxtrain

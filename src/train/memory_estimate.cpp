@@ -30,6 +30,12 @@ constexpr double kGiB = 1024.0 * 1024 * 1024;
 constexpr double kSavedPerBlock = 13.2;
 constexpr double kCheckpointedPerBlock = 1.0;
 constexpr double kCheckpointFixed = 0.16 * kGiB;
+// --checkpoint_attention adds each block's attention output (one vector per token) and its
+// float32 log-sum-exp (one float per head and token) to what a checkpointed block keeps. By
+// construction from the tensors' sizes, not fitted.
+double kept_attention_per_block(const FluxConfig& m, double e) {
+  return 1.0 + 4.0 * static_cast<double>(m.num_heads) / (static_cast<double>(m.hidden_size) * e);
+}
 // Driver view: CUDA context with cuBLAS/cuDNN workspaces, and the caching allocator's reserve
 // above its allocated peak (rounding, fragmentation). To be checked on the GPU
 // (bench/gpu_memory_tiers.sh prints both views next to the estimate).
@@ -153,7 +159,12 @@ MemoryEstimate estimate_memory(const MemoryEstimateInput& in) {
 
   m.lora = 16 * lora_params(in);
   m.activations = static_cast<int64_t>(
-      in.gradient_checkpointing ? L * H * e * (kCheckpointedPerBlock * blocks + kSavedPerBlock) + kCheckpointFixed
+      in.gradient_checkpointing
+          ? L * H * e *
+                    ((kCheckpointedPerBlock + (in.checkpoint_attention ? kept_attention_per_block(in.model, e) : 0.0)) *
+                         blocks +
+                     kSavedPerBlock) +
+                kCheckpointFixed
                                 : L * H * e * kSavedPerBlock * blocks);
   m.encoders = encoder_bytes(in);
   m.context = static_cast<int64_t>(kContext);

@@ -34,6 +34,7 @@ struct MemoryEstimateInput {
   int64_t batch = 1;                           // per micro-batch
   int64_t txt_len = 512;                       // T5 tokens
   bool gradient_checkpointing = false;
+  bool checkpoint_attention = false;           // with checkpointing: attention results kept (model/recompute.h)
   int64_t compute_bytes = 2;                   // 2: bf16, 4: float32 (--mixed_precision no)
   dist::LowMemoryOptions low_memory;
   bool train_clip = false;                     // text encoder one (CLIP-L) trained with LoRA

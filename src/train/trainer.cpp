@@ -29,6 +29,7 @@
 #include "model/flux_weights.h"
 #include "model/lora_io.h"
 #include "model/position_ids.h"
+#include "model/recompute.h"
 #include "train/flow_matching.h"
 #include "train/memory_estimate.h"
 #include "train/block_major_step.h"
@@ -95,6 +96,10 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
   dataset_->check_compatible(model_cfg_, cfg_.lora.mode == LoraMode::EasyControl ? cfg_.lora.lora_num : -1,
                              cfg_.data.noise_size, cfg_.data.cond_size, /*text_online=*/true, /*vae_online=*/true);
   plan.low_memory = cfg_.low_memory;
+  // --checkpoint_attention (model/model_options.h): what checkpointed blocks keep for backward.
+  const bool keep_attention = checkpoint_attention_enabled(cfg_.model.checkpoint_attention,
+                                                           cfg_.low_memory.fp8() || cfg_.low_memory.streams());
+  set_checkpoint_attention(keep_attention);
   WeightSource ws = weight_source(source);
   if (!cfg_.low_memory.max_gpu_memory.empty()) {
     // The budget left for weights: the estimate of everything else (src/train/memory_estimate.h).
@@ -108,6 +113,7 @@ Trainer::Trainer(const RunConfig& cfg, const TrainerOptions& opt) : cfg_(cfg), o
     mi.lora_rank = cfg_.lora.ranks.empty() ? 0 : cfg_.lora.ranks[0];
     mi.batch = cfg_.data.train_batch_size;
     mi.gradient_checkpointing = cfg_.model.gradient_checkpointing;
+    mi.checkpoint_attention = keep_attention;
     mi.compute_bytes = at::elementSize(rt_.dtype);
     mi.low_memory = cfg_.low_memory;
     mi.world_size = opt.world_size;

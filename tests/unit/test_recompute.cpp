@@ -1,0 +1,121 @@
+// Selective recomputation (src/model/recompute.h) against what it replaces: a replayed attention
+// call against at::scaled_dot_product_attention differentiated by autograd, and grad_only_linear's
+// input gradients against at::linear's. The model-level check (checkpointed vs plain gradients)
+// is Gradients.Checkpointing* in test_model.cpp.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "model/recompute.h"
+
+using namespace fluxtrain;
+
+namespace {
+
+double rel_err(const at::Tensor& got, const at::Tensor& want) {
+  at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
+  return (g - w).abs().max().item<double>() / std::max(w.abs().max().item<double>(), 1e-300);
+}
+
+// Cross lengths (queries 7, keys 11) like the main stream's call; float32 takes LibTorch's CPU
+// flash attention, the backend whose saved form the CPU path records.
+TEST(Recompute, ReplayedAttentionMatchesAutogradThroughSdpa) {
+  at::manual_seed(1);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor q = at::randn({2, 3, 7, 16}, f32), k = at::randn({2, 3, 11, 16}, f32), v = at::randn({2, 3, 11, 16}, f32);
+  at::Tensor g = at::randn({2, 3, 7, 16}, f32);
+  auto leaf = [](const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); };
+
+  at::Tensor q0 = leaf(q), k0 = leaf(k), v0 = leaf(v);
+  at::Tensor want = at::scaled_dot_product_attention(q0, k0, v0);
+  auto dwant = torch::autograd::grad({want}, {q0, k0, v0}, {g});
+
+  RecomputeTape tape;
+  {
+    at::NoGradGuard ng;
+    RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
+    at::Tensor o = recorded_attention(q, k, v, nullptr);
+    ASSERT_TRUE(o.defined());
+  }
+  ASSERT_EQ(tape.attention.size(), 1u);
+  EXPECT_EQ(tape.attention[0].backend, SavedAttention::Backend::FlashCpu);
+  at::Tensor q1 = leaf(q), k1 = leaf(k), v1 = leaf(v);
+  at::Tensor got;
+  {
+    RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
+    EXPECT_TRUE(replaying_recompute());
+    got = recorded_attention(q1, k1, v1, nullptr);
+  }
+  EXPECT_FALSE(replaying_recompute());
+  ASSERT_TRUE(got.requires_grad());
+  auto dgot = torch::autograd::grad({got}, {q1, k1, v1}, {g});
+  // Same backend forward and backward as SDPA's own: equal to float32 rounding.
+  EXPECT_LT(rel_err(got, want), 1e-6);
+  for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(dgot[i], dwant[i]), 1e-5) << i;
+
+  // A replay that does not match the record is an internal error, not a wrong gradient.
+  RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
+  EXPECT_THROW(recorded_attention(leaf(k), k1, v1, nullptr), c10::Error);
+}
+
+TEST(Recompute, GradOnlyLinearGivesTheLinearsInputGradients) {
+  at::manual_seed(2);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor a = at::randn({2, 5, 6}, f64).set_requires_grad(true);
+  at::Tensor b = at::randn({2, 5, 9}, f64).set_requires_grad(true);
+  at::Tensor w = at::randn({4, 15}, f64);
+  at::Tensor g = at::randn({2, 5, 4}, f64);
+  auto want = torch::autograd::grad({at::linear(at::cat({a, b}, -1), w)}, {a, b}, {g});
+  at::Tensor y = grad_only_linear({a, b}, w);
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 5, 4}));
+  auto got = torch::autograd::grad({y}, {a, b}, {g});
+  EXPECT_LT(rel_err(got[0], want[0]), 1e-13);
+  EXPECT_LT(rel_err(got[1], want[1]), 1e-13);
+  EXPECT_THROW(grad_only_linear({a}, w), c10::Error);  // 6 input features against 15
+}
+
+// The CUDA backends' saved forms (cuDNN by default, flash attention with cuDNN off), in bf16 at
+// FLUX's head size, with the main stream's cross lengths and a condition's equal lengths, and an
+// output gradient in the merged-heads layout the model hands them.
+TEST(Recompute, ReplayedAttentionOnCudaMatchesSdpa) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  for (bool cudnn : {true, false}) {
+    at::globalContext().setSDPUseCuDNN(cudnn);
+    for (auto [lq, lk] : {std::pair<int64_t, int64_t>{300, 428}, {256, 256}}) {
+      at::manual_seed(3);
+      at::Tensor q = at::randn({1, 24, lq, 128}, opt), k = at::randn({1, 24, lk, 128}, opt),
+                 v = at::randn({1, 24, lk, 128}, opt);
+      at::Tensor g = at::randn({1, lq, 24, 128}, opt).transpose(1, 2);  // merged-heads layout
+      auto leaf = [](const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); };
+      at::Tensor q0 = leaf(q), k0 = leaf(k), v0 = leaf(v);
+      at::Tensor want = at::scaled_dot_product_attention(q0, k0, v0);
+      auto dwant = torch::autograd::grad({want}, {q0, k0, v0}, {g});
+      RecomputeTape tape;
+      {
+        at::NoGradGuard ng;
+        RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
+        recorded_attention(q, k, v, nullptr);
+      }
+      ASSERT_EQ(tape.attention.size(), 1u);
+      EXPECT_EQ(tape.attention[0].backend,
+                cudnn ? SavedAttention::Backend::CudnnCuda : SavedAttention::Backend::FlashCuda);
+      at::Tensor q1 = leaf(q), k1 = leaf(k), v1 = leaf(v), got;
+      {
+        RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
+        got = recorded_attention(q1, k1, v1, nullptr);
+      }
+      auto dgot = torch::autograd::grad({got}, {q1, k1, v1}, {g});
+      // Same backend both ways; bf16 rounding of the outputs allows 1e-2 of the largest magnitude.
+      EXPECT_LT(rel_err(got, want), 1e-2) << cudnn << " " << lq;
+      for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(dgot[i], dwant[i]), 1e-2) << cudnn << " " << lq << " " << i;
+    }
+  }
+  at::globalContext().setSDPUseCuDNN(true);
+}
+
+}  // namespace
