@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
   const RowIndex ix = row_index(row, heads, L);
   const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
   const T* src = sg.qkv + ix.b * sg.sB + (ix.l - sg.l0) * sg.sL + (ix.t * heads + ix.h) * D;
-  const int64_t out_off = ((ix.b * heads + ix.h) * L + ix.l) * D;
+  const int64_t out_off = ((ix.b * L + ix.l) * heads + ix.h) * D;  // [B, L, heads, D] memory
   if (ix.t == 2) {
     T* dst = v + out_off;
     for (int64_t d = lane; d < D; d += 32) dst[d] = src[d];
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
     if (row0 + i >= rows) break;
-    const int64_t out_off = ((static_cast<int64_t>(ix[i].b) * heads + ix[i].h) * L + ix[i].l) * D + 4 * lane;
+    const int64_t out_off = ((static_cast<int64_t>(ix[i].b) * L + ix[i].l) * heads + ix[i].h) * D + 4 * lane;
     if (ix[i].t == 2) {
       store4(v + out_off, x[i]);
       continue;
@@ -430,9 +430,10 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   TORCH_CHECK(qk_norm_rope_cuda_supported(segs, heads, cos, sin), "qk_norm_rope_forward_cuda: unsupported arguments");
   const at::Tensor& q0 = segs[0].qkv;
   const int64_t B = q0.size(0), D = q0.size(2) / (3 * heads), L = total_tokens(segs);
-  at::Tensor q = at::empty({B, heads, L, D}, q0.options());
-  at::Tensor k = at::empty({B, heads, L, D}, q0.options());
-  at::Tensor v = at::empty({B, heads, L, D}, q0.options());
+  // [B, heads, L, D] views of [B, L, heads, D] memory (kernels/qk_norm_rope.h says why).
+  at::Tensor q = at::empty({B, L, heads, D}, q0.options()).transpose(1, 2);
+  at::Tensor k = at::empty({B, L, heads, D}, q0.options()).transpose(1, 2);
+  at::Tensor v = at::empty({B, L, heads, D}, q0.options()).transpose(1, 2);
   const int64_t rows = B * L * 3 * heads;
   if (rows == 0) return {q, k, v};
   std::vector<at::Tensor> qs, ks;

@@ -3,9 +3,13 @@
 // A qkv GEMM output [B, L, 3*heads*D] is read as [B, L, 3, heads, D]; q and k rows (D values of
 // one token and head) get RMSNorm over D (eps 1e-6, float32 statistics, learned scale [D]) and
 // then the rotary embedding of their token (pairs (2j, 2j+1), cos/sin [L, D/2] float32); v is
-// copied. Outputs are q, k, v as contiguous [B, heads, L, D]: the dense layout the attention
-// call wants (split_attention would otherwise make q and v contiguous there, and double blocks
-// would concatenate the streams there).
+// copied. Outputs are q, k, v as [B, heads, L, D] views of dense [B, L, heads, D] memory on the
+// GPU (the reference returns contiguous [B, heads, L, D]; values are the same). That token-major
+// layout is the one the attention kernels work in (flash attention and cuDNN take it without a
+// copy, cuDNN allocates dq/dk/dv and the output in it), so that: this kernel writes in the order it
+// reads; backward reads the gradients in the order it writes dqkv; and merging the attention
+// output's heads is a view, not a transpose copy (session 11: the backward kernel read dq in
+// head-major order, scattered, at about a quarter of the memory bandwidth).
 //
 // Streams. A double block attends over cat(text, image) tokens, but text and image have their
 // own qkv GEMM and their own norm scales. Rather than one call per stream followed by at::cat of
@@ -37,8 +41,8 @@ struct QkvSegment {
   at::Tensor qkv, q_scale, k_scale;
 };
 
-// Returns {q, k, v}, each contiguous [B, heads, L, D] in qkv's dtype, L = sum of the segments'
-// L_i. cos, sin: [L, D/2] (float32; float64 for float64 qkv).
+// Returns {q, k, v}, each [B, heads, L, D] in qkv's dtype (contiguous from the reference, a view
+// of [B, L, heads, D] memory from the CUDA kernel), L = sum of the segments' L_i. cos, sin: [L, D/2] (float32; float64 for float64 qkv).
 std::array<at::Tensor, 3> qk_norm_rope_forward(const std::vector<QkvSegment>& segs, int64_t heads,
                                                const at::Tensor& cos, const at::Tensor& sin);
 

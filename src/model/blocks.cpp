@@ -47,7 +47,21 @@ Heads fused_heads(const std::vector<kernels::QkvSegment>& streams, int64_t heads
 }
 
 at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, heads*D]
-  return o.transpose(1, 2).flatten(2);
+  return o.transpose(1, 2).flatten(2);           // a view when o is token-major (below)
+}
+
+// [B, heads, L, D] operands whose memory is token-major ([B, L, heads, D]: the fused prologue's
+// layout, kernels/qk_norm_rope.h) or head-major (contiguous) go to the attention kernels as
+// they are; anything else is made contiguous.
+bool token_major(const at::Tensor& t) { return t.transpose(1, 2).is_contiguous(); }
+at::Tensor dense_heads(const at::Tensor& t) {
+  return t.is_contiguous() || token_major(t) ? t : t.contiguous();
+}
+
+// Keys/values of two token ranges concatenated, token-major when both are.
+at::Tensor cat_tokens(const at::Tensor& a, const at::Tensor& b) {
+  if (token_major(a) && token_major(b)) return at::cat({a.transpose(1, 2), b.transpose(1, 2)}, 1).transpose(1, 2);
+  return at::cat({a, b}, 2);
 }
 
 // A linear applied to the condition stream: condition n's tokens get condition n's adapters.
@@ -173,12 +187,12 @@ void configure_attention_backends() {
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
-  // Dense [B, h, L, D] operands: fused attention backends (cuDNN in particular) want them.
-  if (!k_cond.defined())
-    return merge_heads(sdpa(q_main.contiguous(), k_main.contiguous(), v_main.contiguous()));
-  at::Tensor k_all = at::cat({k_main, k_cond}, 2);
-  at::Tensor v_all = at::cat({v_main, v_cond}, 2);
-  at::Tensor om = merge_heads(sdpa(q_main.contiguous(), k_all, v_all));
+  // Dense [B, h, L, D] operands (dense_heads): fused attention backends (cuDNN in particular)
+  // want them.
+  if (!k_cond.defined()) return merge_heads(sdpa(dense_heads(q_main), dense_heads(k_main), dense_heads(v_main)));
+  at::Tensor k_all = cat_tokens(k_main, k_cond);
+  at::Tensor v_all = cat_tokens(v_main, v_cond);
+  at::Tensor om = merge_heads(sdpa(dense_heads(q_main), k_all, v_all));
   if (out_cond && q_cond.defined()) {
     bool equal = true;
     for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
@@ -197,12 +211,12 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
       std::vector<at::Tensor> parts;
       int64_t off = 0;
       for (int64_t l : cond_lens) {
-        parts.push_back(sdpa(q_cond.narrow(2, off, l).contiguous(),
-                                                         k_cond.narrow(2, off, l).contiguous(),
-                                                         v_cond.narrow(2, off, l).contiguous()));
+        parts.push_back(sdpa(dense_heads(q_cond.narrow(2, off, l)), dense_heads(k_cond.narrow(2, off, l)),
+                             dense_heads(v_cond.narrow(2, off, l))));
         off += l;
       }
-      *out_cond = merge_heads(parts.size() == 1 ? parts[0] : at::cat(parts, 2));
+      for (auto& p : parts) p = merge_heads(p);
+      *out_cond = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
     }
   }
   return om;
