@@ -126,6 +126,31 @@ TEST(MemoryEstimate, ReproducesTheMeasurementsItWasFittedTo) {
     }
 }
 
+// --checkpoint_attention's term (one attention output and its log-sum-exp per token and block,
+// from the tensors' sizes) against the checkpointed peaks measured with it on the H200 in session
+// 11 (docs/benchmarks.md, `bench/gpu_step_check.sh`, max_memory_allocated GiB), within 3%.
+TEST(MemoryEstimate, KeptAttentionMatchesTheH200Measurements) {
+  struct Point {
+    int64_t cond, noise, rank;
+    double gib;
+  };
+  for (const Point& p : {Point{192, 384, 16, 23.50}, Point{256, 512, 32, 24.24}, Point{384, 768, 64, 26.08},
+                         Point{512, 1024, 128, 29.01}}) {
+    MemoryEstimateInput in;
+    in.cond_size = p.cond;
+    in.noise_size = p.noise;
+    in.lora_rank = p.rank;
+    in.gradient_checkpointing = true;
+    const int64_t without = estimate_memory(in).activations;
+    in.checkpoint_attention = true;
+    const MemoryEstimate m = estimate_memory(in);
+    const double tokens = static_cast<double>(in.tokens() * in.batch), H = 3072, blocks = 57, heads = 24;
+    EXPECT_NEAR(static_cast<double>(m.activations - without), tokens * blocks * (H * 2 + heads * 4), 1.0) << p.noise;
+    const double got = static_cast<double>(m.allocated()) / (1ll << 30);
+    EXPECT_NEAR(got, p.gib, 0.03 * p.gib) << p.cond << "/" << p.noise;
+  }
+}
+
 TEST(MemoryEstimate, BudgetIsMetOrRefused) {
   MemoryEstimateInput in;
   in.cond_size = 256;

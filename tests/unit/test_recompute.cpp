@@ -10,6 +10,7 @@
 #include <ATen/Context.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "model/model_options.h"
 #include "model/recompute.h"
 
 using namespace fluxtrain;
@@ -76,6 +77,24 @@ TEST(Recompute, GradOnlyLinearGivesTheLinearsInputGradients) {
   EXPECT_LT(rel_err(got[0], want[0]), 1e-13);
   EXPECT_LT(rel_err(got[1], want[1]), 1e-13);
   EXPECT_THROW(grad_only_linear({a}, w), c10::Error);  // 6 input features against 15
+}
+
+TEST(Recompute, CheckpointAttentionFlagResolves) {
+  EXPECT_TRUE(checkpoint_attention_enabled("auto", false));
+  EXPECT_FALSE(checkpoint_attention_enabled("auto", true)) << "low-memory runs keep memory";
+  EXPECT_TRUE(checkpoint_attention_enabled("on", true));
+  EXPECT_FALSE(checkpoint_attention_enabled("off", false));
+  // Off, a checkpointed block records nothing and every call is recomputed.
+  set_checkpoint_attention(false);
+  RecomputeTape tape;
+  {
+    at::NoGradGuard ng;
+    RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
+    at::Tensor q = at::randn({1, 2, 3, 8});
+    EXPECT_FALSE(recorded_attention(q, q, q, nullptr).defined());
+  }
+  EXPECT_TRUE(tape.attention.empty());
+  set_checkpoint_attention(true);
 }
 
 // The CUDA backends' saved forms (cuDNN by default, flash attention with cuDNN off), in bf16 at

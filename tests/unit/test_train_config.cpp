@@ -69,6 +69,7 @@ TEST(TrainConfig, DefaultsFollowEasyControl) {
   EXPECT_EQ(c.train.max_grad_norm, 1.0);
   EXPECT_EQ(c.train.gradient_accumulation_steps, 1);
   EXPECT_FALSE(c.model.gradient_checkpointing);
+  EXPECT_EQ(c.model.checkpoint_attention, "auto");
   EXPECT_EQ(c.model.mixed_precision, "bf16");
   EXPECT_EQ(c.model.guidance_scale, 1.0);
   EXPECT_EQ(c.train.weighting_scheme, "none");
@@ -147,6 +148,7 @@ TEST(TrainConfig, BadAndContradictoryFlagsGiveOneClearLine) {
   expect_bad({"--rank", "4"}, "unknown option --rank");  // no prefix guessing
   expect_bad({"stray"}, "unexpected argument 'stray'");
   expect_bad({"--gradient_checkpointing", "maybe"}, "gradient_checkpointing");
+  expect_bad({"--checkpoint_attention", "yes"}, "--checkpoint_attention must be one of auto | on | off, got 'yes'");
   expect_bad({"--mixed_precision", "fp16"}, "--mixed_precision fp16 is not supported");
   expect_bad({"--mixed_precision", "fp8"}, "--mixed_precision must be one of bf16 | no, got 'fp8'");
   expect_bad({"--lr_scheduler", "polynomial"}, "--lr_scheduler must be one of");
