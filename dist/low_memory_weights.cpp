@@ -46,7 +46,8 @@ std::string gib(int64_t b) {
 
 std::string LowMemoryPlan::describe() const {
   std::ostringstream s;
-  s << "frozen blocks " << (fp8 ? "fp8" : "in the compute dtype") << ", " << streamed_blocks
+  s << "frozen blocks " << (fp8 ? (fp8_matmul ? "fp8 (fp8 GEMMs)" : "fp8") : "in the compute dtype") << ", "
+    << streamed_blocks
     << " streamed from host memory" << (shard_ranks > 0 ? " (each rank its 1/" + std::to_string(shard_ranks) + ")" : "")
     << "; weights on the device " << gib(device_weight_bytes) << ", in host memory "
     << gib(host_weight_bytes);
@@ -59,6 +60,7 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   check_input(shard_ranks >= 0, "low-memory plan: shard_ranks must be >= 0");
   LowMemoryPlan p;
   p.fp8 = opt.fp8();
+  p.fp8_matmul = opt.fp8_matmul;
   p.shard_ranks = shard_ranks;
   const int n = src.num_blocks;
   const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
@@ -79,7 +81,8 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   }
   int64_t globals = 0;
   for (const auto& kv : src.globals) globals += kv.second.numel() * esize;
-  const int64_t fixed = globals + (p.fp8 ? largest_compute : 0);  // the fp8 layer's one slot
+  // The fp8 layer's one dequantisation slot; none with --fp8_matmul (blocks handed as stored).
+  const int64_t fixed = globals + (p.fp8 && !opt.fp8_matmul ? largest_compute : 0);
   const int ring = static_cast<int>(opt.offload_prefetch) + 1;
   // Device bytes of the weights with `c` streamed blocks. Unsharded: resident blocks and a ring
   // of slots of the largest streamed block. Sharded (ShardedBlockWeights): this rank's 1/N of
@@ -172,7 +175,7 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     inner = std::make_unique<OffloadedBlockWeights>(globals, n, stored_block, oo);
   }
   if (!plan.fp8) return inner;
-  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs));
+  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs), 1, opt.fp8_matmul);
 }
 
 }  // namespace fluxtrain::dist

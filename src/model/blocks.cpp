@@ -7,6 +7,7 @@
 
 #include "model/condition_cache.h"
 #include "model/layers.h"
+#include "model/lora_linear.h"
 
 namespace fluxtrain {
 namespace {
@@ -53,14 +54,15 @@ at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, hea
 at::Tensor cond_linear(const BlockContext& c, const at::Tensor& xc, const TensorMap& w, const std::string& name,
                        int64_t row_begin = 0, int64_t row_end = -1) {
   const at::Tensor& W = w.at(name + ".weight");
+  const at::Tensor ws = fp8_scale_of(w, name + ".weight");
   auto bi = w.find(name + ".bias");
   const at::Tensor b = bi == w.end() ? at::Tensor() : bi->second;
-  if (c.cond_lens.size() == 1) return linear_with_lora(xc, W, b, c.lora, c.block, name, 0, row_begin, row_end);
+  if (c.cond_lens.size() == 1) return linear_with_lora(xc, W, b, c.lora, c.block, name, 0, row_begin, row_end, ws);
   std::vector<at::Tensor> parts;
   int64_t off = 0;
   for (size_t n = 0; n < c.cond_lens.size(); ++n) {
     parts.push_back(linear_with_lora(xc.narrow(1, off, c.cond_lens[n]), W, b, c.lora, c.block, name,
-                                     static_cast<int>(n), row_begin, row_end));
+                                     static_cast<int>(n), row_begin, row_end, ws));
     off += c.cond_lens[n];
   }
   return at::cat(parts, 1);
@@ -70,7 +72,7 @@ at::Tensor main_linear(const BlockContext& c, const at::Tensor& x, const TensorM
                        int64_t row_begin = 0, int64_t row_end = -1) {
   auto bi = w.find(name + ".bias");
   return linear_with_lora(x, w.at(name + ".weight"), bi == w.end() ? at::Tensor() : bi->second, c.lora, c.block,
-                          name, -1, row_begin, row_end);
+                          name, -1, row_begin, row_end, fp8_scale_of(w, name + ".weight"));
 }
 
 // Modulation vectors: lin(silu(vec)) split into n chunks of [B, 1, H].
@@ -95,6 +97,13 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
   }
   const at::Tensor& W = w.at("linear2.weight");
   const int64_t H = attn.size(-1);
+  if (W.scalar_type() == at::kFloat8_e4m3fn) {
+    // fp8 stored form (--fp8_matmul): two fp8 products on the column halves of the codes (the
+    // per-output-channel scales apply to both), summed; the fp8 GEMM takes no accumulator.
+    const at::Tensor ws = fp8_scale_of(w, "linear2.weight");
+    return frozen_linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"), ws) +
+           frozen_linear(act, W.narrow(1, H, W.size(1) - H), at::Tensor(), ws);
+  }
   at::Tensor y = at::linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"));
   auto sz = y.sizes().vec();
   return at::addmm(y.reshape({-1, sz.back()}), act.reshape({-1, act.size(-1)}), W.narrow(1, H, W.size(1) - H).t())
