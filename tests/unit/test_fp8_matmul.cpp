@@ -200,10 +200,28 @@ TEST(Fp8Matmul, TinyModelCloseToDequantisedFp8) {
     dist::LowMemoryOptions lo;
     lo.base_precision = "fp8";
     lo.fp8_modulation = modulation;
-    auto deq = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat);
+    dist::LowMemoryPlan deq_plan, plan;
+    auto deq = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat, nullptr, 0, &deq_plan);
     lo.fp8_matmul = true;
-    dist::LowMemoryPlan plan;
     auto mm = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat, nullptr, 0, &plan);
+    // The plan (and so the estimator and --max_gpu_memory) drops the dequantisation slot: the
+    // largest block in the compute dtype.
+    int64_t largest = 0;
+    for (const TensorMap& b : original.blocks()) {
+      int64_t n = 0;
+      for (const auto& kv : b) n += kv.second.numel() * 4;
+      largest = std::max(largest, n);
+    }
+    src.block_shapes = [&](int i) {
+      dist::BlockShapes s;
+      for (const auto& [name, t] : original.blocks()[i]) s.emplace_back(name, t.sizes().vec());
+      return s;
+    };
+    lo.fp8_matmul = false;
+    const int64_t with_slot = dist::plan_low_memory_weights(src, lo, at::kFloat).device_weight_bytes;
+    lo.fp8_matmul = true;
+    EXPECT_EQ(with_slot - dist::plan_low_memory_weights(src, lo, at::kFloat).device_weight_bytes, largest);
+    src.block_shapes = nullptr;
     auto* f = dynamic_cast<dist::Fp8BlockWeights*>(mm.get());
     ASSERT_NE(f, nullptr);
     EXPECT_TRUE(f->hands_stored());
