@@ -67,13 +67,17 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   const Fp8WeightsOptions fo = fp8_options(opt);
   const int64_t N = std::max(shard_ranks, 1);
   std::vector<int64_t> stored(n), mine(n);  // whole block; this rank's share of it
-  int64_t largest_compute = 0;
+  int64_t largest_compute = 0, largest_weight = 0;  // a block, one quantised weight (compute dtype)
   // Without shapes, counting bytes means reading every block: only worth it for a budget.
   const bool counted = src.block_shapes || !opt.max_gpu_memory.empty();
   for (int i = 0; i < n && counted; ++i) {
     const BlockShapes sh = shapes_of(src, i);
     int64_t compute = 0;
-    for (const auto& kv : sh) compute += numel(kv.second) * esize;
+    for (const auto& kv : sh) {
+      compute += numel(kv.second) * esize;
+      if (fp8_quantisable(kv.first, static_cast<int64_t>(kv.second.size()), fo))
+        largest_weight = std::max(largest_weight, numel(kv.second) * esize);
+    }
     stored[i] = p.fp8 ? fp8_stored_bytes(sh, fo, dtype) : compute;
     mine[i] = (stored[i] + N - 1) / N;  // sharded: 1/N of it (padding not counted)
     largest_compute = std::max(largest_compute, compute);
@@ -81,8 +85,10 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   }
   int64_t globals = 0;
   for (const auto& kv : src.globals) globals += kv.second.numel() * esize;
-  // The fp8 layer's one dequantisation slot; none with --fp8_matmul (blocks handed as stored).
-  const int64_t fixed = globals + (p.fp8 && !opt.fp8_matmul ? largest_compute : 0);
+  // The fp8 layer's one dequantisation slot. With --fp8_matmul there is none (blocks are handed
+  // as stored); what stays is the transient compute-dtype copy of one weight that the products
+  // _scaled_mm does not take make per call (kernels/fp8_matmul.h, Dequantise).
+  const int64_t fixed = globals + (!p.fp8 ? 0 : opt.fp8_matmul ? largest_weight : largest_compute);
   const int ring = static_cast<int>(opt.offload_prefetch) + 1;
   // Device bytes of the weights with `c` streamed blocks. Unsharded: resident blocks and a ring
   // of slots of the largest streamed block. Sharded (ShardedBlockWeights): this rank's 1/N of

@@ -13,7 +13,7 @@
 //   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
-// fp8 dequantisation slot (none with --fp8_matmul), resident blocks and the streaming ring fit in the budget minus
+// fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident blocks and the streaming ring fit in the budget minus
 // `non_weight_bytes` (activations, LoRA, optimizer, workspace: src/train/memory_estimate.h).
 // Sharded over N ranks, every block counts 1/N of its bytes (on the device when resident, in
 // host memory when streamed), plus two gather slots for the other ranks' parts of the largest

@@ -204,12 +204,18 @@ TEST(Fp8Matmul, TinyModelCloseToDequantisedFp8) {
     auto deq = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat, nullptr, 0, &deq_plan);
     lo.fp8_matmul = true;
     auto mm = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat, nullptr, 0, &plan);
-    // The plan (and so the estimator and --max_gpu_memory) drops the dequantisation slot: the
-    // largest block in the compute dtype.
-    int64_t largest = 0;
+    // The plan (and so the estimator and --max_gpu_memory) counts, instead of the dequantisation
+    // slot (the largest block in the compute dtype), the largest quantised weight (dequantised
+    // per call where _scaled_mm does not apply).
+    int64_t largest = 0, largest_weight = 0;
+    dist::Fp8WeightsOptions fo;
+    fo.quantise_modulation = modulation;
     for (const TensorMap& b : original.blocks()) {
       int64_t n = 0;
-      for (const auto& kv : b) n += kv.second.numel() * 4;
+      for (const auto& kv : b) {
+        n += kv.second.numel() * 4;
+        if (dist::fp8_quantisable(kv.first, kv.second, fo)) largest_weight = std::max(largest_weight, kv.second.numel() * 4);
+      }
       largest = std::max(largest, n);
     }
     src.block_shapes = [&](int i) {
@@ -220,7 +226,9 @@ TEST(Fp8Matmul, TinyModelCloseToDequantisedFp8) {
     lo.fp8_matmul = false;
     const int64_t with_slot = dist::plan_low_memory_weights(src, lo, at::kFloat).device_weight_bytes;
     lo.fp8_matmul = true;
-    EXPECT_EQ(with_slot - dist::plan_low_memory_weights(src, lo, at::kFloat).device_weight_bytes, largest);
+    EXPECT_EQ(with_slot - dist::plan_low_memory_weights(src, lo, at::kFloat).device_weight_bytes,
+              largest - largest_weight);
+    EXPECT_GT(largest_weight, 0);
     src.block_shapes = nullptr;
     auto* f = dynamic_cast<dist::Fp8BlockWeights*>(mm.get());
     ASSERT_NE(f, nullptr);
