@@ -18,6 +18,7 @@
 #include "dist/low_memory_weights.h"
 #include "kernels/fp8.h"
 #include "kernels/fp8_matmul.h"
+#include "model/lora_linear.h"
 #include "support/provider_check.h"
 
 using namespace fluxtrain;
@@ -111,6 +112,30 @@ TEST(Fp8Matmul, ReferenceForwardAndInputGradMatchFloat64PerChannel) {
 }
 TEST(Fp8Matmul, ReferenceForwardAndInputGradMatchFloat64PerTensor) {
   check_reference_linear(kernels::Fp8Scaling::PerTensor);
+}
+
+// lora_linear's hand-written node with an e4m3 base weight against fp8_linear plus the adapters
+// written with plain ops and differentiated by autograd (float32, 1e-5 of the largest magnitude).
+TEST(Fp8Matmul, LoraLinearWithFp8BaseMatchesComposition) {
+  at::manual_seed(13);
+  const int64_t in = 32, out = 24;
+  const kernels::Fp8Tensor wq = kernels::fp8_quantise(at::randn({out, in}), kernels::Fp8Scaling::PerChannel);
+  const at::Tensor b = at::randn({out});
+  const at::Tensor x0 = at::randn({3, 5, in}), dy = at::randn({3, 5, out});
+  const at::Tensor d0 = at::randn({4, in}) * 0.3, u0 = at::randn({10, 4}) * 0.3;
+  // Got: one node. Want: the fp8 base product, then the adapter's rows 6..16 added.
+  at::Tensor x = x0.clone().requires_grad_(), d = d0.clone().requires_grad_(), u = u0.clone().requires_grad_();
+  const at::Tensor y = lora_linear(x, wq.data, b, {d}, {u}, {6}, {0.5}, wq.scale);
+  y.backward(dy);
+  at::Tensor xr = x0.clone().requires_grad_(), dr = d0.clone().requires_grad_(), ur = u0.clone().requires_grad_();
+  at::Tensor base = kernels::fp8_linear(xr, wq.data, wq.scale, b);
+  const at::Tensor delta = at::matmul(at::matmul(xr, dr.t()), ur.t()) * 0.5;
+  const at::Tensor yr = at::cat({base.narrow(2, 0, 6), base.narrow(2, 6, 10) + delta, base.narrow(2, 16, 8)}, 2);
+  yr.backward(dy);
+  EXPECT_LT(max_rel(y.detach(), yr.detach()), 1e-5);
+  EXPECT_LT(max_rel(x.grad(), xr.grad()), 1e-5);
+  EXPECT_LT(max_rel(d.grad(), dr.grad()), 1e-5);
+  EXPECT_LT(max_rel(u.grad(), ur.grad()), 1e-5);
 }
 
 TEST(Fp8Matmul, ReferenceMmIsTheScaledProduct) {
