@@ -11,6 +11,7 @@
 //   sharded + streaming        ShardedBlockWeights with streamed blocks: each rank keeps its 1/N
 //                              of a streamed block in (pinned) host memory, copied in before the gather
 //   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
+//   any fp8 row + fp8_matmul   the same stack; Fp8BlockWeights hands the stored blocks through
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
 // fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident blocks and the streaming ring fit in the budget minus
