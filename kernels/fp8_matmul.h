@@ -6,6 +6,8 @@
 //
 //   forward   x [M, K] -> rows: s_x = max(amax|row| / 448, FLT_MIN), x8 = e4m3(x / s_x)
 //             y = (x8 * s_x) (w8 * s_w)^T  (+ b)                    at::_scaled_mm(x8, w8^T)
+//             (a bf16/f16 bias of the output's dtype is added in _scaled_mm's epilogue, in float32
+//             before the rounding; otherwise, and on the other paths, after the product)
 //   backward  dy [M, N]: the weight's per-channel scale lies on the contraction dimension of
 //             dy w, so it is folded into dy first: g = dy * s_w[None, :] (float32), then rows:
 //             s_g, g8 = e4m3(g / s_g); dx = (g8 * s_g) w8           at::_scaled_mm(g8, w8)
@@ -18,10 +20,13 @@
 //
 // Which CUDA GEMMs take the fp8 path by default (FLUXTRAIN_FP8_MATMUL=auto) follows what was
 // measured on an H200 with these ATen-op quantisers (4096 rows, ms; docs/memory.md):
-//   forward: rowwise quantisation of x costs a pass over x of about 5 bytes per element, which
-//     the faster GEMM repays only when the output is wide: 3072->9216 0.26 vs 0.30 bf16,
-//     3072->21504 0.51 vs 0.71, but 3072->3072 0.15 vs 0.10 and 12288->3072 0.51 vs 0.39. So
-//     the forward uses _scaled_mm when out >= 2 * in (qkv, MLP up, linear1), else Dequantise.
+//   forward: rowwise quantisation of x costs a pass over x of about 5 bytes per element (inf-norm
+//     0.011 + division into e4m3 0.061 for 4096 x 3072), which the faster GEMM (bias in its
+//     epilogue) repays only when the output is wide: 3072->9216 0.26 vs 0.30 bf16, 3072->12288
+//     0.32 vs 0.40, 3072->21504 0.55 vs 0.71, but 3072->3072 0.15 vs 0.10 and 12288->3072 0.60
+//     vs 0.39. So the forward uses _scaled_mm when out >= 2 * in (qkv, MLP up, linear1), else
+//     Dequantise. use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
+//     difference on bf16 outputs): a knob for after the step has been measured.
 //   input gradient: _scaled_mm needs w8 K-major for dx = dy w, i.e. a transposed copy of the
 //     codes (w8.t().contiguous(), made per call: a block's weights are transient, streamed or
 //     held one block at a time, and a cached copy would cost the fp8 weights' bytes again), and
