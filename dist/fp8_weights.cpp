@@ -80,8 +80,9 @@ int64_t tensor_map_bytes(const TensorMap& m) {
 
 Fp8BlockWeights::Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::ScalarType compute_dtype,
                                  c10::Device device, std::vector<std::vector<SlotTensorSpec>> compute_specs,
-                                 int num_slots)
+                                 int num_slots, bool hand_stored)
     : inner_(std::move(inner)), dtype_(compute_dtype) {
+  if (hand_stored) return;  // acquire/release pass through to the inner provider
   const int n = inner_->num_blocks();
   if (compute_specs.empty()) {
     for (int b = 0; b < n; ++b) {
@@ -104,6 +105,7 @@ Fp8BlockWeights::Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::Scalar
 Fp8BlockWeights::~Fp8BlockWeights() = default;
 
 void Fp8BlockWeights::forget_cached_blocks() {
+  if (!slots_) return inner_->forget_cached_blocks();
   for (int s = 0; s < slots_->num_slots(); ++s)
     if (!held_[s]) slots_->clear(s);
   inner_->forget_cached_blocks();
@@ -111,6 +113,7 @@ void Fp8BlockWeights::forget_cached_blocks() {
 
 const TensorMap& Fp8BlockWeights::acquire(int block) {
   check_input(block >= 0 && block < num_blocks(), "fp8 weights: block " + std::to_string(block) + " out of range");
+  if (!slots_) return inner_->acquire(block);
   int slot = slots_->slot_of(block);
   if (slot >= 0 && held_[slot])
     throw Error("fp8 weights: block " + std::to_string(block) + " acquired twice without release()",
@@ -143,6 +146,7 @@ const TensorMap& Fp8BlockWeights::acquire(int block) {
 }
 
 void Fp8BlockWeights::release(int block) {
+  if (!slots_) return inner_->release(block);
   const int slot = slots_->slot_of(block);
   if (slot < 0 || !held_[slot])
     throw Error("fp8 weights: release(" + std::to_string(block) + ") without acquire()", ErrorKind::Internal);

@@ -12,6 +12,10 @@
 //
 // Stored form of a block (quantise_block_fp8): a quantised weight keeps its name and holds the
 // e4m3 codes; "<name>:fp8_scale" holds its scales. Everything else is cast to the compute dtype.
+//
+// --fp8_matmul (hand_stored): acquire hands the model the inner provider's stored block as it is
+// (codes under the weight's name, scales under the suffix key; the model multiplies them as fp8
+// GEMMs, kernels/fp8_matmul.h), so no dequantisation slot is allocated.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -25,7 +29,7 @@
 
 namespace fluxtrain::dist {
 
-inline constexpr const char* kFp8ScaleSuffix = ":fp8_scale";
+using kernels::kFp8ScaleSuffix;
 
 struct Fp8WeightsOptions {
   kernels::Fp8Scaling scaling = kernels::Fp8Scaling::PerChannel;
@@ -47,7 +51,7 @@ int64_t tensor_map_bytes(const TensorMap& m);
 
 struct Fp8WeightsStats {
   int64_t dequantised_blocks = 0;  // acquires that dequantised (the rest found the block in a slot)
-  int64_t slot_bytes = 0;          // device memory of the dequantisation slots
+  int64_t slot_bytes = 0;          // device memory of the dequantisation slots (0 with --fp8_matmul)
 };
 
 class Fp8BlockWeights : public BlockWeights {
@@ -55,8 +59,10 @@ class Fp8BlockWeights : public BlockWeights {
   // inner: stored blocks on `device`. compute_specs[i]: fp8_compute_specs of block i (empty:
   // found by acquiring every block once). num_slots >= 1: dequantised blocks kept; one suffices
   // (the model holds one block at a time; the last block of forward is the first of backward).
+  // hand_stored (--fp8_matmul): blocks pass through in their stored form; no slots, specs unused.
   Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::ScalarType compute_dtype, c10::Device device,
-                  std::vector<std::vector<SlotTensorSpec>> compute_specs = {}, int num_slots = 1);
+                  std::vector<std::vector<SlotTensorSpec>> compute_specs = {}, int num_slots = 1,
+                  bool hand_stored = false);
   ~Fp8BlockWeights() override;
   void forget_cached_blocks() override;  // unheld slots are emptied; the inner provider forgets too
 
@@ -68,6 +74,7 @@ class Fp8BlockWeights : public BlockWeights {
   bool transient() const override { return true; }
 
   BlockWeights& inner() { return *inner_; }
+  bool hands_stored() const { return !slots_; }
   const Fp8WeightsStats& stats() const { return stats_; }
 
  private:

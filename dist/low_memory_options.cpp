@@ -50,6 +50,9 @@ void LowMemoryOptions::validate() const {
     throw Error("--base_precision must be bf16 or fp8, got '" + base_precision + "'");
   if (fp8_scaling != "channel" && fp8_scaling != "tensor")
     throw Error("--fp8_scaling must be channel or tensor, got '" + fp8_scaling + "'");
+  if (fp8_matmul && !fp8())
+    throw Error("--fp8_matmul multiplies the fp8 base weights: it needs --base_precision fp8, got '" +
+                base_precision + "'");
   if (offload_prefetch < 0 || offload_prefetch > 8)
     throw Error("--offload_prefetch must be 0..8 (blocks copied ahead), got " + std::to_string(offload_prefetch));
   if (blocks_to_swap < -1)
@@ -71,6 +74,10 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
       ("fp8_modulation", po::value<bool>(&o.fp8_modulation)->default_value(o.fp8_modulation)->implicit_value(true)
                              ->value_name("BOOL"),
        "also store the adaLN modulation linears in fp8")
+      ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
+                         ->value_name("BOOL"),
+       "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations "
+       "quantised per row) instead of dequantising each block to the compute dtype")
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
        "streamed blocks copied to the GPU ahead of use (side stream)")
       ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap),
@@ -92,6 +99,9 @@ void declare_options(OptionSet& s, dist::LowMemoryOptions& o) {
       .add("fp8_scaling", &o.fp8_scaling, "fp8 scales: channel (one per output channel) or tensor",
            rules::one_of({"channel", "tensor"}))
       .add("fp8_modulation", &o.fp8_modulation, "also store the adaLN modulation linears in fp8")
+      .add("fp8_matmul", &o.fp8_matmul,
+           "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations quantised "
+           "per row) instead of dequantising each block to the compute dtype")
       .add("offload_prefetch", &o.offload_prefetch, "streamed blocks copied to the GPU ahead of use (side stream)")
       .add("blocks_to_swap", &o.blocks_to_swap,
            "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")

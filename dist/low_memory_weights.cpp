@@ -46,7 +46,8 @@ std::string gib(int64_t b) {
 
 std::string LowMemoryPlan::describe() const {
   std::ostringstream s;
-  s << "frozen blocks " << (fp8 ? "fp8" : "in the compute dtype") << ", " << streamed_blocks
+  s << "frozen blocks " << (fp8 ? (fp8_matmul ? "fp8 (fp8 GEMMs)" : "fp8") : "in the compute dtype") << ", "
+    << streamed_blocks
     << " streamed from host memory" << (shard_ranks > 0 ? " (each rank its 1/" + std::to_string(shard_ranks) + ")" : "")
     << "; weights on the device " << gib(device_weight_bytes) << ", in host memory "
     << gib(host_weight_bytes);
@@ -59,19 +60,24 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   check_input(shard_ranks >= 0, "low-memory plan: shard_ranks must be >= 0");
   LowMemoryPlan p;
   p.fp8 = opt.fp8();
+  p.fp8_matmul = opt.fp8_matmul;
   p.shard_ranks = shard_ranks;
   const int n = src.num_blocks;
   const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
   const Fp8WeightsOptions fo = fp8_options(opt);
   const int64_t N = std::max(shard_ranks, 1);
   std::vector<int64_t> stored(n), mine(n);  // whole block; this rank's share of it
-  int64_t largest_compute = 0;
+  int64_t largest_compute = 0, largest_weight = 0;  // a block, one quantised weight (compute dtype)
   // Without shapes, counting bytes means reading every block: only worth it for a budget.
   const bool counted = src.block_shapes || !opt.max_gpu_memory.empty();
   for (int i = 0; i < n && counted; ++i) {
     const BlockShapes sh = shapes_of(src, i);
     int64_t compute = 0;
-    for (const auto& kv : sh) compute += numel(kv.second) * esize;
+    for (const auto& kv : sh) {
+      compute += numel(kv.second) * esize;
+      if (fp8_quantisable(kv.first, static_cast<int64_t>(kv.second.size()), fo))
+        largest_weight = std::max(largest_weight, numel(kv.second) * esize);
+    }
     stored[i] = p.fp8 ? fp8_stored_bytes(sh, fo, dtype) : compute;
     mine[i] = (stored[i] + N - 1) / N;  // sharded: 1/N of it (padding not counted)
     largest_compute = std::max(largest_compute, compute);
@@ -79,7 +85,10 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   }
   int64_t globals = 0;
   for (const auto& kv : src.globals) globals += kv.second.numel() * esize;
-  const int64_t fixed = globals + (p.fp8 ? largest_compute : 0);  // the fp8 layer's one slot
+  // The fp8 layer's one dequantisation slot. With --fp8_matmul there is none (blocks are handed
+  // as stored); what stays is the transient compute-dtype copy of one weight that the products
+  // _scaled_mm does not take make per call (kernels/fp8_matmul.h, Dequantise).
+  const int64_t fixed = globals + (!p.fp8 ? 0 : opt.fp8_matmul ? largest_weight : largest_compute);
   const int ring = static_cast<int>(opt.offload_prefetch) + 1;
   // Device bytes of the weights with `c` streamed blocks. Unsharded: resident blocks and a ring
   // of slots of the largest streamed block. Sharded (ShardedBlockWeights): this rank's 1/N of
@@ -172,7 +181,7 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     inner = std::make_unique<OffloadedBlockWeights>(globals, n, stored_block, oo);
   }
   if (!plan.fp8) return inner;
-  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs));
+  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs), 1, opt.fp8_matmul);
 }
 
 }  // namespace fluxtrain::dist

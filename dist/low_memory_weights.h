@@ -11,9 +11,10 @@
 //   sharded + streaming        ShardedBlockWeights with streamed blocks: each rank keeps its 1/N
 //                              of a streamed block in (pinned) host memory, copied in before the gather
 //   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
+//   any fp8 row + fp8_matmul   the same stack; Fp8BlockWeights hands the stored blocks through
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
-// fp8 dequantisation slot, resident blocks and the streaming ring fit in the budget minus
+// fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident blocks and the streaming ring fit in the budget minus
 // `non_weight_bytes` (activations, LoRA, optimizer, workspace: src/train/memory_estimate.h).
 // Sharded over N ranks, every block counts 1/N of its bytes (on the device when resident, in
 // host memory when streamed), plus two gather slots for the other ranks' parts of the largest
@@ -51,6 +52,7 @@ struct WeightsSource {
 
 struct LowMemoryPlan {
   bool fp8 = false;
+  bool fp8_matmul = false;             // fp8 blocks multiplied as stored: no dequantisation slot
   int streamed_blocks = 0;             // in host memory
   int shard_ranks = 0;                 // 0: not sharded; N: blocks sharded over N ranks
   int64_t device_weight_bytes = 0;     // globals + resident blocks + slots (this rank)

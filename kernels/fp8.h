@@ -18,6 +18,11 @@ enum class Fp8Scaling { PerChannel, PerTensor };
 
 constexpr double kE4m3Max = 448.0;
 
+// The stored form of a quantised weight in a block's TensorMap: the weight's own name holds the
+// e4m3 codes and name + kFp8ScaleSuffix its float32 scales. Here, not in dist/, because the model
+// reads it too when it multiplies the stored form directly (--fp8_matmul, kernels/fp8_matmul.h).
+inline constexpr const char* kFp8ScaleSuffix = ":fp8_scale";
+
 struct Fp8Tensor {
   at::Tensor data;   // Float8_e4m3fn, the weight's shape
   at::Tensor scale;  // float32: [rows] per channel, [1] per tensor

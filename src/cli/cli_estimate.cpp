@@ -222,7 +222,9 @@ int cmd_estimate(int argc, char** argv) {
               config.empty() ? "" : ": ", config.c_str(), static_cast<long long>(in.tokens()),
               static_cast<long long>(in.batch));
   row("frozen weights", m.weights,
-      in.low_memory.fp8() ? "fp8 blocks, dequantised one at a time" : "compute dtype");
+      !in.low_memory.fp8()       ? "compute dtype"
+      : in.low_memory.fp8_matmul ? "fp8 blocks, multiplied as fp8 GEMMs (no dequantised block)"
+                                 : "fp8 blocks, dequantised one at a time");
   row("LoRA + AdamW", m.lora, "float32 masters, gradients, two moments");
   row("activations", m.activations,
       !in.gradient_checkpointing ? "every block's saved tensors"

@@ -7,6 +7,7 @@
 
 #include "model/condition_cache.h"
 #include "model/layers.h"
+#include "model/lora_linear.h"
 #include "model/recompute.h"
 
 namespace fluxtrain {
@@ -68,14 +69,15 @@ at::Tensor cat_tokens(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor cond_linear(const BlockContext& c, const at::Tensor& xc, const TensorMap& w, const std::string& name,
                        int64_t row_begin = 0, int64_t row_end = -1) {
   const at::Tensor& W = w.at(name + ".weight");
+  const at::Tensor ws = fp8_scale_of(w, name + ".weight");
   auto bi = w.find(name + ".bias");
   const at::Tensor b = bi == w.end() ? at::Tensor() : bi->second;
-  if (c.cond_lens.size() == 1) return linear_with_lora(xc, W, b, c.lora, c.block, name, 0, row_begin, row_end);
+  if (c.cond_lens.size() == 1) return linear_with_lora(xc, W, b, c.lora, c.block, name, 0, row_begin, row_end, ws);
   std::vector<at::Tensor> parts;
   int64_t off = 0;
   for (size_t n = 0; n < c.cond_lens.size(); ++n) {
     parts.push_back(linear_with_lora(xc.narrow(1, off, c.cond_lens[n]), W, b, c.lora, c.block, name,
-                                     static_cast<int>(n), row_begin, row_end));
+                                     static_cast<int>(n), row_begin, row_end, ws));
     off += c.cond_lens[n];
   }
   return at::cat(parts, 1);
@@ -85,7 +87,7 @@ at::Tensor main_linear(const BlockContext& c, const at::Tensor& x, const TensorM
                        int64_t row_begin = 0, int64_t row_end = -1) {
   auto bi = w.find(name + ".bias");
   return linear_with_lora(x, w.at(name + ".weight"), bi == w.end() ? at::Tensor() : bi->second, c.lora, c.block,
-                          name, -1, row_begin, row_end);
+                          name, -1, row_begin, row_end, fp8_scale_of(w, name + ".weight"));
 }
 
 // Modulation vectors: lin(silu(vec)) split into n chunks of [B, 1, H].
@@ -96,9 +98,12 @@ std::vector<at::Tensor> modulation(const at::Tensor& vec, const TensorMap& w, co
 // In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
 // uncomputed (its backward only) when no adapter of these tokens' conditions (-1: the main
 // stream) is on it and its gate needs no gradient: then nothing reads its output values.
-bool skip_terminal(const BlockContext& c, const at::Tensor& gate, const std::string& linear,
+// fp8 stored weights (--fp8_matmul) keep the full recomputation: grad_only_linear multiplies by
+// the weight as it is given.
+bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const std::string& linear,
                    const std::vector<int>& conds) {
   if (!replaying_recompute() || gate.requires_grad()) return false;
+  if (w.at(linear + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
   if (c.lora)
     for (int n : conds)
       if (!c.lora->find(c.block, linear, n).empty()) return false;
@@ -130,6 +135,13 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
   }
   const at::Tensor& W = w.at("linear2.weight");
   const int64_t H = attn.size(-1);
+  if (W.scalar_type() == at::kFloat8_e4m3fn) {
+    // fp8 stored form (--fp8_matmul): two fp8 products on the column halves of the codes (the
+    // per-output-channel scales apply to both), summed; the fp8 GEMM takes no accumulator.
+    const at::Tensor ws = fp8_scale_of(w, "linear2.weight");
+    return frozen_linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"), ws) +
+           frozen_linear(act, W.narrow(1, H, W.size(1) - H), at::Tensor(), ws);
+  }
   at::Tensor y = at::linear(attn, W.narrow(1, 0, H), w.at("linear2.bias"));
   auto sz = y.sizes().vec();
   return at::addmm(y.reshape({-1, sz.back()}), act.reshape({-1, act.size(-1)}), W.narrow(1, H, W.size(1) - H).t())
@@ -279,16 +291,16 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const at::Tensor& img_a = parts[1];
   at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
   img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin,
-                                            skip_terminal(c, im[5], "img_mlp.2", {-1})));
+                                            skip_terminal(c, w, im[5], "img_mlp.2", {-1})));
   at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
   txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
                         [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); },
-                        skip_terminal(c, tm[5], "txt_mlp.2", {-1})));
+                        skip_terminal(c, w, tm[5], "txt_mlp.2", {-1})));
   at::Tensor cond_out;
   if (has_cond) {
     cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
     cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin,
-                                                skip_terminal(c, cm[5], "img_mlp.2", cond_indices(c))));
+                                                skip_terminal(c, w, cm[5], "img_mlp.2", cond_indices(c))));
   }
   return {img_out, txt_out, cond_out};
 }
@@ -340,13 +352,13 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
   at::Tensor act = at::gelu(mlp_in, "tanh");
-  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, m[2], "linear2", {-1})
+  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, w, m[2], "linear2", {-1})
                                               ? grad_only_linear({om, act}, w.at("linear2.weight"))
                                               : single_linear2(c, w, om, act, -1));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
     at::Tensor cact = at::gelu(cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M), "tanh");
-    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, cm[2], "linear2", cond_indices(c))
+    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, w, cm[2], "linear2", cond_indices(c))
                                             ? grad_only_linear({oc, cact}, w.at("linear2.weight"))
                                             : single_linear2(c, w, oc, cact, 0));
   }

@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "kernels/fp8.h"
 #include "kernels/modulated_layer_norm.h"
+#include "model/lora_linear.h"
 
 namespace fluxtrain {
 
@@ -20,9 +22,15 @@ at::Tensor timestep_embedding(const at::Tensor& t, int64_t dim, at::ScalarType o
   return at::cat({at::cos(args), at::sin(args)}, 1).to(out_dtype);
 }
 
+at::Tensor fp8_scale_of(const TensorMap& w, const std::string& weight_name) {
+  auto s = w.find(weight_name + kernels::kFp8ScaleSuffix);
+  return s == w.end() ? at::Tensor() : s->second;
+}
+
 at::Tensor linear(const at::Tensor& x, const TensorMap& w, const std::string& prefix) {
   auto b = w.find(prefix + ".bias");
-  return at::linear(x, w.at(prefix + ".weight"), b == w.end() ? at::Tensor() : b->second);
+  return frozen_linear(x, w.at(prefix + ".weight"), b == w.end() ? at::Tensor() : b->second,
+                       fp8_scale_of(w, prefix + ".weight"));
 }
 
 at::Tensor mlp_embedder(const at::Tensor& x, const TensorMap& g, const std::string& prefix) {

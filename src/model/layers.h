@@ -27,7 +27,11 @@ at::Tensor modulate_fused(const at::Tensor& x, const at::Tensor& shift, const at
 // Whether the model uses the fused CUDA kernels of kernels/ (modulate, the attention prologue):
 // yes unless the environment sets FLUXTRAIN_FUSED_KERNELS=0 (read once).
 bool fused_kernels_enabled();
-// Linear layer weight[prefix.weight], bias[prefix.bias] (bias optional).
+// Linear layer weight[prefix.weight], bias[prefix.bias] (bias optional); an fp8 stored weight
+// (--fp8_matmul) is multiplied as such (frozen_linear, model/lora_linear.h).
 at::Tensor linear(const at::Tensor& x, const TensorMap& w, const std::string& prefix);
+// The float32 scales of weight `weight_name` when the map holds it in the fp8 stored form
+// (name + kernels::kFp8ScaleSuffix, kernels/fp8.h); undefined otherwise.
+at::Tensor fp8_scale_of(const TensorMap& w, const std::string& weight_name);
 
 }  // namespace fluxtrain

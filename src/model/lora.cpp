@@ -249,13 +249,17 @@ at::Tensor scaled(const at::Tensor& t, double scale) { return scale == 1.0 ? t :
 
 at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const LoraSet* lora, int block, const std::string& linear, int cond,
-                            int64_t row_begin, int64_t row_end) {
+                            int64_t row_begin, int64_t row_end, const at::Tensor& weight_scale) {
   const int64_t full = weight.size(0);
   if (row_end < 0) row_end = full;
   const bool whole = row_begin == 0 && row_end == full;
   at::Tensor w = whole ? weight : weight.narrow(0, row_begin, row_end - row_begin);
   at::Tensor b = (!bias.defined() || whole) ? bias : bias.narrow(0, row_begin, row_end - row_begin);
-  if (!lora) return at::linear(x, w, b);
+  // The fp8 stored form's per-channel scales follow the rows; a per-tensor scale stays whole.
+  const at::Tensor ws = (!weight_scale.defined() || whole || weight_scale.numel() == 1)
+                            ? weight_scale
+                            : weight_scale.narrow(0, row_begin, row_end - row_begin);
+  if (!lora) return frozen_linear(x, w, b, ws);
   std::vector<const LoraAdapter*> ads, after;
   for (const LoraAdapter* a : lora->find(block, linear, cond)) {
     if (a->out_begin < row_begin || a->out_end > row_end) continue;
@@ -274,9 +278,9 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
       offsets.push_back(a->out_begin - row_begin);
       scales.push_back(a->scale);
     }
-    y = lora_linear(x, w, b, downs, ups, offsets, scales);
+    y = lora_linear(x, w, b, downs, ups, offsets, scales, ws);
   } else {
-    y = at::linear(x, w, b);
+    y = frozen_linear(x, w, b, ws);
   }
   // Output-side adapters (EasyControl's proj_loras), one after the other as EasyControl applies
   // them: y = y + scale * up(down(y)). They cover the whole output (in = out features).

@@ -107,8 +107,10 @@ class LoraSet {
 
 // y = x W[rows]^T + b[rows], plus every matching adapter's scale * up(down(x)) on its rows.
 // rows = [row_begin, row_end) of the fused linear (row_end -1: all); adapters outside are skipped.
+// weight_scale: defined when weight is the fp8 stored form (e4m3 codes, --fp8_matmul), its float32
+// scales ([out] or [1]); the frozen products then run as fp8 GEMMs (kernels/fp8_matmul.h).
 at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const LoraSet* lora, int block, const std::string& linear, int cond,
-                            int64_t row_begin = 0, int64_t row_end = -1);
+                            int64_t row_begin = 0, int64_t row_end = -1, const at::Tensor& weight_scale = {});
 
 }  // namespace fluxtrain

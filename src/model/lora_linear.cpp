@@ -1,7 +1,11 @@
 #include "model/lora_linear.h"
 
+#include <optional>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include "kernels/fp8_matmul.h"
 
 namespace fluxtrain {
 namespace {
@@ -15,10 +19,14 @@ using torch::autograd::variable_list;
 // dx = dy w + dh D with the second product accumulated into the first (beta = 1).
 // Autograd on the plain ops instead materialises cat(deltas) and y + cat forward and adds the two
 // input gradients backward: three passes over activation-sized tensors per adapted linear.
+// An e4m3 w (the stored form, --fp8_matmul) takes the base products through kernels/fp8_matmul.h
+// with its scales w_scale; the adapters' products stay in x's dtype.
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                             at::TensorList downs, at::TensorList ups, std::vector<int64_t> offsets,
-                            std::vector<double> scales) {
+                            std::vector<double> scales, const std::optional<at::Tensor>& w_scale_opt) {
+    // Optional: autograd's custom functions take no undefined tensor arguments.
+    const at::Tensor w_scale = w_scale_opt.value_or(at::Tensor());
     const int64_t k = static_cast<int64_t>(downs.size()), in = x.size(-1), out = w.size(0);
     const auto dt = x.scalar_type();
     const at::Tensor x2 = x.reshape({-1, in});
@@ -26,7 +34,9 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     for (const auto& d : downs) ranks.push_back(d.size(0));
     const at::Tensor D = (k == 1 ? downs[0] : at::cat(downs, 0)).to(dt);
     const at::Tensor h = at::mm(x2, D.t());
-    at::Tensor y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
+    at::Tensor y = fp8 ? kernels::fp8_linear_forward(x2, w, w_scale, b)
+                       : (b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t()));
     std::vector<at::Tensor> U;
     int64_t r0 = 0;
     for (int64_t i = 0; i < k; ++i) {
@@ -41,6 +51,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     for (const auto& d : downs) down_grad = down_grad || d.requires_grad();
     variable_list saved{down_grad ? x2 : at::Tensor(), x_grad ? w : at::Tensor(), D, h};
     saved.insert(saved.end(), U.begin(), U.end());
+    saved.push_back(x_grad && fp8 ? w_scale : at::Tensor());
     ctx->save_for_backward(saved);
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["scales"] = scales;
@@ -67,8 +78,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const auto master_dtypes = ctx->saved_data["master_dtypes"].toIntVector();
     const int64_t k = static_cast<int64_t>(ranks.size());
-    // Inputs in forward's order: x, w, b, downs[k], ups[k], offsets, scales.
-    variable_list result(3 + 2 * k + 2);
+    // Inputs in forward's order: x, w, b, downs[k], ups[k], offsets, scales, w_scale.
+    variable_list result(3 + 2 * k + 3);
     if (!grads[0].defined()) return result;
     const at::Tensor dy = grads[0].reshape({-1, ctx->saved_data["out"].toInt()});
     const int64_t rows = dy.size(0);
@@ -109,7 +120,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       }
     }
     if (need_x) {
-      at::Tensor dx = at::mm(dy, w);
+      at::Tensor dx = w.scalar_type() == at::kFloat8_e4m3fn ? kernels::fp8_linear_input_grad(dy, w, saved[4 + k])
+                                                            : at::mm(dy, w);
       dx.addmm_(dh, D);
       result[0] = dx.view(x_sizes);
     }
@@ -121,11 +133,21 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                        const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,
-                       const std::vector<int64_t>& offsets, const std::vector<double>& scales) {
+                       const std::vector<int64_t>& offsets, const std::vector<double>& scales,
+                       const at::Tensor& w_scale) {
   TORCH_CHECK(!downs.empty() && downs.size() == ups.size() && offsets.size() == downs.size() &&
                   scales.size() == downs.size(),
               "lora_linear: one down, up, offset and scale per adapter");
-  return LoraLinearFunction::apply(x, w, b, at::TensorList(downs), at::TensorList(ups), offsets, scales);
+  return LoraLinearFunction::apply(x, w, b, at::TensorList(downs), at::TensorList(ups), offsets, scales,
+                                   w_scale.defined() ? std::optional<at::Tensor>(w_scale) : std::nullopt);
+}
+
+at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_scale) {
+  if (w.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK(w_scale.defined(), "frozen_linear: an e4m3 weight without its fp8 scales");
+    return kernels::fp8_linear(x, w, w_scale, b);
+  }
+  return at::linear(x, w, b);
 }
 
 }  // namespace fluxtrain

@@ -14,8 +14,16 @@ namespace fluxtrain {
 // scales[i] * (x downs[i]^T) ups[i]^T. x [..., in]; w [out, in] and b [out] (or undefined) are
 // frozen; downs[i] [r_i, in] and ups[i] [n_i, r_i] are the trained masters (any float dtype; used
 // in x's dtype, gradients returned in their own). The row ranges must not overlap.
+// w may be the fp8 stored form (--fp8_matmul): e4m3 codes with float32 scales w_scale ([out] or
+// [1]); its products then go through kernels/fp8_matmul.h. w_scale is unused otherwise.
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                        const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,
-                       const std::vector<int64_t>& offsets, const std::vector<double>& scales);
+                       const std::vector<int64_t>& offsets, const std::vector<double>& scales,
+                       const at::Tensor& w_scale = {});
+
+// y = x w^T + b without adapters: at::linear, or kernels::fp8_linear when w is the fp8 stored form
+// (e4m3 codes with float32 scales w_scale, --fp8_matmul). Where every frozen product of the
+// model that may meet a stored weight is dispatched on the weight's dtype.
+at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_scale = {});
 
 }  // namespace fluxtrain

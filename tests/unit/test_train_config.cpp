@@ -148,7 +148,7 @@ TEST(TrainConfig, BadAndContradictoryFlagsGiveOneClearLine) {
   expect_bad({"--rank", "4"}, "unknown option --rank");  // no prefix guessing
   expect_bad({"stray"}, "unexpected argument 'stray'");
   expect_bad({"--gradient_checkpointing", "maybe"}, "gradient_checkpointing");
-  expect_bad({"--checkpoint_attention", "yes"}, "--checkpoint_attention must be one of auto | on | off, got 'yes'");
+  expect_bad({"--checkpoint_attention", "yes"}, "--checkpoint_attention must be one of auto | off | on, got 'yes'");
   expect_bad({"--mixed_precision", "fp16"}, "--mixed_precision fp16 is not supported");
   expect_bad({"--mixed_precision", "fp8"}, "--mixed_precision must be one of bf16 | no, got 'fp8'");
   expect_bad({"--lr_scheduler", "polynomial"}, "--lr_scheduler must be one of");

@@ -1,0 +1,75 @@
+// Frozen linears multiplied in fp8 (--fp8_matmul): the weight stays in its stored form (e4m3
+// codes w8 [out, in] with float32 scales per output channel [out] or per tensor [1], kernels/fp8.h)
+// and the activation is quantised per row to e4m3, so that the GEMM runs as a scaled fp8 GEMM
+// (at::_scaled_mm: about 1440 TFLOP/s on an H200 against 790 in bf16) instead of dequantising the
+// weight to bf16 first. Only the input gradient is computed: the weights are frozen.
+//
+//   forward   x [M, K] -> rows: s_x = max(amax|row| / 448, FLT_MIN), x8 = e4m3(x / s_x)
+//             y = (x8 * s_x) (w8 * s_w)^T  (+ b)                    at::_scaled_mm(x8, w8^T)
+//             (a bf16/f16 bias of the output's dtype is added in _scaled_mm's epilogue, in float32
+//             before the rounding; otherwise, and on the other paths, after the product)
+//   backward  dy [M, N]: the weight's per-channel scale lies on the contraction dimension of
+//             dy w, so it is folded into dy first: g = dy * s_w[None, :] (float32), then rows:
+//             s_g, g8 = e4m3(g / s_g); dx = (g8 * s_g) w8           at::_scaled_mm(g8, w8)
+//
+// Paths (Fp8Path): ScaledMm (CUDA, sm >= 8.9, dims multiples of 16, at least 16 rows);
+// Reference (any device; the CPU's path, so CPU runs exercise the quantisation): the same
+// quantised operands multiplied in float32 (float64 for float64 activations) by
+// fp8_scaled_mm_reference; Dequantise (CUDA shapes _scaled_mm does not take): w dequantised to
+// the activation dtype and an ordinary GEMM, the numerics of --base_precision fp8 alone.
+//
+// Which CUDA GEMMs take the fp8 path by default (FLUXTRAIN_FP8_MATMUL=auto) follows what was
+// measured on an H200 with these ATen-op quantisers (4096 rows, ms; docs/memory.md):
+//   forward: rowwise quantisation of x costs a pass over x of about 5 bytes per element (inf-norm
+//     0.011 + division into e4m3 0.061 for 4096 x 3072), which the faster GEMM (bias in its
+//     epilogue) repays only when the output is wide: 3072->9216 0.26 vs 0.30 bf16, 3072->12288
+//     0.32 vs 0.40, 3072->21504 0.55 vs 0.71, but 3072->3072 0.15 vs 0.10 and 12288->3072 0.60
+//     vs 0.39. So the forward uses _scaled_mm when out >= 2 * in (qkv, MLP up, linear1), else
+//     Dequantise. use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
+//     difference on bf16 outputs): a knob for after the step has been measured.
+//   input gradient: _scaled_mm needs w8 K-major for dx = dy w, i.e. a transposed copy of the
+//     codes (w8.t().contiguous(), made per call: a block's weights are transient, streamed or
+//     held one block at a time, and a cached copy would cost the fp8 weights' bytes again), and
+//     ATen's byte transpose is slow (0.17 ms for 3072x9216): fold + quantise + transpose +
+//     _scaled_mm measured 0.8 ms against 0.29 for the bf16 GEMM. So dx uses Dequantise.
+// FLUXTRAIN_FP8_MATMUL=all takes _scaled_mm wherever the shapes qualify (forward and dx), to
+// measure again once fused quantise/transpose kernels exist.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace fluxtrain::kernels {
+
+enum class Fp8Path { Auto, ScaledMm, Reference, Dequantise };
+
+struct Fp8Rows {
+  at::Tensor data;   // Float8_e4m3fn [M, K]
+  at::Tensor scale;  // float32 [M, 1]
+};
+
+// Rowwise e4m3 quantisation of a 2-D floating x (times col_scale [K] or [1] along the columns
+// first, in float32, when given): s = max(float32(amax |row|) / 448, FLT_MIN); codes =
+// e4m3(x / s) with the quotient in float32 (float64 for float64 x), rounded to nearest even.
+// |x / s| <= 448 by construction, so nothing saturates; the floor keeps all-zero rows finite.
+Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {});
+
+// (float32(a8) * s_a) @ (float32(b8) * s_b)^T in float32 (float64 when out_dtype is), rounded
+// to out_dtype. a8 [M, K], s_a M or 1 values; b8 [N, K], s_b N or 1 values (any shape).
+at::Tensor fp8_scaled_mm_reference(const at::Tensor& a8, const at::Tensor& s_a, const at::Tensor& b8,
+                                   const at::Tensor& s_b, at::ScalarType out_dtype);
+
+// The path Auto picks for x [M, K] times w8 [N, K]^T (forward) or dy [M, N] times w8 (dx).
+Fp8Path fp8_forward_path(const at::Tensor& x2, const at::Tensor& w8);
+Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8);
+
+// No autograd (LoraLinearFunction's base GEMM and fp8_linear's node use them). x2 [M, K],
+// dy2 [M, N], w8 [N, K] e4m3 (columns may be a narrowed view), w_scale float32 [N] or [1]; the
+// results are new tensors in x2's (dy2's) dtype.
+at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const at::Tensor& w_scale,
+                              const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
+at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
+                                 Fp8Path path = Fp8Path::Auto);
+
+// y = x w^T + b with w = w8 * w_scale (rows), x [..., K]; differentiable in x (and b).
+at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& w_scale, const at::Tensor& bias);
+
+}  // namespace fluxtrain::kernels
