@@ -77,7 +77,8 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
       ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
                          ->value_name("BOOL"),
        "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations "
-       "quantised per row) instead of dequantising each block to the compute dtype")
+       "quantised per row) instead of dequantising each block to the compute dtype (experimental: measured "
+       "slower than dequantising on the H200, docs/memory.md)")
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
        "streamed blocks copied to the GPU ahead of use (side stream)")
       ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap),
@@ -101,7 +102,8 @@ void declare_options(OptionSet& s, dist::LowMemoryOptions& o) {
       .add("fp8_modulation", &o.fp8_modulation, "also store the adaLN modulation linears in fp8")
       .add("fp8_matmul", &o.fp8_matmul,
            "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations quantised "
-           "per row) instead of dequantising each block to the compute dtype")
+           "per row) instead of dequantising each block to the compute dtype (experimental: measured slower than "
+           "dequantising on the H200, docs/memory.md)")
       .add("offload_prefetch", &o.offload_prefetch, "streamed blocks copied to the GPU ahead of use (side stream)")
       .add("blocks_to_swap", &o.blocks_to_swap,
            "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")
