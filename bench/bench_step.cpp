@@ -135,8 +135,6 @@ int cmd_bench(int argc, char** argv) {
   if (lora_mode != "easycontrol" && lora_mode != "standard")
     throw Error("--lora_mode must be easycontrol or standard, got '" + lora_mode + "'");
   const bool standard = lora_mode == "standard";
-  if (ckpt_attn != "auto" && ckpt_attn != "on" && ckpt_attn != "off")
-    throw Error("--checkpoint_attention must be auto, on or off, got '" + ckpt_attn + "'");
   // What checkpointed blocks keep (model/recompute.h), resolved as train resolves it.
   const bool keep_attention = checkpoint_attention_enabled(ckpt_attn, low);
   set_checkpoint_attention(keep_attention);

@@ -104,8 +104,6 @@ MemoryEstimateInput to_input(const Raw& r) {
     throw Error("--mixed_precision must be bf16 or no, got '" + r.mixed_precision + "'");
   in.compute_bytes = r.mixed_precision == "bf16" ? 2 : 4;
   in.gradient_checkpointing = r.gradient_checkpointing;
-  if (r.checkpoint_attention != "auto" && r.checkpoint_attention != "on" && r.checkpoint_attention != "off")
-    throw Error("--checkpoint_attention must be auto, on or off, got '" + r.checkpoint_attention + "'");
   in.checkpoint_attention = checkpoint_attention_enabled(r.checkpoint_attention,
                                                          r.low_memory.fp8() || r.low_memory.streams());
   in.train_clip = r.train_text_encoder || r.train_text_encoder_one_only;

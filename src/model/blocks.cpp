@@ -96,24 +96,20 @@ std::vector<at::Tensor> modulation(const at::Tensor& vec, const TensorMap& w, co
 }
 
 // In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
-// uncomputed (its backward only) when no adapter of these tokens' conditions (-1: the main
-// stream) is on it and its gate needs no gradient: then nothing reads its output values.
+// uncomputed (its backward only) when no adapter of these tokens (the main stream's, or every
+// condition's) is on it and its gate needs no gradient: then nothing reads its output values.
 // fp8 stored weights (--fp8_matmul) keep the full recomputation: grad_only_linear multiplies by
-// the weight as it is given.
-bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const std::string& linear,
-                   const std::vector<int>& conds) {
+// the weight as it is given. Outside a recomputation it returns before building any name.
+bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const char* linear,
+                   bool cond_stream) {
   if (!replaying_recompute() || gate.requires_grad()) return false;
-  if (w.at(linear + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
-  if (c.lora)
-    for (int n : conds)
-      if (!c.lora->find(c.block, linear, n).empty()) return false;
+  const std::string name = linear;
+  if (w.at(name + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
+  if (!c.lora) return true;
+  const int first = cond_stream ? 0 : -1, end = cond_stream ? static_cast<int>(c.cond_lens.size()) : 0;
+  for (int n = first; n < end; ++n)
+    if (!c.lora->find(c.block, name, n).empty()) return false;
   return true;
-}
-
-std::vector<int> cond_indices(const BlockContext& c) {
-  std::vector<int> n(c.cond_lens.size());
-  for (size_t i = 0; i < n.size(); ++i) n[i] = static_cast<int>(i);
-  return n;
 }
 
 // The MLP; skip_out: its second linear is only given a backward (skip_terminal).
@@ -291,16 +287,16 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const at::Tensor& img_a = parts[1];
   at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
   img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin,
-                                            skip_terminal(c, w, im[5], "img_mlp.2", {-1})));
+                                            skip_terminal(c, w, im[5], "img_mlp.2", false)));
   at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
   txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
                         [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); },
-                        skip_terminal(c, w, tm[5], "txt_mlp.2", {-1})));
+                        skip_terminal(c, w, tm[5], "txt_mlp.2", false)));
   at::Tensor cond_out;
   if (has_cond) {
     cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
     cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin,
-                                                skip_terminal(c, w, cm[5], "img_mlp.2", cond_indices(c))));
+                                                skip_terminal(c, w, cm[5], "img_mlp.2", true)));
   }
   return {img_out, txt_out, cond_out};
 }
@@ -352,13 +348,13 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
   at::Tensor act = at::gelu(mlp_in, "tanh");
-  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, w, m[2], "linear2", {-1})
+  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, w, m[2], "linear2", false)
                                               ? grad_only_linear({om, act}, w.at("linear2.weight"))
                                               : single_linear2(c, w, om, act, -1));
   at::Tensor cond_out = cond;
   if (cond_out_needed) {
     at::Tensor cact = at::gelu(cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M), "tanh");
-    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, w, cm[2], "linear2", cond_indices(c))
+    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, w, cm[2], "linear2", true)
                                             ? grad_only_linear({oc, cact}, w.at("linear2.weight"))
                                             : single_linear2(c, w, oc, cact, 0));
   }

@@ -32,6 +32,8 @@ void declare_options(OptionSet& s, ModelConfig& c, bool training) {
 }
 
 bool checkpoint_attention_enabled(const std::string& value, bool low_memory) {
+  if (value != "auto" && value != "on" && value != "off")
+    throw Error("--checkpoint_attention must be auto, on or off, got '" + value + "'");
   return value == "on" || (value == "auto" && !low_memory);
 }
 

@@ -25,6 +25,7 @@ void declare_options(OptionSet& s, ModelConfig& c, bool training = true);
 
 // --checkpoint_attention resolved: "auto" keeps attention results unless low_memory (fp8 base
 // weights, block streaming or a --max_gpu_memory budget: memory is what the run is short of).
+// Any other value throws, naming the flag (commands that parse it themselves: bench, estimate).
 bool checkpoint_attention_enabled(const std::string& value, bool low_memory);
 
 }  // namespace fluxtrain

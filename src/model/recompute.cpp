@@ -31,26 +31,27 @@ SavedAttention::Backend saved_backend(const at::Tensor& q, const at::Tensor& k, 
   return choice == kSdpFlash ? SavedAttention::Backend::FlashCpu : SavedAttention::Backend::None;
 }
 
+// The CUDA backends' forward results share one layout: (out, lse, cum_seq_q, cum_seq_k, max_q,
+// max_k, philox_seed, philox_offset, debug mask).
+template <typename Results>
+void keep_cuda_results(SavedAttention& s, const Results& r) {
+  s.out = std::get<0>(r), s.lse = std::get<1>(r), s.cum_seq_q = std::get<2>(r), s.cum_seq_k = std::get<3>(r);
+  s.max_q = std::get<4>(r).expect_int(), s.max_k = std::get<5>(r).expect_int();
+  s.philox_seed = std::get<6>(r), s.philox_offset = std::get<7>(r);
+}
+
 SavedAttention record(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   SavedAttention s;
   s.backend = saved_backend(q, k, v);
   s.q_sizes = q.sizes().vec();
   s.k_sizes = k.sizes().vec();
   switch (s.backend) {
-    case SavedAttention::Backend::CudnnCuda: {
-      auto r = at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt, /*compute_log_sumexp=*/true);
-      s.out = std::get<0>(r), s.lse = std::get<1>(r), s.cum_seq_q = std::get<2>(r), s.cum_seq_k = std::get<3>(r);
-      s.max_q = std::get<4>(r).expect_int(), s.max_k = std::get<5>(r).expect_int();
-      s.philox_seed = std::get<6>(r), s.philox_offset = std::get<7>(r);
+    case SavedAttention::Backend::CudnnCuda:
+      keep_cuda_results(s, at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt, /*compute_log_sumexp=*/true));
       break;
-    }
-    case SavedAttention::Backend::FlashCuda: {
-      auto r = at::_scaled_dot_product_flash_attention(q, k, v);
-      s.out = std::get<0>(r), s.lse = std::get<1>(r), s.cum_seq_q = std::get<2>(r), s.cum_seq_k = std::get<3>(r);
-      s.max_q = std::get<4>(r).expect_int(), s.max_k = std::get<5>(r).expect_int();
-      s.philox_seed = std::get<6>(r), s.philox_offset = std::get<7>(r);
+    case SavedAttention::Backend::FlashCuda:
+      keep_cuda_results(s, at::_scaled_dot_product_flash_attention(q, k, v));
       break;
-    }
     case SavedAttention::Backend::FlashCpu: {
       auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
       s.out = std::get<0>(r), s.lse = std::get<1>(r);

@@ -22,6 +22,36 @@ double rel_err(const at::Tensor& got, const at::Tensor& want) {
   return (g - w).abs().max().item<double>() / std::max(w.abs().max().item<double>(), 1e-300);
 }
 
+at::Tensor leaf(const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); }
+
+// at::scaled_dot_product_attention on leaf copies of q, k, v, differentiated by autograd with g.
+std::pair<at::Tensor, std::vector<at::Tensor>> sdpa_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& g) {
+  at::Tensor q0 = leaf(q), k0 = leaf(k), v0 = leaf(v);
+  at::Tensor out = at::scaled_dot_product_attention(q0, k0, v0);
+  return {out, torch::autograd::grad({out}, {q0, k0, v0}, {g})};
+}
+
+// One attention call recorded into tape (no grad), then replayed on leaf copies of q, k, v.
+struct Replayed {
+  at::Tensor recorded, out;       // the record phase's and the replay's outputs
+  bool replaying_inside = false;  // replaying_recompute() within the replay scope
+  std::vector<at::Tensor> q_k_v;  // the replay's leaves
+};
+Replayed record_and_replay(RecomputeTape& tape, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  Replayed r;
+  {
+    at::NoGradGuard ng;
+    RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
+    r.recorded = recorded_attention(q, k, v, nullptr);
+  }
+  r.q_k_v = {leaf(q), leaf(k), leaf(v)};
+  RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
+  r.replaying_inside = replaying_recompute();
+  r.out = recorded_attention(r.q_k_v[0], r.q_k_v[1], r.q_k_v[2], nullptr);
+  return r;
+}
+
 // Cross lengths (queries 7, keys 11) like the main stream's call; float32 takes LibTorch's CPU
 // flash attention, the backend whose saved form the CPU path records.
 TEST(Recompute, ReplayedAttentionMatchesAutogradThroughSdpa) {
@@ -29,31 +59,19 @@ TEST(Recompute, ReplayedAttentionMatchesAutogradThroughSdpa) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor q = at::randn({2, 3, 7, 16}, f32), k = at::randn({2, 3, 11, 16}, f32), v = at::randn({2, 3, 11, 16}, f32);
   at::Tensor g = at::randn({2, 3, 7, 16}, f32);
-  auto leaf = [](const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); };
-
-  at::Tensor q0 = leaf(q), k0 = leaf(k), v0 = leaf(v);
-  at::Tensor want = at::scaled_dot_product_attention(q0, k0, v0);
-  auto dwant = torch::autograd::grad({want}, {q0, k0, v0}, {g});
+  const auto [want, dwant] = sdpa_autograd(q, k, v, g);
 
   RecomputeTape tape;
-  {
-    at::NoGradGuard ng;
-    RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
-    at::Tensor o = recorded_attention(q, k, v, nullptr);
-    ASSERT_TRUE(o.defined());
-  }
+  const Replayed r = record_and_replay(tape, q, k, v);
+  ASSERT_TRUE(r.recorded.defined());
   ASSERT_EQ(tape.attention.size(), 1u);
   EXPECT_EQ(tape.attention[0].backend, SavedAttention::Backend::FlashCpu);
-  at::Tensor q1 = leaf(q), k1 = leaf(k), v1 = leaf(v);
-  at::Tensor got;
-  {
-    RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
-    EXPECT_TRUE(replaying_recompute());
-    got = recorded_attention(q1, k1, v1, nullptr);
-  }
+  EXPECT_TRUE(r.replaying_inside);
   EXPECT_FALSE(replaying_recompute());
+  const at::Tensor& got = r.out;
   ASSERT_TRUE(got.requires_grad());
-  auto dgot = torch::autograd::grad({got}, {q1, k1, v1}, {g});
+  auto dgot = torch::autograd::grad({got}, r.q_k_v, {g});
+  const at::Tensor &k1 = r.q_k_v[1], &v1 = r.q_k_v[2];
   // Same backend forward and backward as SDPA's own: equal to float32 rounding.
   EXPECT_LT(rel_err(got, want), 1e-6);
   for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(dgot[i], dwant[i]), 1e-5) << i;
@@ -110,25 +128,14 @@ TEST(Recompute, ReplayedAttentionOnCudaMatchesSdpa) {
       at::Tensor q = at::randn({1, 24, lq, 128}, opt), k = at::randn({1, 24, lk, 128}, opt),
                  v = at::randn({1, 24, lk, 128}, opt);
       at::Tensor g = at::randn({1, lq, 24, 128}, opt).transpose(1, 2);  // merged-heads layout
-      auto leaf = [](const at::Tensor& t) { return t.detach().clone().set_requires_grad(true); };
-      at::Tensor q0 = leaf(q), k0 = leaf(k), v0 = leaf(v);
-      at::Tensor want = at::scaled_dot_product_attention(q0, k0, v0);
-      auto dwant = torch::autograd::grad({want}, {q0, k0, v0}, {g});
+      const auto [want, dwant] = sdpa_autograd(q, k, v, g);
       RecomputeTape tape;
-      {
-        at::NoGradGuard ng;
-        RecomputeScope rec(&tape, RecomputeTape::Phase::Record);
-        recorded_attention(q, k, v, nullptr);
-      }
+      const Replayed r = record_and_replay(tape, q, k, v);
       ASSERT_EQ(tape.attention.size(), 1u);
       EXPECT_EQ(tape.attention[0].backend,
                 cudnn ? SavedAttention::Backend::CudnnCuda : SavedAttention::Backend::FlashCuda);
-      at::Tensor q1 = leaf(q), k1 = leaf(k), v1 = leaf(v), got;
-      {
-        RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
-        got = recorded_attention(q1, k1, v1, nullptr);
-      }
-      auto dgot = torch::autograd::grad({got}, {q1, k1, v1}, {g});
+      const at::Tensor& got = r.out;
+      auto dgot = torch::autograd::grad({got}, r.q_k_v, {g});
       // Same backend both ways; bf16 rounding of the outputs allows 1e-2 of the largest magnitude.
       EXPECT_LT(rel_err(got, want), 1e-2) << cudnn << " " << lq;
       for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(dgot[i], dwant[i]), 1e-2) << cudnn << " " << lq << " " << i;
