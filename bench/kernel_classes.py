@@ -76,7 +76,7 @@ def attribute(events, kernels, wanted, top=25):
         a = agg.setdefault((cls, outer, inner), {"count": 0, "ms": 0.0})
         a["count"] += 1
         a["ms"] += ms
-    rows = sorted(agg.items(), key=lambda kv: -kv[1]["count"])[:top]
+    rows = sorted(agg.items(), key=lambda kv: -kv[1]["ms"])[:top]
     return [{"class": k[0], "outer": k[1][:90], "inner": k[2][:60], "count": v["count"], "ms": round(v["ms"], 3)}
             for k, v in rows]
 
@@ -109,7 +109,7 @@ def summarize(path, wanted=()):
         c["share"] = c["ms"] / total if total else 0.0
         c["ms"] = round(c["ms"], 3)
         c["share"] = round(c["share"], 4)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1]["ms"])[:15]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1]["ms"])[:30]
     out = {
         "trace": path,
         "kernels": sum(1 for e in kernels if e["cat"] == "kernel"),

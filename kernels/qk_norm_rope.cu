@@ -177,62 +177,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- Fast path for D == 128 (FLUX): one warp per row, each lane holding 4 consecutive elements
-// (pairs 2*lane and 2*lane + 1) in registers, read and written with one vector access each, and
-// 32-bit row indexing. The per-element arithmetic is the generic kernels' (same roundings); only
-// the order of the warp's float32 sums differs. The generic kernels above stay for other D and
-// for unaligned operands (vec_path_ok on the host).
+// ---- Fast path for D == 128 (FLUX): half a warp per row, each of its 16 lanes holding 8
+// consecutive elements (four rotation pairs) read and written with one 16-byte access (two for
+// float32), and 32-bit row indexing. A warp takes kVecRows pairs of neighbouring rows and issues
+// all their loads before any arithmetic. The per-element arithmetic is the generic kernels'
+// (same roundings); only the order of the float32 row sums differs. Every lane takes part in
+// every shuffle (rows past the end and rows without a gradient compute on zeros and store
+// nothing), so the two half-warps may take different branches only around loads and stores.
+// Operands are selected with scalar selects, never by reference to a kernel parameter: a
+// reference chosen at run time made nvcc copy the parameters to a per-thread stack (96 bytes per
+// thread in session 11's backward kernel, which ran at about 1.1 TB/s).
+// The generic kernels above stay for other D and for unaligned operands (vec_path_ok).
 constexpr int kVecD = 128;
+constexpr int kLaneElems = 8;                     // elements per lane
+constexpr int kRowLanes = kVecD / kLaneElems;     // 16 lanes per row
+constexpr int kVecRows = 4;                       // row pairs per warp
 
 template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
+struct alignas(kLaneElems * sizeof(T)) Vec8 {
+  T v[kLaneElems];
 };
 
 template <typename T>
-__device__ __forceinline__ Vec4<T> load4(const T* p) { return *reinterpret_cast<const Vec4<T>*>(p); }
+__device__ __forceinline__ Vec8<T> load8(const T* p) { return *reinterpret_cast<const Vec8<T>*>(p); }
 template <typename T>
-__device__ __forceinline__ void store4(T* p, const Vec4<T>& x) { *reinterpret_cast<Vec4<T>*>(p) = x; }
-
-// Elements i..i+3 of a scale (16-byte aligned when float32, 4-element aligned otherwise).
+__device__ __forceinline__ void store8(T* p, const Vec8<T>& x) { *reinterpret_cast<Vec8<T>*>(p) = x; }
 template <typename T>
-__device__ __forceinline__ void load_scale4(const ScaleRef<T>& sc, int64_t i, float out[4]) {
-  if (sc.f32) {
-    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(sc.p) + i);
-    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-  } else {
-    const Vec4<T> v = load4(static_cast<const T*>(sc.p) + i);
+__device__ __forceinline__ Vec8<T> zero8() {
+  Vec8<T> z;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out[e] = to_f(v.v[e]);
-  }
+  for (int e = 0; e < kLaneElems; ++e) z.v[e] = from_f<T>(0.f);
+  return z;
 }
 
-// What both vector kernels compute for a q or k row before they differ: the lane's four inputs
-// in float32, the row's 1/rms (the generic row_rrms' formula), the lane's scales and its two
-// pairs' cos/sin.
-template <typename T>
-struct VecRow {
-  float a[4], r, scv[4], cv[2], sv[2];
-};
+// Sum over the 16 lanes of a half-warp (every lane of the warp calls it).
+__device__ __forceinline__ float half_warp_sum(float v) {
+  for (int o = kRowLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
+// Elements i..i+7 of a scale (T or float32), aligned to 8 elements.
 template <typename T>
-__device__ __forceinline__ VecRow<T> vec_row(const Vec4<T>& x, const ScaleRef<T>& scale, const float* cos_t,
-                                             const float* sin_t, uint32_t l, int lane) {
-  constexpr int D = kVecD;
-  VecRow<T> w;
-  float ss = 0.f;
+__device__ __forceinline__ void load_scale8(const void* p, bool f32, uint32_t i, float out[kLaneElems]) {
+  if (f32) {
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else {
+    const Vec8<T> v = load8(static_cast<const T*>(p) + i);
 #pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    w.a[e] = to_f(x.v[e]);
-    ss = __fadd_rn(ss, __fmul_rn(w.a[e], w.a[e]));
+    for (int e = 0; e < kLaneElems; ++e) out[e] = to_f(v.v[e]);
   }
-  ss = warp_sum(ss);
-  w.r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  load_scale4(scale, 4 * lane, w.scv);
-  const float2 cs = *reinterpret_cast<const float2*>(cos_t + l * (D / 2) + 2 * lane);
-  const float2 sn = *reinterpret_cast<const float2*>(sin_t + l * (D / 2) + 2 * lane);
-  w.cv[0] = cs.x, w.cv[1] = cs.y, w.sv[0] = sn.x, w.sv[1] = sn.y;
-  return w;
 }
 
 struct RowIndex32 {
@@ -250,50 +245,112 @@ __device__ __forceinline__ RowIndex32 row_index32(uint32_t row, uint32_t heads, 
   return r;
 }
 
-// Each warp takes kVecRows consecutive rows and issues all their loads before any arithmetic,
-// so that more than one 8-byte load per lane is in flight. Measured on the H200 at 512/1024/128
-// (session 11): backward 18.7 -> 14.1 ms per step, forward 6.4 -> 7.6 ms; both still far from
-// their ~7 ms of memory traffic, for a reason not yet found. Rows stay warp-uniform, so the
-// warp sums are unchanged.
-constexpr int kVecRows = 4;
+// The operands of one row, selected by scalar selects from the kernel's parameters.
+template <typename T>
+struct VecRowArgs {
+  const T* src;        // the row's q/k/v input (its lane's elements)
+  const void* scale;   // the norm scale of q or k
+  bool scale_f32;
+  T* dqkv;             // backward: the row's gradient output (its lane's elements), null when not wanted
+  uint32_t li;         // token index within the row's segment
+};
+
+template <typename T>
+__device__ __forceinline__ VecRowArgs<T> vec_row_args(const Segments<T>& segs, const RowIndex32& ix, uint32_t heads,
+                                                      int lane16) {
+  const bool second = segs.n > 1 && ix.l >= segs.s[1].l0;
+  const T* qkv = second ? segs.s[1].qkv : segs.s[0].qkv;
+  const int64_t sB = second ? segs.s[1].sB : segs.s[0].sB;
+  const int64_t sL = second ? segs.s[1].sL : segs.s[0].sL;
+  const int64_t l0 = second ? segs.s[1].l0 : segs.s[0].l0;
+  const int64_t Ls = second ? segs.s[1].L : segs.s[0].L;
+  const void* qsp = second ? segs.s[1].q_scale.p : segs.s[0].q_scale.p;
+  const void* ksp = second ? segs.s[1].k_scale.p : segs.s[0].k_scale.p;
+  const bool qsf = second ? segs.s[1].q_scale.f32 : segs.s[0].q_scale.f32;
+  const bool ksf = second ? segs.s[1].k_scale.f32 : segs.s[0].k_scale.f32;
+  T* dq = second ? segs.s[1].dqkv : segs.s[0].dqkv;
+  VecRowArgs<T> a;
+  a.li = ix.l - static_cast<uint32_t>(l0);
+  const int64_t e = (ix.t * heads + ix.h) * kVecD + kLaneElems * lane16;
+  a.src = qkv + ix.b * sB + a.li * sL + e;
+  a.scale = ix.t == 0 ? qsp : ksp;
+  a.scale_f32 = ix.t == 0 ? qsf : ksf;
+  a.dqkv = dq == nullptr ? nullptr : dq + ((ix.b * Ls + a.li) * 3) * heads * kVecD + e;
+  return a;
+}
+
+// What both kernels compute for a q or k row before they differ: the lane's inputs in float32,
+// the row's 1/rms (the generic row_rrms' formula), the lane's scales and its pairs' cos/sin.
+struct VecRow {
+  float a[kLaneElems], r, scv[kLaneElems], cv[kLaneElems / 2], sv[kLaneElems / 2];
+};
+
+template <typename T>
+__device__ __forceinline__ VecRow vec_row(const Vec8<T>& x, const VecRowArgs<T>& args, bool is_qk,
+                                          const float* cos_t, const float* sin_t, uint32_t l, int lane16) {
+  constexpr int D = kVecD;
+  VecRow w;
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < kLaneElems; ++e) {
+    w.a[e] = to_f(x.v[e]);
+    ss = __fadd_rn(ss, __fmul_rn(w.a[e], w.a[e]));
+  }
+  ss = half_warp_sum(ss);
+  w.r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
+  if (is_qk) {
+    load_scale8<T>(args.scale, args.scale_f32, kLaneElems * lane16, w.scv);
+    const float4 cs = *reinterpret_cast<const float4*>(cos_t + l * (D / 2) + (kLaneElems / 2) * lane16);
+    const float4 sn = *reinterpret_cast<const float4*>(sin_t + l * (D / 2) + (kLaneElems / 2) * lane16);
+    w.cv[0] = cs.x, w.cv[1] = cs.y, w.cv[2] = cs.z, w.cv[3] = cs.w;
+    w.sv[0] = sn.x, w.sv[1] = sn.y, w.sv[2] = sn.z, w.sv[3] = sn.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kLaneElems; ++e) w.scv[e] = 0.f;
+#pragma unroll
+    for (int p = 0; p < kLaneElems / 2; ++p) w.cv[p] = 0.f, w.sv[p] = 0.f;
+  }
+  return w;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_forward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                     T* __restrict__ q, T* __restrict__ k, T* __restrict__ v, uint32_t L,
                                     uint32_t heads, uint32_t rows) {
-  constexpr int D = kVecD;
-  const int lane = threadIdx.x & 31;
-  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * kVecRows;
+  const int lane16 = threadIdx.x & (kRowLanes - 1);
+  const uint32_t half = (threadIdx.x & 31) >> 4;
+  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * (2 * kVecRows) + half;
   RowIndex32 ix[kVecRows];
-  Vec4<T> x[kVecRows];
-  const Segment<T>* sg[kVecRows];
+  Vec8<T> x[kVecRows];
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    if (row0 + i >= rows) break;  // uniform over the warp
-    ix[i] = row_index32(row0 + i, heads, L);
-    sg[i] = (segs.n > 1 && ix[i].l >= segs.s[1].l0) ? &segs.s[1] : &segs.s[0];
-    x[i] = load4(sg[i]->qkv + ix[i].b * sg[i]->sB + (ix[i].l - sg[i]->l0) * sg[i]->sL +
-                 (ix[i].t * heads + ix[i].h) * D + 4 * lane);
+    const uint32_t row = row0 + 2 * i;
+    ix[i] = row_index32(row < rows ? row : rows - 1, heads, L);
+    x[i] = row < rows ? load8(vec_row_args(segs, ix[i], heads, lane16).src) : zero8<T>();
   }
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    if (row0 + i >= rows) break;
-    const int64_t out_off = ((static_cast<int64_t>(ix[i].b) * L + ix[i].l) * heads + ix[i].h) * D + 4 * lane;
-    if (ix[i].t == 2) {
-      store4(v + out_off, x[i]);
+    const uint32_t row = row0 + 2 * i;
+    const bool is_qk = ix[i].t != 2;
+    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
+    const VecRow w = vec_row(x[i], args, is_qk && row < rows, cos_t, sin_t, ix[i].l, lane16);
+    if (row >= rows) continue;
+    const int64_t out_off =
+        ((static_cast<int64_t>(ix[i].b) * L + ix[i].l) * heads + ix[i].h) * kVecD + kLaneElems * lane16;
+    if (!is_qk) {
+      store8(v + out_off, x[i]);
       continue;
     }
-    const VecRow<T> w = vec_row(x[i], ix[i].t == 0 ? sg[i]->q_scale : sg[i]->k_scale, cos_t, sin_t, ix[i].l, lane);
-    Vec4<T> o;
+    Vec8<T> o;
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < kLaneElems / 2; ++p) {
       const float y0 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(w.a[2 * p], w.r)), w.scv[2 * p]));
       const float y1 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(w.a[2 * p + 1], w.r)), w.scv[2 * p + 1]));
       o.v[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(w.cv[p], y0), __fmul_rn(w.sv[p], y1)));
       o.v[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(w.sv[p], y0), __fmul_rn(w.cv[p], y1)));
     }
-    store4((ix[i].t == 0 ? q : k) + out_off, o);
+    store8((ix[i].t == 0 ? q : k) + out_off, o);
   }
 }
 
@@ -302,81 +359,82 @@ __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
                                      uint32_t heads, uint32_t rows) {
-  constexpr int D = kVecD;
-  const int lane = threadIdx.x & 31;
-  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * kVecRows;
+  const int lane16 = threadIdx.x & (kRowLanes - 1);
+  const uint32_t half = (threadIdx.x & 31) >> 4;
+  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * (2 * kVecRows) + half;
   RowIndex32 ix[kVecRows];
-  Vec4<T> gvec[kVecRows], x[kVecRows];
-  const Segment<T>* sg[kVecRows];
+  Vec8<T> gvec[kVecRows], x[kVecRows];
   bool has_g[kVecRows];
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    if (row0 + i >= rows) break;  // uniform over the warp
-    ix[i] = row_index32(row0 + i, heads, L);
-    sg[i] = (segs.n > 1 && ix[i].l >= segs.s[1].l0) ? &segs.s[1] : &segs.s[0];
-    const Grad<T>& gr = ix[i].t == 0 ? gq : ix[i].t == 1 ? gk : gv;
-    has_g[i] = gr.p != nullptr && sg[i]->dqkv != nullptr;
-    if (!has_g[i]) continue;
-    gvec[i] = load4(gr.p + ix[i].b * gr.sB + ix[i].h * gr.sH + ix[i].l * gr.sL + 4 * lane);
-    if (ix[i].t != 2)
-      x[i] = load4(sg[i]->qkv + ix[i].b * sg[i]->sB + (ix[i].l - sg[i]->l0) * sg[i]->sL +
-                   (ix[i].t * heads + ix[i].h) * D + 4 * lane);
+    const uint32_t row = row0 + 2 * i;
+    ix[i] = row_index32(row < rows ? row : rows - 1, heads, L);
+    const uint32_t t = ix[i].t;
+    const T* gp = t == 0 ? gq.p : t == 1 ? gk.p : gv.p;
+    const int64_t gsB = t == 0 ? gq.sB : t == 1 ? gk.sB : gv.sB;
+    const int64_t gsH = t == 0 ? gq.sH : t == 1 ? gk.sH : gv.sH;
+    const int64_t gsL = t == 0 ? gq.sL : t == 1 ? gk.sL : gv.sL;
+    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
+    has_g[i] = row < rows && gp != nullptr && args.dqkv != nullptr;
+    gvec[i] = has_g[i] ? load8(gp + ix[i].b * gsB + ix[i].h * gsH + ix[i].l * gsL + kLaneElems * lane16) : zero8<T>();
+    x[i] = has_g[i] && t != 2 ? load8(args.src) : zero8<T>();
   }
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    if (row0 + i >= rows) break;
-    if (sg[i]->dqkv == nullptr) continue;
-    const int64_t li = ix[i].l - sg[i]->l0;
-    T* dst = sg[i]->dqkv + ((ix[i].b * sg[i]->L + li) * 3 + ix[i].t) * heads * D + ix[i].h * D + 4 * lane;
-    if (!has_g[i]) {
-      Vec4<T> z;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) z.v[e] = from_f<T>(0.f);
-      store4(dst, z);
-      continue;
-    }
-    if (ix[i].t == 2) {
-      store4(dst, gvec[i]);
-      continue;
-    }
-    const VecRow<T> w = vec_row(x[i], ix[i].t == 0 ? sg[i]->q_scale : sg[i]->k_scale, cos_t, sin_t, ix[i].l, lane);
+    const uint32_t row = row0 + 2 * i;
+    const bool is_qk = ix[i].t != 2;
+    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
+    const VecRow w = vec_row(x[i], args, is_qk && has_g[i], cos_t, sin_t, ix[i].l, lane16);
     // dy: the gradient rotated back, rounded to T (as in the generic kernel).
-    float dy[4];
+    float dy[kLaneElems];
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < kLaneElems / 2; ++p) {
       const float g0 = to_f(gvec[i].v[2 * p]), g1 = to_f(gvec[i].v[2 * p + 1]);
       dy[2 * p] = round_to<T>(__fadd_rn(__fmul_rn(w.cv[p], g0), __fmul_rn(w.sv[p], g1)));
       dy[2 * p + 1] = round_to<T>(__fsub_rn(__fmul_rn(w.cv[p], g1), __fmul_rn(w.sv[p], g0)));
     }
     float sgx = 0.f;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sgx += (dy[e] * w.scv[e]) * (w.a[e] * w.r);
-    const float m = warp_sum(sgx) / static_cast<float>(D);
-    Vec4<T> o;
+    for (int e = 0; e < kLaneElems; ++e) sgx += (dy[e] * w.scv[e]) * (w.a[e] * w.r);
+    const float m = half_warp_sum(sgx) / static_cast<float>(kVecD);
+    if (row >= rows || args.dqkv == nullptr) continue;
+    T* dst = args.dqkv;
+    if (!has_g[i]) {
+      store8(dst, zero8<T>());
+      continue;
+    }
+    if (!is_qk) {
+      store8(dst, gvec[i]);
+      continue;
+    }
+    Vec8<T> o;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o.v[e] = from_f<T>(w.r * (dy[e] * w.scv[e] - (w.a[e] * w.r) * m));
-    store4(dst, o);
+    for (int e = 0; e < kLaneElems; ++e) o.v[e] = from_f<T>(w.r * (dy[e] * w.scv[e] - (w.a[e] * w.r) * m));
+    store8(dst, o);
   }
 }
 
 bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// Whether the D == 128 vector kernels may run: every row start aligned to 4 elements, scales to
-// 4 elements, cos/sin to 8, and the row count within 32-bit indexing.
+// Whether the D == 128 vector kernels may run: every row start aligned to 8 elements (their
+// 16- or 32-byte accesses), scales to 8 elements, cos/sin to 16 bytes, and the row count within
+// 32-bit indexing.
 bool vec_path_ok(const std::vector<QkvSegment>& segs, const std::vector<at::Tensor>& qs,
                  const std::vector<at::Tensor>& ks, const at::Tensor& cos, const at::Tensor& sin,
                  const std::vector<const at::Tensor*>& grads, int64_t D, int64_t rows, int64_t L, int64_t heads) {
   if (D != kVecD || rows >= (int64_t{1} << 31) || L * heads * D >= (int64_t{1} << 31)) return false;
-  const size_t e = segs[0].qkv.element_size(), row_bytes = 4 * e;
+  const size_t e = segs[0].qkv.element_size(), row_bytes = kLaneElems * e;
   for (const auto& s : segs)
-    if (!aligned_to(s.qkv.data_ptr(), row_bytes) || s.qkv.stride(0) % 4 != 0 || s.qkv.stride(1) % 4 != 0) return false;
+    if (!aligned_to(s.qkv.data_ptr(), row_bytes) || s.qkv.stride(0) % kLaneElems != 0 ||
+        s.qkv.stride(1) % kLaneElems != 0)
+      return false;
   for (const auto* v : {&qs, &ks})
     for (const auto& t : *v)
-      if (!aligned_to(t.data_ptr(), 4 * t.element_size())) return false;
-  if (!aligned_to(cos.data_ptr(), 8) || !aligned_to(sin.data_ptr(), 8)) return false;
+      if (!aligned_to(t.data_ptr(), kLaneElems * t.element_size())) return false;
+  if (!aligned_to(cos.data_ptr(), 16) || !aligned_to(sin.data_ptr(), 16)) return false;
   for (const at::Tensor* g : grads)
-    if (g->defined() && (!aligned_to(g->data_ptr(), row_bytes) || g->stride(0) % 4 != 0 || g->stride(1) % 4 != 0 ||
-                         g->stride(2) % 4 != 0))
+    if (g->defined() && (!aligned_to(g->data_ptr(), row_bytes) || g->stride(0) % kLaneElems != 0 ||
+                         g->stride(1) % kLaneElems != 0 || g->stride(2) % kLaneElems != 0))
       return false;
   return true;
 }
@@ -444,7 +502,7 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_forward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {}, D, rows, L, heads);
-  const int64_t vec_blocks = (rows + kWarps * kVecRows - 1) / (kWarps * kVecRows);
+  const int64_t vec_blocks = (rows + kWarps * 2 * kVecRows - 1) / (kWarps * 2 * kVecRows);
 #define FLUXTRAIN_QKNR_FWD(T)                                                                                      \
   if (vec)                                                                                                         \
     qk_norm_rope_forward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(                    \
@@ -500,7 +558,7 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
-  const int64_t vec_blocks = (rows + kWarps * kVecRows - 1) / (kWarps * kVecRows);
+  const int64_t vec_blocks = (rows + kWarps * 2 * kVecRows - 1) / (kWarps * 2 * kVecRows);
 
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
   if (vec)                                                                                                      \
