@@ -177,21 +177,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- Fast path for D == 128 (FLUX): half a warp per row, each of its 16 lanes holding 8
-// consecutive elements (four rotation pairs) read and written with one 16-byte access (two for
-// float32), and 32-bit row indexing. A warp takes kVecRows pairs of neighbouring rows and issues
-// all their loads before any arithmetic. The per-element arithmetic is the generic kernels'
-// (same roundings); only the order of the float32 row sums differs. Every lane takes part in
-// every shuffle (rows past the end and rows without a gradient compute on zeros and store
-// nothing), so the two half-warps may take different branches only around loads and stores.
-// Operands are selected with scalar selects, never by reference to a kernel parameter: a
-// reference chosen at run time made nvcc copy the parameters to a per-thread stack (96 bytes per
-// thread in session 11's backward kernel, which ran at about 1.1 TB/s).
-// The generic kernels above stay for other D and for unaligned operands (vec_path_ok).
+// ---- Fast path for D == 128 (FLUX): one block per token, half a warp per row of that token,
+// each of the row's 16 lanes holding 8 consecutive elements (four rotation pairs) read and
+// written with one 16-byte access (two for float32). A token's 3 * heads rows (q, k, v of each
+// head) are neighbours in memory, so a block reads and writes contiguous runs; its cos/sin and
+// norm scales are read once per thread, not once per row, and a row's (part, head) comes from
+// two compares instead of integer divisions (session 11's kernels spent as many instructions
+// on row indexing as on arithmetic, and ran at 1.1-1.5 TB/s). A warp takes kVecRows pairs of rows
+// and issues all their loads before any arithmetic. The per-element arithmetic is the generic
+// kernels' (same roundings); only the order of the float32 row sums differs. Every lane takes
+// part in every shuffle (rows past the token's last compute on zeros and store nothing).
+// Operands are selected with scalar selects, never by a reference to a kernel parameter chosen
+// at run time: that made nvcc copy the parameters to a per-thread stack (96 bytes per thread in
+// session 11's backward kernel). The generic kernels above stay for other D, more than
+// kVecMaxHeads heads and unaligned operands (vec_path_ok).
 constexpr int kVecD = 128;
-constexpr int kLaneElems = 8;                     // elements per lane
-constexpr int kRowLanes = kVecD / kLaneElems;     // 16 lanes per row
-constexpr int kVecRows = 4;                       // row pairs per warp
+constexpr int kLaneElems = 8;                  // elements per lane
+constexpr int kRowLanes = kVecD / kLaneElems;  // 16 lanes per row
+constexpr int kVecRows = 4;                    // row pairs per warp
+constexpr int kVecMaxThreads = 384;            // 12 warps: 96 rows, 32 heads
+constexpr int kVecMaxHeads = kVecMaxThreads / 32 * 2 * kVecRows / 3;
+
+int vec_threads(int64_t heads) {
+  const int64_t rows = 3 * heads, per_warp = 2 * kVecRows;
+  return static_cast<int>((rows + per_warp - 1) / per_warp) * 32;
+}
 
 template <typename T>
 struct alignas(kLaneElems * sizeof(T)) Vec8 {
@@ -230,199 +240,182 @@ __device__ __forceinline__ void load_scale8(const void* p, bool f32, uint32_t i,
   }
 }
 
-struct RowIndex32 {
-  uint32_t b, l, t, h;
-};
-
-__device__ __forceinline__ RowIndex32 row_index32(uint32_t row, uint32_t heads, uint32_t L) {
-  RowIndex32 r;
-  const uint32_t th = row / heads;
-  r.h = row - th * heads;
-  const uint32_t bl = th / 3;
-  r.t = th - bl * 3;
-  r.b = bl / L;
-  r.l = bl - r.b * L;
-  return r;
-}
-
-// The operands of one row, selected by scalar selects from the kernel's parameters.
+// What a thread needs of its block's token: the token's q/k/v input rows (lane offset included),
+// its gradient output rows (backward; null when not wanted), the norm scales (read per row, from
+// L1: holding them in registers cost the backward kernel half its occupancy) and the lane's
+// cos/sin, read once.
 template <typename T>
-struct VecRowArgs {
-  const T* src;        // the row's q/k/v input (its lane's elements)
-  const void* scale;   // the norm scale of q or k
-  bool scale_f32;
-  T* dqkv;             // backward: the row's gradient output (its lane's elements), null when not wanted
-  uint32_t li;         // token index within the row's segment
+struct VecToken {
+  uint32_t b, l;
+  const T* src;  // row r at src + r * D
+  T* dqkv;       // row r at dqkv + r * D
+  const void* qs;
+  const void* ks;
+  bool qs_f32, ks_f32;
+  float cv[kLaneElems / 2], sv[kLaneElems / 2];
 };
 
 template <typename T>
-__device__ __forceinline__ VecRowArgs<T> vec_row_args(const Segments<T>& segs, const RowIndex32& ix, uint32_t heads,
-                                                      int lane16) {
-  const bool second = segs.n > 1 && ix.l >= segs.s[1].l0;
+__device__ __forceinline__ VecToken<T> vec_token(const Segments<T>& segs, const float* cos_t, const float* sin_t,
+                                                 uint32_t L, uint32_t heads, int lane16) {
+  VecToken<T> k;
+  k.b = blockIdx.x / L;
+  k.l = blockIdx.x - k.b * L;
+  const bool second = segs.n > 1 && k.l >= segs.s[1].l0;
   const T* qkv = second ? segs.s[1].qkv : segs.s[0].qkv;
+  T* dq = second ? segs.s[1].dqkv : segs.s[0].dqkv;
   const int64_t sB = second ? segs.s[1].sB : segs.s[0].sB;
   const int64_t sL = second ? segs.s[1].sL : segs.s[0].sL;
-  const int64_t l0 = second ? segs.s[1].l0 : segs.s[0].l0;
   const int64_t Ls = second ? segs.s[1].L : segs.s[0].L;
-  const void* qsp = second ? segs.s[1].q_scale.p : segs.s[0].q_scale.p;
-  const void* ksp = second ? segs.s[1].k_scale.p : segs.s[0].k_scale.p;
-  const bool qsf = second ? segs.s[1].q_scale.f32 : segs.s[0].q_scale.f32;
-  const bool ksf = second ? segs.s[1].k_scale.f32 : segs.s[0].k_scale.f32;
-  T* dq = second ? segs.s[1].dqkv : segs.s[0].dqkv;
-  VecRowArgs<T> a;
-  a.li = ix.l - static_cast<uint32_t>(l0);
-  const int64_t e = (ix.t * heads + ix.h) * kVecD + kLaneElems * lane16;
-  a.src = qkv + ix.b * sB + a.li * sL + e;
-  a.scale = ix.t == 0 ? qsp : ksp;
-  a.scale_f32 = ix.t == 0 ? qsf : ksf;
-  a.dqkv = dq == nullptr ? nullptr : dq + ((ix.b * Ls + a.li) * 3) * heads * kVecD + e;
-  return a;
+  const int64_t li = k.l - (second ? segs.s[1].l0 : segs.s[0].l0);
+  k.qs = second ? segs.s[1].q_scale.p : segs.s[0].q_scale.p;
+  k.ks = second ? segs.s[1].k_scale.p : segs.s[0].k_scale.p;
+  k.qs_f32 = second ? segs.s[1].q_scale.f32 : segs.s[0].q_scale.f32;
+  k.ks_f32 = second ? segs.s[1].k_scale.f32 : segs.s[0].k_scale.f32;
+  const int64_t lane_off = kLaneElems * lane16;
+  k.src = qkv + k.b * sB + li * sL + lane_off;
+  k.dqkv = dq == nullptr ? nullptr : dq + (k.b * Ls + li) * 3 * heads * kVecD + lane_off;
+  const float4 cs = *reinterpret_cast<const float4*>(cos_t + k.l * (kVecD / 2) + (kLaneElems / 2) * lane16);
+  const float4 sn = *reinterpret_cast<const float4*>(sin_t + k.l * (kVecD / 2) + (kLaneElems / 2) * lane16);
+  k.cv[0] = cs.x, k.cv[1] = cs.y, k.cv[2] = cs.z, k.cv[3] = cs.w;
+  k.sv[0] = sn.x, k.sv[1] = sn.y, k.sv[2] = sn.z, k.sv[3] = sn.w;
+  return k;
 }
 
-// What both kernels compute for a q or k row before they differ: the lane's inputs in float32,
-// the row's 1/rms (the generic row_rrms' formula), the lane's scales and its pairs' cos/sin.
-struct VecRow {
-  float a[kLaneElems], r, scv[kLaneElems], cv[kLaneElems / 2], sv[kLaneElems / 2];
-};
+// Part t (0 q, 1 k, 2 v) of the token's row r.
+__device__ __forceinline__ uint32_t row_part(uint32_t r, uint32_t heads) { return r >= 2 * heads ? 2 : r >= heads ? 1 : 0; }
 
+// The lane's inputs in float32 and the row's 1/rms (the generic row_rrms' formula).
 template <typename T>
-__device__ __forceinline__ VecRow vec_row(const Vec8<T>& x, const VecRowArgs<T>& args, bool is_qk,
-                                          const float* cos_t, const float* sin_t, uint32_t l, int lane16) {
-  constexpr int D = kVecD;
-  VecRow w;
+__device__ __forceinline__ float vec_rrms(const Vec8<T>& x, float a[kLaneElems]) {
   float ss = 0.f;
 #pragma unroll
   for (int e = 0; e < kLaneElems; ++e) {
-    w.a[e] = to_f(x.v[e]);
-    ss = __fadd_rn(ss, __fmul_rn(w.a[e], w.a[e]));
+    a[e] = to_f(x.v[e]);
+    ss = __fadd_rn(ss, __fmul_rn(a[e], a[e]));
   }
   ss = half_warp_sum(ss);
-  w.r = 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(D)), kEps));
-  if (is_qk) {
-    load_scale8<T>(args.scale, args.scale_f32, kLaneElems * lane16, w.scv);
-    const float4 cs = *reinterpret_cast<const float4*>(cos_t + l * (D / 2) + (kLaneElems / 2) * lane16);
-    const float4 sn = *reinterpret_cast<const float4*>(sin_t + l * (D / 2) + (kLaneElems / 2) * lane16);
-    w.cv[0] = cs.x, w.cv[1] = cs.y, w.cv[2] = cs.z, w.cv[3] = cs.w;
-    w.sv[0] = sn.x, w.sv[1] = sn.y, w.sv[2] = sn.z, w.sv[3] = sn.w;
-  } else {
-#pragma unroll
-    for (int e = 0; e < kLaneElems; ++e) w.scv[e] = 0.f;
-#pragma unroll
-    for (int p = 0; p < kLaneElems / 2; ++p) w.cv[p] = 0.f, w.sv[p] = 0.f;
-  }
-  return w;
+  return 1.f / sqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(kVecD)), kEps));
 }
 
+// grid.x = B * L tokens, vec_threads(heads) threads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kVecMaxThreads)
     qk_norm_rope_forward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                     T* __restrict__ q, T* __restrict__ k, T* __restrict__ v, uint32_t L,
-                                    uint32_t heads, uint32_t rows) {
+                                    uint32_t heads) {
   const int lane16 = threadIdx.x & (kRowLanes - 1);
-  const uint32_t half = (threadIdx.x & 31) >> 4;
-  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * (2 * kVecRows) + half;
-  RowIndex32 ix[kVecRows];
+  const uint32_t rows = 3 * heads;
+  const uint32_t r0 = (threadIdx.x >> 5) * (2 * kVecRows) + ((threadIdx.x & 31) >> 4);
+  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, L, heads, lane16);
   Vec8<T> x[kVecRows];
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    const uint32_t row = row0 + 2 * i;
-    ix[i] = row_index32(row < rows ? row : rows - 1, heads, L);
-    x[i] = row < rows ? load8(vec_row_args(segs, ix[i], heads, lane16).src) : zero8<T>();
+    const uint32_t r = r0 + 2 * i;
+    x[i] = r < rows ? load8(tk.src + r * kVecD) : zero8<T>();
   }
+  const int64_t tok_out = (static_cast<int64_t>(tk.b) * L + tk.l) * heads * kVecD + kLaneElems * lane16;
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    const uint32_t row = row0 + 2 * i;
-    const bool is_qk = ix[i].t != 2;
-    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
-    const VecRow w = vec_row(x[i], args, is_qk && row < rows, cos_t, sin_t, ix[i].l, lane16);
-    if (row >= rows) continue;
-    const int64_t out_off =
-        ((static_cast<int64_t>(ix[i].b) * L + ix[i].l) * heads + ix[i].h) * kVecD + kLaneElems * lane16;
-    if (!is_qk) {
-      store8(v + out_off, x[i]);
+    const uint32_t r = r0 + 2 * i;
+    const uint32_t t = row_part(r, heads);
+    float a[kLaneElems];
+    const float rr = vec_rrms(x[i], a);
+    if (r >= rows) continue;
+    T* dst = (t == 0 ? q : t == 1 ? k : v) + tok_out + (r - t * heads) * kVecD;
+    if (t == 2) {
+      store8(dst, x[i]);
       continue;
     }
+    float sc[kLaneElems];
+    load_scale8<T>(t == 0 ? tk.qs : tk.ks, t == 0 ? tk.qs_f32 : tk.ks_f32, kLaneElems * lane16, sc);
     Vec8<T> o;
 #pragma unroll
     for (int p = 0; p < kLaneElems / 2; ++p) {
-      const float y0 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(w.a[2 * p], w.r)), w.scv[2 * p]));
-      const float y1 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(w.a[2 * p + 1], w.r)), w.scv[2 * p + 1]));
-      o.v[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(w.cv[p], y0), __fmul_rn(w.sv[p], y1)));
-      o.v[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(w.sv[p], y0), __fmul_rn(w.cv[p], y1)));
+      const float y0 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(a[2 * p], rr)), sc[2 * p]));
+      const float y1 = round_to<T>(__fmul_rn(round_to<T>(__fmul_rn(a[2 * p + 1], rr)), sc[2 * p + 1]));
+      o.v[2 * p] = from_f<T>(__fsub_rn(__fmul_rn(tk.cv[p], y0), __fmul_rn(tk.sv[p], y1)));
+      o.v[2 * p + 1] = from_f<T>(__fadd_rn(__fmul_rn(tk.sv[p], y0), __fmul_rn(tk.cv[p], y1)));
     }
-    store8((ix[i].t == 0 ? q : k) + out_off, o);
+    store8(dst, o);
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kVecMaxThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
-                                     uint32_t heads, uint32_t rows) {
+                                     uint32_t heads) {
   const int lane16 = threadIdx.x & (kRowLanes - 1);
-  const uint32_t half = (threadIdx.x & 31) >> 4;
-  const uint32_t row0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * (2 * kVecRows) + half;
-  RowIndex32 ix[kVecRows];
+  const uint32_t rows = 3 * heads;
+  const uint32_t r0 = (threadIdx.x >> 5) * (2 * kVecRows) + ((threadIdx.x & 31) >> 4);
+  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, L, heads, lane16);
+  if (tk.dqkv == nullptr) return;  // uniform over the block: this segment's gradient is not wanted
+  // The gradients' rows of this token (head 0), and their head strides.
+  const int64_t lane_off = kLaneElems * lane16;
+  const T* g0 = gq.p == nullptr ? nullptr : gq.p + tk.b * gq.sB + tk.l * gq.sL + lane_off;
+  const T* g1 = gk.p == nullptr ? nullptr : gk.p + tk.b * gk.sB + tk.l * gk.sL + lane_off;
+  const T* g2 = gv.p == nullptr ? nullptr : gv.p + tk.b * gv.sB + tk.l * gv.sL + lane_off;
   Vec8<T> gvec[kVecRows], x[kVecRows];
-  bool has_g[kVecRows];
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    const uint32_t row = row0 + 2 * i;
-    ix[i] = row_index32(row < rows ? row : rows - 1, heads, L);
-    const uint32_t t = ix[i].t;
-    const T* gp = t == 0 ? gq.p : t == 1 ? gk.p : gv.p;
-    const int64_t gsB = t == 0 ? gq.sB : t == 1 ? gk.sB : gv.sB;
-    const int64_t gsH = t == 0 ? gq.sH : t == 1 ? gk.sH : gv.sH;
-    const int64_t gsL = t == 0 ? gq.sL : t == 1 ? gk.sL : gv.sL;
-    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
-    has_g[i] = row < rows && gp != nullptr && args.dqkv != nullptr;
-    gvec[i] = has_g[i] ? load8(gp + ix[i].b * gsB + ix[i].h * gsH + ix[i].l * gsL + kLaneElems * lane16) : zero8<T>();
-    x[i] = has_g[i] && t != 2 ? load8(args.src) : zero8<T>();
+    const uint32_t r = r0 + 2 * i;
+    const uint32_t t = row_part(r, heads), h = r - t * heads;
+    const T* g = t == 0 ? g0 : t == 1 ? g1 : g2;
+    const int64_t sH = t == 0 ? gq.sH : t == 1 ? gk.sH : gv.sH;
+    const bool has_g = r < rows && g != nullptr;
+    gvec[i] = has_g ? load8(g + h * sH) : zero8<T>();
+    x[i] = has_g && t != 2 ? load8(tk.src + r * kVecD) : zero8<T>();
   }
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
-    const uint32_t row = row0 + 2 * i;
-    const bool is_qk = ix[i].t != 2;
-    const VecRowArgs<T> args = vec_row_args(segs, ix[i], heads, lane16);
-    const VecRow w = vec_row(x[i], args, is_qk && has_g[i], cos_t, sin_t, ix[i].l, lane16);
+    const uint32_t r = r0 + 2 * i;
+    const uint32_t t = row_part(r, heads);
+    float a[kLaneElems];
+    const float rr = vec_rrms(x[i], a);
+    float sc[kLaneElems];
+    if (t != 2) {
+      load_scale8<T>(t == 0 ? tk.qs : tk.ks, t == 0 ? tk.qs_f32 : tk.ks_f32, kLaneElems * lane16, sc);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kLaneElems; ++e) sc[e] = 0.f;
+    }
     // dy: the gradient rotated back, rounded to T (as in the generic kernel).
     float dy[kLaneElems];
 #pragma unroll
     for (int p = 0; p < kLaneElems / 2; ++p) {
-      const float g0 = to_f(gvec[i].v[2 * p]), g1 = to_f(gvec[i].v[2 * p + 1]);
-      dy[2 * p] = round_to<T>(__fadd_rn(__fmul_rn(w.cv[p], g0), __fmul_rn(w.sv[p], g1)));
-      dy[2 * p + 1] = round_to<T>(__fsub_rn(__fmul_rn(w.cv[p], g1), __fmul_rn(w.sv[p], g0)));
+      const float ga = to_f(gvec[i].v[2 * p]), gb = to_f(gvec[i].v[2 * p + 1]);
+      dy[2 * p] = round_to<T>(__fadd_rn(__fmul_rn(tk.cv[p], ga), __fmul_rn(tk.sv[p], gb)));
+      dy[2 * p + 1] = round_to<T>(__fsub_rn(__fmul_rn(tk.cv[p], gb), __fmul_rn(tk.sv[p], ga)));
     }
     float sgx = 0.f;
 #pragma unroll
-    for (int e = 0; e < kLaneElems; ++e) sgx += (dy[e] * w.scv[e]) * (w.a[e] * w.r);
+    for (int e = 0; e < kLaneElems; ++e) sgx += (dy[e] * sc[e]) * (a[e] * rr);
     const float m = half_warp_sum(sgx) / static_cast<float>(kVecD);
-    if (row >= rows || args.dqkv == nullptr) continue;
-    T* dst = args.dqkv;
-    if (!has_g[i]) {
-      store8(dst, zero8<T>());
-      continue;
-    }
-    if (!is_qk) {
+    if (r >= rows) continue;
+    T* dst = tk.dqkv + r * kVecD;
+    if (t == 2) {  // v: the gradient as it is (zeros when it is undefined)
       store8(dst, gvec[i]);
       continue;
     }
     Vec8<T> o;
 #pragma unroll
-    for (int e = 0; e < kLaneElems; ++e) o.v[e] = from_f<T>(w.r * (dy[e] * w.scv[e] - (w.a[e] * w.r) * m));
+    for (int e = 0; e < kLaneElems; ++e) o.v[e] = from_f<T>(rr * (dy[e] * sc[e] - (a[e] * rr) * m));
     store8(dst, o);
   }
 }
 
 bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// Whether the D == 128 vector kernels may run: every row start aligned to 8 elements (their
+// Whether the D == 128 vector kernels may run: at most kVecMaxHeads heads, every row start aligned
+// to 8 elements (their
 // 16- or 32-byte accesses), scales to 8 elements, cos/sin to 16 bytes, and the row count within
 // 32-bit indexing.
 bool vec_path_ok(const std::vector<QkvSegment>& segs, const std::vector<at::Tensor>& qs,
                  const std::vector<at::Tensor>& ks, const at::Tensor& cos, const at::Tensor& sin,
                  const std::vector<const at::Tensor*>& grads, int64_t D, int64_t rows, int64_t L, int64_t heads) {
-  if (D != kVecD || rows >= (int64_t{1} << 31) || L * heads * D >= (int64_t{1} << 31)) return false;
+  if (D != kVecD || heads > kVecMaxHeads || rows >= (int64_t{1} << 31) || L * heads * D >= (int64_t{1} << 31))
+    return false;
   const size_t e = segs[0].qkv.element_size(), row_bytes = kLaneElems * e;
   for (const auto& s : segs)
     if (!aligned_to(s.qkv.data_ptr(), row_bytes) || s.qkv.stride(0) % kLaneElems != 0 ||
@@ -502,13 +495,13 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_forward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {}, D, rows, L, heads);
-  const int64_t vec_blocks = (rows + kWarps * 2 * kVecRows - 1) / (kWarps * 2 * kVecRows);
+  const int64_t vec_blocks = B * L;  // one block per token
 #define FLUXTRAIN_QKNR_FWD(T)                                                                                      \
   if (vec)                                                                                                         \
-    qk_norm_rope_forward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(                    \
+    qk_norm_rope_forward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), vec_threads(heads), 0, stream>>>(         \
         make_segments<T>(segs, qs, ks, nullptr), c.data_ptr<float>(), s.data_ptr<float>(),                          \
         reinterpret_cast<T*>(q.data_ptr()), reinterpret_cast<T*>(k.data_ptr()), reinterpret_cast<T*>(v.data_ptr()), \
-        static_cast<uint32_t>(L), static_cast<uint32_t>(heads), static_cast<uint32_t>(rows));                      \
+        static_cast<uint32_t>(L), static_cast<uint32_t>(heads));                                                   \
   else                                                                                                             \
   qk_norm_rope_forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                           \
       make_segments<T>(segs, qs, ks, nullptr), c.data_ptr<float>(), s.data_ptr<float>(),                            \
@@ -558,14 +551,13 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
-  const int64_t vec_blocks = (rows + kWarps * 2 * kVecRows - 1) / (kWarps * 2 * kVecRows);
+  const int64_t vec_blocks = B * L;  // one block per token
 
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
   if (vec)                                                                                                      \
-    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(                \
+    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), vec_threads(heads), 0, stream>>>(     \
         make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
-        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads),            \
-        static_cast<uint32_t>(rows));                                                                           \
+        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads));          \
   else                                                                                                          \
   qk_norm_rope_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                       \
       make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),         \
