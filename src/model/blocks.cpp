@@ -8,6 +8,7 @@
 #include <ATen/Context.h>
 
 #include "model/condition_cache.h"
+#include "model/gelu_linear.h"
 #include "model/layers.h"
 #include "model/lora_linear.h"
 #include "model/recompute.h"
@@ -109,28 +110,45 @@ std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> modulation_pair(cons
   return {both.narrow(0, 0, B).chunk(n, -1), both.narrow(0, B, B).chunk(n, -1)};
 }
 
-// In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
-// uncomputed (its backward only) when no adapter of these tokens (the main stream's, or every
-// condition's) is on it and its gate needs no gradient: then nothing reads its output values.
-// fp8 stored weights (--fp8_matmul) keep the full recomputation: grad_only_linear multiplies by
-// the weight as it is given. Outside a recomputation it returns before building any name.
-bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const char* linear,
-                   bool cond_stream) {
-  if (!replaying_recompute() || gate.requires_grad()) return false;
-  const std::string name = linear;
-  if (w.at(name + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
+// Whether a frozen linear runs as a plain bf16/f16/f32 product for these tokens: no adapter of
+// theirs (the main stream's, or any condition's) is on it, and its weight is not in fp8 stored
+// form (--fp8_matmul multiplies the codes as they are given).
+bool plain_frozen(const BlockContext& c, const TensorMap& w, const std::string& linear, bool cond_stream) {
+  if (w.at(linear + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
   if (!c.lora) return true;
   const int first = cond_stream ? 0 : -1, end = cond_stream ? static_cast<int>(c.cond_lens.size()) : 0;
   for (int n = first; n < end; ++n)
-    if (!c.lora->find(c.block, name, n).empty()) return false;
+    if (!c.lora->find(c.block, linear, n).empty()) return false;
   return true;
 }
 
-// The MLP; skip_out: its second linear is only given a backward (skip_terminal).
+// In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
+// uncomputed (its backward only) when it is a plain frozen product and its gate needs no
+// gradient: then nothing reads its output values. Outside a recomputation it returns before
+// building any name.
+bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const char* linear,
+                   bool cond_stream) {
+  if (!replaying_recompute() || gate.requires_grad()) return false;
+  return plain_frozen(c, w, linear, cond_stream);
+}
+
+// The bias of a linear, undefined when it has none.
+at::Tensor bias_of(const TensorMap& w, const std::string& linear) {
+  auto bi = w.find(linear + ".bias");
+  return bi == w.end() ? at::Tensor() : bi->second;
+}
+
+// The MLP: GELU of the up projection, then the down projection. A plain frozen down projection
+// runs as gelu_linear (model/gelu_linear.h: its backward applies GELU's derivative in the GEMM);
+// skip_out: it is only given a backward (skip_terminal).
 template <typename Lin>
-at::Tensor mlp(const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin, bool skip_out) {
-  at::Tensor h = at::gelu(lin(x, prefix + ".0"), "tanh");
-  return skip_out ? grad_only_linear({h}, w.at(prefix + ".2.weight")) : lin(h, prefix + ".2");
+at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin,
+               bool cond_stream, bool skip_out) {
+  at::Tensor pre = lin(x, prefix + ".0");
+  const std::string down = prefix + ".2";
+  if (skip_out || plain_frozen(c, w, down, cond_stream))
+    return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), !skip_out);
+  return lin(at::gelu(pre, "tanh"), down);
 }
 
 // linear2 of a single block applied to cat(attn, act) without materialising the concatenation:
@@ -156,6 +174,17 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
   auto sz = y.sizes().vec();
   return at::addmm(y.reshape({-1, sz.back()}), act.reshape({-1, act.size(-1)}), W.narrow(1, H, W.size(1) - H).t())
       .view(sz);
+}
+
+// A single block's linear2 over [attention, GELU(mlp_pre)] for the main stream (cond_stream
+// false) or the condition stream: gelu_linear when it is a plain frozen product (only its
+// backward in a replay, skip_terminal), single_linear2 otherwise.
+at::Tensor linear2_of(const BlockContext& c, const TensorMap& w, const at::Tensor& attn, const at::Tensor& mlp_pre,
+                      const at::Tensor& gate, bool cond_stream) {
+  const bool skip = skip_terminal(c, w, gate, "linear2", cond_stream);
+  if (skip || plain_frozen(c, w, "linear2", cond_stream))
+    return gelu_linear({attn}, mlp_pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip);
+  return single_linear2(c, w, attn, at::gelu(mlp_pre, "tanh"), cond_stream ? 0 : -1);
 }
 
 // Strides of a dense [B, heads, L, D] tensor laid out as [B, L, heads, D] (merged heads): the
@@ -302,16 +331,16 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const at::Tensor& txt_a = parts[0];
   const at::Tensor& img_a = parts[1];
   at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
-  img_out = at::addcmul(img_out, im[5], mlp(modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin,
+  img_out = at::addcmul(img_out, im[5], mlp(c, modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin, false,
                                             skip_terminal(c, w, im[5], "img_mlp.2", false)));
   at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
-  txt_out = at::addcmul(txt_out, tm[5], mlp(modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
-                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); },
+  txt_out = at::addcmul(txt_out, tm[5], mlp(c, modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
+                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); }, false,
                         skip_terminal(c, w, tm[5], "txt_mlp.2", false)));
   at::Tensor cond_out;
   if (has_cond) {
     cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
-    cond_out = at::addcmul(cond_out, cm[5], mlp(modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin,
+    cond_out = at::addcmul(cond_out, cm[5], mlp(c, modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin, true,
                                                 skip_terminal(c, w, cm[5], "img_mlp.2", true)));
   }
   return {img_out, txt_out, cond_out};
@@ -365,17 +394,11 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   }
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor act = at::gelu(mlp_in, "tanh");
-  at::Tensor x_out = at::addcmul(x, m[2], skip_terminal(c, w, m[2], "linear2", false)
-                                              ? grad_only_linear({om, act}, w.at("linear2.weight"))
-                                              : single_linear2(c, w, om, act, -1));
+  at::Tensor x_out = at::addcmul(x, m[2], linear2_of(c, w, om, mlp_in, m[2], false));
   at::Tensor cond_out = cond;
-  if (cond_out_needed) {
-    at::Tensor cact = at::gelu(cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M), "tanh");
-    cond_out = at::addcmul(cond, cm[2], skip_terminal(c, w, cm[2], "linear2", true)
-                                            ? grad_only_linear({oc, cact}, w.at("linear2.weight"))
-                                            : single_linear2(c, w, oc, cact, 0));
-  }
+  if (cond_out_needed)
+    cond_out = at::addcmul(cond, cm[2], linear2_of(c, w, oc, cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M),
+                                                   cm[2], true));
   return {x_out, cond_out};
 }
 

@@ -144,6 +144,8 @@ RecomputeScope::~RecomputeScope() {
 void set_checkpoint_attention(bool keep) { g_keep_attention = keep; }
 bool checkpoint_attention() { return g_keep_attention; }
 
+void note_linear_skipped() { ++g_linears_skipped; }
+
 RecomputeStats recompute_stats() { return {g_attention_replayed.load(), g_linears_skipped.load()}; }
 
 bool replaying_recompute() { return t_tape && t_phase == RecomputeTape::Phase::Replay; }

@@ -87,4 +87,7 @@ at::Tensor recorded_attention(const at::Tensor& q, const at::Tensor& k, const at
 // a linear without adapters whose output values nothing reads.
 at::Tensor grad_only_linear(const std::vector<at::Tensor>& xs, const at::Tensor& w);
 
+// Counts a linear left uncomputed by a replay elsewhere (model/gelu_linear.h) in recompute_stats().
+void note_linear_skipped();
+
 }  // namespace fluxtrain

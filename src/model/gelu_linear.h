@@ -1,0 +1,26 @@
+// The frozen linear after FLUX's tanh-GELU, as one autograd node:
+//
+//   y = cat(xs..., gelu_tanh(pre), -1) w^T + b
+//
+// (the MLP's down projection: xs empty; a single block's linear2 over [attention, GELU(mlp)]:
+// xs = {attention}). Its backward gives pre its gradient through kernels::matmul_dgelu: on CUDA
+// one GEMM whose epilogue applies GELU's derivative, instead of a GEMM writing the activation's
+// gradient and a GELU backward reading it again (docs/benchmarks.md, session 12). The forward is
+// the same kernels as the unfused ops (GELU, then the GEMMs), and GELU's output is not saved:
+// only pre is, as autograd saved it for the GELU backward.
+//
+// For linears without adapters on these tokens (the caller checks): w and b get no gradient.
+// compute_output false: y is allocated but not computed, for a checkpointed block's replay
+// (model/recompute.h: nothing reads the output of the linear before a gated residual there),
+// which then skips GELU's forward as well; it counts as a skipped linear in recompute_stats().
+#pragma once
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace fluxtrain {
+
+at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre, const at::Tensor& w,
+                       const at::Tensor& b, bool compute_output);
+
+}  // namespace fluxtrain

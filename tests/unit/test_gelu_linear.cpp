@@ -1,0 +1,138 @@
+// The linear after FLUX's tanh-GELU as one node (model/gelu_linear.h) and its input gradient in
+// one GEMM (kernels/matmul_dgelu.h):
+//  - the reference product against GELU's derivative taken by central finite differences of
+//    GELU's own definition, x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in float64;
+//  - gelu_linear's forward and gradients against autograd through the unfused expression
+//    (cat, GELU, linear) in float64, with and without a second input, and with compute_output off;
+//  - on CUDA, cuBLASLt's DGELU epilogue against the float64 formula, and that its derivative is
+//    the tanh form's and not the erf form's.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "kernels/matmul_dgelu.h"
+#include "model/gelu_linear.h"
+#include "model/recompute.h"
+
+using namespace fluxtrain;
+
+namespace {
+
+// GELU (tanh form) from its definition, float64.
+at::Tensor gelu_tanh_def(const at::Tensor& x) {
+  const double k = std::sqrt(2.0 / M_PI);
+  return 0.5 * x * (1.0 + at::tanh(k * (x + 0.044715 * x * x * x)));
+}
+
+// Its derivative by central differences (float64, step 1e-5: error ~1e-10 here).
+at::Tensor gelu_tanh_fd(const at::Tensor& x) {
+  const double h = 1e-5;
+  return (gelu_tanh_def(x + h) - gelu_tanh_def(x - h)) / (2 * h);
+}
+
+// The erf form's derivative, Phi(x) + x phi(x): what the tanh form must not be mistaken for.
+at::Tensor gelu_erf_deriv(const at::Tensor& x) {
+  return 0.5 * (1.0 + at::erf(x / std::sqrt(2.0))) + x * at::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
+}
+
+double max_rel(const at::Tensor& got, const at::Tensor& want) {
+  at::Tensor g = got.to(at::kDouble).cpu(), w = want.to(at::kDouble).cpu();
+  return (g - w).abs().max().item<double>() / std::max(w.abs().max().item<double>(), 1e-300);
+}
+
+}  // namespace
+
+// Tolerance: 1e-8 of the largest magnitude (finite-difference error ~1e-10).
+TEST(MatmulDgelu, ReferenceMatchesFiniteDifferencesOfGelusDefinition) {
+  at::manual_seed(3);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor dy = at::randn({7, 5}, f64), w = at::randn({5, 11}, f64), pre = at::randn({7, 11}, f64) * 3;
+  at::Tensor want = at::mm(dy, w) * gelu_tanh_fd(pre);
+  EXPECT_LT(max_rel(kernels::matmul_dgelu_reference(dy, w, pre), want), 1e-8);
+  EXPECT_LT(max_rel(kernels::matmul_dgelu(dy, w, pre), want), 1e-8);  // the CPU dispatch
+}
+
+// float64: forward 1e-12, gradients 1e-12 (both sides are the same formulas in float64).
+TEST(GeluLinear, MatchesAutogradThroughTheUnfusedOps) {
+  at::manual_seed(5);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 2, L = 3, H = 4, M = 6, O = 5;
+  for (bool with_attn : {false, true}) {
+    const int64_t in = (with_attn ? H : 0) + M;
+    at::Tensor attn = at::randn({B, L, H}, f64).set_requires_grad(true);
+    at::Tensor pre = (at::randn({B, L, M}, f64) * 2).set_requires_grad(true);
+    at::Tensor w = at::randn({O, in}, f64), b = at::randn({O}, f64), gy = at::randn({B, L, O}, f64);
+    std::vector<at::Tensor> xs;
+    if (with_attn) xs.push_back(attn);
+    at::Tensor act = at::gelu(pre, "tanh");
+    at::Tensor want = at::linear(with_attn ? at::cat({attn, act}, -1) : act, w, b);
+    std::vector<at::Tensor> ins = xs;
+    ins.push_back(pre);
+    auto gw = torch::autograd::grad({want}, ins, {gy});
+    at::Tensor got = gelu_linear(xs, pre, w, b, true);
+    EXPECT_LT(max_rel(got, want), 1e-12) << with_attn;
+    auto gg = torch::autograd::grad({got}, ins, {gy});
+    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(max_rel(gg[i], gw[i]), 1e-12) << with_attn << " input " << i;
+    // Output left uncomputed: the same gradients, counted as a skipped linear.
+    const int64_t skipped = recompute_stats().linears_skipped;
+    at::Tensor empty = gelu_linear(xs, pre, w, b, false);
+    EXPECT_EQ(empty.sizes(), want.sizes());
+    EXPECT_EQ(recompute_stats().linears_skipped, skipped + 1);
+    auto ge = torch::autograd::grad({empty}, ins, {gy});
+    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(max_rel(ge[i], gw[i]), 1e-12) << with_attn << " input " << i;
+  }
+}
+
+// cuBLASLt's DGELU epilogue (GPU only). Tolerances against the float64 formula on the same
+// operands, relative to the largest magnitude: float32 1e-5; bf16/fp16 1e-2 (one rounding of the
+// output, plus the operands' products accumulated in float32). The form: with w = I (an exact
+// product), float32, the result is within 1e-5 of the tanh form's derivative, while the erf form
+// differs from it by more than 1e-4 on these inputs.
+TEST(MatmulDgelu, CudaEpilogueMatchesFloat64) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(7);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  struct Case {
+    int64_t M, O, N;
+    bool strided;  // w a column slice of a wider weight, pre a column slice of a wider activation
+  };
+  for (auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const double tol = dt == at::kFloat ? 1e-5 : 1e-2;
+    for (Case cs : {Case{64, 48, 96, false}, Case{1024, 3072, 512, true}, Case{8, 16, 8, false}}) {
+      const std::string what = std::string(c10::toString(dt)) + " M" + std::to_string(cs.M);
+      at::Tensor wide_w = at::randn({cs.O, cs.N + (cs.strided ? 64 : 0)}, f64) / std::sqrt(double(cs.O));
+      at::Tensor wide_p = at::randn({cs.M, cs.N + (cs.strided ? 32 : 0)}, f64) * 2;
+      at::Tensor dy = at::randn({cs.M, cs.O}, f64).to(dt);
+      at::Tensor w = wide_w.to(dt).narrow(1, cs.strided ? 64 : 0, cs.N);
+      at::Tensor pre = wide_p.to(dt).narrow(1, cs.strided ? 32 : 0, cs.N);
+      at::Tensor dyc = dy.cuda(), wc = wide_w.to(dt).cuda().narrow(1, cs.strided ? 64 : 0, cs.N),
+                 pc = wide_p.to(dt).cuda().narrow(1, cs.strided ? 32 : 0, cs.N);
+      ASSERT_TRUE(kernels::matmul_dgelu_cuda_supported(dyc, wc, pc)) << what;
+      at::Tensor got = kernels::matmul_dgelu_cuda(dyc, wc, pc);
+      ASSERT_TRUE(got.defined()) << what << ": cuBLASLt declined the DGELU epilogue";
+      at::Tensor pd = pre.to(at::kDouble);
+      at::Tensor want = at::mm(dy.to(at::kDouble), w.to(at::kDouble)) * gelu_tanh_fd(pd);
+      const double e = max_rel(got, want);
+      EXPECT_LE(e, tol) << what;
+      std::printf("[dgelu] %s: max error %.3g of the largest magnitude\n", what.c_str(), e);
+    }
+  }
+  // The derivative's form, float32, exact product (w = I).
+  at::Tensor pre = at::linspace(-4, 4, 64 * 64, f64).view({64, 64});
+  at::Tensor dy = at::randn({64, 64}, f64) + 2;
+  at::Tensor got = kernels::matmul_dgelu_cuda(dy.to(at::kFloat).cuda(), at::eye(64, at::kFloat).cuda(),
+                                              pre.to(at::kFloat).cuda());
+  ASSERT_TRUE(got.defined());
+  const double e_tanh = max_rel(got, dy * gelu_tanh_fd(pre)), e_erf = max_rel(got, dy * gelu_erf_deriv(pre));
+  std::printf("[dgelu] form: vs tanh %.3g, vs erf %.3g\n", e_tanh, e_erf);
+  EXPECT_LE(e_tanh, 1e-5);
+  EXPECT_GT(e_erf, 1e-4);
+#endif
+}
