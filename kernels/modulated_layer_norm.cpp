@@ -26,7 +26,8 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_reference(const at::Tenso
 std::array<at::Tensor, 3> modulated_layer_norm_backward_reference(const at::Tensor& dy, const at::Tensor& x,
                                                                   const at::Tensor& scale, const at::Tensor& mean,
                                                                   const at::Tensor& rstd, bool need_dx,
-                                                                  bool need_dshift, bool need_dscale) {
+                                                                  bool need_dshift, bool need_dscale,
+                                                                  const at::Tensor& dx_add) {
   const auto acc = mean.scalar_type();
   at::Tensor r = rstd.unsqueeze(-1);
   at::Tensor xhat = (x.to(acc) - mean.unsqueeze(-1)) * r;
@@ -34,7 +35,9 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_reference(const at::Tens
   at::Tensor dx, dshift, dscale;
   if (need_dx) {
     at::Tensor g = dyf * (scale.to(acc) + 1);
-    dx = (r * (g - g.mean(-1, true) - xhat * (g * xhat).mean(-1, true))).to(x.scalar_type());
+    at::Tensor d = r * (g - g.mean(-1, true) - xhat * (g * xhat).mean(-1, true));
+    if (dx_add.defined()) d = d + dx_add.to(acc);
+    dx = d.to(x.scalar_type());
   }
   if (need_dshift) dshift = at::sum_to(dyf, scale.sizes()).to(scale.scalar_type());
   if (need_dscale) dscale = at::sum_to(dyf * xhat, scale.sizes()).to(scale.scalar_type());
@@ -69,13 +72,14 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward(const at::Tensor& x, cons
 std::array<at::Tensor, 3> modulated_layer_norm_backward(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& scale, const at::Tensor& mean,
                                                         const at::Tensor& rstd, bool need_dx, bool need_dshift,
-                                                        bool need_dscale) {
+                                                        bool need_dscale, const at::Tensor& dx_add) {
 #ifdef FLUXTRAIN_WITH_CUDA
   if (modulated_layer_norm_cuda_supported(x, scale, scale) && dy.is_cuda() && dy.sizes() == x.sizes() &&
-      mean.scalar_type() == at::kFloat)
-    return modulated_layer_norm_backward_cuda(dy, x, scale, mean, rstd, need_dx, need_dshift, need_dscale);
+      mean.scalar_type() == at::kFloat && (!dx_add.defined() || dx_add.sizes() == x.sizes()))
+    return modulated_layer_norm_backward_cuda(dy, x, scale, mean, rstd, need_dx, need_dshift, need_dscale, dx_add);
 #endif
-  return modulated_layer_norm_backward_reference(dy, x, scale, mean, rstd, need_dx, need_dshift, need_dscale);
+  return modulated_layer_norm_backward_reference(dy, x, scale, mean, rstd, need_dx, need_dshift, need_dscale,
+                                                 dx_add);
 }
 
 }  // namespace fluxtrain::kernels

@@ -96,8 +96,9 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     mln_backward_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ scale,
-                           const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
-                           int64_t L, int64_t H, int64_t sxB, int64_t sxL, int64_t sB) {
+                           const float* __restrict__ mean, const float* __restrict__ rstd,
+                           const T* __restrict__ dadd, T* __restrict__ dx, int64_t L, int64_t H, int64_t sxB,
+                           int64_t sxL, int64_t sB) {
   __shared__ float2 shm[32];
   const int64_t row = blockIdx.x;
   const int64_t b = row / L, l = row % L;
@@ -120,7 +121,8 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
     const float xh = (to_f(xr[i]) - m) * r;
     const float g = to_f(dyr[i]) * (1.f + to_f(sc[i]));
-    dxr[i] = from_f<T>(r * (g - mg - xh * mgx));
+    const float add = dadd ? to_f(dadd[row * H + i]) : 0.f;
+    dxr[i] = from_f<T>(r * (g - mg - xh * mgx) + add);
   }
 }
 
@@ -224,8 +226,9 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     mln_backward_dx_vec_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ scale,
-                               const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
-                               int64_t L, int64_t H, int64_t sxB, int64_t sxL, int64_t sB) {
+                               const float* __restrict__ mean, const float* __restrict__ rstd,
+                               const T* __restrict__ dadd, T* __restrict__ dx, int64_t L, int64_t H, int64_t sxB,
+                               int64_t sxL, int64_t sB) {
   __shared__ float2 shm[32];
   const int64_t row = blockIdx.x;
   const int64_t b = row / L, l = row % L;
@@ -256,12 +259,15 @@ __global__ void __launch_bounds__(kRowThreads)
   T* dxr = dx + row * H;
 #pragma unroll
   for (int n = 0; n < V; ++n) {
+    // The added gradient is read here, after the sums: its loads need no registers across them.
+    MVec<T> av;
+    if (dadd) av = mload(dadd + row * H + vec_col(n));
     MVec<T> o;
 #pragma unroll
     for (int e = 0; e < kVecElems; ++e) {
       const float xh = (to_f(xv[n].v[e]) - m) * r;
       const float g = to_f(dv[n].v[e]) * (1.f + to_f(sv[n].v[e]));
-      o.v[e] = from_f<T>(r * (g - mg - xh * mgx));
+      o.v[e] = from_f<T>(r * (g - mg - xh * mgx) + (dadd ? to_f(av.v[e]) : 0.f));
     }
     mstore(dxr + vec_col(n), o);
   }
@@ -362,7 +368,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_cuda(const at::Tensor& x,
 std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& dy_in, const at::Tensor& x,
                                                              const at::Tensor& scale, const at::Tensor& mean_in,
                                                              const at::Tensor& rstd_in, bool need_dx, bool need_dshift,
-                                                             bool need_dscale) {
+                                                             bool need_dscale, const at::Tensor& dx_add) {
   TORCH_CHECK(modulated_layer_norm_cuda_supported(x, scale, scale) && dy_in.sizes() == x.sizes() &&
                   mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat,
               "modulated_layer_norm_backward_cuda: unsupported arguments");
@@ -370,13 +376,17 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& d
   at::Tensor dy = dy_in.to(x.scalar_type()).contiguous();
   at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   at::Tensor sc = scale.contiguous();
+  // The added gradient, contiguous in x's dtype (a view of dy's size; undefined: none).
+  const at::Tensor dadd = dx_add.defined() ? dx_add.to(x.scalar_type()).contiguous() : at::Tensor();
   TORCH_CHECK(B * L <= 0x7fffffff, "modulated_layer_norm_backward_cuda: too many rows");
   at::Tensor dx, dshift, dscale;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (need_dx) {
     dx = at::empty({B, L, H}, x.options());
     const int64_t sB = B > 1 ? sc.stride(0) : 0;
-    if (B * L > 0 && mln_vec_ok(H, x.element_size(), {&x, &dy, &sc}, sB)) {
+    const bool vec = dadd.defined() ? mln_vec_ok(H, x.element_size(), {&x, &dy, &sc, &dadd}, sB)
+                                    : mln_vec_ok(H, x.element_size(), {&x, &dy, &sc}, sB);
+    if (B * L > 0 && vec) {
       const unsigned threads = static_cast<unsigned>(H / (kVecElems * mln_vec_v(H)));
       auto launch = [&](auto n) {
         constexpr int V = decltype(n)::value;
@@ -384,6 +394,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& d
   mln_backward_dx_vec_kernel<T, V><<<static_cast<unsigned>(B * L), threads, 0, stream>>>(                                             \
       reinterpret_cast<const T*>(dy.data_ptr<AT>()), reinterpret_cast<const T*>(x.data_ptr<AT>()),                 \
       reinterpret_cast<const T*>(sc.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(),              \
+      dadd.defined() ? reinterpret_cast<const T*>(dadd.data_ptr<AT>()) : nullptr,                                  \
       reinterpret_cast<T*>(dx.data_ptr<AT>()), L, H, x.stride(0), x.stride(1), sB)
         switch (x.scalar_type()) {
           case at::kBFloat16: FLUXTRAIN_MLN_BWD_VEC(__nv_bfloat16, at::BFloat16); break;
@@ -400,6 +411,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& d
   mln_backward_dx_kernel<T><<<static_cast<unsigned>(B * L), kRowThreads, 0, stream>>>(                                                        \
       reinterpret_cast<const T*>(dy.data_ptr<AT>()), reinterpret_cast<const T*>(x.data_ptr<AT>()),                     \
       reinterpret_cast<const T*>(sc.data_ptr<AT>()), mean.data_ptr<float>(), rstd.data_ptr<float>(),                  \
+      dadd.defined() ? reinterpret_cast<const T*>(dadd.data_ptr<AT>()) : nullptr,                                      \
       reinterpret_cast<T*>(dx.data_ptr<AT>()), L, H, x.stride(0), x.stride(1), H)
       switch (x.scalar_type()) {
         case at::kBFloat16: FLUXTRAIN_MLN_BWD(__nv_bfloat16, at::BFloat16); break;

@@ -25,12 +25,14 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward(const at::Tensor& x, cons
 // Backward: {dx, dshift, dscale}; each only computed when its flag is set (undefined otherwise).
 // dx: [B, L, H] in x's dtype; dshift, dscale: [B, 1, H] in scale's dtype (float32 sums over L).
 //   xhat = (x - mean) * rstd,  g = dy * (1 + scale)
-//   dx = rstd * (g - mean_H(g) - xhat * mean_H(g * xhat))
+//   dx = rstd * (g - mean_H(g) - xhat * mean_H(g * xhat))  (+ dx_add)
 //   dshift = sum_L dy,  dscale = sum_L dy * xhat
+// dx_add (optional, [B, L, H]): another gradient of x, added before dx is rounded (x feeding a
+// residual as well as the norm: the sum autograd would otherwise make in a separate pass).
 std::array<at::Tensor, 3> modulated_layer_norm_backward(const at::Tensor& dy, const at::Tensor& x,
                                                         const at::Tensor& scale, const at::Tensor& mean,
                                                         const at::Tensor& rstd, bool need_dx, bool need_dshift,
-                                                        bool need_dscale);
+                                                        bool need_dscale, const at::Tensor& dx_add = {});
 
 // The plain ATen versions (any device; what CPU runs use and the tests' reference).
 std::array<at::Tensor, 3> modulated_layer_norm_forward_reference(const at::Tensor& x, const at::Tensor& shift,
@@ -38,7 +40,8 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_reference(const at::Tenso
 std::array<at::Tensor, 3> modulated_layer_norm_backward_reference(const at::Tensor& dy, const at::Tensor& x,
                                                                   const at::Tensor& scale, const at::Tensor& mean,
                                                                   const at::Tensor& rstd, bool need_dx,
-                                                                  bool need_dshift, bool need_dscale);
+                                                                  bool need_dshift, bool need_dscale,
+                                                                  const at::Tensor& dx_add = {});
 
 // Whether the CUDA kernels take these arguments (CUDA tensors, x of bf16/fp16/fp32 with a
 // contiguous last dim, shift/scale [B, 1, H] of x's dtype). The dispatchers above use the
@@ -51,7 +54,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_cuda(const at::Tensor& x,
 std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                              const at::Tensor& scale, const at::Tensor& mean,
                                                              const at::Tensor& rstd, bool need_dx, bool need_dshift,
-                                                             bool need_dscale);
+                                                             bool need_dscale, const at::Tensor& dx_add = {});
 #endif
 
 }  // namespace fluxtrain::kernels

@@ -292,24 +292,30 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const at::Tensor& tqs = w.at("txt_attn.norm.query_norm.scale");
   const at::Tensor& tks = w.at("txt_attn.norm.key_norm.scale");
   const bool fused = fused_prologue(img);
+  // Each stream's input feeds its norm and its residual (modulate_residual: one backward node).
+  const auto [img_r, img_n] = modulate_residual(img, im[0], im[1]);
+  const auto [txt_r, txt_n] = modulate_residual(txt, tm[0], tm[1]);
   at::Tensor q, k, v;
   if (fused) {
     // Text and image qkv written straight into the concatenated q, k, v (no cat).
-    at::Tensor iqkv = img_lin(modulate(img, im[0], im[1]), "img_attn.qkv");
-    at::Tensor tqkv = main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv");
+    at::Tensor iqkv = img_lin(img_n, "img_attn.qkv");
+    at::Tensor tqkv = main_linear(c, txt_n, w, "txt_attn.qkv");
     Heads h = fused_heads({{tqkv, tqs, tks}, {iqkv, iqs, iks}}, heads, c.rope_main);
     q = h.q, k = h.k, v = h.v;
   } else {
-    Heads ih = split_heads(img_lin(modulate(img, im[0], im[1]), "img_attn.qkv"), heads, iqs, iks);
-    Heads th = split_heads(main_linear(c, modulate(txt, tm[0], tm[1]), w, "txt_attn.qkv"), heads, tqs, tks);
+    Heads ih = split_heads(img_lin(img_n, "img_attn.qkv"), heads, iqs, iks);
+    Heads th = split_heads(main_linear(c, txt_n, w, "txt_attn.qkv"), heads, tqs, tks);
     q = apply_rope(at::cat({th.q, ih.q}, 2), c.rope_main);
     k = apply_rope(at::cat({th.k, ih.k}, 2), c.rope_main);
     v = at::cat({th.v, ih.v}, 2);
   }
 
   Heads ch;
+  at::Tensor cond_r;
   if (has_cond) {
-    at::Tensor cqkv = cond_lin(modulate(cond, cm[0], cm[1]), "img_attn.qkv");
+    const auto rn = modulate_residual(cond, cm[0], cm[1]);
+    cond_r = rn[0];
+    at::Tensor cqkv = cond_lin(rn[1], "img_attn.qkv");
     if (fused) {
       ch = fused_heads({{cqkv, iqs, iks}}, heads, c.rope_cond);
     } else {
@@ -330,19 +336,22 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const auto parts = at::split_with_sizes(om, {T, om.size(1) - T}, 1);
   const at::Tensor& txt_a = parts[0];
   const at::Tensor& img_a = parts[1];
-  at::Tensor img_out = at::addcmul(img, im[2], img_lin(img_a, "img_attn.proj"));
-  img_out = at::addcmul(img_out, im[5], mlp(c, modulate(img_out, im[3], im[4]), w, "img_mlp", img_lin, false,
-                                            skip_terminal(c, w, im[5], "img_mlp.2", false)));
-  at::Tensor txt_out = at::addcmul(txt, tm[2], main_linear(c, txt_a, w, "txt_attn.proj"));
-  txt_out = at::addcmul(txt_out, tm[5], mlp(c, modulate(txt_out, tm[3], tm[4]), w, "txt_mlp",
-                        [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); }, false,
-                        skip_terminal(c, w, tm[5], "txt_mlp.2", false)));
+  // Attention's gated residual, then the MLP's on the norm of its result.
+  auto mlp_residual = [&](const at::Tensor& h, const std::vector<at::Tensor>& mod, const char* prefix, auto&& lin,
+                          bool cond_stream) {
+    const auto [r, n] = modulate_residual(h, mod[3], mod[4]);
+    const std::string down = std::string(prefix) + ".2";
+    return at::addcmul(r, mod[5], mlp(c, n, w, prefix, lin, cond_stream,
+                                      skip_terminal(c, w, mod[5], down.c_str(), cond_stream)));
+  };
+  auto txt_lin = [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); };
+  at::Tensor img_out = mlp_residual(at::addcmul(img_r, im[2], img_lin(img_a, "img_attn.proj")), im, "img_mlp",
+                                    img_lin, false);
+  at::Tensor txt_out = mlp_residual(at::addcmul(txt_r, tm[2], main_linear(c, txt_a, w, "txt_attn.proj")), tm,
+                                    "txt_mlp", txt_lin, false);
   at::Tensor cond_out;
-  if (has_cond) {
-    cond_out = at::addcmul(cond, cm[2], cond_lin(oc, "img_attn.proj"));
-    cond_out = at::addcmul(cond_out, cm[5], mlp(c, modulate(cond_out, cm[3], cm[4]), w, "img_mlp", cond_lin, true,
-                                                skip_terminal(c, w, cm[5], "img_mlp.2", true)));
-  }
+  if (has_cond)
+    cond_out = mlp_residual(at::addcmul(cond_r, cm[2], cond_lin(oc, "img_attn.proj")), cm, "img_mlp", cond_lin, true);
   return {img_out, txt_out, cond_out};
 }
 
@@ -358,7 +367,7 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
     std::tie(m, cm) = modulation_pair(vec, vec_cond, w, "modulation.lin", 3);
   else
     m = modulation(vec, w, "modulation.lin", 3);
-  at::Tensor xn = modulate(x, m[0], m[1]);
+  const auto [x_r, xn] = modulate_residual(x, m[0], m[1]);  // x feeds its norm and its residual
   const bool fused = fused_prologue(x);
   Heads h;
   if (fused) {
@@ -376,9 +385,14 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   // output and MLP would be discarded, so they are not computed (its keys/values still are).
   const bool cond_out_needed = has_cond && !c.last_block;
   Heads ch;
-  at::Tensor cn;
+  at::Tensor cond_r, cn;
   if (has_cond) {
-    cn = modulate(cond, cm[0], cm[1]);
+    if (cond_out_needed) {
+      const auto rn = modulate_residual(cond, cm[0], cm[1]);
+      cond_r = rn[0], cn = rn[1];
+    } else {
+      cn = modulate(cond, cm[0], cm[1]);
+    }
     if (fused) {
       ch = fused_heads({{cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_cond);
       if (!cond_out_needed) ch.q = at::Tensor();  // queries only feed its own output
@@ -394,10 +408,10 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   }
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
-  at::Tensor x_out = at::addcmul(x, m[2], linear2_of(c, w, om, mlp_in, m[2], false));
+  at::Tensor x_out = at::addcmul(x_r, m[2], linear2_of(c, w, om, mlp_in, m[2], false));
   at::Tensor cond_out = cond;
   if (cond_out_needed)
-    cond_out = at::addcmul(cond, cm[2], linear2_of(c, w, oc, cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M),
+    cond_out = at::addcmul(cond_r, cm[2], linear2_of(c, w, oc, cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M),
                                                    cm[2], true));
   return {x_out, cond_out};
 }

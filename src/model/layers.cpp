@@ -110,6 +110,29 @@ struct ModulatedLayerNormFunction : public torch::autograd::Function<ModulatedLa
   }
 };
 
+// The same with x also returned, for the residual it feeds: outputs {x (a view), y}. Backward adds
+// the residual's gradient to the norm's inside the dx kernel (dx_add), so the sum of x's two
+// gradients takes no separate pass over [B, L, H] (autograd's accumulation of a tensor used twice).
+struct ModulatedLayerNormResidualFunction : public torch::autograd::Function<ModulatedLayerNormResidualFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& shift, const at::Tensor& scale) {
+    auto [y, mean, rstd] = kernels::modulated_layer_norm_forward(x, shift, scale);
+    ctx->save_for_backward({x, scale, mean, rstd});
+    return {x, y};  // an input returned unmodified: autograd makes it a view with this node as history
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor& dres = grads[0];
+    const at::Tensor& dy = grads[1];
+    if (!dy.defined()) return {dres, at::Tensor(), at::Tensor()};
+    auto s = ctx->get_saved_variables();
+    auto [dx, dshift, dscale] =
+        kernels::modulated_layer_norm_backward(dy, s[0], s[1], s[2], s[3], ctx->needs_input_grad(0),
+                                               ctx->needs_input_grad(1), ctx->needs_input_grad(2), dres);
+    return {dx, dshift, dscale};
+  }
+};
+
 }  // namespace
 
 bool fused_kernels_enabled() {
@@ -128,6 +151,18 @@ at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tens
   if (x.is_cuda() && fused_kernels_enabled() && kernels::modulated_layer_norm_cuda_supported(x, shift, scale))
     return modulate_fused(x, shift, scale);
   return at::addcmul(shift, layer_norm(x), 1 + scale);
+}
+
+std::array<at::Tensor, 2> modulate_residual_fused(const at::Tensor& x, const at::Tensor& shift,
+                                                  const at::Tensor& scale) {
+  auto out = ModulatedLayerNormResidualFunction::apply(x, shift, scale);
+  return {out[0], out[1]};
+}
+
+std::array<at::Tensor, 2> modulate_residual(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
+  if (x.is_cuda() && fused_kernels_enabled() && kernels::modulated_layer_norm_cuda_supported(x, shift, scale))
+    return modulate_residual_fused(x, shift, scale);
+  return {x, modulate(x, shift, scale)};
 }
 
 }  // namespace fluxtrain

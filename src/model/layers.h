@@ -1,5 +1,6 @@
 // Small building blocks of the FLUX transformer, as pure functions of tensors.
 #pragma once
+#include <array>
 #include <ATen/core/Tensor.h>
 
 #include "core/tensor_map.h"
@@ -24,6 +25,13 @@ at::Tensor modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tens
 // hand-written backward, on any device (CPU: its ATen reference). Saves x, scale and the per-row
 // float32 mean and 1/std; computes only the gradients that are needed.
 at::Tensor modulate_fused(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+// {x, modulate(x)} for an x that also feeds a residual: use the first for the residual. On the
+// fused path the two are one node whose backward sums x's two gradients inside the norm's dx
+// kernel (one pass fewer over [B, L, H]); elsewhere it is x itself and modulate(x).
+std::array<at::Tensor, 2> modulate_residual(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+// The fused node itself (tests call it on CPU tensors too: the kernels' references run there).
+std::array<at::Tensor, 2> modulate_residual_fused(const at::Tensor& x, const at::Tensor& shift,
+                                                  const at::Tensor& scale);
 // Whether the model uses the fused CUDA kernels of kernels/ (modulate, the attention prologue):
 // yes unless the environment sets FLUXTRAIN_FUSED_KERNELS=0 (read once).
 bool fused_kernels_enabled();

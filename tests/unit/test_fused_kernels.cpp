@@ -154,6 +154,33 @@ TEST(FusedModulatedLayerNorm, AutogradFunctionOnCpuMatchesNaiveFloat64) {
   EXPECT_FALSE(sh2.grad().defined());
 }
 
+// The residual form (x returned for the residual it feeds, x's two gradients summed inside the
+// norm's dx): against autograd through x used twice, float64, 1e-12; and with only one of the
+// outputs used.
+TEST(FusedModulatedLayerNorm, ResidualNodeSumsBothGradients) {
+  at::manual_seed(4);
+  const int64_t B = 2, L = 5, H = 6;
+  at::Tensor x = (at::randn({B, L, H}, kF64) + 0.5).set_requires_grad(true);
+  at::Tensor shift = (at::randn({B, 1, H}, kF64) * 0.3).set_requires_grad(true);
+  at::Tensor scale = (at::randn({B, 1, H}, kF64) * 0.3).set_requires_grad(true);
+  at::Tensor gate = at::randn({B, 1, H}, kF64), gy = at::randn({B, L, H}, kF64), go = at::randn({B, L, H}, kF64);
+  auto [r, y] = modulate_residual_fused(x, shift, scale);
+  EXPECT_TRUE(at::equal(r, x));
+  at::Tensor want_y = naive_modulated_layer_norm(x, shift, scale);
+  EXPECT_LT(rel_err(y, want_y), 1e-12);
+  // A block's use: out = r + gate * f(y), here f = identity scaled by go.
+  at::Tensor out = at::addcmul(r, gate, y * go), want = at::addcmul(x, gate, want_y * go);
+  auto g = torch::autograd::grad({out}, {x, shift, scale}, {gy});
+  auto wg = torch::autograd::grad({want}, {x, shift, scale}, {gy});
+  for (int i = 0; i < 3; ++i) EXPECT_LT(rel_err(g[i], wg[i]), 1e-12) << i;
+  // Only the residual used, or only the norm.
+  auto [r2, y2] = modulate_residual_fused(x, shift, scale);
+  EXPECT_LT(rel_err(torch::autograd::grad({r2}, {x}, {gy})[0], gy), 1e-15);
+  auto [r3, y3] = modulate_residual_fused(x, shift, scale);
+  at::Tensor want_y3 = naive_modulated_layer_norm(x, shift, scale);
+  EXPECT_LT(rel_err(torch::autograd::grad({y3}, {x}, {gy})[0], torch::autograd::grad({want_y3}, {x}, {gy})[0]), 1e-12);
+}
+
 TEST(FusedModulatedLayerNorm, ModulateOnCpuIsTheUnfusedExpression) {
   // CPU numerics are unchanged: modulate is still addcmul(shift, layer_norm(x), 1 + scale).
   at::manual_seed(3);
@@ -333,6 +360,14 @@ TEST(FusedKernels, ModulatedLayerNormCudaMatchesReference) {
         EXPECT_EQ(g[i].sizes(), gref[i].sizes()) << what << names[i];
         EXPECT_LE(excess(g[i], gref[i], rtol, atol), 1.0) << what << names[i];
       }
+      // With an added gradient (the residual's): dx + dx_add, before rounding.
+      at::Tensor dadd = at::randn({s.B, s.L, s.H}).to(dt);
+      auto garef = kernels::modulated_layer_norm_backward_reference(dy.to(at::kDouble), x.to(at::kDouble),
+                                                                    scale.to(at::kDouble), ref[1], ref[2], true, false,
+                                                                    false, dadd.to(at::kDouble));
+      auto ga = kernels::modulated_layer_norm_backward_cuda(dyc, xc, scc, got[1], got[2], true, false, false,
+                                                           dadd.cuda());
+      EXPECT_LE(excess(ga[0], garef[0], rtol, atol), 1.0) << what << " dx + dx_add";
       auto g1 = kernels::modulated_layer_norm_backward_cuda(dyc, xc, scc, got[1], got[2], false, true, false);
       EXPECT_FALSE(g1[0].defined());
       EXPECT_TRUE(at::equal(g1[1], g[1])) << what;  // deterministic
