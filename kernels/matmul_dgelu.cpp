@@ -1,5 +1,7 @@
 #include "kernels/matmul_dgelu.h"
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 
 namespace fluxtrain::kernels {
@@ -27,12 +29,20 @@ bool matmul_dgelu_cuda_supported(const at::Tensor& dy, const at::Tensor& w, cons
 #endif
 }
 
+bool matmul_dgelu_epilogue_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_DGELU_EPILOGUE");
+    return !(e && e[0] == '0');
+  }();
+  return enabled;
+}
+
 at::Tensor matmul_dgelu(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& pre) {
   TORCH_CHECK(dy.dim() == 2 && w.dim() == 2 && pre.dim() == 2 && dy.size(1) == w.size(0) &&
                   pre.size(0) == dy.size(0) && pre.size(1) == w.size(1),
               "matmul_dgelu: dy [M, O], w [O, N] and pre [M, N] expected");
 #ifdef FLUXTRAIN_WITH_CUDA
-  if (matmul_dgelu_cuda_supported(dy, w, pre)) {
+  if (matmul_dgelu_epilogue_enabled() && matmul_dgelu_cuda_supported(dy, w, pre)) {
     at::Tensor out = matmul_dgelu_cuda(dy, w, pre);
     if (out.defined()) return out;
   }

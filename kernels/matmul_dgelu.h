@@ -14,7 +14,9 @@
 //
 // Paths: cuBLASLt (CUDA, bf16/fp16/fp32, 16-byte aligned operands with leading dimensions that
 // are multiples of 8, at least one row, a heuristic that takes the epilogue) and the reference
-// (any device): at::gelu_backward(dy @ w, pre, "tanh").
+// (any device): at::gelu_backward(dy @ w, pre, "tanh"). FLUXTRAIN_DGELU_EPILOGUE=0 takes the
+// reference on CUDA too (for A/B measurements: cuBLASLt runs this epilogue on its xmma kernels,
+// not on the nvjet kernels it picks for the plain product).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -23,6 +25,9 @@ namespace fluxtrain::kernels {
 // dy: [M, O]; w: [O, N] with a contiguous last dim; pre: [M, N] with a contiguous last dim.
 // Returns dpre [M, N] contiguous, in dy's dtype.
 at::Tensor matmul_dgelu(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& pre);
+
+// Whether the cuBLASLt path is enabled (FLUXTRAIN_DGELU_EPILOGUE, read once; default on).
+bool matmul_dgelu_epilogue_enabled();
 
 // The reference (what CPU runs use).
 at::Tensor matmul_dgelu_reference(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& pre);

@@ -177,20 +177,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- Fast path for D == 128 (FLUX): one block per token, half a warp per row of that token,
-// each of the row's 16 lanes holding 8 consecutive elements (four rotation pairs) read and
-// written with one 16-byte access (two for float32). A token's 3 * heads rows (q, k, v of each
-// head) are neighbours in memory, so a block reads and writes contiguous runs; its cos/sin and
-// norm scales are read once per thread, not once per row, and a row's (part, head) comes from
-// two compares instead of integer divisions (session 11's kernels spent as many instructions
-// on row indexing as on arithmetic, and ran at 1.1-1.5 TB/s). A warp takes kVecRows pairs of rows
-// and issues all their loads before any arithmetic. The per-element arithmetic is the generic
-// kernels' (same roundings); only the order of the float32 row sums differs. Every lane takes
-// part in every shuffle (rows past the token's last compute on zeros and store nothing).
-// Operands are selected with scalar selects, never by a reference to a kernel parameter chosen
-// at run time: that made nvcc copy the parameters to a per-thread stack (96 bytes per thread in
-// session 11's backward kernel). The generic kernels above stay for other D, more than
-// kVecMaxHeads heads and unaligned operands (vec_path_ok).
+// ---- Fast path for D == 128 (FLUX): one block per token (the backward: kBwdParts blocks per
+// token), half a warp per row of that token, each of the row's 16 lanes holding 8 consecutive
+// elements (four rotation pairs) read and written with one 16-byte access (two for float32). A
+// token's 3 * heads rows (q, k, v of each head) are neighbours in memory, so a block reads and
+// writes contiguous runs; its cos/sin are read once per thread, not once per row, and a row's
+// (part, head) comes from two compares instead of integer divisions (session 11's kernels spent
+// as many instructions on row indexing as on arithmetic). A warp takes kVecRows (backward:
+// kBwdVecRows) pairs of rows and issues all their loads before any arithmetic. The per-element
+// arithmetic is the generic kernels' (same roundings); only the order of the float32 row sums
+// differs. Every lane takes part in every shuffle (rows past the block's last compute on zeros
+// and store nothing). Operands are selected with scalar selects, never by a reference to a
+// kernel parameter chosen at run time: that made nvcc copy the parameters to a per-thread stack
+// (96 bytes per thread in session 11's backward kernel). Measured at 512/1024/128 on the H200
+// (session 12): session 11's kernels 7.6 (forward) and 14.1 ms (backward) per step; 16-byte
+// accesses without the stack 8.2 and 11.2; one block per token 6.4 and 13.3, the backward then
+// at 1.1 TB/s and 13% occupancy (106 registers; Nsight Compute), hence its split below.
+// The generic kernels above stay for other D, more than kVecMaxHeads heads and unaligned
+// operands (vec_path_ok).
 constexpr int kVecD = 128;
 constexpr int kLaneElems = 8;                  // elements per lane
 constexpr int kRowLanes = kVecD / kLaneElems;  // 16 lanes per row
@@ -201,6 +205,17 @@ constexpr int kVecMaxHeads = kVecMaxThreads / 32 * 2 * kVecRows / 3;
 int vec_threads(int64_t heads) {
   const int64_t rows = 3 * heads, per_warp = 2 * kVecRows;
   return static_cast<int>((rows + per_warp - 1) / per_warp) * 32;
+}
+
+// The backward splits a token's rows over kBwdParts blocks and gives each warp kBwdVecRows pairs:
+// with one block per token and four pairs per warp it needed 106 registers per thread and ran at
+// 13-14% occupancy and 1.1 TB/s (Nsight Compute, session 12).
+constexpr int kBwdParts = 2;
+constexpr int kBwdVecRows = 2;
+int64_t bwd_block_rows(int64_t heads) { return (3 * heads + kBwdParts - 1) / kBwdParts; }
+int vec_bwd_threads(int64_t heads) {
+  const int64_t per_warp = 2 * kBwdVecRows;
+  return static_cast<int>((bwd_block_rows(heads) + per_warp - 1) / per_warp) * 32;
 }
 
 template <typename T>
@@ -257,10 +272,10 @@ struct VecToken {
 
 template <typename T>
 __device__ __forceinline__ VecToken<T> vec_token(const Segments<T>& segs, const float* cos_t, const float* sin_t,
-                                                 uint32_t L, uint32_t heads, int lane16) {
+                                                 uint32_t tok, uint32_t L, uint32_t heads, int lane16) {
   VecToken<T> k;
-  k.b = blockIdx.x / L;
-  k.l = blockIdx.x - k.b * L;
+  k.b = tok / L;
+  k.l = tok - k.b * L;
   const bool second = segs.n > 1 && k.l >= segs.s[1].l0;
   const T* qkv = second ? segs.s[1].qkv : segs.s[0].qkv;
   T* dq = second ? segs.s[1].dqkv : segs.s[0].dqkv;
@@ -307,7 +322,7 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   const int lane16 = threadIdx.x & (kRowLanes - 1);
   const uint32_t rows = 3 * heads;
   const uint32_t r0 = (threadIdx.x >> 5) * (2 * kVecRows) + ((threadIdx.x & 31) >> 4);
-  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, L, heads, lane16);
+  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, blockIdx.x, L, heads, lane16);
   Vec8<T> x[kVecRows];
 #pragma unroll
   for (int i = 0; i < kVecRows; ++i) {
@@ -341,34 +356,37 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   }
 }
 
+// grid.x = B * L * kBwdParts (part p of token t at t * kBwdParts + p), vec_bwd_threads(heads) threads.
 template <typename T>
 __global__ void __launch_bounds__(kVecMaxThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
                                      uint32_t heads) {
   const int lane16 = threadIdx.x & (kRowLanes - 1);
-  const uint32_t rows = 3 * heads;
-  const uint32_t r0 = (threadIdx.x >> 5) * (2 * kVecRows) + ((threadIdx.x & 31) >> 4);
-  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, L, heads, lane16);
+  const uint32_t rows = 3 * heads, block_rows = (rows + kBwdParts - 1) / kBwdParts;
+  const uint32_t part = blockIdx.x % kBwdParts;
+  const uint32_t first = part * block_rows, end = min(rows, first + block_rows);
+  const uint32_t r0 = first + (threadIdx.x >> 5) * (2 * kBwdVecRows) + ((threadIdx.x & 31) >> 4);
+  const VecToken<T> tk = vec_token(segs, cos_t, sin_t, blockIdx.x / kBwdParts, L, heads, lane16);
   if (tk.dqkv == nullptr) return;  // uniform over the block: this segment's gradient is not wanted
   // The gradients' rows of this token (head 0), and their head strides.
   const int64_t lane_off = kLaneElems * lane16;
   const T* g0 = gq.p == nullptr ? nullptr : gq.p + tk.b * gq.sB + tk.l * gq.sL + lane_off;
   const T* g1 = gk.p == nullptr ? nullptr : gk.p + tk.b * gk.sB + tk.l * gk.sL + lane_off;
   const T* g2 = gv.p == nullptr ? nullptr : gv.p + tk.b * gv.sB + tk.l * gv.sL + lane_off;
-  Vec8<T> gvec[kVecRows], x[kVecRows];
+  Vec8<T> gvec[kBwdVecRows], x[kBwdVecRows];
 #pragma unroll
-  for (int i = 0; i < kVecRows; ++i) {
+  for (int i = 0; i < kBwdVecRows; ++i) {
     const uint32_t r = r0 + 2 * i;
     const uint32_t t = row_part(r, heads), h = r - t * heads;
     const T* g = t == 0 ? g0 : t == 1 ? g1 : g2;
     const int64_t sH = t == 0 ? gq.sH : t == 1 ? gk.sH : gv.sH;
-    const bool has_g = r < rows && g != nullptr;
+    const bool has_g = r < end && g != nullptr;
     gvec[i] = has_g ? load8(g + h * sH) : zero8<T>();
     x[i] = has_g && t != 2 ? load8(tk.src + r * kVecD) : zero8<T>();
   }
 #pragma unroll
-  for (int i = 0; i < kVecRows; ++i) {
+  for (int i = 0; i < kBwdVecRows; ++i) {
     const uint32_t r = r0 + 2 * i;
     const uint32_t t = row_part(r, heads);
     float a[kLaneElems];
@@ -392,7 +410,7 @@ __global__ void __launch_bounds__(kVecMaxThreads)
 #pragma unroll
     for (int e = 0; e < kLaneElems; ++e) sgx += (dy[e] * sc[e]) * (a[e] * rr);
     const float m = half_warp_sum(sgx) / static_cast<float>(kVecD);
-    if (r >= rows) continue;
+    if (r >= end) continue;
     T* dst = tk.dqkv + r * kVecD;
     if (t == 2) {  // v: the gradient as it is (zeros when it is undefined)
       store8(dst, gvec[i]);
@@ -551,11 +569,11 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
-  const int64_t vec_blocks = B * L;  // one block per token
+  const int64_t vec_blocks = B * L * kBwdParts;  // kBwdParts blocks per token
 
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
   if (vec)                                                                                                      \
-    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), vec_threads(heads), 0, stream>>>(     \
+    qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), vec_bwd_threads(heads), 0, stream>>>( \
         make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
         make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads));          \
   else                                                                                                          \
