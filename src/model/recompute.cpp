@@ -105,25 +105,6 @@ struct ReplayedAttentionBackward : public torch::autograd::Node {
   }
 };
 
-// Backward of grad_only_linear: each input's gradient through its columns of the frozen weight.
-struct GradOnlyLinearBackward : public torch::autograd::Node {
-  at::Tensor w;
-  std::vector<int64_t> col0, width;
-  std::vector<std::vector<int64_t>> sizes;
-
-  std::string name() const override { return "GradOnlyLinearBackward"; }
-  void release_variables() override { w.reset(); }
-
-  variable_list apply(variable_list&& grads) override {
-    variable_list out(sizes.size());
-    if (!grads[0].defined()) return out;
-    const at::Tensor dy = grads[0].reshape({-1, w.size(0)});
-    for (size_t i = 0; i < sizes.size(); ++i)
-      if (should_compute_output(i)) out[i] = at::mm(dy, w.narrow(1, col0[i], width[i])).view(sizes[i]);
-    return out;
-  }
-};
-
 void delete_node(torch::autograd::Node* n) { delete n; }
 
 }  // namespace
@@ -177,31 +158,6 @@ at::Tensor recorded_attention(const at::Tensor& q, const at::Tensor& k, const at
     torch::autograd::set_history(out, node);
   }
   return out;
-}
-
-at::Tensor grad_only_linear(const std::vector<at::Tensor>& xs, const at::Tensor& w) {
-  int64_t in = 0;
-  for (const auto& x : xs) in += x.size(-1);
-  TORCH_CHECK(!xs.empty() && w.dim() == 2 && w.size(1) == in, "grad_only_linear: inputs do not match the weight");
-  auto sizes = xs[0].sizes().vec();
-  sizes.back() = w.size(0);
-  at::Tensor y = at::empty(sizes, xs[0].options().requires_grad(false));
-  bool any = false;
-  for (const auto& x : xs) any = any || x.requires_grad();
-  if (!at::GradMode::is_enabled() || !any) return y;
-  ++g_linears_skipped;
-  std::shared_ptr<GradOnlyLinearBackward> node(new GradOnlyLinearBackward(), delete_node);
-  node->w = w;
-  int64_t c = 0;
-  for (const auto& x : xs) {
-    node->col0.push_back(c);
-    node->width.push_back(x.size(-1));
-    node->sizes.push_back(x.sizes().vec());
-    c += x.size(-1);
-  }
-  node->set_next_edges(torch::autograd::collect_next_edges(xs));
-  torch::autograd::set_history(y, node);
-  return y;
 }
 
 }  // namespace fluxtrain

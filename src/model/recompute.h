@@ -13,7 +13,8 @@
 //    the recomputed block's output values are never read, only its graph is, and that linear's
 //    backward needs only its weight (when it has no adapter) and the gate (when the gate needs
 //    no gradient). So the recomputation gives it an output that is allocated but not computed,
-//    with the linear's backward attached: about 40% of a block's forward GEMM work.
+//    with the linear's backward attached (model/gelu_linear.h, which also skips the GELU before
+//    it): about 40% of a block's forward GEMM work.
 // Values are unchanged: the skipped work's results are either the recorded ones or never read,
 // so gradients equal those of the full recomputation (tests: Recompute.*,
 // Gradients.CheckpointingGivesIdenticalGradients).
@@ -48,7 +49,7 @@ struct RecomputeTape {
 // Process-wide counts of the work replays left out (tests read them).
 struct RecomputeStats {
   int64_t attention_replayed = 0;  // attention calls answered from a record
-  int64_t linears_skipped = 0;     // grad_only_linear nodes made
+  int64_t linears_skipped = 0;     // linears left uncomputed (note_linear_skipped)
 };
 RecomputeStats recompute_stats();
 
@@ -82,12 +83,9 @@ bool replaying_recompute();
 at::Tensor recorded_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               at::Tensor (*grad_layout)(const at::Tensor&));
 
-// y = cat(xs, -1) w^T (+ bias, unused), as a node whose forward allocates y without computing it
-// and whose backward is the frozen linear's: dx_i = dy w[:, columns of x_i]. Only for replay, on
-// a linear without adapters whose output values nothing reads.
-at::Tensor grad_only_linear(const std::vector<at::Tensor>& xs, const at::Tensor& w);
-
-// Counts a linear left uncomputed by a replay elsewhere (model/gelu_linear.h) in recompute_stats().
+// Counts a linear left uncomputed by a replay in recompute_stats(): the linear after a GELU whose
+// output nothing reads (model/gelu_linear.h with compute_output off, which skips that GELU's
+// forward too).
 void note_linear_skipped();
 
 }  // namespace fluxtrain

@@ -1,7 +1,7 @@
 // Selective recomputation (src/model/recompute.h) against what it replaces: a replayed attention
-// call against at::scaled_dot_product_attention differentiated by autograd, and grad_only_linear's
-// input gradients against at::linear's. The model-level check (checkpointed vs plain gradients)
-// is Gradients.Checkpointing* in test_model.cpp.
+// call against at::scaled_dot_product_attention differentiated by autograd. The uncomputed linear
+// of a replay is GeluLinear.* (test_gelu_linear.cpp); the model-level check (checkpointed vs plain
+// gradients) is Gradients.Checkpointing* in test_model.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -79,22 +79,6 @@ TEST(Recompute, ReplayedAttentionMatchesAutogradThroughSdpa) {
   // A replay that does not match the record is an internal error, not a wrong gradient.
   RecomputeScope rep(&tape, RecomputeTape::Phase::Replay);
   EXPECT_THROW(recorded_attention(leaf(k), k1, v1, nullptr), c10::Error);
-}
-
-TEST(Recompute, GradOnlyLinearGivesTheLinearsInputGradients) {
-  at::manual_seed(2);
-  const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor a = at::randn({2, 5, 6}, f64).set_requires_grad(true);
-  at::Tensor b = at::randn({2, 5, 9}, f64).set_requires_grad(true);
-  at::Tensor w = at::randn({4, 15}, f64);
-  at::Tensor g = at::randn({2, 5, 4}, f64);
-  auto want = torch::autograd::grad({at::linear(at::cat({a, b}, -1), w)}, {a, b}, {g});
-  at::Tensor y = grad_only_linear({a, b}, w);
-  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 5, 4}));
-  auto got = torch::autograd::grad({y}, {a, b}, {g});
-  EXPECT_LT(rel_err(got[0], want[0]), 1e-13);
-  EXPECT_LT(rel_err(got[1], want[1]), 1e-13);
-  EXPECT_THROW(grad_only_linear({a}, w), c10::Error);  // 6 input features against 15
 }
 
 TEST(Recompute, CheckpointAttentionFlagResolves) {
