@@ -95,13 +95,14 @@ void adamw_update(const std::vector<at::Tensor>& p, const std::vector<at::Tensor
 // max_norm / (norm + 1e-6) when that is below 1, else 1 (also for max_norm <= 0).
 double clip_coefficient(double norm, double max_norm);
 
-// Global L2 norm of the gradients (float64 accumulation); NaN/inf if any gradient is non-finite.
+// Global L2 norm of the gradients (each parameter's norm in its gradient's dtype, the sum over
+// parameters in float64); NaN/inf if any gradient is non-finite.
 double grad_global_norm(const std::vector<at::Tensor>& params);
 // Scales gradients so that their global norm is at most max_norm; returns the norm before.
 // A non-finite norm leaves the gradients untouched (the caller skips the update).
 // extra_sq_norm: squared norm of gradients held elsewhere, counted in the norm.
 double clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, double extra_sq_norm = 0);
-// Sum of squares of the gradients (float64 accumulation), for extra_sq_norm.
+// Sum of squares of the gradients (as grad_global_norm), for extra_sq_norm.
 double grad_sq_norm(const std::vector<at::Tensor>& params);
 
 // The parameters of all groups, in order.
