@@ -1,10 +1,13 @@
-// Fused modulated LayerNorm (kernels/modulated_layer_norm.h). One block of 256 threads per
-// [H] row: x is read in its dtype, statistics are float32 block sums (warp shuffles, then one
-// float per warp in shared memory, summed in the same order by every thread: deterministic),
-// mean first and then the biased variance of (x - mean) (two passes over the row, which stays
-// in L1/L2), and the output is rounded once.
-// Backward: the same row layout for dx; dshift/dscale are column sums over L, done by a second
-// kernel that writes float32 partial sums per chunk of 32 rows, summed by ATen (deterministic).
+// Fused modulated LayerNorm (kernels/modulated_layer_norm.h). One block per [H] row: x is read in
+// its dtype, statistics are float32 block sums (warp shuffles, then one float per warp in shared
+// memory, summed in the same order by every thread: deterministic), mean first and then the
+// biased variance of (x - mean), and the output is rounded once. Two versions of each row kernel:
+// the vector kernels (below; H a multiple of 256, aligned operands: FLUX's 3072) hold the row in
+// registers and read it once with 16-byte accesses; the general ones (256 threads, one element at
+// a time, the row read again from L1/L2 for each pass) take every other shape.
+// Backward: the same row layout for dx, optionally plus a second gradient of x (dx_add); dshift/
+// dscale are column sums over L, done by a third kernel that writes float32 partial sums per chunk
+// of 32 rows, summed by ATen (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
