@@ -122,6 +122,27 @@ bool plain_frozen(const BlockContext& c, const TensorMap& w, const std::string& 
   return true;
 }
 
+// Whether no adapter of these tokens adds to output columns [begin, end) of a linear.
+bool unadapted_columns(const BlockContext& c, const std::string& linear, int64_t begin, int64_t end,
+                       bool cond_stream) {
+  if (!c.lora) return true;
+  const int first = cond_stream ? 0 : -1, last = cond_stream ? static_cast<int>(c.cond_lens.size()) : 0;
+  for (int n = first; n < last; ++n)
+    for (const LoraAdapter* a : c.lora->find(c.block, linear, n))
+      if (a->out_begin < end && a->out_end > begin) return false;
+  return true;
+}
+
+// FLUXTRAIN_MERGE_COND_GEMMS=0 keeps a single block's main and condition rows in separate GEMMs
+// (single_block says when they share one; read once).
+bool merge_cond_gemms_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_MERGE_COND_GEMMS");
+    return !(e && e[0] == '0');
+  }();
+  return enabled;
+}
+
 // In a block's recomputation (model/recompute.h) the linear that feeds a gated residual is left
 // uncomputed (its backward only) when it is a plain frozen product and its gate needs no
 // gradient: then nothing reads its output values. Outside a recomputation it returns before
@@ -369,21 +390,34 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
     m = modulation(vec, w, "modulation.lin", 3);
   const auto [x_r, xn] = modulate_residual(x, m[0], m[1]);  // x feeds its norm and its residual
   const bool fused = fused_prologue(x);
+  // After the last block only the noise tokens are read: the condition stream's own attention
+  // output and MLP would be discarded, so they are not computed (its keys/values still are).
+  const bool cond_out_needed = has_cond && !c.last_block;
+  // The main and condition rows share every weight of the block. Where both streams' MLP up
+  // projection and linear2 are plain frozen products, each runs as one GEMM over both streams'
+  // rows (main, then condition tokens): one product of 5632 rows instead of 4608 + 1024 at
+  // 512/1024/128, which cuBLAS runs at a better rate (bench/probe_gemm_shapes.py: 3.73 against
+  // 4.10 ms per single block for the four weights, forward and backward; docs/benchmarks.md,
+  // session 12). Cost: the two inputs are concatenated (normed rows, attention outputs) and the
+  // output's gradient is joined again in backward.
+  const bool merged = cond_out_needed && merge_cond_gemms_enabled() &&
+                      unadapted_columns(c, "linear1", 3 * H, 3 * H + M, false) &&
+                      unadapted_columns(c, "linear1", 3 * H, 3 * H + M, true) &&
+                      plain_frozen(c, w, "linear2", false) && plain_frozen(c, w, "linear2", true) &&
+                      w.at("linear1.weight").scalar_type() != at::kFloat8_e4m3fn &&
+                      skip_terminal(c, w, m[2], "linear2", false) == skip_terminal(c, w, cm[2], "linear2", true);
   Heads h;
   if (fused) {
     h = fused_heads({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_main);
   } else {
     h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
   }
-  at::Tensor mlp_in = main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
+  at::Tensor mlp_in = merged ? at::Tensor() : main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
   if (!fused) {
     h.q = apply_rope(h.q, c.rope_main);
     h.k = apply_rope(h.k, c.rope_main);
   }
 
-  // After the last block only the noise tokens are read: the condition stream's own attention
-  // output and MLP would be discarded, so they are not computed (its keys/values still are).
-  const bool cond_out_needed = has_cond && !c.last_block;
   Heads ch;
   at::Tensor cond_r, cn;
   if (has_cond) {
@@ -408,6 +442,16 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   }
   at::Tensor oc;
   at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
+  if (merged) {
+    const int64_t Lm = x.size(1);
+    const at::Tensor b1 = bias_of(w, "linear1");
+    at::Tensor pre = at::linear(at::cat({xn, cn}, 1), w.at("linear1.weight").narrow(0, 3 * H, M),
+                                b1.defined() ? b1.narrow(0, 3 * H, M) : b1);
+    const bool skip = skip_terminal(c, w, m[2], "linear2", false);
+    at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip);
+    const auto ys = at::split_with_sizes(y, {Lm, y.size(1) - Lm}, 1);
+    return {at::addcmul(x_r, m[2], ys[0]), at::addcmul(cond_r, cm[2], ys[1])};
+  }
   at::Tensor x_out = at::addcmul(x_r, m[2], linear2_of(c, w, om, mlp_in, m[2], false));
   at::Tensor cond_out = cond;
   if (cond_out_needed)
