@@ -4,6 +4,9 @@
 # bit-identity (tests/py/test_train_cuda_graph.py); the bench's graph step at the four EasyControl
 # configurations without and with checkpointing (issue 15's targets); plain LoRA at 512/768/1024 px
 # (ranks 32/64/128). About 5 minutes on the H200. Usage: bash bench/gpu_step_check.sh (carry .deps)
+# AB_SWITCHES="FLUXTRAIN_MERGE_COND_GEMMS FLUXTRAIN_DGELU_EPILOGUE" adds, per variable, the four
+# configurations' graph step with that variable set to 0 (an A/B of one implementation choice,
+# in the same process environment as the default run; about 40 s each).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -23,3 +26,7 @@ timeout 150 $B $G --gradient_checkpointing off --configs $C > "$OUT/graph.jsonl"
 timeout 150 $B $G --gradient_checkpointing on --configs $C > "$OUT/graph_ckpt.jsonl"; show "$OUT/graph_ckpt.jsonl" graph
 timeout 150 $B $G --gradient_checkpointing off --lora_mode standard --configs 0/512/32,0/768/64,0/1024/128 \
   > "$OUT/graph_standard.jsonl"; show "$OUT/graph_standard.jsonl" standard
+for v in ${AB_SWITCHES:-}; do
+  env "$v=0" timeout 150 $B $G --gradient_checkpointing off --configs $C > "$OUT/graph_$v.jsonl"
+  show "$OUT/graph_$v.jsonl" "$v=0"
+done
