@@ -59,6 +59,20 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float2* shm) {
   return t;
 }
 
+// The per-element formulas, shared by the general and the vector kernels (float32, rounded once).
+template <typename T>
+__device__ __forceinline__ T mln_y(float x, float mean, float rstd, float scale, float shift) {
+  const float xh = (x - mean) * rstd;
+  return from_f<T>(xh * (1.f + scale) + shift);
+}
+// dx from the row's mean_H(g) (mg) and mean_H(g * xhat) (mgx), plus an added gradient.
+template <typename T>
+__device__ __forceinline__ T mln_dx(float x, float dy, float scale, float m, float r, float mg, float mgx, float add) {
+  const float xh = (x - m) * r;
+  const float g = dy * (1.f + scale);
+  return from_f<T>(r * (g - mg - xh * mgx) + add);
+}
+
 // grid.x = B * L rows. x row (b, l) at x + b*sxB + l*sxL; shift/scale row b at + b*sB; y, mean,
 // rstd contiguous.
 template <typename T>
@@ -86,8 +100,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const T* sc = scale + b * sB;
   T* yr = y + row * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    const float xh = (to_f(xr[i]) - mean) * rstd;
-    yr[i] = from_f<T>(xh * (1.f + to_f(sc[i])) + to_f(sh[i]));
+    yr[i] = mln_y<T>(to_f(xr[i]), mean, rstd, to_f(sc[i]), to_f(sh[i]));
   }
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
@@ -122,10 +135,8 @@ __global__ void __launch_bounds__(kRowThreads)
   const float mg = t.x * inv_h, mgx = t.y * inv_h;
   T* dxr = dx + row * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    const float xh = (to_f(xr[i]) - m) * r;
-    const float g = to_f(dyr[i]) * (1.f + to_f(sc[i]));
     const float add = dadd ? to_f(dadd[row * H + i]) : 0.f;
-    dxr[i] = from_f<T>(r * (g - mg - xh * mgx) + add);
+    dxr[i] = mln_dx<T>(to_f(xr[i]), to_f(dyr[i]), to_f(sc[i]), m, r, mg, mgx, add);
   }
 }
 
@@ -159,17 +170,7 @@ __global__ void __launch_bounds__(kColThreads)
 // is read from memory once; the kernels above read it up to three times with 2-byte accesses
 // and measured 0.8-1.3 TB/s at 512/1024/128 (session 8). FLUX (H = 3072): V = 4, 96 threads.
 // Same formulas and roundings as above; only the order of the float32 row sums differs.
-constexpr int kVecElems = 8;
-
-template <typename T>
-struct alignas(kVecElems * sizeof(T)) MVec {
-  T v[kVecElems];
-};
-
-template <typename T>
-__device__ __forceinline__ MVec<T> mload(const T* p) { return *reinterpret_cast<const MVec<T>*>(p); }
-template <typename T>
-__device__ __forceinline__ void mstore(T* p, const MVec<T>& v) { *reinterpret_cast<MVec<T>*>(p) = v; }
+constexpr int kVecElems = kVec8;  // one Vec8 (kernels/cuda_dtype.cuh)
 
 // Thread t's vector n covers elements (n * blockDim.x + t) * 8 .. + 7: each access of the
 // block is blockDim.x neighbouring vectors.
@@ -186,9 +187,9 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t row = blockIdx.x;
   const int64_t b = row / L, l = row % L;
   const T* xr = x + b * sxB + l * sxL;
-  MVec<T> xv[V];
+  Vec8<T> xv[V];
 #pragma unroll
-  for (int n = 0; n < V; ++n) xv[n] = mload(xr + vec_col(n));
+  for (int n = 0; n < V; ++n) xv[n] = load8(xr + vec_col(n));
   const float inv_h = 1.f / static_cast<float>(H);
   float s = 0.f;
 #pragma unroll
@@ -211,14 +212,12 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int n = 0; n < V; ++n) {
     const int64_t c = vec_col(n);
-    const MVec<T> shv = mload(sh + c), scv = mload(sc + c);
-    MVec<T> o;
+    const Vec8<T> shv = load8(sh + c), scv = load8(sc + c);
+    Vec8<T> o;
 #pragma unroll
-    for (int e = 0; e < kVecElems; ++e) {
-      const float xh = (to_f(xv[n].v[e]) - mean) * rstd;
-      o.v[e] = from_f<T>(xh * (1.f + to_f(scv.v[e])) + to_f(shv.v[e]));
-    }
-    mstore(yr + c, o);
+    for (int e = 0; e < kVecElems; ++e)
+      o.v[e] = mln_y<T>(to_f(xv[n].v[e]), mean, rstd, to_f(scv.v[e]), to_f(shv.v[e]));
+    store8(yr + c, o);
   }
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
@@ -238,12 +237,12 @@ __global__ void __launch_bounds__(kRowThreads)
   const T* xr = x + b * sxB + l * sxL;
   const T* dyr = dy + row * H;
   const T* sc = scale + b * sB;
-  MVec<T> xv[V], dv[V], sv[V];
+  Vec8<T> xv[V], dv[V], sv[V];
 #pragma unroll
   for (int n = 0; n < V; ++n) {
-    xv[n] = mload(xr + vec_col(n));
-    dv[n] = mload(dyr + vec_col(n));
-    sv[n] = mload(sc + vec_col(n));
+    xv[n] = load8(xr + vec_col(n));
+    dv[n] = load8(dyr + vec_col(n));
+    sv[n] = load8(sc + vec_col(n));
   }
   const float m = mean[row], r = rstd[row];
   const float inv_h = 1.f / static_cast<float>(H);
@@ -259,24 +258,22 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   // The added gradient is loaded before the block's sums, so that its latency overlaps them
   // (loaded after them, the dx kernel measured twice as slow: 5.2 against 2.7 ms per step).
-  MVec<T> av[V];
+  Vec8<T> av[V];
   if (dadd) {
 #pragma unroll
-    for (int n = 0; n < V; ++n) av[n] = mload(dadd + row * H + vec_col(n));
+    for (int n = 0; n < V; ++n) av[n] = load8(dadd + row * H + vec_col(n));
   }
   const float2 t = block_sum2(sg, sgx, shm);
   const float mg = t.x * inv_h, mgx = t.y * inv_h;
   T* dxr = dx + row * H;
 #pragma unroll
   for (int n = 0; n < V; ++n) {
-    MVec<T> o;
+    Vec8<T> o;
 #pragma unroll
-    for (int e = 0; e < kVecElems; ++e) {
-      const float xh = (to_f(xv[n].v[e]) - m) * r;
-      const float g = to_f(dv[n].v[e]) * (1.f + to_f(sv[n].v[e]));
-      o.v[e] = from_f<T>(r * (g - mg - xh * mgx) + (dadd ? to_f(av[n].v[e]) : 0.f));
-    }
-    mstore(dxr + vec_col(n), o);
+    for (int e = 0; e < kVecElems; ++e)
+      o.v[e] = mln_dx<T>(to_f(xv[n].v[e]), to_f(dv[n].v[e]), to_f(sv[n].v[e]), m, r, mg, mgx,
+                         dadd ? to_f(av[n].v[e]) : 0.f);
+    store8(dxr + vec_col(n), o);
   }
 }
 
@@ -308,13 +305,19 @@ bool mln_vec_ok(int64_t H, size_t esize, std::initializer_list<const at::Tensor*
   return true;
 }
 
-// Calls f(std::integral_constant<int, V>) for H's V (mln_vec_v(H, max_v) != 0).
-template <typename F>
-void with_vec_v(int64_t H, int max_v, F&& f) {
-  switch (mln_vec_v(H, max_v)) {
+// Calls f(std::integral_constant<int, V>) for H's V (mln_vec_v(H, MaxV) != 0); only the V up to
+// MaxV are instantiated.
+template <int MaxV, typename F>
+void with_vec_v(int64_t H, F&& f) {
+  switch (mln_vec_v(H, MaxV)) {
     case 1: f(std::integral_constant<int, 1>()); break;
     case 2: f(std::integral_constant<int, 2>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
+    case 4:
+      if constexpr (MaxV >= 4) {
+        f(std::integral_constant<int, 4>());
+        break;
+      }
+      [[fallthrough]];
     default: TORCH_CHECK(false, "modulated_layer_norm: no vector kernel for H = ", H);
   }
 }
@@ -357,7 +360,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_forward_cuda(const at::Tensor& x,
       }
 #undef FLUXTRAIN_MLN_FWD_VEC
     };
-    with_vec_v(H, 4, launch);
+    with_vec_v<4>(H, launch);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {y, mean, rstd};
   }
@@ -416,7 +419,7 @@ std::array<at::Tensor, 3> modulated_layer_norm_backward_cuda(const at::Tensor& d
         }
 #undef FLUXTRAIN_MLN_BWD_VEC
       };
-      with_vec_v(H, kBwdMaxV, launch);
+      with_vec_v<kBwdMaxV>(H, launch);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (B * L > 0) {
 #define FLUXTRAIN_MLN_BWD(T, AT)                                                                                      \

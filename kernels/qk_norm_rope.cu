@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
 // The generic kernels above stay for other D, more than kVecMaxHeads heads and unaligned
 // operands (vec_path_ok).
 constexpr int kVecD = 128;
-constexpr int kLaneElems = 8;                  // elements per lane
+constexpr int kLaneElems = kVec8;              // elements per lane (one Vec8, kernels/cuda_dtype.cuh)
 constexpr int kRowLanes = kVecD / kLaneElems;  // 16 lanes per row
 constexpr int kVecRows = 4;                    // row pairs per warp
 constexpr int kVecMaxThreads = 384;            // 12 warps: 96 rows, 32 heads
@@ -218,22 +218,6 @@ int vec_bwd_threads(int64_t heads) {
   return static_cast<int>((bwd_block_rows(heads) + per_warp - 1) / per_warp) * 32;
 }
 
-template <typename T>
-struct alignas(kLaneElems * sizeof(T)) Vec8 {
-  T v[kLaneElems];
-};
-
-template <typename T>
-__device__ __forceinline__ Vec8<T> load8(const T* p) { return *reinterpret_cast<const Vec8<T>*>(p); }
-template <typename T>
-__device__ __forceinline__ void store8(T* p, const Vec8<T>& x) { *reinterpret_cast<Vec8<T>*>(p) = x; }
-template <typename T>
-__device__ __forceinline__ Vec8<T> zero8() {
-  Vec8<T> z;
-#pragma unroll
-  for (int e = 0; e < kLaneElems; ++e) z.v[e] = from_f<T>(0.f);
-  return z;
-}
 
 // Sum over the 16 lanes of a half-warp (every lane of the warp calls it).
 __device__ __forceinline__ float half_warp_sum(float v) {

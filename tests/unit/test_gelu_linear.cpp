@@ -17,6 +17,7 @@
 #include "kernels/matmul_dgelu.h"
 #include "model/gelu_linear.h"
 #include "model/recompute.h"
+#include "support/test_util.h"
 
 using namespace fluxtrain;
 
@@ -39,11 +40,6 @@ at::Tensor gelu_erf_deriv(const at::Tensor& x) {
   return 0.5 * (1.0 + at::erf(x / std::sqrt(2.0))) + x * at::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
 }
 
-double max_rel(const at::Tensor& got, const at::Tensor& want) {
-  at::Tensor g = got.to(at::kDouble).cpu(), w = want.to(at::kDouble).cpu();
-  return (g - w).abs().max().item<double>() / std::max(w.abs().max().item<double>(), 1e-300);
-}
-
 }  // namespace
 
 // Tolerance: 1e-8 of the largest magnitude (finite-difference error ~1e-10).
@@ -52,8 +48,8 @@ TEST(MatmulDgelu, ReferenceMatchesFiniteDifferencesOfGelusDefinition) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor dy = at::randn({7, 5}, f64), w = at::randn({5, 11}, f64), pre = at::randn({7, 11}, f64) * 3;
   at::Tensor want = at::mm(dy, w) * gelu_tanh_fd(pre);
-  EXPECT_LT(max_rel(kernels::matmul_dgelu_reference(dy, w, pre), want), 1e-8);
-  EXPECT_LT(max_rel(kernels::matmul_dgelu(dy, w, pre), want), 1e-8);  // the CPU dispatch
+  EXPECT_LT(rel_err(kernels::matmul_dgelu_reference(dy, w, pre), want), 1e-8);
+  EXPECT_LT(rel_err(kernels::matmul_dgelu(dy, w, pre), want), 1e-8);  // the CPU dispatch
 }
 
 // float64: forward 1e-12, gradients 1e-12 (both sides are the same formulas in float64).
@@ -74,16 +70,16 @@ TEST(GeluLinear, MatchesAutogradThroughTheUnfusedOps) {
     ins.push_back(pre);
     auto gw = torch::autograd::grad({want}, ins, {gy});
     at::Tensor got = gelu_linear(xs, pre, w, b, true);
-    EXPECT_LT(max_rel(got, want), 1e-12) << with_attn;
+    EXPECT_LT(rel_err(got, want), 1e-12) << with_attn;
     auto gg = torch::autograd::grad({got}, ins, {gy});
-    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(max_rel(gg[i], gw[i]), 1e-12) << with_attn << " input " << i;
+    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(rel_err(gg[i], gw[i]), 1e-12) << with_attn << " input " << i;
     // Output left uncomputed: the same gradients, counted as a skipped linear.
     const int64_t skipped = recompute_stats().linears_skipped;
     at::Tensor empty = gelu_linear(xs, pre, w, b, false);
     EXPECT_EQ(empty.sizes(), want.sizes());
     EXPECT_EQ(recompute_stats().linears_skipped, skipped + 1);
     auto ge = torch::autograd::grad({empty}, ins, {gy});
-    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(max_rel(ge[i], gw[i]), 1e-12) << with_attn << " input " << i;
+    for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(rel_err(ge[i], gw[i]), 1e-12) << with_attn << " input " << i;
   }
 }
 
@@ -120,7 +116,7 @@ TEST(MatmulDgelu, CudaEpilogueMatchesFloat64) {
       ASSERT_TRUE(got.defined()) << what << ": cuBLASLt declined the DGELU epilogue";
       at::Tensor pd = pre.to(at::kDouble);
       at::Tensor want = at::mm(dy.to(at::kDouble), w.to(at::kDouble)) * gelu_tanh_fd(pd);
-      const double e = max_rel(got, want);
+      const double e = rel_err(got.cpu(), want);
       EXPECT_LE(e, tol) << what;
       std::printf("[dgelu] %s: max error %.3g of the largest magnitude\n", what.c_str(), e);
     }
@@ -131,7 +127,7 @@ TEST(MatmulDgelu, CudaEpilogueMatchesFloat64) {
   at::Tensor got = kernels::matmul_dgelu_cuda(dy.to(at::kFloat).cuda(), at::eye(64, at::kFloat).cuda(),
                                               pre.to(at::kFloat).cuda());
   ASSERT_TRUE(got.defined());
-  const double e_tanh = max_rel(got, dy * gelu_tanh_fd(pre)), e_erf = max_rel(got, dy * gelu_erf_deriv(pre));
+  const double e_tanh = rel_err(got.cpu(), dy * gelu_tanh_fd(pre)), e_erf = rel_err(got.cpu(), dy * gelu_erf_deriv(pre));
   std::printf("[dgelu] form: vs tanh %.3g, vs erf %.3g\n", e_tanh, e_erf);
   EXPECT_LE(e_tanh, 3e-5);
   EXPECT_GT(e_erf, 3e-4);
