@@ -53,12 +53,39 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_reference(const std::vector<QkvSe
           rope_rotate_reference(cat_tokens(ks), cos, sin, /*inverse=*/false), cat_tokens(vs).contiguous()};
 }
 
-std::vector<QkvSegmentGrads> qk_norm_rope_backward_reference(const at::Tensor& dq, const at::Tensor& dk,
-                                                             const at::Tensor& dv, const std::vector<QkvSegment>& segs,
-                                                             int64_t heads, const at::Tensor& cos,
-                                                             const at::Tensor& sin,
+namespace {
+
+// The pieces as one [B, heads, L, D] gradient (undefined when there are none): each piece added
+// into its tokens of zeros, in the pieces' dtype, so that a token covered twice gets the rounded
+// sum autograd would form.
+at::Tensor whole_grad(const GradPieces& g, const std::vector<QkvSegment>& segs, int64_t heads) {
+  if (!g.defined()) return {};
+  const at::Tensor& any = g.a.defined() ? g.a : g.b;
+  int64_t L = 0;
+  for (const auto& s : segs) L += s.qkv.size(1);
+  if (g.a.defined() && !g.b.defined() && g.a_first == 0 && g.a.size(2) == L) return g.a;
+  TORCH_CHECK(!g.a.defined() || !g.b.defined() || g.a.scalar_type() == g.b.scalar_type(),
+              "qk_norm_rope_backward: gradient pieces of one dtype");
+  at::Tensor out = at::zeros({segs[0].qkv.size(0), heads, L, any.size(3)}, any.options());
+  for (const auto& [t, first] : {std::pair<at::Tensor, int64_t>{g.a, g.a_first}, {g.b, g.b_first}}) {
+    if (!t.defined()) continue;
+    TORCH_CHECK(t.dim() == 4 && first >= 0 && first + t.size(2) <= L, "qk_norm_rope_backward: a gradient piece ",
+                t.sizes(), " from token ", first, " outside the ", L, " tokens");
+    out.narrow(2, first, t.size(2)).add_(t);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<QkvSegmentGrads> qk_norm_rope_backward_reference(const GradPieces& dq_p, const GradPieces& dk_p,
+                                                             const GradPieces& dv_p,
+                                                             const std::vector<QkvSegment>& segs, int64_t heads,
+                                                             const at::Tensor& cos, const at::Tensor& sin,
                                                              const std::vector<QkvSegmentNeeds>& needs) {
   check_segments(segs, heads);
+  const at::Tensor dq = whole_grad(dq_p, segs, heads), dk = whole_grad(dk_p, segs, heads),
+                   dv = whole_grad(dv_p, segs, heads);
   TORCH_CHECK(needs.size() == segs.size(), "qk_norm_rope_backward: one needs entry per segment");
   // The rotation's backward, rounded to the dtype as RopeFunction's backward does.
   const at::Tensor dyq = dq.defined() ? rope_rotate_reference(dq, cos, sin, /*inverse=*/true) : at::Tensor();
@@ -104,7 +131,7 @@ std::vector<QkvSegmentGrads> qk_norm_rope_backward_reference(const at::Tensor& d
 bool qk_norm_rope_cuda_supported(const std::vector<QkvSegment>& segs, int64_t heads, const at::Tensor& cos,
                                  const at::Tensor& sin) {
 #ifdef FLUXTRAIN_WITH_CUDA
-  if (segs.empty() || segs.size() > 2 || heads <= 0 || !segs[0].qkv.defined()) return false;
+  if (segs.empty() || segs.size() > 3 || heads <= 0 || !segs[0].qkv.defined()) return false;
   const at::Tensor& q0 = segs[0].qkv;
   const auto dt = q0.scalar_type();
   if (!q0.is_cuda() || !(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat)) return false;
@@ -144,14 +171,15 @@ std::array<at::Tensor, 3> qk_norm_rope_forward(const std::vector<QkvSegment>& se
   return qk_norm_rope_forward_reference(segs, heads, cos, sin);
 }
 
-std::vector<QkvSegmentGrads> qk_norm_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+std::vector<QkvSegmentGrads> qk_norm_rope_backward(const GradPieces& dq, const GradPieces& dk, const GradPieces& dv,
                                                    const std::vector<QkvSegment>& segs, int64_t heads,
                                                    const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::vector<QkvSegmentNeeds>& needs) {
 #ifdef FLUXTRAIN_WITH_CUDA
   bool grads_ok = true;
-  for (const at::Tensor* g : {&dq, &dk, &dv})
-    grads_ok = grads_ok && (!g->defined() || (g->is_cuda() && g->dim() == 4));
+  for (const GradPieces* g : {&dq, &dk, &dv})
+    for (const at::Tensor* t : {&g->a, &g->b})
+      grads_ok = grads_ok && (!t->defined() || (t->is_cuda() && t->dim() == 4));
   if (grads_ok && needs.size() == segs.size() && qk_norm_rope_cuda_supported(segs, heads, cos, sin)) {
     std::vector<bool> need_dqkv;
     std::vector<QkvSegmentNeeds> scale_needs;

@@ -51,16 +51,43 @@ struct Segment {
 
 template <typename T>
 struct Segments {
-  Segment<T> s[2];
+  Segment<T> s[3];
   int n;
 };
 
-// A grad tensor [B, heads, L, D] with contiguous D, or null (zero).
+// The segment of token l: the last one starting at or before it.
+template <typename T>
+__device__ __forceinline__ int segment_of(const Segments<T>& segs, int64_t l) {
+  return (segs.n > 2 && l >= segs.s[2].l0) ? 2 : (segs.n > 1 && l >= segs.s[1].l0) ? 1 : 0;
+}
+
+// A gradient piece [B, heads, l1 - l0, D] with contiguous D covering tokens [l0, l1), or null.
 template <typename T>
 struct Grad {
   const T* p;
   int64_t sB, sH, sL;
+  int64_t l0, l1;
 };
+
+// The gradient of q, k or v: up to two pieces (kernels/qk_norm_rope.h, GradPieces).
+template <typename T>
+struct GradPair {
+  Grad<T> a, b;
+};
+
+// Row (b, h, l) of a piece, or null when the piece does not cover token l.
+template <typename T>
+__device__ __forceinline__ const T* piece_row(const Grad<T>& g, int64_t b, int64_t h, int64_t l) {
+  return (g.p != nullptr && l >= g.l0 && l < g.l1) ? g.p + b * g.sB + h * g.sH + (l - g.l0) * g.sL : nullptr;
+}
+
+// Element d of a gradient given by its pieces' rows (either may be null, not both): the sum
+// rounded to T when both are there, as autograd's sum of two gradients in T.
+template <typename T>
+__device__ __forceinline__ float piece_sum(const T* a, const T* b, int64_t d) {
+  if (a != nullptr && b != nullptr) return round_to<T>(__fadd_rn(to_f(a[d]), to_f(b[d])));
+  return to_f(a != nullptr ? a[d] : b[d]);
+}
 
 struct RowIndex {
   int64_t b, l, t, h;
@@ -98,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= rows) return;  // uniform over the warp
   const RowIndex ix = row_index(row, heads, L);
-  const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
+  const Segment<T>& sg = segs.s[segment_of(segs, ix.l)];
   const T* src = sg.qkv + ix.b * sg.sB + (ix.l - sg.l0) * sg.sL + (ix.t * heads + ix.h) * D;
   const int64_t out_off = ((ix.b * L + ix.l) * heads + ix.h) * D;  // [B, L, heads, D] memory
   if (ix.t == 2) {
@@ -127,24 +154,25 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_backward_kernel(Segments<T> segs, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                 Grad<T> gq, Grad<T> gk, Grad<T> gv, int64_t B, int64_t L, int64_t heads, int64_t D,
-                                 int64_t rows) {
+                                 GradPair<T> gq, GradPair<T> gk, GradPair<T> gv, int64_t B, int64_t L, int64_t heads,
+                                 int64_t D, int64_t rows) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= rows) return;
   const RowIndex ix = row_index(row, heads, L);
-  const Segment<T>& sg = (segs.n > 1 && ix.l >= segs.s[1].l0) ? segs.s[1] : segs.s[0];
+  const Segment<T>& sg = segs.s[segment_of(segs, ix.l)];
   if (sg.dqkv == nullptr) return;
   const int64_t li = ix.l - sg.l0;
   T* dst = sg.dqkv + ((ix.b * sg.L + li) * 3 + ix.t) * heads * D + ix.h * D;
-  const Grad<T>& gr = ix.t == 0 ? gq : ix.t == 1 ? gk : gv;
-  if (gr.p == nullptr) {
+  const GradPair<T>& gr = ix.t == 0 ? gq : ix.t == 1 ? gk : gv;
+  const T* ga = piece_row(gr.a, ix.b, ix.h, ix.l);
+  const T* gb = piece_row(gr.b, ix.b, ix.h, ix.l);
+  if (ga == nullptr && gb == nullptr) {
     for (int64_t d = lane; d < D; d += 32) dst[d] = from_f<T>(0.f);
     return;
   }
-  const T* g = gr.p + ix.b * gr.sB + ix.h * gr.sH + ix.l * gr.sL;
   if (ix.t == 2) {
-    for (int64_t d = lane; d < D; d += 32) dst[d] = g[d];
+    for (int64_t d = lane; d < D; d += 32) dst[d] = from_f<T>(piece_sum(ga, gb, d));
     return;
   }
   const T* src = sg.qkv + ix.b * sg.sB + li * sg.sL + (ix.t * heads + ix.h) * D;
@@ -156,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   // dy of pair j: the gradient rotated back (c*g0 + s*g1, c*g1 - s*g0), rounded to T as the
   // unfused RopeFunction's backward output is.
   auto dy_pair = [&](int64_t j, float& dy0, float& dy1) {
-    const float g0 = to_f(g[2 * j]), g1 = to_f(g[2 * j + 1]);
+    const float g0 = piece_sum(ga, gb, 2 * j), g1 = piece_sum(ga, gb, 2 * j + 1);
     const float c = cr[j], s = sr[j];
     dy0 = round_to<T>(__fadd_rn(__fmul_rn(c, g0), __fmul_rn(s, g1)));
     dy1 = round_to<T>(__fsub_rn(__fmul_rn(c, g1), __fmul_rn(s, g0)));
@@ -260,17 +288,21 @@ __device__ __forceinline__ VecToken<T> vec_token(const Segments<T>& segs, const 
   VecToken<T> k;
   k.b = tok / L;
   k.l = tok - k.b * L;
-  const bool second = segs.n > 1 && k.l >= segs.s[1].l0;
-  const T* qkv = second ? segs.s[1].qkv : segs.s[0].qkv;
-  T* dq = second ? segs.s[1].dqkv : segs.s[0].dqkv;
-  const int64_t sB = second ? segs.s[1].sB : segs.s[0].sB;
-  const int64_t sL = second ? segs.s[1].sL : segs.s[0].sL;
-  const int64_t Ls = second ? segs.s[1].L : segs.s[0].L;
-  const int64_t li = k.l - (second ? segs.s[1].l0 : segs.s[0].l0);
-  k.qs = second ? segs.s[1].q_scale.p : segs.s[0].q_scale.p;
-  k.ks = second ? segs.s[1].k_scale.p : segs.s[0].k_scale.p;
-  k.qs_f32 = second ? segs.s[1].q_scale.f32 : segs.s[0].q_scale.f32;
-  k.ks_f32 = second ? segs.s[1].k_scale.f32 : segs.s[0].k_scale.f32;
+  const int i = segment_of(segs, k.l);
+  // Scalar selects of each field (see above: no reference to a run-time chosen parameter).
+  auto pick = [i](auto s0, auto s1, auto s2) { return i == 2 ? s2 : i == 1 ? s1 : s0; };
+#define FLUXTRAIN_SEG(f) pick(segs.s[0].f, segs.s[1].f, segs.s[2].f)
+  const T* qkv = FLUXTRAIN_SEG(qkv);
+  T* dq = FLUXTRAIN_SEG(dqkv);
+  const int64_t sB = FLUXTRAIN_SEG(sB);
+  const int64_t sL = FLUXTRAIN_SEG(sL);
+  const int64_t Ls = FLUXTRAIN_SEG(L);
+  const int64_t li = k.l - FLUXTRAIN_SEG(l0);
+  k.qs = FLUXTRAIN_SEG(q_scale.p);
+  k.ks = FLUXTRAIN_SEG(k_scale.p);
+  k.qs_f32 = FLUXTRAIN_SEG(q_scale.f32);
+  k.ks_f32 = FLUXTRAIN_SEG(k_scale.f32);
+#undef FLUXTRAIN_SEG
   const int64_t lane_off = kLaneElems * lane16;
   k.src = qkv + k.b * sB + li * sL + lane_off;
   k.dqkv = dq == nullptr ? nullptr : dq + (k.b * Ls + li) * 3 * heads * kVecD + lane_off;
@@ -344,8 +376,8 @@ __global__ void __launch_bounds__(kVecMaxThreads)
 template <typename T>
 __global__ void __launch_bounds__(kVecMaxThreads)
     qk_norm_rope_backward_vec_kernel(Segments<T> segs, const float* __restrict__ cos_t,
-                                     const float* __restrict__ sin_t, Grad<T> gq, Grad<T> gk, Grad<T> gv, uint32_t L,
-                                     uint32_t heads) {
+                                     const float* __restrict__ sin_t, GradPair<T> gq, GradPair<T> gk, GradPair<T> gv,
+                                     uint32_t L, uint32_t heads) {
   const int lane16 = threadIdx.x & (kRowLanes - 1);
   const uint32_t rows = 3 * heads, block_rows = (rows + kBwdParts - 1) / kBwdParts;
   const uint32_t part = blockIdx.x % kBwdParts;
@@ -353,21 +385,32 @@ __global__ void __launch_bounds__(kVecMaxThreads)
   const uint32_t r0 = first + (threadIdx.x >> 5) * (2 * kBwdVecRows) + ((threadIdx.x & 31) >> 4);
   const VecToken<T> tk = vec_token(segs, cos_t, sin_t, blockIdx.x / kBwdParts, L, heads, lane16);
   if (tk.dqkv == nullptr) return;  // uniform over the block: this segment's gradient is not wanted
-  // The gradients' rows of this token (head 0), and their head strides.
+  // The gradient pieces' rows of this token (head 0; null where a piece does not cover it), and
+  // their head strides.
   const int64_t lane_off = kLaneElems * lane16;
-  const T* g0 = gq.p == nullptr ? nullptr : gq.p + tk.b * gq.sB + tk.l * gq.sL + lane_off;
-  const T* g1 = gk.p == nullptr ? nullptr : gk.p + tk.b * gk.sB + tk.l * gk.sL + lane_off;
-  const T* g2 = gv.p == nullptr ? nullptr : gv.p + tk.b * gv.sB + tk.l * gv.sL + lane_off;
+  auto row0 = [&](const Grad<T>& g) {
+    const T* p = piece_row(g, tk.b, 0, tk.l);
+    return p == nullptr ? p : p + lane_off;
+  };
+  const T *qa = row0(gq.a), *qb = row0(gq.b), *ka = row0(gk.a), *kb = row0(gk.b), *va = row0(gv.a), *vb = row0(gv.b);
   Vec8<T> gvec[kBwdVecRows], x[kBwdVecRows];
 #pragma unroll
   for (int i = 0; i < kBwdVecRows; ++i) {
     const uint32_t r = r0 + 2 * i;
     const uint32_t t = row_part(r, heads), h = r - t * heads;
-    const T* g = t == 0 ? g0 : t == 1 ? g1 : g2;
-    const int64_t sH = t == 0 ? gq.sH : t == 1 ? gk.sH : gv.sH;
-    const bool has_g = r < end && g != nullptr;
-    gvec[i] = has_g ? load8(g + h * sH) : zero8<T>();
-    x[i] = has_g && t != 2 ? load8(tk.src + r * kVecD) : zero8<T>();
+    const T* ga = t == 0 ? qa : t == 1 ? ka : va;
+    const T* gb = t == 0 ? qb : t == 1 ? kb : vb;
+    const int64_t sHa = t == 0 ? gq.a.sH : t == 1 ? gk.a.sH : gv.a.sH;
+    const int64_t sHb = t == 0 ? gq.b.sH : t == 1 ? gk.b.sH : gv.b.sH;
+    const bool has_a = r < end && ga != nullptr, has_b = r < end && gb != nullptr;
+    gvec[i] = has_a ? load8(ga + h * sHa) : zero8<T>();
+    if (has_b) {  // a second piece: the sum, rounded to T (as autograd's sum of the two)
+      const Vec8<T> vb8 = load8(gb + h * sHb);
+#pragma unroll
+      for (int e = 0; e < kLaneElems; ++e)
+        gvec[i].v[e] = has_a ? from_f<T>(__fadd_rn(to_f(gvec[i].v[e]), to_f(vb8.v[e]))) : vb8.v[e];
+    }
+    x[i] = (has_a || has_b) && t != 2 ? load8(tk.src + r * kVecD) : zero8<T>();
   }
 #pragma unroll
   for (int i = 0; i < kBwdVecRows; ++i) {
@@ -457,9 +500,14 @@ Segments<T> make_segments(const std::vector<QkvSegment>& segs, const std::vector
 }
 
 template <typename T>
-Grad<T> make_grad(const at::Tensor& g) {
-  if (!g.defined()) return {nullptr, 0, 0, 0};
-  return {reinterpret_cast<const T*>(g.data_ptr()), g.stride(0), g.stride(1), g.stride(2)};
+Grad<T> make_grad(const at::Tensor& g, int64_t first) {
+  if (!g.defined()) return {nullptr, 0, 0, 0, 0, 0};
+  return {reinterpret_cast<const T*>(g.data_ptr()), g.stride(0), g.stride(1), g.stride(2), first, first + g.size(2)};
+}
+
+template <typename T>
+GradPair<T> make_pair(const GradPieces& g) {
+  return {make_grad<T>(g.a, g.a_first), make_grad<T>(g.b, g.b_first)};
 }
 
 // Contiguous views of the scales in their own dtype (the kernels read T or float32), kept alive by
@@ -520,23 +568,27 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
   return {q, k, v};
 }
 
-std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, const at::Tensor& dk_in,
-                                                   const at::Tensor& dv_in, const std::vector<QkvSegment>& segs,
+std::vector<at::Tensor> qk_norm_rope_backward_cuda(const GradPieces& dq_in, const GradPieces& dk_in,
+                                                   const GradPieces& dv_in, const std::vector<QkvSegment>& segs,
                                                    int64_t heads, const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::vector<bool>& need_dqkv) {
   TORCH_CHECK(qk_norm_rope_cuda_supported(segs, heads, cos, sin) && need_dqkv.size() == segs.size(),
               "qk_norm_rope_backward_cuda: unsupported arguments");
   const at::Tensor& q0 = segs[0].qkv;
   const int64_t B = q0.size(0), D = q0.size(2) / (3 * heads), L = total_tokens(segs);
-  // Gradients in the dtype with a contiguous last dim (other strides are free).
-  auto prep = [&](const at::Tensor& g) {
+  // Gradient pieces in the dtype with a contiguous last dim (other strides are free).
+  auto prep_piece = [&](const at::Tensor& g, int64_t first) {
     if (!g.defined()) return g;
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == heads && g.size(2) == L && g.size(3) == D,
-                "qk_norm_rope_backward_cuda: gradients must be [B, heads, L, D]");
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B && g.size(1) == heads && first >= 0 && first + g.size(2) <= L &&
+                    g.size(3) == D,
+                "qk_norm_rope_backward_cuda: gradient pieces must be [B, heads, L_p, D] within the ", L, " tokens");
     at::Tensor t = g.to(q0.scalar_type());
     return t.stride(3) == 1 ? t : t.contiguous();
   };
-  at::Tensor dq = prep(dq_in), dk = prep(dk_in), dv = prep(dv_in);
+  auto prep = [&](const GradPieces& g) {
+    return GradPieces(prep_piece(g.a, g.a_first), g.a_first, prep_piece(g.b, g.b_first), g.b_first);
+  };
+  const GradPieces dq = prep(dq_in), dk = prep(dk_in), dv = prep(dv_in);
   std::vector<at::Tensor> dqkv(segs.size());
   bool any = false;
   for (size_t i = 0; i < segs.size(); ++i) {
@@ -552,18 +604,18 @@ std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq_in, cons
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks <= 0x7fffffff, "qk_norm_rope_backward_cuda: too many rows");
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq, &dk, &dv}, D, rows, L, heads);
+  const bool vec = vec_path_ok(segs, qs, ks, c, s, {&dq.a, &dq.b, &dk.a, &dk.b, &dv.a, &dv.b}, D, rows, L, heads);
   const int64_t vec_blocks = B * L * kBwdParts;  // kBwdParts blocks per token
 
 #define FLUXTRAIN_QKNR_BWD(T)                                                                                   \
   if (vec)                                                                                                      \
     qk_norm_rope_backward_vec_kernel<T><<<static_cast<unsigned>(vec_blocks), vec_bwd_threads(heads), 0, stream>>>( \
-        make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),      \
-        make_grad<T>(dk), make_grad<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads));          \
+        make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_pair<T>(dq),      \
+        make_pair<T>(dk), make_pair<T>(dv), static_cast<uint32_t>(L), static_cast<uint32_t>(heads));          \
   else                                                                                                          \
   qk_norm_rope_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(                       \
-      make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_grad<T>(dq),         \
-      make_grad<T>(dk), make_grad<T>(dv), B, L, heads, D, rows)
+      make_segments<T>(segs, qs, ks, &dqkv), c.data_ptr<float>(), s.data_ptr<float>(), make_pair<T>(dq),         \
+      make_pair<T>(dk), make_pair<T>(dv), B, L, heads, D, rows)
   switch (q0.scalar_type()) {
     case at::kBFloat16: FLUXTRAIN_QKNR_BWD(__nv_bfloat16); break;
     case at::kHalf: FLUXTRAIN_QKNR_BWD(__half); break;

@@ -16,8 +16,18 @@
 // q, k and v (three extra copies of [B, heads, L, D] forward, and narrow+copy backward), the
 // function takes the streams as segments, in token order, and writes each segment's rows
 // straight into its token range of the shared outputs; cos/sin cover all tokens (rows
-// [0, sum L_i)). Backward writes each segment's own dqkv. Single blocks and the condition
-// stream pass one segment. At most two segments (what FLUX needs).
+// [0, sum L_i)). Backward writes each segment's own dqkv. At most three segments: a double
+// block passes text, image and condition tokens (the condition tokens use the image stream's
+// scales), a single block its main and condition tokens as one segment or two.
+//
+// Gradient pieces. The main queries attend over all keys, each condition's queries only over the
+// condition's keys: the caller takes q of the main tokens, and k, v of all tokens, for one
+// attention call, and q, k, v of the condition tokens (views of the same outputs) for the other.
+// Their gradients come back in pieces that cover parts of the token range: dq as a main piece
+// and a condition piece, dk as a piece over all tokens and a condition piece. Backward sums the
+// pieces of a token as it reads them (one rounding to the dtype, as autograd's sum of the two
+// gradients), so that neither the forward concatenation of keys and values nor the backward sum
+// and slice copies exist (session 13, docs/benchmarks.md).
 //
 // Rounding. The unfused path rounds three times for q and k in a 16-bit dtype: the normalised
 // x * r to the dtype, the product with the scale to the dtype, and the rotation (float32) to the
@@ -29,6 +39,7 @@
 // backward (as the unfused RopeFunction does) and rounds dx once.
 #pragma once
 #include <array>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -46,6 +57,21 @@ struct QkvSegment {
 std::array<at::Tensor, 3> qk_norm_rope_forward(const std::vector<QkvSegment>& segs, int64_t heads,
                                                const at::Tensor& cos, const at::Tensor& sin);
 
+// A gradient of q, k or v in up to two pieces, each [B, heads, L_p, D] (any strides) covering
+// tokens [first, first + L_p); a token's gradient is the sum of the pieces that cover it (in the
+// dtype: one rounding when two do), zero where none does. Undefined pieces are absent.
+struct GradPieces {
+  at::Tensor a;
+  int64_t a_first = 0;
+  at::Tensor b;
+  int64_t b_first = 0;
+  GradPieces() = default;
+  GradPieces(at::Tensor whole) : a(std::move(whole)) {}  // NOLINT: one piece over every token
+  GradPieces(at::Tensor a_, int64_t a0, at::Tensor b_, int64_t b0)
+      : a(std::move(a_)), a_first(a0), b(std::move(b_)), b_first(b0) {}
+  bool defined() const { return a.defined() || b.defined(); }
+};
+
 // Which gradients a segment wants.
 struct QkvSegmentNeeds {
   bool qkv = true, q_scale = false, k_scale = false;
@@ -54,11 +80,11 @@ struct QkvSegmentGrads {
   at::Tensor qkv;               // [B, L_i, 3*heads*D] contiguous, qkv's dtype (undefined if not needed)
   at::Tensor q_scale, k_scale;  // [D] in the scale's dtype (undefined if not needed)
 };
-// dq, dk, dv: [B, heads, L, D] (any strides; undefined = zero). Per q/k row:
+// dq, dk, dv: [B, heads, L, D] (any strides; undefined = zero), or in pieces. Per q/k row:
 //   dy = rotate(d, -angle) rounded to the dtype,  g = dy * scale,  xhat = x * r
 //   dx = r * (g - xhat * mean_D(g * xhat)),  dscale = sum over rows of dy * xhat
 // and dv transposed back into the qkv layout.
-std::vector<QkvSegmentGrads> qk_norm_rope_backward(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+std::vector<QkvSegmentGrads> qk_norm_rope_backward(const GradPieces& dq, const GradPieces& dk, const GradPieces& dv,
                                                    const std::vector<QkvSegment>& segs, int64_t heads,
                                                    const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::vector<QkvSegmentNeeds>& needs);
@@ -67,13 +93,13 @@ std::vector<QkvSegmentGrads> qk_norm_rope_backward(const at::Tensor& dq, const a
 // function, then rope_rotate_reference), what CPU runs use and the tests' reference.
 std::array<at::Tensor, 3> qk_norm_rope_forward_reference(const std::vector<QkvSegment>& segs, int64_t heads,
                                                          const at::Tensor& cos, const at::Tensor& sin);
-std::vector<QkvSegmentGrads> qk_norm_rope_backward_reference(const at::Tensor& dq, const at::Tensor& dk,
-                                                             const at::Tensor& dv, const std::vector<QkvSegment>& segs,
+std::vector<QkvSegmentGrads> qk_norm_rope_backward_reference(const GradPieces& dq, const GradPieces& dk,
+                                                             const GradPieces& dv, const std::vector<QkvSegment>& segs,
                                                              int64_t heads, const at::Tensor& cos,
                                                              const at::Tensor& sin,
                                                              const std::vector<QkvSegmentNeeds>& needs);
 
-// Whether the CUDA kernels take these arguments: 1 or 2 segments of CUDA bf16/fp16/fp32 qkv of
+// Whether the CUDA kernels take these arguments: 1 to 3 segments of CUDA bf16/fp16/fp32 qkv of
 // one dtype and batch size, contiguous last dim, D even, scales [D] of qkv's dtype or float32,
 // cos/sin float32 [L, D/2] on the same device. The dispatchers use the reference otherwise.
 bool qk_norm_rope_cuda_supported(const std::vector<QkvSegment>& segs, int64_t heads, const at::Tensor& cos,
@@ -84,7 +110,7 @@ std::array<at::Tensor, 3> qk_norm_rope_forward_cuda(const std::vector<QkvSegment
                                                     const at::Tensor& cos, const at::Tensor& sin);
 // dqkv only (the scale gradients, rarely wanted since the norms are frozen in LoRA training,
 // are ATen reductions in the dispatcher). Entry i is undefined where need_dqkv[i] is false.
-std::vector<at::Tensor> qk_norm_rope_backward_cuda(const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+std::vector<at::Tensor> qk_norm_rope_backward_cuda(const GradPieces& dq, const GradPieces& dk, const GradPieces& dv,
                                                    const std::vector<QkvSegment>& segs, int64_t heads,
                                                    const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::vector<bool>& need_dqkv);

@@ -50,6 +50,24 @@ Heads fused_heads(const std::vector<kernels::QkvSegment>& streams, int64_t heads
   return {apply_rope(cat(q), r), apply_rope(cat(k), r), cat(v)};
 }
 
+// Whether a block with a condition stream runs its attention prologue as one qk_norm_rope_split
+// over main and condition tokens (model/rope.h): the keys and values of all tokens come out as one
+// tensor, so split_attention needs no concatenation. On CUDA the fused kernels, elsewhere their
+// reference (the unfused op sequence); FLUXTRAIN_FUSED_KERNELS=0 or FLUXTRAIN_JOINT_PROLOGUE=0
+// (an A/B switch, read once) keeps one prologue per stream and the concatenation.
+bool split_prologue(const at::Tensor& cond) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_JOINT_PROLOGUE");
+    return !(e && e[0] == '0');
+  }();
+  return cond.defined() && enabled && fused_kernels_enabled();
+}
+
+// The rotary table of main then condition tokens (the model sets it once per forward).
+Rope joint_rope(const BlockContext& c) {
+  return c.rope_all.defined() ? c.rope_all : rope_cat({c.rope_main, c.rope_cond});
+}
+
 at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, heads*D]
   return o.transpose(1, 2).flatten(2);           // a view when o is token-major (below)
 }
@@ -248,6 +266,39 @@ at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return o;
 }
 
+// Whether every adapter of condition n on a linear reads its input (none is an output-side one).
+bool input_side_only(const BlockContext& c, const std::string& linear, int n) {
+  if (!c.lora) return true;
+  for (const LoraAdapter* a : c.lora->find(c.block, linear, n))
+    if (a->on_output) return false;
+  return true;
+}
+
+// The qkv columns of a single block's linear1 over xin = cat(main rows, condition rows) at batch
+// size 1, as one GEMM: condition 0's adapters add to its rows only (lora_linear's row range; cn
+// holds those rows' values, what backward keeps). The main rows have no adapter there
+// (single_block checks).
+at::Tensor joint_qkv(const BlockContext& c, const TensorMap& w, const at::Tensor& xin, const at::Tensor& cn,
+                     int64_t Lm) {
+  const int64_t n3 = 3 * c.cfg->hidden_size;
+  const at::Tensor W = w.at("linear1.weight").narrow(0, 0, n3);
+  const at::Tensor b1 = bias_of(w, "linear1");
+  const at::Tensor b = b1.defined() ? b1.narrow(0, 0, n3) : b1;
+  std::vector<at::Tensor> downs, ups;
+  std::vector<int64_t> offsets;
+  std::vector<double> scales;
+  if (c.lora) {
+    for (const LoraAdapter* a : c.lora->find(c.block, "linear1", 0)) {
+      downs.push_back(a->down);
+      ups.push_back(a->up);
+      offsets.push_back(a->out_begin);
+      scales.push_back(a->scale);
+    }
+  }
+  if (downs.empty()) return at::linear(xin, W, b);
+  return lora_linear(xin, W, b, downs, ups, offsets, scales, {}, Lm, Lm + cn.size(1), cn);
+}
+
 }  // namespace
 
 void configure_attention_backends() {
@@ -262,9 +313,14 @@ at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, c
   // Dense [B, h, L, D] operands (dense_heads): fused attention backends (cuDNN in particular)
   // want them.
   if (!k_cond.defined()) return merge_heads(sdpa(dense_heads(q_main), dense_heads(k_main), dense_heads(v_main)));
-  at::Tensor k_all = cat_tokens(k_main, k_cond);
-  at::Tensor v_all = cat_tokens(v_main, v_cond);
-  at::Tensor om = merge_heads(sdpa(dense_heads(q_main), k_all, v_all));
+  return joint_split_attention(q_main, cat_tokens(k_main, k_cond), cat_tokens(v_main, v_cond), q_cond, k_cond, v_cond,
+                               cond_lens, out_cond);
+}
+
+at::Tensor joint_split_attention(const at::Tensor& q_main, const at::Tensor& k_all, const at::Tensor& v_all,
+                                 const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
+                                 const std::vector<int64_t>& cond_lens, at::Tensor* out_cond) {
+  at::Tensor om = merge_heads(sdpa(dense_heads(q_main), dense_heads(k_all), dense_heads(v_all)));
   if (out_cond && q_cond.defined()) {
     bool equal = true;
     for (int64_t l : cond_lens) equal = equal && l == cond_lens[0];
@@ -317,7 +373,23 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   const auto [img_r, img_n] = modulate_residual(img, im[0], im[1]);
   const auto [txt_r, txt_n] = modulate_residual(txt, tm[0], tm[1]);
   at::Tensor q, k, v;
-  if (fused) {
+  Heads ch;
+  at::Tensor cond_r;
+  const bool joint = split_prologue(cond);
+  if (joint) {
+    // Text, image and condition tokens through one prologue (condition tokens with the image
+    // stream's norms): q of text+image, k and v of all tokens, and the condition's own q, k, v.
+    at::Tensor iqkv = img_lin(img_n, "img_attn.qkv");
+    at::Tensor tqkv = main_linear(c, txt_n, w, "txt_attn.qkv");
+    const auto rn = modulate_residual(cond, cm[0], cm[1]);
+    cond_r = rn[0];
+    at::Tensor cqkv = cond_lin(rn[1], "img_attn.qkv");
+    const SplitQkv s = qk_norm_rope_split({{tqkv, tqs, tks}, {iqkv, iqs, iks}, {cqkv, iqs, iks}}, heads,
+                                          joint_rope(c), T + img.size(1));
+    q = s.q_main, k = s.k_all, v = s.v_all;
+    ch = {s.q_cond, s.k_cond, s.v_cond};
+    if (c.record) c.record->record(c.block, ch.k, ch.v);
+  } else if (fused) {
     // Text and image qkv written straight into the concatenated q, k, v (no cat).
     at::Tensor iqkv = img_lin(img_n, "img_attn.qkv");
     at::Tensor tqkv = main_linear(c, txt_n, w, "txt_attn.qkv");
@@ -331,9 +403,7 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
     v = at::cat({th.v, ih.v}, 2);
   }
 
-  Heads ch;
-  at::Tensor cond_r;
-  if (has_cond) {
+  if (has_cond && !joint) {
     const auto rn = modulate_residual(cond, cm[0], cm[1]);
     cond_r = rn[0];
     at::Tensor cqkv = cond_lin(rn[1], "img_attn.qkv");
@@ -350,7 +420,8 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
     ch.v = c.cached_v;
   }
   at::Tensor oc;
-  at::Tensor om = split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
+  at::Tensor om = joint ? joint_split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, &oc)
+                        : split_attention(q, k, v, ch.q, ch.k, ch.v, c.cond_lens, has_cond ? &oc : nullptr);
 
   // split, not two narrows: its backward is one cat of the two gradients (narrow's zero-fills a
   // full-size gradient per slice and adds them).
@@ -378,7 +449,7 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
 
 std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, const at::Tensor& x,
                                      const at::Tensor& cond, const at::Tensor& vec, const at::Tensor& vec_cond) {
-  const int64_t heads = c.cfg->num_heads, H = c.cfg->hidden_size, M = c.cfg->mlp_hidden();
+  const int64_t heads = c.cfg->num_heads, H = c.cfg->hidden_size, M = c.cfg->mlp_hidden(), Lm = x.size(1);
   const bool has_cond = cond.defined();
   const at::Tensor& qs = w.at("norm.query_norm.scale");
   const at::Tensor& ks = w.at("norm.key_norm.scale");
@@ -389,10 +460,16 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   else
     m = modulation(vec, w, "modulation.lin", 3);
   const auto [x_r, xn] = modulate_residual(x, m[0], m[1]);  // x feeds its norm and its residual
-  const bool fused = fused_prologue(x);
   // After the last block only the noise tokens are read: the condition stream's own attention
   // output and MLP would be discarded, so they are not computed (its keys/values still are).
   const bool cond_out_needed = has_cond && !c.last_block;
+  at::Tensor cond_r, cn;  // the condition stream's residual input and normed rows
+  if (cond_out_needed) {
+    const auto rn = modulate_residual(cond, cm[0], cm[1]);
+    cond_r = rn[0], cn = rn[1];
+  } else if (has_cond) {
+    cn = modulate(cond, cm[0], cm[1]);
+  }
   // The main and condition rows share every weight of the block. Where both streams' MLP up
   // projection and linear2 are plain frozen products, each runs as one GEMM over both streams'
   // rows (main, then condition tokens): one product of 5632 rows instead of 4608 + 1024 at
@@ -406,47 +483,56 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
                       plain_frozen(c, w, "linear2", false) && plain_frozen(c, w, "linear2", true) &&
                       w.at("linear1.weight").scalar_type() != at::kFloat8_e4m3fn &&
                       skip_terminal(c, w, m[2], "linear2", false) == skip_terminal(c, w, cm[2], "linear2", true);
-  Heads h;
-  if (fused) {
-    h = fused_heads({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_main);
-  } else {
-    h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
-  }
-  at::Tensor mlp_in = merged ? at::Tensor() : main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
-  if (!fused) {
-    h.q = apply_rope(h.q, c.rope_main);
-    h.k = apply_rope(h.k, c.rope_main);
-  }
+  const at::Tensor xin = merged ? at::cat({xn, cn}, 1) : at::Tensor();  // the merged GEMMs' rows
+  const bool joint = split_prologue(cond);
+  // The qkv columns of linear1 over both streams' rows too (batch 1, one condition, the main rows
+  // unadapted there): the condition's adapters add to its rows only (joint_qkv).
+  const bool qkv_merged = joint && merged && x.size(0) == 1 && c.cond_lens.size() == 1 &&
+                          unadapted_columns(c, "linear1", 0, 3 * H, false) && input_side_only(c, "linear1", 0);
 
-  Heads ch;
-  at::Tensor cond_r, cn;
-  if (has_cond) {
-    if (cond_out_needed) {
-      const auto rn = modulate_residual(cond, cm[0], cm[1]);
-      cond_r = rn[0], cn = rn[1];
-    } else {
-      cn = modulate(cond, cm[0], cm[1]);
-    }
+  Heads h, ch;
+  if (joint) {
+    // Main and condition tokens through one prologue: q of the main tokens, k and v of all
+    // tokens, and the condition's own q, k, v (model/rope.h, qk_norm_rope_split).
+    const SplitQkv s =
+        qkv_merged ? qk_norm_rope_split({{joint_qkv(c, w, xin, cn, Lm), qs, ks}}, heads, joint_rope(c), Lm)
+                   : qk_norm_rope_split({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks},
+                                         {cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}},
+                                        heads, joint_rope(c), Lm);
+    h = {s.q_main, s.k_all, s.v_all};
+    ch = {s.q_cond, s.k_cond, s.v_cond};
+  } else {
+    const bool fused = fused_prologue(x);
     if (fused) {
-      ch = fused_heads({{cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_cond);
-      if (!cond_out_needed) ch.q = at::Tensor();  // queries only feed its own output
+      h = fused_heads({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_main);
     } else {
-      ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
-      ch.q = cond_out_needed ? apply_rope(ch.q, c.rope_cond) : at::Tensor();  // queries only feed its own output
-      ch.k = apply_rope(ch.k, c.rope_cond);
+      h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
+      h.q = apply_rope(h.q, c.rope_main);
+      h.k = apply_rope(h.k, c.rope_main);
     }
-    if (c.record) c.record->record(c.block, ch.k, ch.v);
-  } else if (c.cached_k.defined()) {
-    ch.k = c.cached_k;
-    ch.v = c.cached_v;
+    if (has_cond) {
+      if (fused) {
+        ch = fused_heads({{cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_cond);
+      } else {
+        ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
+        ch.q = apply_rope(ch.q, c.rope_cond);
+        ch.k = apply_rope(ch.k, c.rope_cond);
+      }
+    } else if (c.cached_k.defined()) {
+      ch.k = c.cached_k;
+      ch.v = c.cached_v;
+    }
   }
+  if (!cond_out_needed) ch.q = at::Tensor();  // the condition's queries only feed its own output
+  if (has_cond && c.record) c.record->record(c.block, ch.k, ch.v);
+  at::Tensor mlp_in = merged ? at::Tensor() : main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
   at::Tensor oc;
-  at::Tensor om = split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, cond_out_needed ? &oc : nullptr);
+  at::Tensor* oc_out = cond_out_needed ? &oc : nullptr;
+  at::Tensor om = joint ? joint_split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, oc_out)
+                        : split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, oc_out);
   if (merged) {
-    const int64_t Lm = x.size(1);
     const at::Tensor b1 = bias_of(w, "linear1");
-    at::Tensor pre = at::linear(at::cat({xn, cn}, 1), w.at("linear1.weight").narrow(0, 3 * H, M),
-                                b1.defined() ? b1.narrow(0, 3 * H, M) : b1);
+    at::Tensor pre = at::linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M), b1.defined() ? b1.narrow(0, 3 * H, M) : b1);
     const bool skip = skip_terminal(c, w, m[2], "linear2", false);
     at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip);
     const auto ys = at::split_with_sizes(y, {Lm, y.size(1) - Lm}, 1);

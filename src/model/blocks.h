@@ -21,6 +21,7 @@ struct BlockContext {
   std::vector<int64_t> cond_lens; // tokens per condition (empty: no condition stream)
   Rope rope_main;                 // text + noise tokens
   Rope rope_cond;                 // all condition tokens, in order
+  Rope rope_all;                  // rope_main then rope_cond (undefined: the blocks join them)
   bool last_block = false;        // condition stream's own output is not needed after it
   // Condition KV cache (inference, model/condition_cache.h). cached_k/cached_v defined: the
   // condition stream is absent (cond undefined) and these are its keys (after RoPE) and values.
@@ -37,6 +38,12 @@ struct BlockContext {
 at::Tensor split_attention(const at::Tensor& q_main, const at::Tensor& k_main, const at::Tensor& v_main,
                            const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
                            const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
+// The same with the keys and values of all tokens (main, then condition) already joined: k_all,
+// v_all [B, heads, L_main + L_cond, D]; k_cond, v_cond their condition tokens (views of them
+// from qk_norm_rope_split, model/rope.h).
+at::Tensor joint_split_attention(const at::Tensor& q_main, const at::Tensor& k_all, const at::Tensor& v_all,
+                                 const at::Tensor& q_cond, const at::Tensor& k_cond, const at::Tensor& v_cond,
+                                 const std::vector<int64_t>& cond_lens, at::Tensor* out_cond);
 
 // Process-wide attention backend choice, called once by each subcommand (train through
 // make_runtime) before running the model. cuDNN's fused attention is about 2x faster than

@@ -77,6 +77,7 @@ std::vector<at::Tensor> flux_forward_block_major(const FluxConfig& cfg, BlockWei
       st.cond = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
       st.vec_cond = mlp_embedder(timestep_embedding(at::zeros_like(t), 256, dt), g, "time_in") + shared;
       st.ctx.rope_cond = rope_from_ids(at::cat(in.cond_ids, 0).to(dev), cfg.axes_dim, cfg.theta, acc);
+      st.ctx.rope_all = rope_cat({st.ctx.rope_main, st.ctx.rope_cond});
     }
     st.has_cond = st.cond.defined();
     if (cfg.depth == 0) {

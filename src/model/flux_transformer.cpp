@@ -101,6 +101,7 @@ at::Tensor flux_forward(const FluxConfig& cfg, BlockWeights& weights, const Lora
     // Conditions are clean latents: modulated with the embedding of timestep 0.
     vec_cond = mlp_embedder(timestep_embedding(at::zeros_like(t), 256, dt), g, "time_in") + shared;
     ctx.rope_cond = rope_from_ids(at::cat(in.cond_ids, 0).to(dev), cfg.axes_dim, cfg.theta, acc);
+    ctx.rope_all = rope_cat({ctx.rope_main, ctx.rope_cond});
   }
   const bool has_cond = cond.defined();
   if (fill_cache) {

@@ -21,27 +21,37 @@ using torch::autograd::variable_list;
 // input gradients backward: three passes over activation-sized tensors per adapted linear.
 // An e4m3 w (the stored form, --fp8_matmul) takes the base products through kernels/fp8_matmul.h
 // with its scales w_scale; the adapters' products stay in x's dtype.
+// Adapter rows [row0, row1) of the flattened x (all rows when row1 < 0): the adapters' products
+// read and write only those rows; xa, when given, holds their values and is what backward keeps
+// (a view of x would keep all of x alive).
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                             at::TensorList downs, at::TensorList ups, std::vector<int64_t> offsets,
-                            std::vector<double> scales, const std::optional<at::Tensor>& w_scale_opt) {
+                            std::vector<double> scales, const std::optional<at::Tensor>& w_scale_opt,
+                            int64_t row0, int64_t row1, const std::optional<at::Tensor>& xa_opt) {
     // Optional: autograd's custom functions take no undefined tensor arguments.
     const at::Tensor w_scale = w_scale_opt.value_or(at::Tensor());
     const int64_t k = static_cast<int64_t>(downs.size()), in = x.size(-1), out = w.size(0);
     const auto dt = x.scalar_type();
     const at::Tensor x2 = x.reshape({-1, in});
+    if (row1 < 0) row0 = 0, row1 = x2.size(0);
+    TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= x2.size(0), "lora_linear: adapter rows [", row0, ", ", row1,
+                ") outside the ", x2.size(0), " rows");
+    const at::Tensor xa = xa_opt ? xa_opt->reshape({-1, in}) : x2.narrow(0, row0, row1 - row0);
+    TORCH_CHECK(xa.size(0) == row1 - row0, "lora_linear: the adapter rows' values must be ", row1 - row0, " rows");
     std::vector<int64_t> ranks;
     for (const auto& d : downs) ranks.push_back(d.size(0));
     const at::Tensor D = (k == 1 ? downs[0] : at::cat(downs, 0)).to(dt);
-    const at::Tensor h = at::mm(x2, D.t());
+    const at::Tensor h = at::mm(xa, D.t());
     const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
     at::Tensor y = fp8 ? kernels::fp8_linear_forward(x2, w, w_scale, b)
                        : (b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t()));
     std::vector<at::Tensor> U;
+    const at::Tensor ya = y.narrow(0, row0, row1 - row0);
     int64_t r0 = 0;
     for (int64_t i = 0; i < k; ++i) {
       U.push_back(ups[i].to(dt));
-      y.narrow(1, offsets[i], ups[i].size(0)).addmm_(h.narrow(1, r0, ranks[i]), U[i].t(), 1.0, scales[i]);
+      ya.narrow(1, offsets[i], ups[i].size(0)).addmm_(h.narrow(1, r0, ranks[i]), U[i].t(), 1.0, scales[i]);
       r0 += ranks[i];
     }
     // Saved only where backward needs them, as autograd on the plain ops would: w for the input
@@ -49,7 +59,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     const bool x_grad = x.requires_grad();
     bool down_grad = false;
     for (const auto& d : downs) down_grad = down_grad || d.requires_grad();
-    variable_list saved{down_grad ? x2 : at::Tensor(), x_grad ? w : at::Tensor(), D, h};
+    variable_list saved{down_grad ? xa : at::Tensor(), x_grad ? w : at::Tensor(), D, h};
     saved.insert(saved.end(), U.begin(), U.end());
     saved.push_back(x_grad && fp8 ? w_scale : at::Tensor());
     ctx->save_for_backward(saved);
@@ -58,6 +68,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     ctx->saved_data["ranks"] = ranks;
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["out"] = out;
+    ctx->saved_data["row0"] = row0;
     std::vector<int64_t> master_dtypes;
     for (int64_t i = 0; i < k; ++i) {
       master_dtypes.push_back(static_cast<int64_t>(downs[i].scalar_type()));
@@ -71,18 +82,20 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &w = saved[1], &D = saved[2], &h = saved[3];
+    const at::Tensor &xa = saved[0], &w = saved[1], &D = saved[2], &h = saved[3];
     const auto offsets = ctx->saved_data["offsets"].toIntVector();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     const auto ranks = ctx->saved_data["ranks"].toIntVector();
     const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const auto master_dtypes = ctx->saved_data["master_dtypes"].toIntVector();
     const int64_t k = static_cast<int64_t>(ranks.size());
-    // Inputs in forward's order: x, w, b, downs[k], ups[k], offsets, scales, w_scale.
-    variable_list result(3 + 2 * k + 3);
+    // Inputs in forward's order: x, w, b, downs[k], ups[k], offsets, scales, w_scale, row0, row1, xa.
+    variable_list result(3 + 2 * k + 6);
     if (!grads[0].defined()) return result;
     const at::Tensor dy = grads[0].reshape({-1, ctx->saved_data["out"].toInt()});
-    const int64_t rows = dy.size(0);
+    // The adapter rows of dy (h's rows).
+    const at::Tensor dya = dy.narrow(0, ctx->saved_data["row0"].toInt(), h.size(0));
+    const int64_t rows = dya.size(0);
 
     const bool need_x = ctx->needs_input_grad(0);
     bool need_down = false;
@@ -94,7 +107,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       int64_t r0 = 0;
       for (int64_t i = 0; i < k; ++i) {
         at::Tensor dhi = dh.narrow(1, r0, ranks[i]);
-        const at::Tensor dyi = dy.narrow(1, offsets[i], saved[4 + i].size(0));
+        const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
         at::addmm_out(dhi, dhi, dyi, saved[4 + i], 0.0, scales[i]);  // beta 0: dh's contents unread
         r0 += ranks[i];
       }
@@ -103,14 +116,14 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     for (int64_t i = 0; i < k; ++i) {
       const auto up_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i + 1]);
       if (ctx->needs_input_grad(3 + k + i)) {
-        const at::Tensor dyi = dy.narrow(1, offsets[i], saved[4 + i].size(0));
+        const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
         at::Tensor g = at::mm(dyi.t(), h.narrow(1, r0, ranks[i])).to(up_dtype);
         result[3 + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
       }
       r0 += ranks[i];
     }
     if (need_down) {
-      const at::Tensor dD = at::mm(dh.t(), x2);
+      const at::Tensor dD = at::mm(dh.t(), xa);
       r0 = 0;
       for (int64_t i = 0; i < k; ++i) {
         const auto down_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i]);
@@ -122,7 +135,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     if (need_x) {
       at::Tensor dx = w.scalar_type() == at::kFloat8_e4m3fn ? kernels::fp8_linear_input_grad(dy, w, saved[4 + k])
                                                             : at::mm(dy, w);
-      dx.addmm_(dh, D);
+      dx.narrow(0, ctx->saved_data["row0"].toInt(), rows).addmm_(dh, D);
       result[0] = dx.view(x_sizes);
     }
     return result;
@@ -134,12 +147,13 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                        const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,
                        const std::vector<int64_t>& offsets, const std::vector<double>& scales,
-                       const at::Tensor& w_scale) {
+                       const at::Tensor& w_scale, int64_t row_begin, int64_t row_end, const at::Tensor& rows_x) {
   TORCH_CHECK(!downs.empty() && downs.size() == ups.size() && offsets.size() == downs.size() &&
                   scales.size() == downs.size(),
               "lora_linear: one down, up, offset and scale per adapter");
   return LoraLinearFunction::apply(x, w, b, at::TensorList(downs), at::TensorList(ups), offsets, scales,
-                                   w_scale.defined() ? std::optional<at::Tensor>(w_scale) : std::nullopt);
+                                   w_scale.defined() ? std::optional<at::Tensor>(w_scale) : std::nullopt, row_begin,
+                                   row_end, rows_x.defined() ? std::optional<at::Tensor>(rows_x) : std::nullopt);
 }
 
 at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_scale) {

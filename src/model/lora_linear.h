@@ -16,10 +16,16 @@ namespace fluxtrain {
 // in x's dtype, gradients returned in their own). The row ranges must not overlap.
 // w may be the fp8 stored form (--fp8_matmul): e4m3 codes with float32 scales w_scale ([out] or
 // [1]); its products then go through kernels/fp8_matmul.h. w_scale is unused otherwise.
+// row_begin/row_end: the adapters apply only to rows [row_begin, row_end) of x flattened to
+// [rows, in] (row_end < 0: all rows), e.g. the condition tokens of a product that also takes the
+// main tokens (model/blocks.cpp); rows_x, when given, holds those rows' values (x's own rows,
+// computed elsewhere) and is what backward keeps for the downs' gradients instead of a view that
+// would keep all of x alive. Other rows get x w^T + b.
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                        const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,
                        const std::vector<int64_t>& offsets, const std::vector<double>& scales,
-                       const at::Tensor& w_scale = {});
+                       const at::Tensor& w_scale = {}, int64_t row_begin = 0, int64_t row_end = -1,
+                       const at::Tensor& rows_x = {});
 
 // y = x w^T + b without adapters: at::linear, or kernels::fp8_linear when w is the fp8 stored form
 // (e4m3 codes with float32 scales w_scale, --fp8_matmul). Where every frozen product of the

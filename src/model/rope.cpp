@@ -42,35 +42,45 @@ struct RopeFunction : public torch::autograd::Function<RopeFunction> {
   }
 };
 
-// Head split + QK RMSNorm + RoPE of up to two streams (kernels/qk_norm_rope.h). The second
-// stream's tensors are optional (Function::apply takes no undefined tensors; a nullopt input has
-// no autograd edge, so the edges are: first stream 0..2, second stream 3..5 when present, then
-// cos, sin). Saves the qkv inputs (the unfused graph keeps them too: its RMSNorm saves views of
-// them) and the shared cos/sin, nothing per output.
+// Head split + QK RMSNorm + RoPE of up to three streams (kernels/qk_norm_rope.h). The second
+// and third streams' tensors are optional (Function::apply takes no undefined tensors; a nullopt
+// input has no autograd edge, so the edges are: stream i's qkv, q_scale, k_scale at 3i..3i+2 for
+// the streams present, then cos, sin). Saves the qkv inputs (the unfused graph keeps them too:
+// its RMSNorm saves views of them) and the shared cos/sin, nothing per output.
+// split > 0: the outputs are q of tokens [0, split), k and v of all tokens, then q, k and v of
+// tokens [split, L), as views of the same memory; backward takes each output's gradient as a
+// piece (kernels::GradPieces), so no full-size gradient is assembled from the slices.
 struct QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv0,
-                                                const at::Tensor& qs0, const at::Tensor& ks0,
-                                                const std::optional<at::Tensor>& qkv1,
-                                                const std::optional<at::Tensor>& qs1,
-                                                const std::optional<at::Tensor>& ks1, const at::Tensor& cos,
-                                                const at::Tensor& sin, int64_t heads) {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& qkv0, const at::Tensor& qs0, const at::Tensor& ks0,
+      const std::optional<at::Tensor>& qkv1, const std::optional<at::Tensor>& qs1,
+      const std::optional<at::Tensor>& ks1, const std::optional<at::Tensor>& qkv2,
+      const std::optional<at::Tensor>& qs2, const std::optional<at::Tensor>& ks2, const at::Tensor& cos,
+      const at::Tensor& sin, int64_t heads, int64_t split) {
     std::vector<kernels::QkvSegment> segs{{qkv0, qs0, ks0}};
-    if (qkv1) segs.push_back({*qkv1, *qs1, *ks1});
+    torch::autograd::variable_list saved{cos, sin, qkv0, qs0, ks0};
+    for (const auto* st : {&qkv1, &qkv2}) {
+      if (!*st) continue;
+      const bool second = st == &qkv1;
+      segs.push_back({**st, second ? *qs1 : *qs2, second ? *ks1 : *ks2});
+      saved.insert(saved.end(), {segs.back().qkv, segs.back().q_scale, segs.back().k_scale});
+    }
     auto out = kernels::qk_norm_rope_forward(segs, heads, cos, sin);
-    if (qkv1)
-      ctx->save_for_backward({cos, sin, qkv0, qs0, ks0, *qkv1, *qs1, *ks1});
-    else
-      ctx->save_for_backward({cos, sin, qkv0, qs0, ks0});
+    ctx->save_for_backward(saved);
     ctx->saved_data["heads"] = heads;
+    ctx->saved_data["split"] = split;
     ctx->set_materialize_grads(false);  // an unused output (e.g. q of a condition stream) gets no zeros
-    return {out[0], out[1], out[2]};
+    if (split <= 0) return {out[0], out[1], out[2]};
+    const int64_t rest = out[0].size(2) - split;
+    return {out[0].narrow(2, 0, split), out[1],  out[2], out[0].narrow(2, split, rest), out[1].narrow(2, split, rest),
+            out[2].narrow(2, split, rest)};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto s = ctx->get_saved_variables();
-    const int64_t heads = ctx->saved_data["heads"].toInt();
-    std::vector<kernels::QkvSegment> segs{{s[2], s[3], s[4]}};
-    if (s.size() == 8) segs.push_back({s[5], s[6], s[7]});
+    const int64_t heads = ctx->saved_data["heads"].toInt(), split = ctx->saved_data["split"].toInt();
+    std::vector<kernels::QkvSegment> segs;
+    for (size_t i = 2; i + 2 < s.size(); i += 3) segs.push_back({s[i], s[i + 1], s[i + 2]});
     std::vector<kernels::QkvSegmentNeeds> needs;
     bool any = false;
     for (size_t i = 0; i < segs.size(); ++i) {
@@ -78,9 +88,17 @@ struct QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction>
                        ctx->needs_input_grad(3 * i + 2)});
       any = any || needs.back().qkv || needs.back().q_scale || needs.back().k_scale;
     }
-    torch::autograd::variable_list out(9);  // qkv, q_scale, k_scale of each stream, cos, sin, heads
-    if (!any || (!grads[0].defined() && !grads[1].defined() && !grads[2].defined())) return out;
-    auto g = kernels::qk_norm_rope_backward(grads[0], grads[1], grads[2], segs, heads, s[0], s[1], needs);
+    torch::autograd::variable_list out(13);  // qkv, q_scale, k_scale of 3 streams, cos, sin, heads, split
+    bool any_grad = false;
+    for (const auto& g : grads) any_grad = any_grad || g.defined();
+    if (!any || !any_grad) return out;
+    std::vector<kernels::QkvSegmentGrads> g;
+    if (split <= 0) {
+      g = kernels::qk_norm_rope_backward(grads[0], grads[1], grads[2], segs, heads, s[0], s[1], needs);
+    } else {
+      g = kernels::qk_norm_rope_backward({grads[0], 0, grads[3], split}, {grads[1], 0, grads[4], split},
+                                         {grads[2], 0, grads[5], split}, segs, heads, s[0], s[1], needs);
+    }
     for (size_t i = 0; i < segs.size(); ++i) {
       out[3 * i] = g[i].qkv;
       out[3 * i + 1] = g[i].q_scale;
@@ -90,15 +108,33 @@ struct QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction>
   }
 };
 
+torch::autograd::variable_list apply_qk_norm_rope(const std::vector<kernels::QkvSegment>& streams, int64_t heads,
+                                                  const Rope& r, int64_t split) {
+  TORCH_CHECK(!streams.empty() && streams.size() <= 3, "qk_norm_rope: one to three streams");
+  std::optional<at::Tensor> opt[2][3];
+  for (size_t i = 1; i < streams.size(); ++i) {
+    opt[i - 1][0] = streams[i].qkv;
+    opt[i - 1][1] = streams[i].q_scale;
+    opt[i - 1][2] = streams[i].k_scale;
+  }
+  return QkNormRopeFunction::apply(streams[0].qkv, streams[0].q_scale, streams[0].k_scale, opt[0][0], opt[0][1],
+                                   opt[0][2], opt[1][0], opt[1][1], opt[1][2], r.cos, r.sin, heads, split);
+}
+
 }  // namespace
 
 std::array<at::Tensor, 3> qk_norm_rope(const std::vector<kernels::QkvSegment>& streams, int64_t heads, const Rope& r) {
-  TORCH_CHECK(streams.size() == 1 || streams.size() == 2, "qk_norm_rope: one or two streams");
-  std::optional<at::Tensor> qkv1, qs1, ks1;
-  if (streams.size() == 2) qkv1 = streams[1].qkv, qs1 = streams[1].q_scale, ks1 = streams[1].k_scale;
-  auto out = QkNormRopeFunction::apply(streams[0].qkv, streams[0].q_scale, streams[0].k_scale, qkv1, qs1, ks1, r.cos,
-                                       r.sin, heads);
+  auto out = apply_qk_norm_rope(streams, heads, r, 0);
   return {out[0], out[1], out[2]};
+}
+
+SplitQkv qk_norm_rope_split(const std::vector<kernels::QkvSegment>& streams, int64_t heads, const Rope& r,
+                            int64_t split) {
+  int64_t L = 0;
+  for (const auto& st : streams) L += st.qkv.size(1);
+  TORCH_CHECK(split > 0 && split < L, "qk_norm_rope_split: the split ", split, " must fall inside the ", L, " tokens");
+  auto out = apply_qk_norm_rope(streams, heads, r, split);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const Rope& r) {

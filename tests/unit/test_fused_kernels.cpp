@@ -306,6 +306,58 @@ TEST(FusedQkNormRope, CpuReferenceEqualsUnfusedModelOps) {
   }
 }
 
+// qk_norm_rope_split (a block's joint prologue) against what the blocks did before it: one prologue
+// for text+image, one for the condition, keys and values concatenated, on CPU, bit for bit in
+// bf16 and float32, gradients included (the pieces' sums round once, as autograd's sum does).
+TEST(FusedQkNormRope, SplitEqualsSeparateProloguesAndConcatenation) {
+  at::manual_seed(8);
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    const int64_t B = 2, heads = 2, D = 16, Lt = 3, Li = 6, Lc = 4, W = 3 * heads * D;
+    at::Tensor cm32, sm32, cc32, sc32;
+    random_angles(Lt + Li, D, &cm32, &sm32);
+    random_angles(Lc, D, &cc32, &sc32);
+    const Rope rm{cm32, sm32}, rc{cc32, sc32}, ra = rope_cat({rm, rc});
+    at::Tensor t0 = at::randn({B, Lt, W}).to(dt), i0 = at::randn({B, Li, W}).to(dt), c0 = at::randn({B, Lc, W}).to(dt);
+    std::vector<at::Tensor> sc;
+    for (int i = 0; i < 4; ++i) sc.push_back((at::rand({D}) + 0.5).to(dt));
+    const int64_t Lm = Lt + Li;
+    at::Tensor gqm = at::randn({B, heads, Lm, D}).to(dt), gka = at::randn({B, heads, Lm + Lc, D}).to(dt);
+    at::Tensor gva = at::randn({B, heads, Lm + Lc, D}).to(dt), gqc = at::randn({B, heads, Lc, D}).to(dt);
+    at::Tensor gkc = at::randn({B, heads, Lc, D}).to(dt), gvc = at::randn({B, heads, Lc, D}).to(dt);
+    auto leaves = [&] {
+      return std::vector<at::Tensor>{t0.clone().set_requires_grad(true), i0.clone().set_requires_grad(true),
+                                     c0.clone().set_requires_grad(true)};
+    };
+    auto a = leaves();
+    auto m = qk_norm_rope({{a[0], sc[0], sc[1]}, {a[1], sc[2], sc[3]}}, heads, rm);
+    auto c = qk_norm_rope({{a[2], sc[2], sc[3]}}, heads, rc);
+    at::Tensor k_all = at::cat({m[1], c[1]}, 2), v_all = at::cat({m[2], c[2]}, 2);
+    torch::autograd::backward({m[0], k_all, v_all, c[0], c[1], c[2]}, {gqm, gka, gva, gqc, gkc, gvc});
+
+    auto b = leaves();
+    const SplitQkv s = qk_norm_rope_split({{b[0], sc[0], sc[1]}, {b[1], sc[2], sc[3]}, {b[2], sc[2], sc[3]}}, heads, ra, Lm);
+    EXPECT_TRUE(at::equal(s.q_main, m[0])) << dt;
+    EXPECT_TRUE(at::equal(s.k_all, k_all)) << dt;
+    EXPECT_TRUE(at::equal(s.v_all, v_all)) << dt;
+    EXPECT_TRUE(at::equal(s.q_cond, c[0])) << dt;
+    EXPECT_TRUE(at::equal(s.k_cond, c[1])) << dt;
+    EXPECT_TRUE(at::equal(s.v_cond, c[2])) << dt;
+    torch::autograd::backward({s.q_main, s.k_all, s.v_all, s.q_cond, s.k_cond, s.v_cond},
+                              {gqm, gka, gva, gqc, gkc, gvc});
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(b[i].grad(), a[i].grad())) << dt << " stream " << i;
+
+    // The condition's queries unused (the last single block): their gradient piece is absent.
+    auto d = leaves();
+    const SplitQkv u = qk_norm_rope_split({{d[0], sc[0], sc[1]}, {d[1], sc[2], sc[3]}, {d[2], sc[2], sc[3]}}, heads, ra, Lm);
+    torch::autograd::backward({u.q_main, u.k_all, u.v_all}, {gqm, gka, gva});
+    auto e = leaves();
+    auto m2 = qk_norm_rope({{e[0], sc[0], sc[1]}, {e[1], sc[2], sc[3]}}, heads, rm);
+    auto c2 = qk_norm_rope({{e[2], sc[2], sc[3]}}, heads, rc);
+    torch::autograd::backward({m2[0], at::cat({m2[1], c2[1]}, 2), at::cat({m2[2], c2[2]}, 2)}, {gqm, gka, gva});
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(d[i].grad(), e[i].grad())) << dt << " no q_cond, stream " << i;
+  }
+}
+
 // ================================= GPU: CUDA vs the references ==================================
 
 #ifdef FLUXTRAIN_WITH_CUDA
@@ -437,7 +489,8 @@ TEST(FusedKernels, QkNormRopeCudaMatchesReference) {
   };
   const std::vector<Case> cases{{1, 24, 128, {1}, false},         {2, 24, 128, {7}, true},
                                 {2, 24, 128, {512, 1024}, false}, {1, 24, 128, {1536}, true},
-                                {1, 3, 10, {2, 3}, true},         {2, 2, 70, {5}, false}};
+                                {1, 3, 10, {2, 3}, true},         {2, 2, 70, {5}, false},
+                                {1, 24, 128, {512, 1024, 256}, true}, {2, 3, 10, {2, 3, 4}, false}};
   for (auto dt : {at::kBFloat16, at::kFloat}) {
     const bool bf = dt == at::kBFloat16;
     for (const Case& cs : cases) {
@@ -511,6 +564,31 @@ TEST(FusedKernels, QkNormRopeCudaMatchesReference) {
       EXPECT_EQ(g2v.select(2, 0).abs().max().item<double>(), 0.0) << what;
       EXPECT_EQ(g2v.select(2, 2).abs().max().item<double>(), 0.0) << what;
       EXPECT_TRUE(at::equal(g2v.select(2, 1), g1v.select(2, 1))) << what;
+
+      // Gradient pieces (qk_norm_rope_split's): q as main + last-stream pieces, k and v as a
+      // piece over all tokens plus one over the last stream. Equal, bit for bit, to the whole
+      // gradients formed in the dtype (autograd's sum of the two, rounded once).
+      if (cs.lens.size() >= 2) {
+        const int64_t split = L - cs.lens.back(), Lc = cs.lens.back();
+        at::Tensor gq2 = at::randn({cs.B, cs.heads, Lc, cs.D}).to(dt);
+        at::Tensor gk2 = at::randn({cs.B, cs.heads, Lc, cs.D}).to(dt).transpose(1, 2).contiguous().transpose(1, 2);
+        at::Tensor gv2 = at::randn({cs.B, cs.heads, Lc, cs.D}).to(dt);
+        at::Tensor wq = at::cat({gq.narrow(2, 0, split), gq2}, 2);
+        at::Tensor wk = gk.clone(), wv = gv.clone();
+        wk.narrow(2, split, Lc).add_(gk2);
+        wv.narrow(2, split, Lc).add_(gv2);
+        auto whole = kernels::qk_norm_rope_backward_cuda(wq.cuda(), wk.cuda(), wv.cuda(), gpu, cs.heads, cg, sg, need);
+        auto pieces = kernels::qk_norm_rope_backward_cuda(
+            {gq.cuda().narrow(2, 0, split), 0, gq2.cuda(), split}, {gk.cuda(), 0, gk2.cuda(), split},
+            {gv.cuda(), 0, gv2.cuda(), split}, gpu, cs.heads, cg, sg, need);
+        auto ref = kernels::qk_norm_rope_backward_reference({gq.narrow(2, 0, split), 0, gq2, split}, {gk, 0, gk2, split},
+                                                            {gv, 0, gv2, split}, cpu, cs.heads, cos32, sin32, needs);
+        auto ref_whole = kernels::qk_norm_rope_backward_reference(wq, wk, wv, cpu, cs.heads, cos32, sin32, needs);
+        for (size_t i = 0; i < cs.lens.size(); ++i) {
+          EXPECT_TRUE(at::equal(pieces[i], whole[i])) << what << " pieces dqkv" << i;
+          EXPECT_TRUE(at::equal(ref[i].qkv, ref_whole[i].qkv)) << what << " reference pieces dqkv" << i;
+        }
+      }
     }
   }
 #endif

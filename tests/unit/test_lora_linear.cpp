@@ -24,8 +24,11 @@ double rel_err(const at::Tensor& got, const at::Tensor& want) {
 }
 
 // Two adapters with gaps before, between and after them (rows 0-1, 8-10 and 17-19 have none),
-// scales other than 1, and a 3-D input.
-void check(at::ScalarType dt, double tol, bool x_needs_grad) {
+// scales other than 1, and a 3-D input. row1 >= 0: the adapters act on flattened input rows
+// [row0, row1) only (the reference masks their products elsewhere), whose values are handed over
+// as a separate tensor when rows_given.
+void check(at::ScalarType dt, double tol, bool x_needs_grad, int64_t row0 = 0, int64_t row1 = -1,
+           bool rows_given = false) {
   at::manual_seed(3);
   const int64_t in = 12, out = 20;
   const std::vector<Adapter> ads{{2, 6, 3, 0.5}, {11, 6, 2, 2.0}};
@@ -53,11 +56,16 @@ void check(at::ScalarType dt, double tol, bool x_needs_grad) {
   }
   std::vector<at::Tensor> cols;
   at::Tensor base = at::matmul(xr, wr.t()) + br;
+  at::Tensor mask = at::ones({2, 5, 1}, at::kDouble);
+  if (row1 >= 0) {
+    mask.zero_();
+    mask.view({-1}).narrow(0, row0, row1 - row0).fill_(1.0);
+  }
   int64_t pos = 0;
   for (size_t i = 0; i < ads.size(); ++i) {
     if (ads[i].offset > pos) cols.push_back(base.narrow(2, pos, ads[i].offset - pos));
     cols.push_back(base.narrow(2, ads[i].offset, ads[i].rows) +
-                   ads[i].scale * at::matmul(at::matmul(xr, dr[i].t()), ur[i].t()));
+                   ads[i].scale * at::matmul(at::matmul(xr, dr[i].t()), ur[i].t()) * mask);
     pos = ads[i].offset + ads[i].rows;
   }
   if (pos < out) cols.push_back(base.narrow(2, pos, out - pos));
@@ -68,7 +76,11 @@ void check(at::ScalarType dt, double tol, bool x_needs_grad) {
   auto want_g = torch::autograd::grad({want}, want_inputs, {dy.to(dt).to(at::kDouble)});
 
   at::Tensor xt = x.to(dt).requires_grad_(x_needs_grad);
-  at::Tensor got = fluxtrain::lora_linear(xt, w.to(dt), b.to(dt), downs, ups, offsets, scales);
+  at::Tensor rows_x;
+  if (rows_given) rows_x = xt.detach().reshape({-1, in}).narrow(0, row0, row1 - row0).clone();
+  at::Tensor got = row1 >= 0 ? fluxtrain::lora_linear(xt, w.to(dt), b.to(dt), downs, ups, offsets, scales, {}, row0,
+                                                      row1, rows_x)
+                             : fluxtrain::lora_linear(xt, w.to(dt), b.to(dt), downs, ups, offsets, scales);
   ASSERT_EQ(got.sizes(), want.sizes());
   EXPECT_EQ(got.scalar_type(), dt);
   EXPECT_LT(rel_err(got, want), tol) << "y";
@@ -93,3 +105,11 @@ TEST(LoraLinear, MatchesFormulaInFloat64) { check(at::kDouble, 1e-12, true); }
 TEST(LoraLinear, MatchesFormulaInFloat32) { check(at::kFloat, 1e-5, true); }
 TEST(LoraLinear, MatchesFormulaInBfloat16) { check(at::kBFloat16, 2e-2, true); }
 TEST(LoraLinear, InputWithoutGradient) { check(at::kDouble, 1e-12, false); }
+// Adapters on a row range (a single block's condition rows in one GEMM with the main rows,
+// model/blocks.cpp): rows 3-7 of the 10 flattened rows, inside one batch entry and across two.
+TEST(LoraLinear, AdapterRowRange) {
+  check(at::kDouble, 1e-12, true, 3, 8);
+  check(at::kDouble, 1e-12, true, 5, 10, /*rows_given=*/true);
+  check(at::kFloat, 1e-5, true, 0, 4, true);
+  check(at::kDouble, 1e-12, false, 6, 9, true);
+}

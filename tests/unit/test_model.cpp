@@ -81,11 +81,12 @@ TensorMap block_map(const TensorMap& full, const std::string& prefix) {
 }
 
 // Runs our double block and the reference on random stream activations.
-void compare_blocks(std::vector<int64_t> cond_lens, int lora_num, uint64_t seed) {
+// B = 1 with one condition takes the single block's merged qkv GEMM (blocks.cpp, joint_qkv).
+void compare_blocks(std::vector<int64_t> cond_lens, int lora_num, uint64_t seed, int64_t B = 2) {
   const FluxConfig cfg = tiny();
   const TensorMap w = init_random_weights(cfg, seed, at::kDouble);
   LoraSet lora = random_lora(cfg, lora_num, seed + 1);
-  const int64_t B = 2, T = 4, L = 9, H = cfg.hidden_size;
+  const int64_t T = 4, L = 9, H = cfg.hidden_size;
   at::manual_seed(seed + 2);
   at::Tensor img = at::randn({B, L, H}, kF64), txt = at::randn({B, T, H}, kF64);
   at::Tensor vec = at::randn({B, H}, kF64), vec_cond = at::randn({B, H}, kF64);
@@ -176,6 +177,7 @@ int check_finite_differences(const FluxConfig& cfg, BlockWeights& w, LoraSet& lo
 // --- blocks vs the naive float64 reference (tolerance 1e-10 relative) -------------------
 TEST(ModelReference, BlocksWithoutConditions) { compare_blocks({}, 1, 10); }
 TEST(ModelReference, BlocksWithOneCondition) { compare_blocks({6}, 1, 11); }
+TEST(ModelReference, BlocksWithOneConditionAtBatchOne) { compare_blocks({6}, 1, 14, 1); }
 TEST(ModelReference, BlocksWithTwoEqualConditions) { compare_blocks({4, 4}, 2, 12); }
 TEST(ModelReference, BlocksWithUnequalConditions) { compare_blocks({4, 7, 3}, 3, 13); }
 
@@ -263,11 +265,13 @@ TEST(LoraScope, EachConditionDependsOnlyOnItsOwnTokens) {
 }
 
 // --- gradients ------------------------------------------------------------------------------
-TEST(Gradients, ReachOnlyLoraAndMatchFiniteDifferences) {
+// Batch 1: with one condition the single blocks run main and condition rows through one qkv GEMM
+// (blocks.cpp, joint_qkv), with two through one per stream.
+void gradients_match_finite_differences(std::vector<int64_t> cond_sides) {
   const FluxConfig cfg = tiny();
   ResidentBlockWeights w(init_random_weights(cfg, 6, at::kDouble), cfg.depth, cfg.depth_single);
-  LoraSet lora = random_lora(cfg, 2, 11);
-  FluxInputs in = make_inputs(cfg, 1, 3, {2, 2}, 12);
+  LoraSet lora = random_lora(cfg, static_cast<int>(cond_sides.size()), 11);
+  FluxInputs in = make_inputs(cfg, 1, 3, cond_sides, 12);
   at::manual_seed(13);
   at::Tensor r = at::randn({1, 9, cfg.out_channels}, kF64);
   at::Tensor out = flux_forward(cfg, w, &lora, in);
@@ -282,24 +286,29 @@ TEST(Gradients, ReachOnlyLoraAndMatchFiniteDifferences) {
   EXPECT_GT(checked, 10);
 }
 
+TEST(Gradients, ReachOnlyLoraAndMatchFiniteDifferences) { gradients_match_finite_differences({2, 2}); }
+TEST(Gradients, OneConditionMatchesFiniteDifferences) { gradients_match_finite_differences({2}); }
+
 // Checkpointed vs plain gradients of the same model and inputs. dt: the model's dtype; y_grad: the
 // pooled vector needs a gradient, so that every gate does and the recomputation may skip no
 // linear (model/recompute.h). Returns the recompute statistics' increase.
-RecomputeStats checkpoint_equivalence(at::ScalarType dt, bool y_grad, double tol) {
+RecomputeStats checkpoint_equivalence(at::ScalarType dt, bool y_grad, double tol, int64_t B = 2,
+                                      std::vector<int64_t> cond_sides = {3, 2}) {
   const FluxConfig cfg = tiny();
   ResidentBlockWeights w(init_random_weights(cfg, 7, dt), cfg.depth, cfg.depth_single);
-  FluxInputs in = make_inputs(cfg, 2, 4, {3, 2}, 14);
+  FluxInputs in = make_inputs(cfg, B, 4, cond_sides, 14);
+  const int lora_num = static_cast<int>(cond_sides.size());
   for (at::Tensor* t : {&in.img, &in.txt, &in.y, &in.timesteps, &in.guidance}) *t = t->to(dt);
   for (auto& c : in.cond) c = c.to(dt);
   in.txt.set_requires_grad(true);  // gradients w.r.t. the conditioning too (text-encoder training)
   in.y.set_requires_grad(y_grad);
   at::manual_seed(15);
-  at::Tensor r = at::randn({2, 16, cfg.out_channels}, kF64).to(dt);
+  at::Tensor r = at::randn({B, 16, cfg.out_channels}, kF64).to(dt);
   std::vector<std::vector<at::Tensor>> grads;
   std::vector<at::Tensor> outs, txt_grads, y_grads;
   const RecomputeStats before = recompute_stats();
   for (bool ckpt : {false, true}) {
-    LoraSet lora = random_lora(cfg, 2, 16);
+    LoraSet lora = random_lora(cfg, lora_num, 16);
     if (dt != at::kDouble) {  // the same adapters with masters in dt
       LoraSet l = LoraSet::create(cfg, lora.config(), 16, dt);
       at::NoGradGuard ng;
@@ -337,6 +346,9 @@ RecomputeStats checkpoint_equivalence(at::ScalarType dt, bool y_grad, double tol
 TEST(Gradients, CheckpointingGivesIdenticalGradients) {
   const RecomputeStats s = checkpoint_equivalence(at::kDouble, false, 1e-13);
   EXPECT_GT(s.linears_skipped, 0) << "the MLP/linear2 outputs are not recomputed";
+  // Batch 1, one condition: the single blocks' merged qkv GEMM with its adapter row range.
+  const RecomputeStats s1 = checkpoint_equivalence(at::kDouble, false, 1e-13, 1, {3});
+  EXPECT_GT(s1.linears_skipped, 0);
 }
 
 // float32 takes LibTorch's CPU flash attention, whose recorded output and log-sum-exp the
