@@ -7,6 +7,9 @@
 # AB_SWITCHES="FLUXTRAIN_MERGE_COND_GEMMS FLUXTRAIN_DGELU_EPILOGUE" adds, per variable, the four
 # configurations' graph step with that variable set to 0 (an A/B of one implementation choice,
 # in the same process environment as the default run; about 40 s each).
+# PROFILE="512/1024/128" and PROFILE_STANDARD="0/1024/128" add an eager kernel profile of those
+# configurations (EasyControl, plain LoRA; bench/gpu_profile_kernels.sh), printed per kernel class
+# with the top kernels (bench/profile_digest.py); about 30 s each.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -30,3 +33,12 @@ for v in ${AB_SWITCHES:-}; do
   env "$v=0" timeout 150 $B $G --gradient_checkpointing off --configs $C > "$OUT/graph_$v.jsonl"
   show "$OUT/graph_$v.jsonl" "$v=0"
 done
+if [ -n "${PROFILE:-}" ]; then
+  CONFIGS=$PROFILE TAG=ec timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
+fi
+if [ -n "${PROFILE_STANDARD:-}" ]; then
+  CONFIGS=$PROFILE_STANDARD TAG=standard EXTRA="--lora_mode standard" timeout 150 bash bench/gpu_profile_kernels.sh \
+    > /dev/null 2>&1
+fi
+[ -f "$OUT/kernel_classes.jsonl" ] && python3 bench/profile_digest.py "$OUT/kernel_classes.jsonl"
+exit 0
