@@ -9,7 +9,8 @@
 # in the same process environment as the default run; about 40 s each).
 # PROFILE="512/1024/128" and PROFILE_STANDARD="0/1024/128" add an eager kernel profile of those
 # configurations (EasyControl, plain LoRA; bench/gpu_profile_kernels.sh), printed per kernel class
-# with the top kernels (bench/profile_digest.py); about 30 s each.
+# with the top kernels (bench/profile_digest.py); about 30 s each. ATTR=gpu_memset,copy_cat traces
+# those classes' kernels in the EasyControl profile back to the host ops that launch them.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -34,7 +35,7 @@ for v in ${AB_SWITCHES:-}; do
   show "$OUT/graph_$v.jsonl" "$v=0"
 done
 if [ -n "${PROFILE:-}" ]; then
-  CONFIGS=$PROFILE TAG=ec timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
+  CONFIGS=$PROFILE TAG=ec ATTR=${ATTR:-} timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
 fi
 if [ -n "${PROFILE_STANDARD:-}" ]; then
   CONFIGS=$PROFILE_STANDARD TAG=standard EXTRA="--lora_mode standard" timeout 150 bash bench/gpu_profile_kernels.sh \

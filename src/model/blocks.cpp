@@ -238,6 +238,14 @@ bool same_layout(const at::Tensor& t, const std::vector<int64_t>& strides) {
   return t.strides().vec() == strides;
 }
 
+// Whether t has these strides in every dimension of more than one element: then it addresses the
+// same elements as a tensor with exactly these strides.
+bool same_layout_where_it_matters(const at::Tensor& t, const std::vector<int64_t>& strides) {
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) != strides[static_cast<size_t>(d)]) return false;
+  return true;
+}
+
 // at::scaled_dot_product_attention with its output gradient always in the merged-heads layout.
 // LibTorch's cuDNN attention keys its cached backward graph by the shapes and strides of q, k and v
 // only, yet builds the graph with the strides of the output gradient it first sees (ATen's
@@ -248,11 +256,15 @@ bool same_layout(const at::Tensor& t, const std::vector<int64_t>& strides) {
 // single block whose linear2 is adapted takes its attention output through a cat, so its gradient
 // comes back as a slice with a row stride of 5H, while the double blocks' calls of the same shape
 // get a dense gradient (row stride H). Normalising the gradient costs one copy where it is not
-// already dense, and makes the graph the same for every call.
+// already dense, and makes the graph the same for every call. A gradient that differs only in the
+// stride of a size-1 dimension (at batch size 1, a slice of the rows of a larger [1, L, H]
+// gradient: a single block's merged linear2, session 13) is given those strides as a view of the
+// same elements instead: no copy.
 at::Tensor merged_heads_grad(const at::Tensor& g) {
   if (!g.is_cuda() || g.dim() != 4) return g;
   auto strides = merged_heads_strides(g.sizes());
   if (same_layout(g, strides)) return g;
+  if (same_layout_where_it_matters(g, strides)) return g.as_strided(g.sizes(), strides, g.storage_offset());
   return at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
 }
 

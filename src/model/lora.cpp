@@ -239,14 +239,6 @@ void LoraSet::to(const at::TensorOptions& opts) {
   }
 }
 
-namespace {
-
-// t * scale, without the multiplication when scale is 1 (alpha == rank, the usual setting): x * 1
-// is x exactly, and it would cost an elementwise pass over the delta forward and backward.
-at::Tensor scaled(const at::Tensor& t, double scale) { return scale == 1.0 ? t : t * scale; }
-
-}  // namespace
-
 at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const LoraSet* lora, int block, const std::string& linear, int cond,
                             int64_t row_begin, int64_t row_end, const at::Tensor& weight_scale) {
@@ -287,8 +279,7 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
   for (const LoraAdapter* a : after) {
     TORCH_CHECK(a->out_begin == row_begin && a->out_end == row_end && a->down.size(1) == row_end - row_begin,
                 "output-side LoRA ", a->key, " must cover the whole output of ", linear);
-    at::Tensor h = at::linear(y, a->down.to(y.scalar_type()));
-    y = y + scaled(at::linear(h, a->up.to(y.scalar_type())), a->scale);
+    y = output_lora(y, a->down, a->up, a->scale);
   }
   return y;
 }

@@ -13,6 +13,15 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// a @ b in dtype out: on CUDA a 16-bit product for float32 masters comes out of the GEMM in float32
+// (at::mm's out_dtype: no rounding to 16 bits and no cast kernel, two kernels fewer per adapter
+// and step); elsewhere the product cast.
+at::Tensor mm_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType out) {
+  const auto dt = a.scalar_type();
+  if (a.is_cuda() && out == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)) return at::mm(a, b, at::kFloat);
+  return at::mm(a, b).to(out);
+}
+
 // Forward: h = x D^T with the adapters' downs stacked (one GEMM), y = x w^T + b, then each up
 // product added into its rows of y by an in-place addmm (beta = 1). Backward: dh_i = s_i dy_i U_i
 // written into its columns of dh, dU_i = s_i dy_i^T h_i, dD = dh^T x (one GEMM), and
@@ -117,18 +126,22 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const auto up_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i + 1]);
       if (ctx->needs_input_grad(3 + k + i)) {
         const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
-        at::Tensor g = at::mm(dyi.t(), h.narrow(1, r0, ranks[i])).to(up_dtype);
+        at::Tensor g = mm_to(dyi.t(), h.narrow(1, r0, ranks[i]), up_dtype);
         result[3 + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
       }
       r0 += ranks[i];
     }
     if (need_down) {
-      const at::Tensor dD = at::mm(dh.t(), xa);
+      // One product for the stacked downs; each adapter's gradient is its rows (a view: autograd
+      // takes it as the .grad as it is, the rows of different adapters never overlap).
+      bool one_dtype = true;
+      for (int64_t i = 1; i < k; ++i) one_dtype = one_dtype && master_dtypes[2 * i] == master_dtypes[0];
+      const auto first_dtype = static_cast<at::ScalarType>(master_dtypes[0]);
+      const at::Tensor dD = one_dtype ? mm_to(dh.t(), xa, first_dtype) : at::mm(dh.t(), xa);
       r0 = 0;
       for (int64_t i = 0; i < k; ++i) {
         const auto down_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i]);
-        if (ctx->needs_input_grad(3 + i))
-          result[3 + i] = dD.narrow(0, r0, ranks[i]).to(down_dtype, /*non_blocking=*/false, /*copy=*/true);
+        if (ctx->needs_input_grad(3 + i)) result[3 + i] = dD.narrow(0, r0, ranks[i]).to(down_dtype);
         r0 += ranks[i];
       }
     }
@@ -142,7 +155,57 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
   }
 };
 
+// y + scale * (y D^T) U^T (an output-side adapter, EasyControl's proj_loras) as one node: forward
+// two GEMMs (the second accumulates into a copy of y, beta = 1), backward four (dh, dU, dD, and dy
+// accumulated onto the output gradient). Autograd on the plain ops adds the casts' backward, a
+// scale and an add: about twice the kernels.
+struct OutputLoraFunction : public torch::autograd::Function<OutputLoraFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& down, const at::Tensor& up,
+                            double scale) {
+    const auto dt = y.scalar_type();
+    const int64_t n = y.size(-1);
+    const at::Tensor y2 = y.reshape({-1, n});
+    const at::Tensor D = down.to(dt), U = up.to(dt);
+    const at::Tensor h = at::mm(y2, D.t());
+    at::Tensor out = at::addmm(y2, h, U.t(), 1.0, scale);
+    ctx->save_for_backward({down.requires_grad() ? y2 : at::Tensor(), D, U, h});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(down.scalar_type()),
+                                                      static_cast<int64_t>(up.scalar_type())};
+    return out.view(y.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y2 = saved[0], &D = saved[1], &U = saved[2], &h = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    variable_list result(4);
+    if (!grads[0].defined()) return result;
+    const auto sizes = grads[0].sizes().vec();
+    const at::Tensor dout = grads[0].reshape({-1, sizes.back()});
+    if (ctx->needs_input_grad(2)) {
+      at::Tensor g = mm_to(dout.t(), h, static_cast<at::ScalarType>(dtypes[1]));
+      result[2] = scale == 1.0 ? g : g.mul_(scale);
+    }
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      at::Tensor dh = at::empty({dout.size(0), U.size(1)}, dout.options());
+      at::addmm_out(dh, dh, dout, U, 0.0, scale);  // beta 0: dh's contents unread
+      if (ctx->needs_input_grad(1)) result[1] = mm_to(dh.t(), y2, static_cast<at::ScalarType>(dtypes[0]));
+      if (ctx->needs_input_grad(0)) result[0] = at::addmm(dout, dh, D).view(sizes);
+    }
+    return result;
+  }
+};
+
 }  // namespace
+
+at::Tensor output_lora(const at::Tensor& y, const at::Tensor& down, const at::Tensor& up, double scale) {
+  TORCH_CHECK(down.dim() == 2 && up.dim() == 2 && down.size(1) == y.size(-1) && up.size(0) == y.size(-1) &&
+                  up.size(1) == down.size(0),
+              "output_lora: down [r, n] and up [n, r] for an output of n features");
+  return OutputLoraFunction::apply(y, down, up, scale);
+}
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                        const std::vector<at::Tensor>& downs, const std::vector<at::Tensor>& ups,

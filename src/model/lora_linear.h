@@ -27,6 +27,11 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const at::Tensor& w_scale = {}, int64_t row_begin = 0, int64_t row_end = -1,
                        const at::Tensor& rows_x = {});
 
+// y + scale * (y down^T) up^T: an adapter on the output of a linear (EasyControl's proj_loras,
+// h = h + w * lora(h)), as one autograd node; down [r, n], up [n, r] trained masters (any float
+// dtype, gradients in their own), y [..., n].
+at::Tensor output_lora(const at::Tensor& y, const at::Tensor& down, const at::Tensor& up, double scale);
+
 // y = x w^T + b without adapters: at::linear, or kernels::fp8_linear when w is the fp8 stored form
 // (e4m3 codes with float32 scales w_scale, --fp8_matmul). Where every frozen product of the
 // model that may meet a stored weight is dispatched on the weight's dtype.
