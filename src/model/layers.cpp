@@ -133,7 +133,30 @@ struct ModulatedLayerNormResidualFunction : public torch::autograd::Function<Mod
   }
 };
 
+struct GatedResidualFunction : public torch::autograd::Function<GatedResidualFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& r, const at::Tensor& gate,
+                            const at::Tensor& y) {
+    ctx->save_for_backward({gate, gate.requires_grad() ? y : at::Tensor()});
+    ctx->set_materialize_grads(false);
+    return at::addcmul(r, gate, y);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor& dout = grads[0];
+    if (!dout.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    auto s = ctx->get_saved_variables();
+    at::Tensor dgate;
+    if (ctx->needs_input_grad(1)) dgate = (dout * s[1]).sum_to_size(s[0].sizes());
+    return {ctx->needs_input_grad(0) ? dout : at::Tensor(), dgate,
+            ctx->needs_input_grad(2) ? dout * s[0] : at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor gated_residual(const at::Tensor& r, const at::Tensor& gate, const at::Tensor& y) {
+  return GatedResidualFunction::apply(r, gate, y);
+}
 
 bool fused_kernels_enabled() {
   static const bool enabled = [] {

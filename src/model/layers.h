@@ -29,6 +29,13 @@ at::Tensor modulate_fused(const at::Tensor& x, const at::Tensor& shift, const at
 // fused path the two are one node whose backward sums x's two gradients inside the norm's dx
 // kernel (one pass fewer over [B, L, H]); elsewhere it is x itself and modulate(x).
 std::array<at::Tensor, 2> modulate_residual(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale);
+
+// FLUX's gated residual r + gate * y (gate [B, 1, H] broadcast over the tokens) as one node. Its
+// backward passes the gradient to r as it is, gives y the gradient times the gate (one kernel) and
+// the gate its token sum only when the gate wants one. The same values as at::addcmul's node;
+// that one also multiplies the gate by addcmul's scalar (1) first: one more kernel per call, 189
+// per step at 512/1024/128 (docs/benchmarks.md, session 13).
+at::Tensor gated_residual(const at::Tensor& r, const at::Tensor& gate, const at::Tensor& y);
 // The fused node itself (tests call it on CPU tensors too: the kernels' references run there).
 std::array<at::Tensor, 2> modulate_residual_fused(const at::Tensor& x, const at::Tensor& shift,
                                                   const at::Tensor& scale);

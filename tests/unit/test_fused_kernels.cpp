@@ -335,7 +335,8 @@ TEST(FusedQkNormRope, SplitEqualsSeparateProloguesAndConcatenation) {
     torch::autograd::backward({m[0], k_all, v_all, c[0], c[1], c[2]}, {gqm, gka, gva, gqc, gkc, gvc});
 
     auto b = leaves();
-    const SplitQkv s = qk_norm_rope_split({{b[0], sc[0], sc[1]}, {b[1], sc[2], sc[3]}, {b[2], sc[2], sc[3]}}, heads, ra, Lm);
+    const SplitQkv s =
+        qk_norm_rope_split({{b[0], sc[0], sc[1]}, {b[1], sc[2], sc[3]}, {b[2], sc[2], sc[3]}}, heads, ra, Lm);
     EXPECT_TRUE(at::equal(s.q_main, m[0])) << dt;
     EXPECT_TRUE(at::equal(s.k_all, k_all)) << dt;
     EXPECT_TRUE(at::equal(s.v_all, v_all)) << dt;
@@ -348,7 +349,8 @@ TEST(FusedQkNormRope, SplitEqualsSeparateProloguesAndConcatenation) {
 
     // The condition's queries unused (the last single block): their gradient piece is absent.
     auto d = leaves();
-    const SplitQkv u = qk_norm_rope_split({{d[0], sc[0], sc[1]}, {d[1], sc[2], sc[3]}, {d[2], sc[2], sc[3]}}, heads, ra, Lm);
+    const SplitQkv u =
+        qk_norm_rope_split({{d[0], sc[0], sc[1]}, {d[1], sc[2], sc[3]}, {d[2], sc[2], sc[3]}}, heads, ra, Lm);
     torch::autograd::backward({u.q_main, u.k_all, u.v_all}, {gqm, gka, gva});
     auto e = leaves();
     auto m2 = qk_norm_rope({{e[0], sc[0], sc[1]}, {e[1], sc[2], sc[3]}}, heads, rm);
