@@ -68,6 +68,16 @@ Rope joint_rope(const BlockContext& c) {
   return c.rope_all.defined() ? c.rope_all : rope_cat({c.rope_main, c.rope_cond});
 }
 
+// One stream's q, k (normalised, rotated by r) and v: the fused prologue, or the unfused ops.
+Heads stream_heads(const at::Tensor& qkv, int64_t heads, const at::Tensor& q_scale, const at::Tensor& k_scale,
+                   const Rope& r, bool fused) {
+  if (fused) return fused_heads({{qkv, q_scale, k_scale}}, heads, r);
+  Heads h = split_heads(qkv, heads, q_scale, k_scale);
+  h.q = apply_rope(h.q, r);
+  h.k = apply_rope(h.k, r);
+  return h;
+}
+
 at::Tensor merge_heads(const at::Tensor& o) {  // [B, heads, L, D] -> [B, L, heads*D]
   return o.transpose(1, 2).flatten(2);           // a view when o is token-major (below)
 }
@@ -420,14 +430,7 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
   if (has_cond && !joint) {
     const auto rn = modulate_residual(cond, cm[0], cm[1]);
     cond_r = rn[0];
-    at::Tensor cqkv = cond_lin(rn[1], "img_attn.qkv");
-    if (fused) {
-      ch = fused_heads({{cqkv, iqs, iks}}, heads, c.rope_cond);
-    } else {
-      ch = split_heads(cqkv, heads, iqs, iks);
-      ch.q = apply_rope(ch.q, c.rope_cond);
-      ch.k = apply_rope(ch.k, c.rope_cond);
-    }
+    ch = stream_heads(cond_lin(rn[1], "img_attn.qkv"), heads, iqs, iks, c.rope_cond, fused);
     if (c.record) c.record->record(c.block, ch.k, ch.v);
   } else if (c.cached_k.defined()) {
     ch.k = c.cached_k;
@@ -518,21 +521,9 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
     ch = {s.q_cond, s.k_cond, s.v_cond};
   } else {
     const bool fused = fused_prologue(x);
-    if (fused) {
-      h = fused_heads({{main_linear(c, xn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_main);
-    } else {
-      h = split_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks);
-      h.q = apply_rope(h.q, c.rope_main);
-      h.k = apply_rope(h.k, c.rope_main);
-    }
+    h = stream_heads(main_linear(c, xn, w, "linear1", 0, 3 * H), heads, qs, ks, c.rope_main, fused);
     if (has_cond) {
-      if (fused) {
-        ch = fused_heads({{cond_linear(c, cn, w, "linear1", 0, 3 * H), qs, ks}}, heads, c.rope_cond);
-      } else {
-        ch = split_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks);
-        ch.q = apply_rope(ch.q, c.rope_cond);
-        ch.k = apply_rope(ch.k, c.rope_cond);
-      }
+      ch = stream_heads(cond_linear(c, cn, w, "linear1", 0, 3 * H), heads, qs, ks, c.rope_cond, fused);
     } else if (c.cached_k.defined()) {
       ch.k = c.cached_k;
       ch.v = c.cached_v;
