@@ -33,6 +33,28 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ q, const float* __res
   }
 }
 
+// 16 codes per thread (one 16-byte load, 16-element stores), when the row length is a multiple
+// of 16 and the pointers are aligned: a row's scale then holds for the whole chunk. The byte-wise
+// kernel above moved about a third of the memory bandwidth.
+template <typename T>
+__global__ void dequant16_kernel(const uint4* __restrict__ q, const float* __restrict__ scale, T* __restrict__ out,
+                                 int64_t chunks, int64_t row_chunks, bool per_row) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float s = scale[per_row ? i / row_chunks : 0];
+    const uint4 w = q[i];
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    Vec8<T> lo, hi;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      lo.v[e] = from_f<T>(decode_e4m3(static_cast<uint8_t>(words[e / 4] >> (8 * (e % 4)))) * s);
+      hi.v[e] = from_f<T>(decode_e4m3(static_cast<uint8_t>(words[2 + e / 4] >> (8 * (e % 4)))) * s);
+    }
+    store8(out + 16 * i, lo);
+    store8(out + 16 * i + 8, hi);
+  }
+}
+
 }  // namespace
 
 void fp8_dequantise_cuda_into(const at::Tensor& q, const at::Tensor& scale, at::Tensor& out) {
@@ -49,8 +71,16 @@ void fp8_dequantise_cuda_into(const at::Tensor& q, const at::Tensor& scale, at::
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8);
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto* qp = reinterpret_cast<const uint8_t*>(qc.data_ptr());
-#define FLUXTRAIN_FP8_LAUNCH(T, AT) \
-  dequant_kernel<T><<<blocks, threads, 0, stream>>>(qp, sc.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr<AT>()), n, cols, per_row)
+  const bool vec16 = cols % 16 == 0 && reinterpret_cast<uintptr_t>(qp) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(out.data_ptr()) % (16 * out.element_size()) == 0;
+  const int64_t chunks = n / 16, vblocks = std::min<int64_t>((chunks + threads - 1) / threads, 65535LL * 8);
+#define FLUXTRAIN_FP8_LAUNCH(T, AT)                                                                                   \
+  if (vec16)                                                                                                          \
+    dequant16_kernel<T><<<vblocks, threads, 0, stream>>>(reinterpret_cast<const uint4*>(qp), sc.data_ptr<float>(),    \
+                                                         reinterpret_cast<T*>(out.data_ptr<AT>()), chunks, cols / 16, \
+                                                         per_row);                                                    \
+  else                                                                                                                \
+    dequant_kernel<T><<<blocks, threads, 0, stream>>>(qp, sc.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr<AT>()), n, cols, per_row)
   switch (out.scalar_type()) {
     case at::kBFloat16: FLUXTRAIN_FP8_LAUNCH(__nv_bfloat16, at::BFloat16); break;
     case at::kHalf: FLUXTRAIN_FP8_LAUNCH(__half, at::Half); break;

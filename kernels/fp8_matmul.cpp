@@ -1,19 +1,24 @@
 // Scaled fp8 GEMMs for frozen linears in their stored form (kernels/fp8_matmul.h): the rowwise
 // activation quantiser, the float32 reference product, the path choice and the autograd node.
-// ATen ops only (the quantiser is two kernels: an inf-norm per row and a division written
-// straight into e4m3), so this file builds and runs on the CPU too.
+// ATen ops here (the quantiser's reference form is an inf-norm per row and a division written
+// straight into e4m3), so this file builds and runs on the CPU too; CUDA tensors take the
+// one-pass kernels of kernels/fp8_operands.cu.
 #include "kernels/fp8_matmul.h"
 
 #include <cfloat>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #ifdef FLUXTRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #endif
 
 #include "core/error.h"
@@ -22,13 +27,27 @@
 namespace fluxtrain::kernels {
 namespace {
 
-// FLUXTRAIN_FP8_MATMUL=all: _scaled_mm wherever the shapes qualify (see the header).
+// FLUXTRAIN_FP8_OPERANDS=0: ATen's quantiser and transpose, and the paths chosen for them
+// (the header says why); read once.
+bool operand_kernels() {
+#ifdef FLUXTRAIN_WITH_CUDA
+  static const bool on = [] {
+    const char* e = std::getenv("FLUXTRAIN_FP8_OPERANDS");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// FLUXTRAIN_FP8_MATMUL=all: _scaled_mm wherever the shapes qualify, also with ATen's operands.
 bool scaled_mm_everywhere() {
   static const bool all = [] {
     const char* e = std::getenv("FLUXTRAIN_FP8_MATMUL");
     return e && std::strcmp(e, "all") == 0;
   }();
-  return all;
+  return all || operand_kernels();
 }
 
 bool fp8_gemm_device(const at::Tensor& t) {
@@ -62,6 +81,22 @@ at::Tensor scale_row(const at::Tensor& w_scale, int64_t n) {
   return w_scale.numel() == 1 ? w_scale.reshape({1, 1}).expand({1, n}).contiguous() : w_scale.reshape({1, n});
 }
 
+// A [1, k] row of float32 ones on the device: the scales of dx's columns. Kept per (device, k)
+// so that the step does not fill one per product; not kept when made inside a CUDA-graph capture
+// (its fill would only run on replay).
+at::Tensor unit_scales(int64_t k, const at::Device& device) {
+  const auto make = [&] { return at::ones({1, k}, at::TensorOptions().device(device).dtype(at::kFloat)); };
+#ifdef FLUXTRAIN_WITH_CUDA
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return make();
+#endif
+  static std::mutex mu;
+  static std::map<std::pair<int, int64_t>, at::Tensor> kept;
+  const std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& t = kept[{device.index(), k}];
+  if (!t.defined()) t = make();
+  return t;
+}
+
 at::Tensor add_bias(at::Tensor y, const at::Tensor& bias) {
   return bias.defined() ? y.add_(bias.to(y.scalar_type())) : y;
 }
@@ -78,6 +113,12 @@ bool epilogue_bias(const at::Tensor& bias, at::ScalarType out) {
 Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   if (x.dim() != 2 || !at::isFloatingType(x.scalar_type()))
     throw Error("fp8 quantise rows: expected a 2-D floating tensor", ErrorKind::Internal);
+#ifdef FLUXTRAIN_WITH_CUDA
+  const auto t = x.scalar_type();
+  if (x.is_cuda() && operand_kernels() && (t == at::kBFloat16 || t == at::kHalf || t == at::kFloat) &&
+      x.stride(1) == 1 && x.stride(0) >= x.size(1))
+    return fp8_quantise_rows_cuda(x, col_scale.defined() ? col_scale.to(at::kFloat).contiguous() : col_scale);
+#endif
   at::Tensor xs = x;
   if (col_scale.defined()) {
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -89,6 +130,13 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   at::Tensor codes = at::empty(xs.sizes(), xs.options().dtype(at::kFloat8_e4m3fn));
   at::div_out(codes, xs, scale);  // computed in float32 (float64) and rounded once into e4m3
   return {codes, scale};
+}
+
+at::Tensor fp8_transpose_codes(const at::Tensor& w8) {
+#ifdef FLUXTRAIN_WITH_CUDA
+  if (w8.is_cuda() && operand_kernels() && w8.dim() == 2) return fp8_transpose_codes_cuda(w8);
+#endif
+  return w8.t().contiguous();
 }
 
 at::Tensor fp8_scaled_mm_reference(const at::Tensor& a8, const at::Tensor& s_a, const at::Tensor& b8,
@@ -142,10 +190,10 @@ at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, co
   const Fp8Rows q = fp8_quantise_rows(dy2, w_scale);
   const int64_t k = w8.size(1);
   // w8 as [N, K] column-major: the transposed codes, copied per call (header: why not cached).
-  const at::Tensor wt = w8.t().contiguous();  // [K, N] row-major
-  const at::Tensor ones = at::ones({k, 1}, dy2.options().dtype(at::kFloat));
-  if (path == Fp8Path::Reference) return fp8_scaled_mm_reference(q.data, q.scale, wt, ones, dt);
-  return at::_scaled_mm(q.data, wt.t(), q.scale, ones.reshape({1, k}), std::nullopt, std::nullopt, dt);
+  const at::Tensor wt = fp8_transpose_codes(w8);  // [K, N] row-major
+  if (path == Fp8Path::Reference)
+    return fp8_scaled_mm_reference(q.data, q.scale, wt, at::ones({k, 1}, dy2.options().dtype(at::kFloat)), dt);
+  return at::_scaled_mm(q.data, wt.t(), q.scale, unit_scales(k, dy2.device()), std::nullopt, std::nullopt, dt);
 }
 
 namespace {

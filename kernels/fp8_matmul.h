@@ -18,22 +18,18 @@
 // fp8_scaled_mm_reference; Dequantise (CUDA shapes _scaled_mm does not take): w dequantised to
 // the activation dtype and an ordinary GEMM, the numerics of --base_precision fp8 alone.
 //
-// Which CUDA GEMMs take the fp8 path by default (FLUXTRAIN_FP8_MATMUL=auto) follows what was
-// measured on an H200 with these ATen-op quantisers (4096 rows, ms; docs/memory.md):
-//   forward: rowwise quantisation of x costs a pass over x of about 5 bytes per element (inf-norm
-//     0.011 + division into e4m3 0.061 for 4096 x 3072), which the faster GEMM (bias in its
-//     epilogue) repays only when the output is wide: 3072->9216 0.26 vs 0.30 bf16, 3072->12288
-//     0.32 vs 0.40, 3072->21504 0.55 vs 0.71, but 3072->3072 0.15 vs 0.10 and 12288->3072 0.60
-//     vs 0.39. So the forward uses _scaled_mm when out >= 2 * in (qkv, MLP up, linear1), else
-//     Dequantise. use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
-//     difference on bf16 outputs): a knob for after the step has been measured.
-//   input gradient: _scaled_mm needs w8 K-major for dx = dy w, i.e. a transposed copy of the
-//     codes (w8.t().contiguous(), made per call: a block's weights are transient, streamed or
-//     held one block at a time, and a cached copy would cost the fp8 weights' bytes again), and
-//     ATen's byte transpose is slow (0.17 ms for 3072x9216): fold + quantise + transpose +
-//     _scaled_mm measured 0.8 ms against 0.29 for the bf16 GEMM. So dx uses Dequantise.
-// FLUXTRAIN_FP8_MATMUL=all takes _scaled_mm wherever the shapes qualify (forward and dx), to
-// measure again once fused quantise/transpose kernels exist.
+// Which CUDA GEMMs take the fp8 path by default (FLUXTRAIN_FP8_MATMUL=auto): all whose shapes
+// _scaled_mm takes, forward and input gradient, since both operands are made by one-pass kernels
+// (kernels/fp8_operands.cu): the rowwise quantiser (with the input gradient's column scales
+// folded in) and the transposition of the codes that dx = dy w needs (_scaled_mm takes w8 only
+// K-major; made per call, not cached: a block's weights are transient, streamed or held one block
+// at a time, and a cached copy would cost the fp8 weights' bytes again).
+// Before those kernels (session 11, H200, 4096 rows), ATen's quantiser cost about 5 bytes per
+// element of x (3072->3072 0.15 ms vs 0.10 bf16; 12288->3072 0.60 vs 0.39) and its byte transpose
+// 0.17 ms for 3072x9216, so only wide forward products (out >= 2 * in) gained and dx dequantised.
+// FLUXTRAIN_FP8_OPERANDS=0 restores that: the ATen operands and that choice of paths (an A/B of
+// the kernels). use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
+// difference on bf16 outputs).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -50,7 +46,18 @@ struct Fp8Rows {
 // first, in float32, when given): s = max(float32(amax |row|) / 448, FLT_MIN); codes =
 // e4m3(x / s) with the quotient in float32 (float64 for float64 x), rounded to nearest even.
 // |x / s| <= 448 by construction, so nothing saturates; the floor keeps all-zero rows finite.
+// CUDA tensors go through the one-pass kernel (same bits as the formula), others through ATen ops.
 Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {});
+
+// The codes of w8 [N, K] transposed into a new contiguous [K, N] tensor.
+at::Tensor fp8_transpose_codes(const at::Tensor& w8);
+
+#ifdef FLUXTRAIN_WITH_CUDA
+// The one-pass kernels (kernels/fp8_operands.cu). x: bf16, f16 or f32 with unit column stride;
+// col_scale contiguous float32 [K] or [1] on x's device.
+Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x, const at::Tensor& col_scale = {});
+at::Tensor fp8_transpose_codes_cuda(const at::Tensor& w8);
+#endif
 
 // (float32(a8) * s_a) @ (float32(b8) * s_b)^T in float32 (float64 when out_dtype is), rounded
 // to out_dtype. a8 [M, K], s_a M or 1 values; b8 [N, K], s_b N or 1 values (any shape).

@@ -5,7 +5,8 @@ captured (a CPU run) stops with one line naming the flag and the reason, writing
 On a GPU (FLUXTRAIN_TEST_CUDA=1, set by bench/gpu_train_loop.sh): the same runs with the step
 replayed as CUDA graphs and eagerly end with bit-identical LoRA files and equal losses, for
 float32 and bf16, with gradient checkpointing, gradient accumulation over a dataset of two
-shapes (two captured micro-steps), fp8 base weights, and a resume in the middle.
+shapes (two captured micro-steps), fp8 base weights (dequantised, and multiplied as fp8 GEMMs),
+and a resume in the middle.
 Both: inputs prepared on the prefetch thread (page-locked on CUDA, the default) and on the
 training thread (FLUXTRAIN_PREPARE_ON_STEP=1) give bit-identical runs."""
 import json
@@ -77,7 +78,8 @@ def check_cuda(tmp, snap, data):
              ("bf16", ["--mixed_precision", "bf16"]),
              ("bf16-ckpt-accum", ["--mixed_precision", "bf16", "--gradient_checkpointing", "1",
                                   "--gradient_accumulation_steps", "2"]),
-             ("bf16-fp8", ["--mixed_precision", "bf16", "--base_precision", "fp8"])]
+             ("bf16-fp8", ["--mixed_precision", "bf16", "--base_precision", "fp8"]),
+             ("bf16-fp8-matmul", ["--mixed_precision", "bf16", "--base_precision", "fp8", "--fp8_matmul"])]
     for name, extra in cases:
         outs = {}
         for mode in ("off", "off2", "on", "off-step"):

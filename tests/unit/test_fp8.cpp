@@ -142,20 +142,23 @@ TEST(Fp8, CudaDequantiseMatchesReferenceBitwise) {
 #else
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   auto gen = at::detail::createCPUGenerator(9);
-  at::Tensor w = at::randn({37, 301}, gen, at::kFloat);
-  for (Fp8Scaling sc : {Fp8Scaling::PerChannel, Fp8Scaling::PerTensor}) {
-    kernels::Fp8Tensor q = kernels::fp8_quantise(w, sc);
-    // Every code, NaN included, passes through the kernel.
-    at::Tensor all = at::arange(256, at::kInt).to(at::kByte).repeat({37, 2}).narrow(1, 0, 301).contiguous();
-    std::memcpy(q.data.data_ptr(), all.data_ptr(), all.numel());
-    for (at::ScalarType dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
-      at::Tensor want = at::empty(q.data.sizes(), at::TensorOptions().dtype(dt));
-      kernels::fp8_dequantise_reference_into(q.data, q.scale, want);
-      at::Tensor got = at::empty(q.data.sizes(), at::TensorOptions().dtype(dt).device(at::kCUDA));
-      kernels::fp8_dequantise_cuda_into(q.data.cuda(), q.scale.cuda(), got);
-      at::Tensor g = got.cpu().to(at::kDouble), r = want.to(at::kDouble);
-      EXPECT_TRUE(at::equal(at::isnan(g), at::isnan(r))) << dt;
-      EXPECT_TRUE(at::equal(at::nan_to_num(g, 0.0), at::nan_to_num(r, 0.0))) << dt;
+  // 301 columns: the byte-wise kernel; 320: 16 codes per thread.
+  for (int64_t cols : {301, 320}) {
+    at::Tensor w = at::randn({37, cols}, gen, at::kFloat);
+    for (Fp8Scaling sc : {Fp8Scaling::PerChannel, Fp8Scaling::PerTensor}) {
+      kernels::Fp8Tensor q = kernels::fp8_quantise(w, sc);
+      // Every code, NaN included, passes through the kernel.
+      at::Tensor all = at::arange(256, at::kInt).to(at::kByte).repeat({37, 2}).narrow(1, 0, cols).contiguous();
+      std::memcpy(q.data.data_ptr(), all.data_ptr(), all.numel());
+      for (at::ScalarType dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+        at::Tensor want = at::empty(q.data.sizes(), at::TensorOptions().dtype(dt));
+        kernels::fp8_dequantise_reference_into(q.data, q.scale, want);
+        at::Tensor got = at::empty(q.data.sizes(), at::TensorOptions().dtype(dt).device(at::kCUDA));
+        kernels::fp8_dequantise_cuda_into(q.data.cuda(), q.scale.cuda(), got);
+        at::Tensor g = got.cpu().to(at::kDouble), r = want.to(at::kDouble);
+        EXPECT_TRUE(at::equal(at::isnan(g), at::isnan(r))) << dt << " " << cols;
+        EXPECT_TRUE(at::equal(at::nan_to_num(g, 0.0), at::nan_to_num(r, 0.0))) << dt << " " << cols;
+      }
     }
   }
 #endif

@@ -44,10 +44,13 @@ at::Tensor test_rows(int64_t m, int64_t k, at::ScalarType dt, uint64_t seed) {
 // The formula of fp8_quantise_rows in float64: s = max(f32(amax / 448), FLT_MIN), codes =
 // e4m3(f32(x / s)). (A float32 division is the float64 quotient rounded to float32 exactly:
 // 53 >= 2 * 24 + 2, so the float64 route has no double-rounding difference.)
+// On a CUDA x the quantiser is the one-pass kernel; the formula is still evaluated on the CPU
+// (a GPU division by a scalar multiplies by its reciprocal).
 void expect_formula(const at::Tensor& x, const at::Tensor& col) {
-  const kernels::Fp8Rows q = kernels::fp8_quantise_rows(x, col);
-  at::Tensor xd = x.to(at::kDouble);
-  if (col.defined()) xd = (xd * col.to(at::kDouble).reshape({1, -1})).to(at::kFloat).to(at::kDouble);
+  kernels::Fp8Rows q = kernels::fp8_quantise_rows(x, col);
+  q = {q.data.cpu(), q.scale.cpu()};
+  at::Tensor xd = x.cpu().to(at::kDouble);
+  if (col.defined()) xd = (xd * col.cpu().to(at::kDouble).reshape({1, -1})).to(at::kFloat).to(at::kDouble);
   const at::Tensor amax = xd.abs().amax(1, true);
   const at::Tensor s = (amax / 448.0).to(at::kFloat).clamp_min(FLT_MIN);
   const at::Tensor codes = (xd / s.to(at::kDouble)).to(at::kFloat).to(at::kFloat8_e4m3fn);
@@ -73,6 +76,35 @@ TEST(Fp8Matmul, QuantiseRowsMatchesFormulaExactly) {
 }
 
 namespace {
+
+// The one-pass CUDA kernels (kernels/fp8_operands.cu) against the same formula, exactly: bf16,
+// f16 and float32 rows, with and without column scales ([K] and [1]), rows of a length that is
+// no multiple of the 16-byte vector, rows of a wider matrix (row stride > K); and the code
+// transposition against ATen's, bit for bit, on tile edges and on a column-narrowed view.
+TEST(Fp8Matmul, CudaOperandKernelsMatchFormulaExactly) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const auto cuda = [](const at::Tensor& t) { return t.to(at::kCUDA); };
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    expect_formula(cuda(test_rows(9, 3072, dt, 21)), at::Tensor());
+    expect_formula(cuda(test_rows(9, 200, dt, 22)), cuda(at::rand({200}, at::kFloat) + 1e-3));
+    expect_formula(cuda(test_rows(7, 37, dt, 23)), at::Tensor());  // no 16-byte vectors
+    expect_formula(cuda(test_rows(7, 48, dt, 24)), cuda(at::full({1}, 0.37f)));
+    expect_formula(cuda(test_rows(5, 96, dt, 25)).narrow(1, 16, 64), at::Tensor());  // row stride 96
+  }
+  at::manual_seed(26);
+  const at::Tensor w8 = (at::randn({200, 328}, at::kCUDA) * 50).to(at::kFloat8_e4m3fn);
+  const auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.sizes() == b.sizes() && a.is_contiguous() &&
+           at::equal(a.view(at::kByte).cpu(), b.contiguous().view(at::kByte).cpu());
+  };
+  EXPECT_TRUE(same(kernels::fp8_transpose_codes(w8), w8.t()));
+  EXPECT_TRUE(same(kernels::fp8_transpose_codes(w8.narrow(1, 64, 200)), w8.narrow(1, 64, 200).t()));
+  EXPECT_TRUE(same(kernels::fp8_transpose_codes(w8.narrow(0, 0, 6).narrow(1, 0, 7)), w8.narrow(0, 0, 6).narrow(1, 0, 7).t()));
+#endif
+}
 
 // fp8_linear (CPU: the reference path) against float64 products of the operands it quantised:
 // y = (x8 s_x)(w8 s_w)^T + b and dx = (g8 s_g) w8 with g = dy s_w. Tolerance 1e-5 of the

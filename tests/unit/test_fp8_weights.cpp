@@ -143,19 +143,23 @@ TEST(Fp8Weights, FluxDevOutputErrorOnCuda) {
   src.num_blocks = resident.num_blocks();
   src.load_block = [&](int i) { return resident.blocks()[i]; };
   for (const char* scaling : {"channel", "tensor"})
-    for (bool modulation : {false, true}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      // 0: blocks dequantised to bf16; 1: with fp8 modulation; 2: fp8 GEMMs (--fp8_matmul).
+      const bool modulation = variant == 1, matmul = variant == 2;
       dist::LowMemoryOptions lo;
       lo.base_precision = "fp8";
       lo.fp8_scaling = scaling;
       lo.fp8_modulation = modulation;
+      lo.fp8_matmul = matmul;
       dist::LowMemoryPlan plan;
       auto w = dist::compose_low_memory_weights(src, lo, dev, at::kBFloat16, nullptr, 0, &plan);
       const at::Tensor got = flux_forward(cfg, *w, nullptr, in).to(at::kDouble);
       const double max_rel = rel_err(got, want);
       const double rms_rel = ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item<double>();
-      std::printf("fp8 FLUX.1-dev output vs bf16: scaling %s, modulation %s: max-abs rel %.4f, rms rel %.4f, "
-                  "stored blocks %.2f GiB\n",
-                  scaling, modulation ? "fp8" : "bf16", max_rel, rms_rel, plan.stored_block_bytes / 1073741824.0);
+      std::printf("fp8 FLUX.1-dev output vs bf16: scaling %s, modulation %s, products %s: max-abs rel %.4f, "
+                  "rms rel %.4f, stored blocks %.2f GiB\n",
+                  scaling, modulation ? "fp8" : "bf16", matmul ? "fp8 GEMMs" : "dequantised bf16", max_rel, rms_rel,
+                  plan.stored_block_bytes / 1073741824.0);
       EXPECT_LT(rms_rel, 0.2);
     }
 #endif
