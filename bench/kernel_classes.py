@@ -4,7 +4,7 @@ step under LibTorch's profiler) by kernel class, and prints one JSON line per tr
 summed kernel time, the GPU span of the step, and per class its time, share and count, plus the
 most expensive kernels. The classes follow issue 15's list: GEMMs, attention, norms, RoPE,
 GELU/activations, other elementwise (modulation, gates, residuals), copies/concatenation, fp8
-dequantisation, reductions, the optimizer, host<->device memcpy/memset.
+GEMM operands (rowwise quantisation, transposed codes), fp8 dequantisation, reductions, the optimizer, host<->device memcpy/memset.
 
   python3 bench/kernel_classes.py [--attribute copy_cat,elementwise,gpu_memset] out/profile_*.json
 
@@ -21,8 +21,9 @@ import sys
 # (attention kernels contain "gemm"-like words, copies are elementwise kernels) come first.
 CLASSES = [
     ("attention", r"flash|fmha|sdpa|attention|cudnn_generated"),
+    ("fp8_operands", r"quantise_rows|transpose_codes"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|splitk"),  # fp8 GEMMs too (their names hold e4m3)
     ("fp8_dequant", r"fp8|e4m3|dequant"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|splitk"),
     ("norm", r"layer_norm|layernorm|rms_norm|rmsnorm|rowwisemoments|welford|modulated"),
     ("rope", r"rope"),
     ("optimizer", r"multi_tensor|adam|foreach"),

@@ -41,6 +41,16 @@ bool operand_kernels() {
 #endif
 }
 
+// FLUXTRAIN_FP8_FAST_ACCUM=1: the forward products accumulate in the tensor cores' fast mode
+// (torchao's float8 training does so for the output, not for gradients); read once.
+bool fast_accum_forward() {
+  static const bool on = [] {
+    const char* e = std::getenv("FLUXTRAIN_FP8_FAST_ACCUM");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  return on;
+}
+
 // FLUXTRAIN_FP8_MATMUL=all: _scaled_mm wherever the shapes qualify, also with ATen's operands.
 bool scaled_mm_everywhere() {
   static const bool all = [] {
@@ -97,6 +107,13 @@ at::Tensor unit_scales(int64_t k, const at::Device& device) {
   return t;
 }
 
+// The forward's path for an [m, k] x [k, n] product whose activation is x (or begins with x).
+Fp8Path forward_path(const at::Tensor& x, int64_t m, int64_t k, int64_t n) {
+  if (!x.is_cuda()) return Fp8Path::Reference;
+  if (!fp8_gemm_device(x) || !scaled_mm_shapes(m, k, n, x.scalar_type())) return Fp8Path::Dequantise;
+  return scaled_mm_everywhere() || n >= 2 * k ? Fp8Path::ScaledMm : Fp8Path::Dequantise;
+}
+
 at::Tensor add_bias(at::Tensor y, const at::Tensor& bias) {
   return bias.defined() ? y.add_(bias.to(y.scalar_type())) : y;
 }
@@ -132,6 +149,21 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   return {codes, scale};
 }
 
+Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs) {
+  if (xs.size() == 1) return fp8_quantise_rows(xs[0]);
+#ifdef FLUXTRAIN_WITH_CUDA
+  const auto in_place = [&](const at::Tensor& x) {
+    const auto t = x.scalar_type();
+    return x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1) &&
+           x.scalar_type() == xs[0].scalar_type() && x.size(0) == xs[0].size(0) &&
+           (t == at::kBFloat16 || t == at::kHalf || t == at::kFloat);
+  };
+  if (xs.size() == 2 && operand_kernels() && in_place(xs[0]) && in_place(xs[1]))
+    return fp8_quantise_rows_cuda(xs[0], at::Tensor(), xs[1]);
+#endif
+  return fp8_quantise_rows(at::cat(xs, 1));
+}
+
 at::Tensor fp8_transpose_codes(const at::Tensor& w8) {
 #ifdef FLUXTRAIN_WITH_CUDA
   if (w8.is_cuda() && operand_kernels() && w8.dim() == 2) return fp8_transpose_codes_cuda(w8);
@@ -148,10 +180,7 @@ at::Tensor fp8_scaled_mm_reference(const at::Tensor& a8, const at::Tensor& s_a, 
 }
 
 Fp8Path fp8_forward_path(const at::Tensor& x2, const at::Tensor& w8) {
-  if (!x2.is_cuda()) return Fp8Path::Reference;
-  const int64_t m = x2.size(0), k = x2.size(1), n = w8.size(0);
-  if (!fp8_gemm_device(x2) || !scaled_mm_shapes(m, k, n, x2.scalar_type())) return Fp8Path::Dequantise;
-  return scaled_mm_everywhere() || n >= 2 * k ? Fp8Path::ScaledMm : Fp8Path::Dequantise;
+  return forward_path(x2, x2.size(0), x2.size(1), w8.size(0));
 }
 
 Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8) {
@@ -161,22 +190,34 @@ Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8) {
   return scaled_mm_everywhere() ? Fp8Path::ScaledMm : Fp8Path::Dequantise;
 }
 
-at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const at::Tensor& w_scale,
-                              const at::Tensor& bias, Fp8Path path) {
+at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const at::Tensor& w8,
+                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path) {
   check_weight(w8, w_scale);
-  if (path == Fp8Path::Auto) path = fp8_forward_path(x2, w8);
-  const auto dt = x2.scalar_type();
+  const at::Tensor& x0 = xs2.at(0);
+  if (path == Fp8Path::Auto) {
+    int64_t k = 0;
+    for (const auto& x : xs2) k += x.size(1);
+    path = forward_path(x0, x0.size(0), k, w8.size(0));
+  }
+  const auto dt = x0.scalar_type();
   if (path == Fp8Path::Dequantise)
-    return add_bias(at::mm(x2, fp8_dequantise(w8.contiguous(), w_scale, dt).t()), bias);
-  const Fp8Rows q = fp8_quantise_rows(x2);
+    return add_bias(at::mm(xs2.size() == 1 ? x0 : at::cat(xs2, 1), fp8_dequantise(w8.contiguous(), w_scale, dt).t()),
+                    bias);
+  const Fp8Rows q = fp8_quantise_row_blocks(xs2);
   if (path == Fp8Path::Reference) return add_bias(fp8_scaled_mm_reference(q.data, q.scale, w8, w_scale, dt), bias);
   // mat2 = w8^T [K, N] column-major: the row-major codes transposed, no copy (a narrowed view's
   // rows are copied first, so the leading dimension is K).
   const at::Tensor w = w8.stride(1) == 1 && w8.stride(0) == w8.size(1) ? w8 : w8.contiguous();
   const bool in_epilogue = epilogue_bias(bias, dt);
   at::Tensor y = at::_scaled_mm(q.data, w.t(), q.scale, scale_row(w_scale, w.size(0)),
-                                in_epilogue ? std::optional<at::Tensor>(bias.contiguous()) : std::nullopt, std::nullopt, dt);
+                                in_epilogue ? std::optional<at::Tensor>(bias.contiguous()) : std::nullopt, std::nullopt, dt,
+                                fast_accum_forward());
   return in_epilogue ? y : add_bias(y, bias);
+}
+
+at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const at::Tensor& w_scale,
+                              const at::Tensor& bias, Fp8Path path) {
+  return fp8_linear_forward_blocks({x2}, w8, w_scale, bias, path);
 }
 
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,

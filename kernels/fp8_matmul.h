@@ -31,6 +31,8 @@
 // the kernels). use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
 // difference on bf16 outputs).
 #pragma once
+#include <vector>
+
 #include <ATen/core/Tensor.h>
 
 namespace fluxtrain::kernels {
@@ -49,13 +51,18 @@ struct Fp8Rows {
 // CUDA tensors go through the one-pass kernel (same bits as the formula), others through ATen ops.
 Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {});
 
+// The rows of the concatenation cat(xs, 1) of 2-D blocks with the same rows, quantised as one
+// matrix (CUDA: two blocks of one dtype are read in place, without the concatenation).
+Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs);
+
 // The codes of w8 [N, K] transposed into a new contiguous [K, N] tensor.
 at::Tensor fp8_transpose_codes(const at::Tensor& w8);
 
 #ifdef FLUXTRAIN_WITH_CUDA
 // The one-pass kernels (kernels/fp8_operands.cu). x: bf16, f16 or f32 with unit column stride;
 // col_scale contiguous float32 [K] or [1] on x's device.
-Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x, const at::Tensor& col_scale = {});
+// x1, when given, is concatenated after x0 (same rows and dtype); col_scale spans both.
+Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale = {}, const at::Tensor& x1 = {});
 at::Tensor fp8_transpose_codes_cuda(const at::Tensor& w8);
 #endif
 
@@ -73,6 +80,10 @@ Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8);
 // results are new tensors in x2's (dy2's) dtype.
 at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const at::Tensor& w_scale,
                               const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
+// The forward of cat(xs2, 1) [M, K] times w8^T, the blocks quantised as one matrix (a single
+// block's linear2 over [attention, GELU(mlp)], model/gelu_linear.cpp).
+at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const at::Tensor& w8,
+                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
                                  Fp8Path path = Fp8Path::Auto);
 

@@ -1,5 +1,6 @@
 // The operands of a scaled fp8 GEMM, made in one pass each (kernels/fp8_matmul.h):
-//   rows:      x [M, K] (bf16/f16/f32, times a float32 column scale when given) -> e4m3 codes and
+//   rows:      x [M, K] (bf16/f16/f32, times a float32 column scale when given; or the
+//              concatenation [x0 | x1] of two such matrices, read in place) -> e4m3 codes and
 //              one float32 scale per row, the same bits as fp8_quantise_rows' ATen form
 //              (s = max(amax / 448, FLT_MIN) and the quotient both rounded once in float32, the
 //              code rounded to nearest even; |x / s| <= 448 (+1 ulp), so nothing saturates).
@@ -39,19 +40,32 @@ struct alignas(V * sizeof(T)) VecT {
   T v[V];
 };
 
-// One block per row: the row's largest magnitude (first pass), then the codes (second pass,
-// the row now in L2). V elements per access (16 bytes when the row is aligned, else 1).
+// The row's element block i * V .. i * V + V - 1: from the first source below k0, from the second
+// above (k0 a multiple of V).
 template <typename T, int V>
-__global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(const T* __restrict__ x, int64_t ld, int64_t k,
+struct Sources {
+  const T* x0;
+  const T* x1;
+  int64_t ld0, ld1, k0;
+  __device__ __forceinline__ const T* at(int64_t row, int64_t i) const {
+    const int64_t col = i * V;
+    return col < k0 ? x0 + row * ld0 + col : x1 + row * ld1 + (col - k0);
+  }
+};
+
+// One block per row of the concatenation [x0 | x1]: the row's largest magnitude (first pass),
+// then the codes (second pass, the row now in L2). V elements per access (16 bytes when every
+// row start is aligned, else 1).
+template <typename T, int V>
+__global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(Sources<T, V> src, int64_t k,
                                                                     const float* __restrict__ cs, int cs_n,
                                                                     uint8_t* __restrict__ codes,
                                                                     float* __restrict__ scales) {
   const int64_t row = blockIdx.x;
-  const T* xr = x + row * ld;
   const int64_t nv = k / V;
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
-    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(xr + i * V);
+    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
 #pragma unroll
     for (int e = 0; e < V; ++e) amax = fmaxf(amax, fabsf(scaled(to_f(a.v[e]), cs, cs_n, i * V + e)));
   }
@@ -73,7 +87,7 @@ __global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(const T* __r
   const float s = row_scale;
   uint8_t* cr = codes + row * k;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
-    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(xr + i * V);
+    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
     VecT<uint8_t, V> c;
 #pragma unroll
     for (int e = 0; e < V; ++e) c.v[e] = e4m3_code(__fdiv_rn(scaled(to_f(a.v[e]), cs, cs_n, i * V + e), s));
@@ -81,22 +95,31 @@ __global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(const T* __r
   }
 }
 
+bool aligned16(const at::Tensor& x, int64_t v) {
+  return x.size(1) % v == 0 && x.stride(0) % v == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+}
+
+// x1 undefined: x0 alone.
 template <typename T>
-void launch_quantise_rows(const at::Tensor& x, const at::Tensor& cs, const at::Tensor& codes,
+void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& cs, const at::Tensor& codes,
                           const at::Tensor& scales) {
-  const int64_t m = x.size(0), k = x.size(1), ld = x.stride(0);
+  const int64_t m = x0.size(0), k0 = x0.size(1), k = codes.size(1);
   constexpr int V16 = 16 / sizeof(T);
-  const bool vec = k % V16 == 0 && ld % V16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16));
   const float* csp = cs.defined() ? cs.data_ptr<float>() : nullptr;
   const int cs_n = cs.defined() ? static_cast<int>(cs.numel()) : 0;
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const T* p0 = reinterpret_cast<const T*>(x0.data_ptr());
+  const T* p1 = x1.defined() ? reinterpret_cast<const T*>(x1.data_ptr()) : p0;
+  const int64_t ld1 = x1.defined() ? x1.stride(0) : 0;
   auto* cp = reinterpret_cast<uint8_t*>(codes.data_ptr());
   auto* sp = scales.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
   if (vec)
-    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(xp, ld, k, csp, cs_n, cp, sp);
+    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(Sources<T, V16>{p0, p1, x0.stride(0), ld1, k0}, k, csp,
+                                                                  cs_n, cp, sp);
   else
-    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(xp, ld, k, csp, cs_n, cp, sp);
+    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0}, k, csp,
+                                                                cs_n, cp, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -134,25 +157,28 @@ __global__ void __launch_bounds__(256) transpose_codes_kernel(const uint8_t* __r
 
 }  // namespace
 
-Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x, const at::Tensor& col_scale) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
-              "fp8_quantise_rows_cuda: a CUDA matrix with unit column stride expected");
+Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale, const at::Tensor& x1) {
+  const auto unit_cols = [](const at::Tensor& x) {
+    return x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1);
+  };
+  TORCH_CHECK(unit_cols(x0) && (!x1.defined() || (unit_cols(x1) && x1.size(0) == x0.size(0) &&
+                                                  x1.scalar_type() == x0.scalar_type())),
+              "fp8_quantise_rows_cuda: CUDA matrices of the same rows and dtype with unit column stride expected");
+  const int64_t m = x0.size(0), k = x0.size(1) + (x1.defined() ? x1.size(1) : 0);
   TORCH_CHECK(!col_scale.defined() || (col_scale.is_cuda() && col_scale.scalar_type() == at::kFloat &&
-                                       col_scale.is_contiguous() &&
-                                       (col_scale.numel() == 1 || col_scale.numel() == x.size(1))),
+                                       col_scale.is_contiguous() && (col_scale.numel() == 1 || col_scale.numel() == k)),
               "fp8_quantise_rows_cuda: float32 column scales ([K] or [1]) expected");
-  const int64_t m = x.size(0), k = x.size(1);
-  Fp8Rows q{at::empty({m, k}, x.options().dtype(at::kFloat8_e4m3fn)), at::empty({m, 1}, x.options().dtype(at::kFloat))};
+  Fp8Rows q{at::empty({m, k}, x0.options().dtype(at::kFloat8_e4m3fn)), at::empty({m, 1}, x0.options().dtype(at::kFloat))};
   if (m == 0) return q;
   if (k == 0) {
     q.scale.fill_(FLT_MIN);
     return q;
   }
-  switch (x.scalar_type()) {
-    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x, col_scale, q.data, q.scale); break;
-    case at::kHalf: launch_quantise_rows<__half>(x, col_scale, q.data, q.scale); break;
-    case at::kFloat: launch_quantise_rows<float>(x, col_scale, q.data, q.scale); break;
-    default: TORCH_CHECK(false, "fp8_quantise_rows_cuda: unsupported dtype ", x.scalar_type());
+  switch (x0.scalar_type()) {
+    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x0, x1, col_scale, q.data, q.scale); break;
+    case at::kHalf: launch_quantise_rows<__half>(x0, x1, col_scale, q.data, q.scale); break;
+    case at::kFloat: launch_quantise_rows<float>(x0, x1, col_scale, q.data, q.scale); break;
+    default: TORCH_CHECK(false, "fp8_quantise_rows_cuda: unsupported dtype ", x0.scalar_type());
   }
   return q;
 }

@@ -138,11 +138,10 @@ std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> modulation_pair(cons
   return {both.narrow(0, 0, B).chunk(n, -1), both.narrow(0, B, B).chunk(n, -1)};
 }
 
-// Whether a frozen linear runs as a plain bf16/f16/f32 product for these tokens: no adapter of
-// theirs (the main stream's, or any condition's) is on it, and its weight is not in fp8 stored
-// form (--fp8_matmul multiplies the codes as they are given).
-bool plain_frozen(const BlockContext& c, const TensorMap& w, const std::string& linear, bool cond_stream) {
-  if (w.at(linear + ".weight").scalar_type() == at::kFloat8_e4m3fn) return false;
+// Whether a frozen linear runs as a plain product for these tokens: no adapter of theirs (the
+// main stream's, or any condition's) is on it. (Its weight may be in fp8 stored form: gelu_linear
+// multiplies that as fp8.)
+bool plain_frozen(const BlockContext& c, const std::string& linear, bool cond_stream) {
   if (!c.lora) return true;
   const int first = cond_stream ? 0 : -1, end = cond_stream ? static_cast<int>(c.cond_lens.size()) : 0;
   for (int n = first; n < end; ++n)
@@ -175,10 +174,16 @@ bool merge_cond_gemms_enabled() {
 // uncomputed (its backward only) when it is a plain frozen product and its gate needs no
 // gradient: then nothing reads its output values. Outside a recomputation it returns before
 // building any name.
-bool skip_terminal(const BlockContext& c, const TensorMap& w, const at::Tensor& gate, const char* linear,
-                   bool cond_stream) {
+bool skip_terminal(const BlockContext& c, const at::Tensor& gate, const char* linear, bool cond_stream) {
   if (!replaying_recompute() || gate.requires_grad()) return false;
-  return plain_frozen(c, w, linear, cond_stream);
+  return plain_frozen(c, linear, cond_stream);
+}
+
+// The fp8 scales (--fp8_matmul) of output rows [begin, begin + n) of a linear's weight: undefined
+// for a weight not in fp8 stored form, the one value of a per-tensor scale.
+at::Tensor scale_rows(const TensorMap& w, const std::string& linear, int64_t begin, int64_t n) {
+  const at::Tensor s = fp8_scale_of(w, linear + ".weight");
+  return !s.defined() || s.numel() == 1 ? s : s.narrow(0, begin, n);
 }
 
 // The bias of a linear, undefined when it has none.
@@ -195,8 +200,8 @@ at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, c
                bool cond_stream, bool skip_out) {
   at::Tensor pre = lin(x, prefix + ".0");
   const std::string down = prefix + ".2";
-  if (skip_out || plain_frozen(c, w, down, cond_stream))
-    return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), !skip_out);
+  if (skip_out || plain_frozen(c, down, cond_stream))
+    return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), !skip_out, fp8_scale_of(w, down + ".weight"));
   return lin(at::gelu(pre, "tanh"), down);
 }
 
@@ -230,9 +235,10 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
 // backward in a replay, skip_terminal), single_linear2 otherwise.
 at::Tensor linear2_of(const BlockContext& c, const TensorMap& w, const at::Tensor& attn, const at::Tensor& mlp_pre,
                       const at::Tensor& gate, bool cond_stream) {
-  const bool skip = skip_terminal(c, w, gate, "linear2", cond_stream);
-  if (skip || plain_frozen(c, w, "linear2", cond_stream))
-    return gelu_linear({attn}, mlp_pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip);
+  const bool skip = skip_terminal(c, gate, "linear2", cond_stream);
+  if (skip || plain_frozen(c, "linear2", cond_stream))
+    return gelu_linear({attn}, mlp_pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
+                       fp8_scale_of(w, "linear2.weight"));
   return single_linear2(c, w, attn, at::gelu(mlp_pre, "tanh"), cond_stream ? 0 : -1);
 }
 
@@ -317,8 +323,9 @@ at::Tensor joint_qkv(const BlockContext& c, const TensorMap& w, const at::Tensor
       scales.push_back(a->scale);
     }
   }
-  if (downs.empty()) return at::linear(xin, W, b);
-  return lora_linear(xin, W, b, downs, ups, offsets, scales, {}, Lm, Lm + cn.size(1), cn);
+  const at::Tensor ws = scale_rows(w, "linear1", 0, n3);
+  if (downs.empty()) return frozen_linear(xin, W, b, ws);
+  return lora_linear(xin, W, b, downs, ups, offsets, scales, ws, Lm, Lm + cn.size(1), cn);
 }
 
 }  // namespace
@@ -451,7 +458,7 @@ std::vector<at::Tensor> double_block(const BlockContext& c, const TensorMap& w, 
     const auto [r, n] = modulate_residual(h, mod[3], mod[4]);
     const std::string down = std::string(prefix) + ".2";
     return gated_residual(r, mod[5], mlp(c, n, w, prefix, lin, cond_stream,
-                                      skip_terminal(c, w, mod[5], down.c_str(), cond_stream)));
+                                      skip_terminal(c, mod[5], down.c_str(), cond_stream)));
   };
   auto txt_lin = [&](const at::Tensor& x, const std::string& n) { return main_linear(c, x, w, n); };
   at::Tensor img_out = mlp_residual(gated_residual(img_r, im[2], img_lin(img_a, "img_attn.proj")), im, "img_mlp",
@@ -498,9 +505,8 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   const bool merged = cond_out_needed && merge_cond_gemms_enabled() &&
                       unadapted_columns(c, "linear1", 3 * H, 3 * H + M, false) &&
                       unadapted_columns(c, "linear1", 3 * H, 3 * H + M, true) &&
-                      plain_frozen(c, w, "linear2", false) && plain_frozen(c, w, "linear2", true) &&
-                      w.at("linear1.weight").scalar_type() != at::kFloat8_e4m3fn &&
-                      skip_terminal(c, w, m[2], "linear2", false) == skip_terminal(c, w, cm[2], "linear2", true);
+                      plain_frozen(c, "linear2", false) && plain_frozen(c, "linear2", true) &&
+                      skip_terminal(c, m[2], "linear2", false) == skip_terminal(c, cm[2], "linear2", true);
   const at::Tensor xin = merged ? at::cat({xn, cn}, 1) : at::Tensor();  // the merged GEMMs' rows
   const bool joint = split_prologue(cond);
   // The qkv columns of linear1 over both streams' rows too (batch 1, one condition, the main rows
@@ -538,10 +544,11 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
                         : split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, oc_out);
   if (merged) {
     const at::Tensor b1 = bias_of(w, "linear1");
-    at::Tensor pre =
-        at::linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M), b1.defined() ? b1.narrow(0, 3 * H, M) : b1);
-    const bool skip = skip_terminal(c, w, m[2], "linear2", false);
-    at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip);
+    at::Tensor pre = frozen_linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M),
+                                   b1.defined() ? b1.narrow(0, 3 * H, M) : b1, scale_rows(w, "linear1", 3 * H, M));
+    const bool skip = skip_terminal(c, m[2], "linear2", false);
+    at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
+                               fp8_scale_of(w, "linear2.weight"));
     const auto ys = at::split_with_sizes(y, {Lm, y.size(1) - Lm}, 1);
     return {gated_residual(x_r, m[2], ys[0]), gated_residual(cond_r, cm[2], ys[1])};
   }

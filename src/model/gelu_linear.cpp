@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 
+#include "kernels/fp8_matmul.h"
 #include "kernels/matmul_dgelu.h"
 #include "model/recompute.h"
 
@@ -14,8 +15,11 @@ namespace {
 using torch::autograd::variable_list;
 
 // dx_i = dy w[:, columns of x_i]; dpre = (dy w[:, pre's columns]) * gelu_tanh'(pre).
+// With an fp8 weight (w_scale defined): one scaled fp8 product gives the gradient of the whole
+// concatenated input, whose column blocks are the inputs' gradients (views), and GELU's
+// derivative is applied after it (there is no fp8 GEMM with that epilogue).
 struct GeluLinearBackward : public torch::autograd::Node {
-  at::Tensor w;
+  at::Tensor w, w_scale;
   torch::autograd::SavedVariable pre;
   std::vector<int64_t> col0, width;
   std::vector<std::vector<int64_t>> sizes;  // of each x, then of pre
@@ -23,6 +27,7 @@ struct GeluLinearBackward : public torch::autograd::Node {
   std::string name() const override { return "GeluLinearBackward"; }
   void release_variables() override {
     w.reset();
+    w_scale.reset();
     pre.reset_data();
   }
 
@@ -31,6 +36,16 @@ struct GeluLinearBackward : public torch::autograd::Node {
     if (!grads[0].defined()) return out;
     const at::Tensor dy = grads[0].reshape({-1, w.size(0)});
     const size_t last = sizes.size() - 1;
+    if (w.scalar_type() == at::kFloat8_e4m3fn) {
+      const at::Tensor dz = kernels::fp8_linear_input_grad(dy, w, w_scale);
+      for (size_t i = 0; i < last; ++i)
+        if (should_compute_output(i)) out[i] = dz.narrow(1, col0[i], width[i]).view(sizes[i]);
+      if (should_compute_output(last))
+        out[last] = at::gelu_backward(dz.narrow(1, col0[last], width[last]),
+                                      pre.unpack(shared_from_this()).reshape({-1, width[last]}), "tanh")
+                        .view(sizes[last]);
+      return out;
+    }
     for (size_t i = 0; i < last; ++i)
       if (should_compute_output(i)) out[i] = at::mm(dy, w.narrow(1, col0[i], width[i])).view(sizes[i]);
     if (should_compute_output(last)) {
@@ -47,9 +62,16 @@ void delete_node(torch::autograd::Node* n) { delete n; }
 // The forward values, as the unfused ops compute them: the first input's product with the bias,
 // then each further product accumulated by the same GEMM (addmm).
 at::Tensor forward_values(const std::vector<at::Tensor>& xs, const at::Tensor& act, const at::Tensor& w,
-                          const at::Tensor& b) {
+                          const at::Tensor& b, const at::Tensor& w_scale) {
   std::vector<at::Tensor> ins(xs);
   ins.push_back(act);
+  if (w.scalar_type() == at::kFloat8_e4m3fn) {  // one fp8 product of the concatenation, quantised as one
+    std::vector<at::Tensor> rows;
+    for (const auto& x : ins) rows.push_back(x.reshape({-1, x.size(-1)}));
+    auto sizes = act.sizes().vec();
+    sizes.back() = w.size(0);
+    return kernels::fp8_linear_forward_blocks(rows, w, w_scale, b).view(sizes);
+  }
   at::Tensor y;
   int64_t c = 0;
   for (const auto& x : ins) {
@@ -68,7 +90,7 @@ at::Tensor forward_values(const std::vector<at::Tensor>& xs, const at::Tensor& a
 }  // namespace
 
 at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre, const at::Tensor& w,
-                       const at::Tensor& b, bool compute_output) {
+                       const at::Tensor& b, bool compute_output, const at::Tensor& w_scale) {
   int64_t in = pre.size(-1);
   for (const auto& x : xs) in += x.size(-1);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == in, "gelu_linear: inputs do not match the weight");
@@ -79,7 +101,7 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
   {
     at::NoGradGuard ng;
     if (compute_output) {
-      y = forward_values(xs, at::gelu(pre, "tanh"), w, b);
+      y = forward_values(xs, at::gelu(pre, "tanh"), w, b, w_scale);
     } else {
       auto sizes = pre.sizes().vec();
       sizes.back() = w.size(0);
@@ -90,6 +112,7 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
   if (!track) return y;
   std::shared_ptr<GeluLinearBackward> node(new GeluLinearBackward(), delete_node);
   node->w = w.detach();
+  if (w_scale.defined()) node->w_scale = w_scale.detach();
   node->pre = torch::autograd::SavedVariable(pre, false);
   int64_t c = 0;
   std::vector<at::Tensor> ins(xs);

@@ -10,6 +10,9 @@
 // only pre is, as autograd saved it for the GELU backward.
 //
 // For linears without adapters on these tokens (the caller checks): w and b get no gradient.
+// w may be the fp8 stored form (e4m3 codes with float32 scales w_scale, --fp8_matmul): then the
+// concatenated input is quantised as one matrix without being concatenated, multiplied by one
+// scaled fp8 GEMM (kernels/fp8_matmul.h), and its gradient comes from one such GEMM too.
 // compute_output false: y is allocated but not computed, for a checkpointed block's replay
 // (model/recompute.h: nothing reads the output of the linear before a gated residual there),
 // which then skips GELU's forward as well; it counts as a skipped linear in recompute_stats().
@@ -21,6 +24,6 @@
 namespace fluxtrain {
 
 at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre, const at::Tensor& w,
-                       const at::Tensor& b, bool compute_output);
+                       const at::Tensor& b, bool compute_output, const at::Tensor& w_scale = {});
 
 }  // namespace fluxtrain

@@ -18,6 +18,7 @@
 #include "dist/low_memory_weights.h"
 #include "kernels/fp8.h"
 #include "kernels/fp8_matmul.h"
+#include "model/gelu_linear.h"
 #include "model/lora_linear.h"
 #include "support/provider_check.h"
 
@@ -168,6 +169,65 @@ TEST(Fp8Matmul, LoraLinearWithFp8BaseMatchesComposition) {
   EXPECT_LT(max_rel(x.grad(), xr.grad()), 1e-5);
   EXPECT_LT(max_rel(d.grad(), dr.grad()), 1e-5);
   EXPECT_LT(max_rel(u.grad(), ur.grad()), 1e-5);
+}
+
+namespace {
+
+// gelu_linear with an e4m3 weight (one node: the concatenation quantised as one matrix, one fp8
+// product each way) against its composition with plain ops differentiated by autograd:
+// fp8_linear(cat(attn, gelu_tanh(pre))). Same quantised operands and products, so the same
+// values up to the float32 accumulation order (1e-6 of the largest magnitude; on the CPU both
+// take the reference path, on CUDA both _scaled_mm).
+void check_gelu_linear_fp8(const at::TensorOptions& o, double tol) {
+  at::manual_seed(31);
+  const int64_t h = 32, m = 96, out = 48;
+  const kernels::Fp8Tensor wq = kernels::fp8_quantise(at::randn({out, h + m}, o.dtype(at::kFloat)),
+                                                      kernels::Fp8Scaling::PerChannel);
+  const at::Tensor b = at::randn({out}, o);
+  const at::Tensor a0 = at::randn({2, 24, h}, o), p0 = at::randn({2, 24, m}, o), dy = at::randn({2, 24, out}, o);
+  at::Tensor a = a0.clone().requires_grad_(), p = p0.clone().requires_grad_();
+  const at::Tensor y = gelu_linear({a}, p, wq.data, b, true, wq.scale);
+  y.backward(dy);
+  at::Tensor ar = a0.clone().requires_grad_(), pr = p0.clone().requires_grad_();
+  const at::Tensor yr = kernels::fp8_linear(at::cat({ar, at::gelu(pr, "tanh")}, -1), wq.data, wq.scale, b);
+  yr.backward(dy);
+  EXPECT_LT(max_rel(y.detach(), yr.detach()), tol);
+  EXPECT_LT(max_rel(a.grad(), ar.grad()), tol);
+  EXPECT_LT(max_rel(p.grad(), pr.grad()), tol);
+  // The MLP's down projection: no prefix.
+  at::Tensor q = p0.clone().requires_grad_(), qr = p0.clone().requires_grad_();
+  const kernels::Fp8Tensor w2 = kernels::fp8_quantise(at::randn({out, m}, o.dtype(at::kFloat)), kernels::Fp8Scaling::PerTensor);
+  const at::Tensor z = gelu_linear({}, q, w2.data, b, true, w2.scale);
+  z.backward(dy);
+  kernels::fp8_linear(at::gelu(qr, "tanh"), w2.data, w2.scale, b).backward(dy);
+  EXPECT_LT(max_rel(z.detach(), kernels::fp8_linear(at::gelu(p0, "tanh"), w2.data, w2.scale, b)), tol);
+  EXPECT_LT(max_rel(q.grad(), qr.grad()), tol);
+}
+
+}  // namespace
+
+TEST(Fp8Matmul, GeluLinearWithFp8WeightMatchesComposition) {
+  check_gelu_linear_fp8(at::TensorOptions().dtype(at::kFloat), 1e-6);
+}
+
+// On CUDA (bf16): the two-block quantiser gives the same bits as quantising the concatenation,
+// so the fused node and the composition agree to bf16 rounding of the same products.
+TEST(Fp8Matmul, CudaGeluLinearWithFp8WeightMatchesComposition) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(32);
+  for (int64_t k0 : {64, 40, 37}) {  // 64, 40: 16-byte vectors; 37: element by element
+    const at::Tensor x0 = test_rows(9, k0, at::kBFloat16, 33).to(at::kCUDA);
+    const at::Tensor x1 = test_rows(9, 200, at::kBFloat16, 34).to(at::kCUDA).narrow(1, 8, 136);
+    const kernels::Fp8Rows two = kernels::fp8_quantise_row_blocks({x0, x1});
+    const kernels::Fp8Rows one = kernels::fp8_quantise_rows(at::cat({x0, x1}, 1));
+    EXPECT_TRUE(at::equal(two.scale, one.scale)) << k0;
+    EXPECT_TRUE(at::equal(two.data.view(at::kByte), one.data.view(at::kByte))) << k0;
+  }
+  check_gelu_linear_fp8(at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA), 1e-2);
+#endif
 }
 
 TEST(Fp8Matmul, ReferenceMmIsTheScaledProduct) {
