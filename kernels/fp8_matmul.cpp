@@ -41,12 +41,13 @@ bool operand_kernels() {
 #endif
 }
 
-// FLUXTRAIN_FP8_FAST_ACCUM=1: the forward products accumulate in the tensor cores' fast mode
-// (torchao's float8 training does so for the output, not for gradients); read once.
+// The forward products accumulate in the tensor cores' fast mode, as torchao's float8 training
+// does for outputs (not for gradients): 2% faster steps, no measurable change of the output's
+// error against bf16 (header). FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off; read once.
 bool fast_accum_forward() {
   static const bool on = [] {
     const char* e = std::getenv("FLUXTRAIN_FP8_FAST_ACCUM");
-    return e && std::strcmp(e, "1") == 0;
+    return !(e && std::strcmp(e, "0") == 0);
   }();
   return on;
 }
@@ -145,7 +146,9 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   at::Tensor amax = at::linalg_vector_norm(xs, INFINITY, at::IntArrayRef{1}, /*keepdim=*/true).to(at::kFloat);
   at::Tensor scale = (amax / static_cast<float>(kE4m3Max)).clamp_min(FLT_MIN);
   at::Tensor codes = at::empty(xs.sizes(), xs.options().dtype(at::kFloat8_e4m3fn));
-  at::div_out(codes, xs, scale);  // computed in float32 (float64) and rounded once into e4m3
+  // x times the reciprocal of its row's scale, computed in float32 (float64) and rounded once
+  // into e4m3 (a multiply, as the CUDA kernel does: kernels/fp8_operands.cu says why).
+  at::mul_out(codes, xs, at::reciprocal(scale));
   return {codes, scale};
 }
 
@@ -220,21 +223,56 @@ at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const 
   return fp8_linear_forward_blocks({x2}, w8, w_scale, bias, path);
 }
 
-at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
-                                 Fp8Path path) {
+std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, const at::Tensor& w8,
+                                                     const at::Tensor& w_scale, const std::vector<int64_t>& widths,
+                                                     Fp8Path path) {
   check_weight(w8, w_scale);
+  const int64_t k = w8.size(1);
+  int64_t total = 0;
+  bool aligned = true;
+  for (int64_t wd : widths) {
+    total += wd;
+    aligned = aligned && wd % 16 == 0;
+  }
+  TORCH_CHECK(total == k, "fp8_linear_input_grad_blocks: the widths do not add up to the weight's columns");
   if (path == Fp8Path::Auto) path = fp8_input_grad_path(dy2, w8);
   const auto dt = dy2.scalar_type();
-  if (path == Fp8Path::Dequantise) return at::mm(dy2, fp8_dequantise(w8.contiguous(), w_scale, dt));
+  const auto blocks_of = [&](const at::Tensor& dx) {
+    std::vector<at::Tensor> out;
+    int64_t c = 0;
+    for (int64_t wd : widths) {
+      out.push_back(dx.narrow(1, c, wd));
+      c += wd;
+    }
+    return out;
+  };
+  if (path == Fp8Path::Dequantise) return blocks_of(at::mm(dy2, fp8_dequantise(w8.contiguous(), w_scale, dt)));
   // The weight's scales sit on the contraction dimension: folded into dy, so that w8 enters as
   // its bare codes (scale 1 per output column of dx).
   const Fp8Rows q = fp8_quantise_rows(dy2, w_scale);
-  const int64_t k = w8.size(1);
   // w8 as [N, K] column-major: the transposed codes, copied per call (header: why not cached).
   const at::Tensor wt = fp8_transpose_codes(w8);  // [K, N] row-major
   if (path == Fp8Path::Reference)
-    return fp8_scaled_mm_reference(q.data, q.scale, wt, at::ones({k, 1}, dy2.options().dtype(at::kFloat)), dt);
-  return at::_scaled_mm(q.data, wt.t(), q.scale, unit_scales(k, dy2.device()), std::nullopt, std::nullopt, dt);
+    return blocks_of(
+        fp8_scaled_mm_reference(q.data, q.scale, wt, at::ones({k, 1}, dy2.options().dtype(at::kFloat)), dt));
+  if (widths.size() == 1 || !aligned)
+    return blocks_of(
+        at::_scaled_mm(q.data, wt.t(), q.scale, unit_scales(k, dy2.device()), std::nullopt, std::nullopt, dt));
+  // One product per block: rows c .. c + width of the transposed codes are a packed [N, width]
+  // column-major operand, and each block's gradient comes out contiguous.
+  std::vector<at::Tensor> out;
+  int64_t c = 0;
+  for (int64_t wd : widths) {
+    out.push_back(at::_scaled_mm(q.data, wt.narrow(0, c, wd).t(), q.scale, unit_scales(wd, dy2.device()),
+                                 std::nullopt, std::nullopt, dt));
+    c += wd;
+  }
+  return out;
+}
+
+at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
+                                 Fp8Path path) {
+  return fp8_linear_input_grad_blocks(dy2, w8, w_scale, {w8.size(1)}, path)[0];
 }
 
 namespace {

@@ -4,13 +4,13 @@
 // (at::_scaled_mm: about 1440 TFLOP/s on an H200 against 790 in bf16) instead of dequantising the
 // weight to bf16 first. Only the input gradient is computed: the weights are frozen.
 //
-//   forward   x [M, K] -> rows: s_x = max(amax|row| / 448, FLT_MIN), x8 = e4m3(x / s_x)
+//   forward   x [M, K] -> rows: s_x = max(amax|row| / 448, FLT_MIN), x8 = e4m3(x * (1 / s_x))
 //             y = (x8 * s_x) (w8 * s_w)^T  (+ b)                    at::_scaled_mm(x8, w8^T)
 //             (a bf16/f16 bias of the output's dtype is added in _scaled_mm's epilogue, in float32
 //             before the rounding; otherwise, and on the other paths, after the product)
 //   backward  dy [M, N]: the weight's per-channel scale lies on the contraction dimension of
 //             dy w, so it is folded into dy first: g = dy * s_w[None, :] (float32), then rows:
-//             s_g, g8 = e4m3(g / s_g); dx = (g8 * s_g) w8           at::_scaled_mm(g8, w8)
+//             s_g, g8 = e4m3(g * (1 / s_g)); dx = (g8 * s_g) w8           at::_scaled_mm(g8, w8)
 //
 // Paths (Fp8Path): ScaledMm (CUDA, sm >= 8.9, dims multiples of 16, at least 16 rows);
 // Reference (any device; the CPU's path, so CPU runs exercise the quantisation): the same
@@ -28,8 +28,10 @@
 // element of x (3072->3072 0.15 ms vs 0.10 bf16; 12288->3072 0.60 vs 0.39) and its byte transpose
 // 0.17 ms for 3072x9216, so only wide forward products (out >= 2 * in) gained and dx dequantised.
 // FLUXTRAIN_FP8_OPERANDS=0 restores that: the ATen operands and that choice of paths (an A/B of
-// the kernels). use_fast_accum stays off (measured 12% faster GEMMs, 4e-3..8e-3 relative
-// difference on bf16 outputs).
+// the kernels). The forward products use _scaled_mm's fast accumulation (H200, graph step at
+// 384/768/64 and 512/1024/128: 193.1 / 343.2 ms without, 187.0 / 335.6 with; FLUX.1-dev output
+// against bf16 3.90% rms without, 3.89% with); input gradients accumulate exactly.
+// FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off.
 #pragma once
 #include <vector>
 
@@ -45,9 +47,10 @@ struct Fp8Rows {
 };
 
 // Rowwise e4m3 quantisation of a 2-D floating x (times col_scale [K] or [1] along the columns
-// first, in float32, when given): s = max(float32(amax |row|) / 448, FLT_MIN); codes =
-// e4m3(x / s) with the quotient in float32 (float64 for float64 x), rounded to nearest even.
-// |x / s| <= 448 by construction, so nothing saturates; the floor keeps all-zero rows finite.
+// first, in float32, when given): s = max(float32(amax |row|) / 448, FLT_MIN), r = float32(1 / s);
+// codes = e4m3(x * r) with the product in float32 (float64 for float64 x), rounded to nearest
+// even. |x * r| <= 448 + a few ulp by construction, so nothing saturates; the floor keeps
+// all-zero rows finite.
 // CUDA tensors go through the one-pass kernel (same bits as the formula), others through ATen ops.
 Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {});
 
@@ -86,6 +89,14 @@ at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const a
                                      const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
                                  Fp8Path path = Fp8Path::Auto);
+
+// The input gradient of a product over concatenated inputs, per input: blocks of widths (adding
+// up to K) of dy2 w. dy2 is quantised and the codes transposed once; on the _scaled_mm path each
+// block is its own product and comes out contiguous (a single block's linear2: GELU's backward
+// then reads a dense gradient), elsewhere the blocks are column views of one product.
+std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, const at::Tensor& w8,
+                                                     const at::Tensor& w_scale, const std::vector<int64_t>& widths,
+                                                     Fp8Path path = Fp8Path::Auto);
 
 // y = x w^T + b with w = w8 * w_scale (rows), x [..., K]; differentiable in x (and b).
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& w_scale, const at::Tensor& bias);

@@ -2,14 +2,18 @@
 //   rows:      x [M, K] (bf16/f16/f32, times a float32 column scale when given; or the
 //              concatenation [x0 | x1] of two such matrices, read in place) -> e4m3 codes and
 //              one float32 scale per row, the same bits as fp8_quantise_rows' ATen form
-//              (s = max(amax / 448, FLT_MIN) and the quotient both rounded once in float32, the
-//              code rounded to nearest even; |x / s| <= 448 (+1 ulp), so nothing saturates).
-//              The ATen form costs an inf-norm kernel, a division kernel and, with a column scale,
-//              a multiply into a float32 copy: three to five passes over x, here one read from
-//              memory and one from L2.
+//              (s = max(amax / 448, FLT_MIN), r = 1 / s and x * r each rounded once in float32,
+//              the code rounded to nearest even; |x * r| <= 448 + a few ulp: nothing saturates).
+//              A multiply by the reciprocal, not a division: an IEEE float32 division is a
+//              sequence of some twenty instructions, and at 15 G elements per step (512/1024/128)
+//              that made the kernel compute-bound. The row is held in registers (one read), up
+//              to 24576 bf16 elements; longer rows are read twice (the second time from L2).
+//              The ATen form costs an inf-norm kernel, a reciprocal, a multiply and, with a
+//              column scale, a multiply into a float32 copy.
 //   transpose: e4m3 codes [N, K] -> [K, N], through 64 x 64 byte tiles in shared memory with
 //              4-byte accesses; ATen's byte transpose moved about 0.17 GB/ms.
 #include <cfloat>
+#include <cstdint>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,17 +26,13 @@
 namespace fluxtrain::kernels {
 namespace {
 
-constexpr int kRowThreads = 256;
+constexpr int kRowThreads = 256;     // the two-pass kernel's block
+constexpr int kRegThreads = 128;     // the one-pass kernel's block
+constexpr int kMaxRegVectors = 24;   // per thread: rows up to 128 * 24 * 8 = 24576 bf16 elements
 
 __device__ __forceinline__ uint8_t e4m3_code(float v) {
-  // Round to nearest even; SATFINITE is never reached (|v| <= 448 by construction).
+  // Round to nearest even; SATFINITE is never reached (|v| <= 448 (+ a few ulp) by construction).
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
-}
-
-// Element e of a row, in float32, times its column scale (one rounding, as the ATen form's
-// float32 multiply). cs: nullptr, one value (cs_n == 1) or K values.
-__device__ __forceinline__ float scaled(float v, const float* cs, int cs_n, int64_t col) {
-  return cs == nullptr ? v : v * cs[cs_n == 1 ? 0 : col];
 }
 
 template <typename T, int V>
@@ -53,45 +53,134 @@ struct Sources {
   }
 };
 
-// One block per row of the concatenation [x0 | x1]: the row's largest magnitude (first pass),
-// then the codes (second pass, the row now in L2). V elements per access (16 bytes when every
-// row start is aligned, else 1).
-template <typename T, int V>
-__global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(Sources<T, V> src, int64_t k,
-                                                                    const float* __restrict__ cs, int cs_n,
-                                                                    uint8_t* __restrict__ codes,
-                                                                    float* __restrict__ scales) {
-  const int64_t row = blockIdx.x;
-  const int64_t nv = k / V;
-  float amax = 0.f;
-  for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
-    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
+// Column scales: none (cs nullptr), one value (n == 1) or one per column (vectors of V read at
+// once when V is a multiple of 4).
+struct ColScales {
+  const float* cs;
+  int n;
+  template <int V>
+  __device__ __forceinline__ void apply(float (&x)[V], int64_t i) const {
+    if (cs == nullptr) return;
+    if (n == 1) {
 #pragma unroll
-    for (int e = 0; e < V; ++e) amax = fmaxf(amax, fabsf(scaled(to_f(a.v[e]), cs, cs_n, i * V + e)));
+      for (int e = 0; e < V; ++e) x[e] = __fmul_rn(x[e], cs[0]);
+    } else if constexpr (V % 4 == 0) {
+#pragma unroll
+      for (int e = 0; e < V; e += 4) {
+        const float4 c = *reinterpret_cast<const float4*>(cs + i * V + e);
+        x[e] = __fmul_rn(x[e], c.x), x[e + 1] = __fmul_rn(x[e + 1], c.y);
+        x[e + 2] = __fmul_rn(x[e + 2], c.z), x[e + 3] = __fmul_rn(x[e + 3], c.w);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) x[e] = __fmul_rn(x[e], cs[i * V + e]);
+    }
   }
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void to_floats(const VecT<T, V>& a, float (&x)[V]) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) x[e] = to_f(a.v[e]);
+}
+
+template <int V>
+__device__ __forceinline__ float abs_max(const float (&x)[V], float m) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) m = fmaxf(m, fabsf(x[e]));
+  return m;
+}
+
+template <int V>
+__device__ __forceinline__ VecT<uint8_t, V> codes_of(const float (&x)[V], float r) {
+  VecT<uint8_t, V> c;
+#pragma unroll
+  for (int e = 0; e < V; ++e) c.v[e] = e4m3_code(__fmul_rn(x[e], r));
+  return c;
+}
+
+// The block's largest magnitude; thread 0 turns it into the row's scale s (written out) and
+// every thread gets 1 / s.
+template <int THREADS>
+__device__ __forceinline__ float row_reciprocal(float amax, float* scales, int64_t row) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  __shared__ float warp_max[kRowThreads / 32];
-  __shared__ float row_scale;
+  __shared__ float warp_max[THREADS / 32];
+  __shared__ float row_r;
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
   __syncthreads();
   if (threadIdx.x == 0) {
     float m = warp_max[0];
 #pragma unroll
-    for (int w = 1; w < kRowThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
+    for (int w = 1; w < THREADS / 32; ++w) m = fmaxf(m, warp_max[w]);
     const float s = fmaxf(__fdiv_rn(m, 448.f), FLT_MIN);
-    row_scale = s;
     scales[row] = s;
+    row_r = __frcp_rn(s);
   }
   __syncthreads();
-  const float s = row_scale;
+  return row_r;
+}
+
+// One block per row of the concatenation [x0 | x1], held in registers: every load of the row is
+// issued before the reduction (NV vectors of V elements per thread, 16 bytes each), then the
+// codes are written from the registers. Rows up to kRegThreads * kMaxRegVectors vectors.
+template <typename T, int V, int NV>
+__global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs,
+                                                                         uint8_t* __restrict__ codes,
+                                                                         float* __restrict__ scales) {
+  const int64_t row = blockIdx.x, nv = k / V;
+  VecT<T, V> a[NV];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    if (i < nv) a[j] = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    if (i < nv) {
+      float x[V];
+      to_floats(a[j], x);
+      cs.apply(x, i);
+      amax = abs_max(x, amax);
+    }
+  }
+  const float r = row_reciprocal<kRegThreads>(amax, scales, row);
+  uint8_t* cr = codes + row * k;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    if (i < nv) {
+      float x[V];
+      to_floats(a[j], x);
+      cs.apply(x, i);
+      *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = codes_of(x, r);
+    }
+  }
+}
+
+// Longer rows, or rows not aligned to 16 bytes (V = 1): the row's largest magnitude in a first
+// pass, the codes in a second (the row then in L2).
+template <typename T, int V>
+__global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(Sources<T, V> src, int64_t k, ColScales cs,
+                                                                    uint8_t* __restrict__ codes,
+                                                                    float* __restrict__ scales) {
+  const int64_t row = blockIdx.x, nv = k / V;
+  float amax = 0.f;
+  for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
+    float x[V];
+    to_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), x);
+    cs.apply(x, i);
+    amax = abs_max(x, amax);
+  }
+  const float r = row_reciprocal<kRowThreads>(amax, scales, row);
   uint8_t* cr = codes + row * k;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
-    const VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
-    VecT<uint8_t, V> c;
-#pragma unroll
-    for (int e = 0; e < V; ++e) c.v[e] = e4m3_code(__fdiv_rn(scaled(to_f(a.v[e]), cs, cs_n, i * V + e), s));
-    *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = c;
+    float x[V];
+    to_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), x);
+    cs.apply(x, i);
+    *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = codes_of(x, r);
   }
 }
 
@@ -101,25 +190,41 @@ bool aligned16(const at::Tensor& x, int64_t v) {
 
 // x1 undefined: x0 alone.
 template <typename T>
-void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& cs, const at::Tensor& codes,
-                          const at::Tensor& scales) {
+void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& col_scale,
+                          const at::Tensor& codes, const at::Tensor& scales) {
   const int64_t m = x0.size(0), k0 = x0.size(1), k = codes.size(1);
   constexpr int V16 = 16 / sizeof(T);
-  const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16));
-  const float* csp = cs.defined() ? cs.data_ptr<float>() : nullptr;
-  const int cs_n = cs.defined() ? static_cast<int>(cs.numel()) : 0;
+  const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16)) &&
+                   (!col_scale.defined() || reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0);
+  const ColScales cs{col_scale.defined() ? col_scale.data_ptr<float>() : nullptr,
+                     col_scale.defined() ? static_cast<int>(col_scale.numel()) : 0};
   const T* p0 = reinterpret_cast<const T*>(x0.data_ptr());
   const T* p1 = x1.defined() ? reinterpret_cast<const T*>(x1.data_ptr()) : p0;
   const int64_t ld1 = x1.defined() ? x1.stride(0) : 0;
   auto* cp = reinterpret_cast<uint8_t*>(codes.data_ptr());
   auto* sp = scales.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (vec)
-    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(Sources<T, V16>{p0, p1, x0.stride(0), ld1, k0}, k, csp,
-                                                                  cs_n, cp, sp);
+  if (!vec) {
+    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0}, k, cs, cp, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0};
+  const int64_t per_thread = (k / V16 + kRegThreads - 1) / kRegThreads;
+#define FLUXTRAIN_QROWS(NV) quantise_rows_regs_kernel<T, V16, NV><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
+  if (per_thread <= 4)
+    FLUXTRAIN_QROWS(4);
+  else if (per_thread <= 8)
+    FLUXTRAIN_QROWS(8);
+  else if (per_thread <= 12)
+    FLUXTRAIN_QROWS(12);
+  else if (per_thread <= 16)
+    FLUXTRAIN_QROWS(16);
+  else if (per_thread <= kMaxRegVectors)
+    FLUXTRAIN_QROWS(kMaxRegVectors);
   else
-    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0}, k, csp,
-                                                                cs_n, cp, sp);
+    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(src, k, cs, cp, sp);
+#undef FLUXTRAIN_QROWS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

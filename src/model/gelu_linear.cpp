@@ -15,9 +15,10 @@ namespace {
 using torch::autograd::variable_list;
 
 // dx_i = dy w[:, columns of x_i]; dpre = (dy w[:, pre's columns]) * gelu_tanh'(pre).
-// With an fp8 weight (w_scale defined): one scaled fp8 product gives the gradient of the whole
-// concatenated input, whose column blocks are the inputs' gradients (views), and GELU's
-// derivative is applied after it (there is no fp8 GEMM with that epilogue).
+// With an fp8 weight (w_scale defined): scaled fp8 products of one quantised dy give each input's
+// gradient (kernels::fp8_linear_input_grad_blocks: dense blocks, so that GELU's backward, applied
+// after them since no fp8 GEMM has that epilogue, runs vectorised: on a column view of one
+// product it took 0.24 ms per single block at 512/1024/128 against 0.04 dense).
 struct GeluLinearBackward : public torch::autograd::Node {
   at::Tensor w, w_scale;
   torch::autograd::SavedVariable pre;
@@ -37,12 +38,11 @@ struct GeluLinearBackward : public torch::autograd::Node {
     const at::Tensor dy = grads[0].reshape({-1, w.size(0)});
     const size_t last = sizes.size() - 1;
     if (w.scalar_type() == at::kFloat8_e4m3fn) {
-      const at::Tensor dz = kernels::fp8_linear_input_grad(dy, w, w_scale);
+      const std::vector<at::Tensor> dz = kernels::fp8_linear_input_grad_blocks(dy, w, w_scale, width);
       for (size_t i = 0; i < last; ++i)
-        if (should_compute_output(i)) out[i] = dz.narrow(1, col0[i], width[i]).view(sizes[i]);
+        if (should_compute_output(i)) out[i] = dz[i].view(sizes[i]);
       if (should_compute_output(last))
-        out[last] = at::gelu_backward(dz.narrow(1, col0[last], width[last]),
-                                      pre.unpack(shared_from_this()).reshape({-1, width[last]}), "tanh")
+        out[last] = at::gelu_backward(dz[last], pre.unpack(shared_from_this()).reshape({-1, width[last]}), "tanh")
                         .view(sizes[last]);
       return out;
     }

@@ -42,9 +42,10 @@ at::Tensor test_rows(int64_t m, int64_t k, at::ScalarType dt, uint64_t seed) {
   return x.to(dt);
 }
 
-// The formula of fp8_quantise_rows in float64: s = max(f32(amax / 448), FLT_MIN), codes =
-// e4m3(f32(x / s)). (A float32 division is the float64 quotient rounded to float32 exactly:
-// 53 >= 2 * 24 + 2, so the float64 route has no double-rounding difference.)
+// The formula of fp8_quantise_rows in float64: s = max(f32(amax / 448), FLT_MIN), r = f32(1 / s),
+// codes = e4m3(f32(x * r)). (A float32 quotient is the float64 one rounded to float32 exactly:
+// 53 >= 2 * 24 + 2, so the float64 route has no double-rounding difference; the product of two
+// float32 values is exact in float64.)
 // On a CUDA x the quantiser is the one-pass kernel; the formula is still evaluated on the CPU
 // (a GPU division by a scalar multiplies by its reciprocal).
 void expect_formula(const at::Tensor& x, const at::Tensor& col) {
@@ -54,7 +55,8 @@ void expect_formula(const at::Tensor& x, const at::Tensor& col) {
   if (col.defined()) xd = (xd * col.cpu().to(at::kDouble).reshape({1, -1})).to(at::kFloat).to(at::kDouble);
   const at::Tensor amax = xd.abs().amax(1, true);
   const at::Tensor s = (amax / 448.0).to(at::kFloat).clamp_min(FLT_MIN);
-  const at::Tensor codes = (xd / s.to(at::kDouble)).to(at::kFloat).to(at::kFloat8_e4m3fn);
+  const at::Tensor r = (1.0 / s.to(at::kDouble)).to(at::kFloat);
+  const at::Tensor codes = (xd * r.to(at::kDouble)).to(at::kFloat).to(at::kFloat8_e4m3fn);
   EXPECT_EQ(q.scale.scalar_type(), at::kFloat);
   EXPECT_EQ(q.data.scalar_type(), at::kFloat8_e4m3fn);
   EXPECT_EQ(q.scale.sizes(), (std::vector<int64_t>{x.size(0), 1}));
