@@ -77,8 +77,9 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
       ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
                          ->value_name("BOOL"),
        "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations "
-       "quantised per row) instead of dequantising each block to the compute dtype (experimental: measured "
-       "slower than dequantising on the H200, docs/memory.md)")
+       "quantised per row) instead of dequantising each block to the compute dtype: on an H200 14-16% "
+       "faster than dequantising and 11-14% faster than bf16 weights, at about 1 point more output error "
+       "against bf16 (docs/memory.md)")
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
        "streamed blocks copied to the GPU ahead of use (side stream)")
       ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap),
