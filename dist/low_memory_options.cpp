@@ -77,8 +77,8 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
       ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
                          ->value_name("BOOL"),
        "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations "
-       "quantised per row) instead of dequantising each block to the compute dtype: on an H200 14-16% "
-       "faster than dequantising and 11-14% faster than bf16 weights, at about 1 point more output error "
+       "quantised per row) instead of dequantising each block to the compute dtype: on an H200 18-22% "
+       "faster than dequantising and 14% faster than bf16 weights, at about 1 point more output error "
        "against bf16 (docs/memory.md)")
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
        "streamed blocks copied to the GPU ahead of use (side stream)")
