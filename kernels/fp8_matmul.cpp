@@ -1,7 +1,7 @@
 // Scaled fp8 GEMMs for frozen linears in their stored form (kernels/fp8_matmul.h): the rowwise
 // activation quantiser, the float32 reference product, the path choice and the autograd node.
-// ATen ops here (the quantiser's reference form is an inf-norm per row and a division written
-// straight into e4m3), so this file builds and runs on the CPU too; CUDA tensors take the
+// ATen ops here (the quantiser's reference form is an inf-norm per row, a reciprocal and a
+// multiply written straight into e4m3), so this file builds and runs on the CPU too; CUDA tensors take the
 // one-pass kernels of kernels/fp8_operands.cu.
 #include "kernels/fp8_matmul.h"
 
@@ -42,7 +42,7 @@ bool operand_kernels() {
 }
 
 // The forward products accumulate in the tensor cores' fast mode, as torchao's float8 training
-// does for outputs (not for gradients): 2% faster steps, no measurable change of the output's
+// does for outputs (not for gradients): 2-3% faster steps, no measurable change of the output's
 // error against bf16 (header). FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off; read once.
 bool fast_accum_forward() {
   static const bool on = [] {
