@@ -79,10 +79,14 @@ struct ColScales {
   }
 };
 
+// Block i of a row in float32, times its column scales. The one-pass kernel calls this twice per
+// block (for the maximum, then for the codes): the row stays in registers in its own dtype, half
+// the registers of float32, and the column scales are re-applied rather than kept.
 template <typename T, int V>
-__device__ __forceinline__ void to_floats(const VecT<T, V>& a, float (&x)[V]) {
+__device__ __forceinline__ void scaled_floats(const VecT<T, V>& a, const ColScales& cs, int64_t i, float (&x)[V]) {
 #pragma unroll
   for (int e = 0; e < V; ++e) x[e] = to_f(a.v[e]);
+  cs.apply(x, i);
 }
 
 template <int V>
@@ -142,8 +146,7 @@ __global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
     if (i < nv) {
       float x[V];
-      to_floats(a[j], x);
-      cs.apply(x, i);
+      scaled_floats(a[j], cs, i, x);
       amax = abs_max(x, amax);
     }
   }
@@ -154,8 +157,7 @@ __global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
     if (i < nv) {
       float x[V];
-      to_floats(a[j], x);
-      cs.apply(x, i);
+      scaled_floats(a[j], cs, i, x);
       *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = codes_of(x, r);
     }
   }
@@ -171,16 +173,14 @@ __global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(Sources<T, V
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
     float x[V];
-    to_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), x);
-    cs.apply(x, i);
+    scaled_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), cs, i, x);
     amax = abs_max(x, amax);
   }
   const float r = row_reciprocal<kRowThreads>(amax, scales, row);
   uint8_t* cr = codes + row * k;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
     float x[V];
-    to_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), x);
-    cs.apply(x, i);
+    scaled_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), cs, i, x);
     *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = codes_of(x, r);
   }
 }

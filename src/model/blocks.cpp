@@ -179,13 +179,6 @@ bool skip_terminal(const BlockContext& c, const at::Tensor& gate, const char* li
   return plain_frozen(c, linear, cond_stream);
 }
 
-// The fp8 scales (--fp8_matmul) of output rows [begin, begin + n) of a linear's weight: undefined
-// for a weight not in fp8 stored form, the one value of a per-tensor scale.
-at::Tensor scale_rows(const TensorMap& w, const std::string& linear, int64_t begin, int64_t n) {
-  const at::Tensor s = fp8_scale_of(w, linear + ".weight");
-  return !s.defined() || s.numel() == 1 ? s : s.narrow(0, begin, n);
-}
-
 // The bias of a linear, undefined when it has none.
 at::Tensor bias_of(const TensorMap& w, const std::string& linear) {
   auto bi = w.find(linear + ".bias");
@@ -323,7 +316,7 @@ at::Tensor joint_qkv(const BlockContext& c, const TensorMap& w, const at::Tensor
       scales.push_back(a->scale);
     }
   }
-  const at::Tensor ws = scale_rows(w, "linear1", 0, n3);
+  const at::Tensor ws = fp8_scale_rows(fp8_scale_of(w, "linear1.weight"), 0, n3);
   if (downs.empty()) return frozen_linear(xin, W, b, ws);
   return lora_linear(xin, W, b, downs, ups, offsets, scales, ws, Lm, Lm + cn.size(1), cn);
 }
@@ -545,7 +538,8 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   if (merged) {
     const at::Tensor b1 = bias_of(w, "linear1");
     at::Tensor pre = frozen_linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M),
-                                   b1.defined() ? b1.narrow(0, 3 * H, M) : b1, scale_rows(w, "linear1", 3 * H, M));
+                                   b1.defined() ? b1.narrow(0, 3 * H, M) : b1,
+                                   fp8_scale_rows(fp8_scale_of(w, "linear1.weight"), 3 * H, M));
     const bool skip = skip_terminal(c, m[2], "linear2", false);
     at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
                                fp8_scale_of(w, "linear2.weight"));

@@ -247,10 +247,7 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
   const bool whole = row_begin == 0 && row_end == full;
   at::Tensor w = whole ? weight : weight.narrow(0, row_begin, row_end - row_begin);
   at::Tensor b = (!bias.defined() || whole) ? bias : bias.narrow(0, row_begin, row_end - row_begin);
-  // The fp8 stored form's per-channel scales follow the rows; a per-tensor scale stays whole.
-  const at::Tensor ws = (!weight_scale.defined() || whole || weight_scale.numel() == 1)
-                            ? weight_scale
-                            : weight_scale.narrow(0, row_begin, row_end - row_begin);
+  const at::Tensor ws = fp8_scale_rows(weight_scale, row_begin, row_end - row_begin);
   if (!lora) return frozen_linear(x, w, b, ws);
   std::vector<const LoraAdapter*> ads, after;
   for (const LoraAdapter* a : lora->find(block, linear, cond)) {

@@ -219,6 +219,12 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                                    row_end, rows_x.defined() ? std::optional<at::Tensor>(rows_x) : std::nullopt);
 }
 
+at::Tensor fp8_scale_rows(const at::Tensor& w_scale, int64_t begin, int64_t n) {
+  return !w_scale.defined() || w_scale.numel() == 1 || (begin == 0 && n == w_scale.size(0))
+             ? w_scale
+             : w_scale.narrow(0, begin, n);
+}
+
 at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_scale) {
   if (w.scalar_type() == at::kFloat8_e4m3fn) {
     TORCH_CHECK(w_scale.defined(), "frozen_linear: an e4m3 weight without its fp8 scales");

@@ -37,4 +37,8 @@ at::Tensor output_lora(const at::Tensor& y, const at::Tensor& down, const at::Te
 // model that may meet a stored weight is dispatched on the weight's dtype.
 at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_scale = {});
 
+// The fp8 scales of output rows [begin, begin + n) of a stored weight: per-channel scales follow
+// the rows, a per-tensor scale (one value) and an undefined one (no fp8 weight) stay as they are.
+at::Tensor fp8_scale_rows(const at::Tensor& w_scale, int64_t begin, int64_t n);
+
 }  // namespace fluxtrain
