@@ -225,7 +225,7 @@ int cmd_bench(int argc, char** argv) {
     std::string described;
     low_ptr = make_block_weights(rt, ws, plan, &described);
     low_json = {{"plan", described}, {"base_precision", low_memory.base_precision},
-                {"fp8_matmul", low_memory.fp8_matmul},
+                {"fp8_matmul", low_memory.fp8_matmul}, {"fp8_keep_transposed", low_memory.fp8_keep_transposed},
                 {"blocks_to_swap", low_memory.blocks_to_swap}, {"max_gpu_memory", low_memory.max_gpu_memory},
                 {"offload_prefetch", low_memory.offload_prefetch}};
   } else {

@@ -9,7 +9,9 @@
 #   gemm_aten       the same with ATen's operands and paths (FLUXTRAIN_FP8_OPERANDS=0)
 #   gemm_fast       the same with fast accumulation in the forward products (FLUXTRAIN_FP8_FAST_ACCUM=1),
 #                   and its output error against bf16
-# PROFILE=1 adds an eager kernel profile of --fp8_matmul at 512/1024/128.
+#   gemm_keep       --fp8_matmul --fp8_keep_transposed (the weights' transposed codes kept)
+#   gemm_exact      --fp8_matmul with exact accumulation in forward too (FLUXTRAIN_FP8_FAST_ACCUM=0)
+# PROFILE=1 adds an eager kernel profile of --fp8_matmul at 512/1024/128 (PROFILE_EXTRA: more flags).
 # Usage: VARIANTS="bf16 gemm" bash bench/gpu_fp8_step.sh (carry .deps); all five: about 8 minutes.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -34,6 +36,8 @@ for v in ${VARIANTS:-bf16 dequant gemm gemm_aten gemm_fast}; do
     dequant) timeout 150 $B $G --base_precision fp8 > "$OUT/$v.jsonl" ;;
     gemm) timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_aten) FLUXTRAIN_FP8_OPERANDS=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
+    gemm_keep) timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
+    gemm_exact) FLUXTRAIN_FP8_FAST_ACCUM=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_fast)
       FLUXTRAIN_FP8_FAST_ACCUM=1 timeout 150 $B $G $F8 > "$OUT/$v.jsonl"
       FLUXTRAIN_FP8_FAST_ACCUM=1 timeout 100 build-gpu/tests/fluxtrain_tests --gtest_filter='Fp8Weights.FluxDevOutputErrorOnCuda' \
@@ -42,7 +46,7 @@ for v in ${VARIANTS:-bf16 dequant gemm gemm_aten gemm_fast}; do
   show "$OUT/$v.jsonl" "$v"
 done
 if [ -n "${PROFILE:-}" ]; then
-  CONFIGS=512/1024/128 TAG=fp8 EXTRA="$F8" timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
+  CONFIGS=512/1024/128 TAG=fp8 EXTRA="$F8 ${PROFILE_EXTRA:-}" timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
   python3 bench/profile_digest.py "$OUT/kernel_classes.jsonl"
 fi
 exit 0

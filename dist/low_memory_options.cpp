@@ -53,6 +53,8 @@ void LowMemoryOptions::validate() const {
   if (fp8_matmul && !fp8())
     throw Error("--fp8_matmul multiplies the fp8 base weights: it needs --base_precision fp8, got '" +
                 base_precision + "'");
+  if (fp8_keep_transposed && !fp8_matmul)
+    throw Error("--fp8_keep_transposed keeps the transposed codes that fp8 GEMMs use: it needs --fp8_matmul");
   if (offload_prefetch < 0 || offload_prefetch > 8)
     throw Error("--offload_prefetch must be 0..8 (blocks copied ahead), got " + std::to_string(offload_prefetch));
   if (blocks_to_swap < -1)
@@ -63,6 +65,20 @@ void LowMemoryOptions::validate() const {
       throw Error("--max_gpu_memory chooses the number of blocks to swap: give it or --blocks_to_swap, not both");
   }
 }
+
+namespace {
+
+// Help texts shared by both option tables (bench/estimate and train).
+constexpr const char* kFp8MatmulHelp =
+    "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations quantised per row) "
+    "instead of dequantising each block to the compute dtype: on an H200 26% faster than dequantising and 18-21% "
+    "faster than bf16 weights, at about 1 point more output error against bf16 (docs/memory.md)";
+constexpr const char* kFp8KeepTransposedHelp =
+    "with --fp8_matmul: keep the transposed codes of the blocks resident on the device for the input-gradient "
+    "GEMMs instead of transposing them every step (faster; costs the fp8 codes' bytes again, about 11 GiB for "
+    "FLUX.1-dev; streamed blocks still transpose per use; not with --shard_weights)";
+
+}  // namespace
 
 void add_low_memory_options(boost::program_options::options_description& desc, LowMemoryOptions& o) {
   namespace po = boost::program_options;
@@ -76,10 +92,10 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
        "also store the adaLN modulation linears in fp8")
       ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
                          ->value_name("BOOL"),
-       "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations "
-       "quantised per row) instead of dequantising each block to the compute dtype: on an H200 18-22% "
-       "faster than dequantising and 14% faster than bf16 weights, at about 1 point more output error "
-       "against bf16 (docs/memory.md)")
+       kFp8MatmulHelp)
+      ("fp8_keep_transposed", po::value<bool>(&o.fp8_keep_transposed)->default_value(o.fp8_keep_transposed)
+                                  ->implicit_value(true)->value_name("BOOL"),
+       kFp8KeepTransposedHelp)
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
        "streamed blocks copied to the GPU ahead of use (side stream)")
       ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap),
@@ -101,10 +117,8 @@ void declare_options(OptionSet& s, dist::LowMemoryOptions& o) {
       .add("fp8_scaling", &o.fp8_scaling, "fp8 scales: channel (one per output channel) or tensor",
            rules::one_of({"channel", "tensor"}))
       .add("fp8_modulation", &o.fp8_modulation, "also store the adaLN modulation linears in fp8")
-      .add("fp8_matmul", &o.fp8_matmul,
-           "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations quantised "
-           "per row) instead of dequantising each block to the compute dtype (experimental: measured slower than "
-           "dequantising on the H200, docs/memory.md)")
+      .add("fp8_matmul", &o.fp8_matmul, dist::kFp8MatmulHelp)
+      .add("fp8_keep_transposed", &o.fp8_keep_transposed, dist::kFp8KeepTransposedHelp)
       .add("offload_prefetch", &o.offload_prefetch, "streamed blocks copied to the GPU ahead of use (side stream)")
       .add("blocks_to_swap", &o.blocks_to_swap,
            "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")

@@ -16,6 +16,7 @@ struct LowMemoryOptions {
   std::string fp8_scaling = "channel";  // channel (per output channel) | tensor
   bool fp8_modulation = false;          // also quantise the adaLN modulation linears
   bool fp8_matmul = false;              // multiply the fp8 linears as scaled fp8 GEMMs (no dequantisation)
+  bool fp8_keep_transposed = false;     // with fp8_matmul: keep resident weights' transposed codes
   int64_t offload_prefetch = 1;         // streamed blocks copied ahead of use (ring: prefetch + 1 slots)
   int64_t blocks_to_swap = 0;           // blocks kept in host memory and streamed; -1 = all
   std::string max_gpu_memory;           // "" | "8GiB" | "7.5GB" | "6000MiB": choose blocks_to_swap to fit
@@ -30,7 +31,8 @@ struct LowMemoryOptions {
 // "8GiB", "8 GiB", "7.5GB", "6000MiB", "123456" (bytes) -> bytes; throws Error naming `flag`.
 int64_t parse_byte_size(const std::string& text, const std::string& flag);
 
-// Declares --base_precision, --fp8_scaling, --fp8_modulation, --fp8_matmul, --offload_prefetch,
+// Declares --base_precision, --fp8_scaling, --fp8_modulation, --fp8_matmul, --fp8_keep_transposed,
+// --offload_prefetch,
 // --blocks_to_swap, --max_gpu_memory bound to `o` (defaults from `o`).
 void add_low_memory_options(boost::program_options::options_description& desc, LowMemoryOptions& o);
 

@@ -11,6 +11,7 @@
 #include "dist/fp8_weights.h"
 #include "dist/offloaded_weights.h"
 #include "dist/sharded_weights.h"
+#include "kernels/fp8_matmul.h"
 
 namespace fluxtrain::dist {
 namespace {
@@ -49,8 +50,9 @@ std::string LowMemoryPlan::describe() const {
   s << "frozen blocks " << (fp8 ? (fp8_matmul ? "fp8 (fp8 GEMMs)" : "fp8") : "in the compute dtype") << ", "
     << streamed_blocks
     << " streamed from host memory" << (shard_ranks > 0 ? " (each rank its 1/" + std::to_string(shard_ranks) + ")" : "")
-    << "; weights on the device " << gib(device_weight_bytes) << ", in host memory "
-    << gib(host_weight_bytes);
+    << "; weights on the device " << gib(device_weight_bytes)
+    << (kept_transposed_bytes > 0 ? " (with transposed codes kept: " + gib(kept_transposed_bytes) + ")" : "")
+    << ", in host memory " << gib(host_weight_bytes);
   return s.str();
 }
 
@@ -67,6 +69,7 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   const Fp8WeightsOptions fo = fp8_options(opt);
   const int64_t N = std::max(shard_ranks, 1);
   std::vector<int64_t> stored(n), mine(n);  // whole block; this rank's share of it
+  std::vector<int64_t> codes(n);            // bytes of a block's e4m3 codes (fp8)
   int64_t largest_compute = 0, largest_weight = 0;  // a block, one quantised weight (compute dtype)
   // Without shapes, counting bytes means reading every block: only worth it for a budget.
   const bool counted = src.block_shapes || !opt.max_gpu_memory.empty();
@@ -75,8 +78,10 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
     int64_t compute = 0;
     for (const auto& kv : sh) {
       compute += numel(kv.second) * esize;
-      if (fp8_quantisable(kv.first, static_cast<int64_t>(kv.second.size()), fo))
+      if (fp8_quantisable(kv.first, static_cast<int64_t>(kv.second.size()), fo)) {
         largest_weight = std::max(largest_weight, numel(kv.second) * esize);
+        codes[i] += numel(kv.second);
+      }
     }
     stored[i] = p.fp8 ? fp8_stored_bytes(sh, fo, dtype) : compute;
     mine[i] = (stored[i] + N - 1) / N;  // sharded: 1/N of it (padding not counted)
@@ -90,6 +95,8 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   // _scaled_mm does not take make per call (kernels/fp8_matmul.h, Dequantise).
   const int64_t fixed = globals + (!p.fp8 ? 0 : opt.fp8_matmul ? largest_weight : largest_compute);
   const int ring = static_cast<int>(opt.offload_prefetch) + 1;
+  // --fp8_keep_transposed (unsharded): a resident block's codes once more, transposed.
+  const auto kept_codes = [&](int i) { return opt.fp8_keep_transposed && shard_ranks == 0 ? codes[i] : int64_t{0}; };
   // Device bytes of the weights with `c` streamed blocks. Unsharded: resident blocks and a ring
   // of slots of the largest streamed block. Sharded (ShardedBlockWeights): this rank's 1/N of
   // each resident block, two gather slots for the other ranks' parts of the largest resident
@@ -102,7 +109,7 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
       if (s[i]) {
         largest_streamed = std::max(largest_streamed, shard_ranks > 0 ? stored[i] : mine[i]);
       } else {
-        resident += mine[i];
+        resident += mine[i] + kept_codes(i);
         largest_resident = std::max(largest_resident, stored[i]);
       }
     }
@@ -123,8 +130,10 @@ LowMemoryPlan plan_low_memory_weights(const WeightsSource& src, const LowMemoryO
   const std::vector<bool> s = spread_streamed_blocks(n, count);
   p.streamed_blocks = count;
   p.device_weight_bytes = device_bytes(count);
-  for (int i = 0; i < n; ++i)
+  for (int i = 0; i < n; ++i) {
     if (s[i]) p.host_weight_bytes += mine[i];
+    else p.kept_transposed_bytes += kept_codes(i);
+  }
   return p;
 }
 
@@ -144,6 +153,9 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     throw Error("--offload_prefetch " + std::to_string(opt.offload_prefetch) +
                 " with --shard_weights: sharded streaming prefetches exactly 1 block (its two gather slots); leave "
                 "--offload_prefetch at 1");
+  if (comm && opt.fp8_keep_transposed)
+    throw Error("--fp8_keep_transposed: blocks sharded over ranks are gathered per use, so nothing resident is "
+                "kept; leave it off with --shard_weights");
   const LowMemoryPlan plan = plan_low_memory_weights(src, opt, dtype, non_weight_bytes, comm ? comm->size() : 0);
   if (plan_out) *plan_out = plan;
   const int n = src.num_blocks;
@@ -181,6 +193,15 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     inner = std::make_unique<OffloadedBlockWeights>(globals, n, stored_block, oo);
   }
   if (!plan.fp8) return inner;
+  if (opt.fp8_keep_transposed) {
+    // Resident blocks never change: their codes' transposes may be kept (kernels/fp8_matmul.h).
+    // Streamed blocks pass through slots that other blocks refill, so they are not registered.
+    auto* off = dynamic_cast<OffloadedBlockWeights*>(inner.get());
+    for (int i = 0; i < n; ++i)
+      if (!off->streamed(i))
+        for (const auto& kv : off->resident_block(i))
+          if (kv.second.scalar_type() == at::kFloat8_e4m3fn) kernels::fp8_keep_transposed(kv.second);
+  }
   return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs), 1, opt.fp8_matmul);
 }
 

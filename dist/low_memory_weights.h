@@ -12,9 +12,12 @@
 //                              of a streamed block in (pinned) host memory, copied in before the gather
 //   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
 //   any fp8 row + fp8_matmul   the same stack; Fp8BlockWeights hands the stored blocks through
+//   + fp8_keep_transposed      unsharded: the resident blocks' codes are registered with
+//                              kernels::fp8_keep_transposed (their transposes made once, kept)
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
-// fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident blocks and the streaming ring fit in the budget minus
+// fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident
+// blocks (with --fp8_keep_transposed: their codes twice) and the streaming ring fit in the budget minus
 // `non_weight_bytes` (activations, LoRA, optimizer, workspace: src/train/memory_estimate.h).
 // Sharded over N ranks, every block counts 1/N of its bytes (on the device when resident, in
 // host memory when streamed), plus two gather slots for the other ranks' parts of the largest
@@ -58,6 +61,7 @@ struct LowMemoryPlan {
   int64_t device_weight_bytes = 0;     // globals + resident blocks + slots (this rank)
   int64_t host_weight_bytes = 0;       // streamed blocks in host memory (this rank)
   int64_t stored_block_bytes = 0;      // all blocks in their stored precision
+  int64_t kept_transposed_bytes = 0;   // --fp8_keep_transposed: resident blocks' codes again (device)
   std::string describe() const;        // one line for the start-up log
 };
 

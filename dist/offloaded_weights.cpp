@@ -159,6 +159,12 @@ void OffloadedBlockWeights::prefetch_from(int block) {
   }
 }
 
+const TensorMap& OffloadedBlockWeights::resident_block(int block) const {
+  check_input(block >= 0 && block < num_blocks() && !streamed_[block],
+              "block streaming: block " + std::to_string(block) + " is not resident");
+  return resident_[block];
+}
+
 const TensorMap& OffloadedBlockWeights::acquire(int block) {
   check_input(block >= 0 && block < num_blocks(),
               "block streaming: block " + std::to_string(block) + " out of range");

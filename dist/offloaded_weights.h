@@ -99,6 +99,8 @@ class OffloadedBlockWeights : public BlockWeights {
   bool transient() const override { return stats_.streamed_blocks > 0; }
 
   bool streamed(int block) const { return streamed_[block]; }
+  // A block kept on the device (not streamed): its tensors, which never change.
+  const TensorMap& resident_block(int block) const;
   const OffloadStats& stats() const { return stats_; }
   void quiesce() { engine_->synchronize(); }
 

@@ -5,6 +5,8 @@
 // one-pass kernels of kernels/fp8_operands.cu.
 #include "kernels/fp8_matmul.h"
 
+#include <algorithm>
+#include <array>
 #include <cfloat>
 #include <cstdlib>
 #include <cstring>
@@ -92,14 +94,21 @@ at::Tensor scale_row(const at::Tensor& w_scale, int64_t n) {
   return w_scale.numel() == 1 ? w_scale.reshape({1, 1}).expand({1, n}).contiguous() : w_scale.reshape({1, n});
 }
 
+// Whether the current stream is being captured into a CUDA graph (its kernels only run on replay).
+bool capturing() {
+#ifdef FLUXTRAIN_WITH_CUDA
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  return false;
+#endif
+}
+
 // A [1, k] row of float32 ones on the device: the scales of dx's columns. Kept per (device, k)
 // so that the step does not fill one per product; not kept when made inside a CUDA-graph capture
 // (its fill would only run on replay).
 at::Tensor unit_scales(int64_t k, const at::Device& device) {
   const auto make = [&] { return at::ones({1, k}, at::TensorOptions().device(device).dtype(at::kFloat)); };
-#ifdef FLUXTRAIN_WITH_CUDA
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return make();
-#endif
+  if (capturing()) return make();
   static std::mutex mu;
   static std::map<std::pair<int, int64_t>, at::Tensor> kept;
   const std::lock_guard<std::mutex> lock(mu);
@@ -152,8 +161,7 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   return {codes, scale};
 }
 
-Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs) {
-  if (xs.size() == 1) return fp8_quantise_rows(xs[0]);
+Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_last) {
 #ifdef FLUXTRAIN_WITH_CUDA
   const auto in_place = [&](const at::Tensor& x) {
     const auto t = x.scalar_type();
@@ -161,10 +169,12 @@ Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs) {
            x.scalar_type() == xs[0].scalar_type() && x.size(0) == xs[0].size(0) &&
            (t == at::kBFloat16 || t == at::kHalf || t == at::kFloat);
   };
-  if (xs.size() == 2 && operand_kernels() && in_place(xs[0]) && in_place(xs[1]))
-    return fp8_quantise_rows_cuda(xs[0], at::Tensor(), xs[1]);
+  if (xs.size() <= 2 && operand_kernels() && std::all_of(xs.begin(), xs.end(), in_place))
+    return fp8_quantise_rows_cuda(xs[0], at::Tensor(), xs.size() == 2 ? xs[1] : at::Tensor(), gelu_last);
 #endif
-  return fp8_quantise_rows(at::cat(xs, 1));
+  std::vector<at::Tensor> blocks(xs);
+  if (gelu_last) blocks.back() = at::gelu(blocks.back(), "tanh");
+  return fp8_quantise_rows(blocks.size() == 1 ? blocks[0] : at::cat(blocks, 1));
 }
 
 at::Tensor fp8_transpose_codes(const at::Tensor& w8) {
@@ -194,7 +204,7 @@ Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8) {
 }
 
 at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const at::Tensor& w8,
-                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path) {
+                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path, bool gelu_last) {
   check_weight(w8, w_scale);
   const at::Tensor& x0 = xs2.at(0);
   if (path == Fp8Path::Auto) {
@@ -203,10 +213,14 @@ at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const a
     path = forward_path(x0, x0.size(0), k, w8.size(0));
   }
   const auto dt = x0.scalar_type();
-  if (path == Fp8Path::Dequantise)
-    return add_bias(at::mm(xs2.size() == 1 ? x0 : at::cat(xs2, 1), fp8_dequantise(w8.contiguous(), w_scale, dt).t()),
+  if (path == Fp8Path::Dequantise) {
+    std::vector<at::Tensor> blocks(xs2);
+    if (gelu_last) blocks.back() = at::gelu(blocks.back(), "tanh");
+    return add_bias(at::mm(blocks.size() == 1 ? blocks[0] : at::cat(blocks, 1),
+                           fp8_dequantise(w8.contiguous(), w_scale, dt).t()),
                     bias);
-  const Fp8Rows q = fp8_quantise_row_blocks(xs2);
+  }
+  const Fp8Rows q = fp8_quantise_row_blocks(xs2, gelu_last);
   if (path == Fp8Path::Reference) return add_bias(fp8_scaled_mm_reference(q.data, q.scale, w8, w_scale, dt), bias);
   // mat2 = w8^T [K, N] column-major: the row-major codes transposed, no copy (a narrowed view's
   // rows are copied first, so the leading dimension is K).
@@ -250,8 +264,8 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
   // The weight's scales sit on the contraction dimension: folded into dy, so that w8 enters as
   // its bare codes (scale 1 per output column of dx).
   const Fp8Rows q = fp8_quantise_rows(dy2, w_scale);
-  // w8 as [N, K] column-major: the transposed codes, copied per call (header: why not cached).
-  const at::Tensor wt = fp8_transpose_codes(w8);  // [K, N] row-major
+  // w8 as [N, K] column-major: the transposed codes, kept or made per call (header).
+  const at::Tensor wt = fp8_transposed_for_input_grad(w8);  // [K, N] row-major
   if (path == Fp8Path::Reference)
     return blocks_of(
         fp8_scaled_mm_reference(q.data, q.scale, wt, at::ones({k, 1}, dy2.options().dtype(at::kFloat)), dt));
@@ -268,6 +282,72 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
     c += wd;
   }
   return out;
+}
+
+namespace {
+
+// The weights registered by fp8_keep_transposed, by storage, each with the transposed codes of
+// the views used so far (keyed by offset, sizes and strides).
+struct KeptTransposes {
+  struct Weight {
+    c10::weak_intrusive_ptr<c10::StorageImpl> alive;
+    std::map<std::array<int64_t, 5>, at::Tensor> views;
+  };
+  std::mutex mu;
+  std::map<const c10::StorageImpl*, Weight> weights;
+};
+
+KeptTransposes& kept_transposes() {
+  static KeptTransposes k;
+  return k;
+}
+
+}  // namespace
+
+void fp8_keep_transposed(const at::Tensor& w8) {
+  if (!w8.defined() || !w8.has_storage() || w8.scalar_type() != at::kFloat8_e4m3fn) return;
+  auto& k = kept_transposes();
+  const std::lock_guard<std::mutex> lock(k.mu);
+  const c10::StorageImpl* impl = w8.storage().unsafeGetStorageImpl();
+  const auto it = k.weights.find(impl);
+  if (it != k.weights.end() && !it->second.alive.expired()) return;  // registered already
+  if (it != k.weights.end()) k.weights.erase(it);  // a freed weight's storage address, reused
+  k.weights.emplace(impl, KeptTransposes::Weight{w8.storage().getWeakStorageImpl(), {}});
+}
+
+void fp8_drop_kept_transposed() {
+  auto& k = kept_transposes();
+  const std::lock_guard<std::mutex> lock(k.mu);
+  k.weights.clear();
+}
+
+int64_t fp8_kept_transposed_bytes() {
+  auto& k = kept_transposes();
+  const std::lock_guard<std::mutex> lock(k.mu);
+  int64_t bytes = 0;
+  for (const auto& [impl, w] : k.weights)
+    if (!w.alive.expired())
+      for (const auto& [key, t] : w.views) bytes += t.nbytes();
+  return bytes;
+}
+
+at::Tensor fp8_transposed_for_input_grad(const at::Tensor& w8) {
+  auto& k = kept_transposes();
+  const std::lock_guard<std::mutex> lock(k.mu);
+  if (k.weights.empty() || !w8.has_storage()) return fp8_transpose_codes(w8);
+  const auto it = k.weights.find(w8.storage().unsafeGetStorageImpl());
+  if (it == k.weights.end()) return fp8_transpose_codes(w8);
+  if (it->second.alive.expired()) {  // the registered weight was freed; this storage is another
+    k.weights.erase(it);
+    return fp8_transpose_codes(w8);
+  }
+  const std::array<int64_t, 5> view{w8.storage_offset(), w8.size(0), w8.size(1), w8.stride(0), w8.stride(1)};
+  const auto v = it->second.views.find(view);
+  if (v != it->second.views.end()) return v->second;
+  at::Tensor wt = fp8_transpose_codes(w8);
+  // Inside a capture the transpose only runs on replay: made per call there, kept when eager.
+  if (!capturing()) it->second.views.emplace(view, wt);
+  return wt;
 }
 
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,

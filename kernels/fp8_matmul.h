@@ -22,8 +22,8 @@
 // _scaled_mm takes, forward and input gradient, since both operands are made by one-pass kernels
 // (kernels/fp8_operands.cu): the rowwise quantiser (with the input gradient's column scales
 // folded in) and the transposition of the codes that dx = dy w needs (_scaled_mm takes w8 only
-// K-major; made per call, not cached: a block's weights are transient, streamed or held one block
-// at a time, and a cached copy would cost the fp8 weights' bytes again).
+// K-major; made per call unless kept, below: a block's weights may be transient, streamed or held
+// one block at a time, and a kept copy costs the fp8 weights' bytes again).
 // Before those kernels (session 11, H200, 4096 rows), ATen's quantiser cost about 5 bytes per
 // element of x (3072->3072 0.15 ms vs 0.10 bf16; 12288->3072 0.60 vs 0.39) and its byte transpose
 // 0.17 ms for 3072x9216, so only wide forward products (out >= 2 * in) gained and dx dequantised.
@@ -56,7 +56,9 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {})
 
 // The rows of the concatenation cat(xs, 1) of 2-D blocks with the same rows, quantised as one
 // matrix (CUDA: two blocks of one dtype are read in place, without the concatenation).
-Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs);
+// gelu_last: the last block enters as at::gelu(block, "tanh") (FLUX's MLP activation, rounded to
+// the block's dtype); on CUDA made while quantising (same bits), elsewhere by at::gelu first.
+Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_last = false);
 
 // The codes of w8 [N, K] transposed into a new contiguous [K, N] tensor.
 at::Tensor fp8_transpose_codes(const at::Tensor& w8);
@@ -65,7 +67,9 @@ at::Tensor fp8_transpose_codes(const at::Tensor& w8);
 // The one-pass kernels (kernels/fp8_operands.cu). x: bf16, f16 or f32 with unit column stride;
 // col_scale contiguous float32 [K] or [1] on x's device.
 // x1, when given, is concatenated after x0 (same rows and dtype); col_scale spans both.
-Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale = {}, const at::Tensor& x1 = {});
+// gelu_last: the last block (x1, else x0) enters as its tanh-GELU rounded to its dtype.
+Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale = {}, const at::Tensor& x1 = {},
+                               bool gelu_last = false);
 at::Tensor fp8_transpose_codes_cuda(const at::Tensor& w8);
 #endif
 
@@ -84,9 +88,11 @@ Fp8Path fp8_input_grad_path(const at::Tensor& dy2, const at::Tensor& w8);
 at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const at::Tensor& w_scale,
                               const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
 // The forward of cat(xs2, 1) [M, K] times w8^T, the blocks quantised as one matrix (a single
-// block's linear2 over [attention, GELU(mlp)], model/gelu_linear.cpp).
+// block's linear2 over [attention, GELU(mlp)], model/gelu_linear.cpp); gelu_last: the last block
+// is the pre-activation, multiplied as its tanh-GELU (fp8_quantise_row_blocks).
 at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const at::Tensor& w8,
-                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path = Fp8Path::Auto);
+                                     const at::Tensor& w_scale, const at::Tensor& bias, Fp8Path path = Fp8Path::Auto,
+                                     bool gelu_last = false);
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
                                  Fp8Path path = Fp8Path::Auto);
 
@@ -97,6 +103,20 @@ at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, co
 std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, const at::Tensor& w8,
                                                      const at::Tensor& w_scale, const std::vector<int64_t>& widths,
                                                      Fp8Path path = Fp8Path::Auto);
+
+// Transposed codes kept (--fp8_keep_transposed): dx = dy w needs w8 K-major along its rows, so
+// every input gradient transposes its weight's codes (7.8 ms per step at 512/1024/128 on the
+// H200, 340 transposes of 11 GiB of FLUX.1-dev codes). For weights registered here, the
+// transpose of each view used is made at its first input gradient outside a CUDA-graph capture
+// and kept, at the cost of those codes' bytes again. Only weights that never change may be
+// registered (resident fp8 blocks: dist/fp8_weights.h); never a buffer that a provider refills
+// with other blocks. The registry holds the storages weakly: a freed weight's copies are dropped
+// at the next lookup of its storage, and fp8_drop_kept_transposed() drops all.
+void fp8_keep_transposed(const at::Tensor& w8);
+void fp8_drop_kept_transposed();
+int64_t fp8_kept_transposed_bytes();
+// The transposed codes [K, N] of w8 [N, K] for dx = dy w: the kept copy, or one made now.
+at::Tensor fp8_transposed_for_input_grad(const at::Tensor& w8);
 
 // y = x w^T + b with w = w8 * w_scale (rows), x [..., K]; differentiable in x (and b).
 at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& w_scale, const at::Tensor& bias);

@@ -11,6 +11,11 @@
 //              bf16 elements; longer rows are read twice (the second time from L2).
 //              The ATen form costs an inf-norm kernel, a reciprocal, a multiply and, with a
 //              column scale, a multiply into a float32 copy.
+//              With gelu_from < K, the columns from gelu_from on enter as FLUX's tanh-GELU of
+//              their values rounded to the input dtype (what at::gelu(x, "tanh") writes), made
+//              on the fly: the forward of an MLP's down projection reads the pre-activation once
+//              and writes only codes, instead of a GELU kernel writing the activation and the
+//              quantiser reading it again.
 //   transpose: e4m3 codes [N, K] -> [K, N], through 64 x 64 byte tiles in shared memory with
 //              4-byte accesses; ATen's byte transpose moved about 0.17 GB/ms.
 #include <cfloat>
@@ -41,16 +46,39 @@ struct alignas(V * sizeof(T)) VecT {
   T v[V];
 };
 
+// tanh-GELU in float32 as ATen's CUDA kernel evaluates it (GeluCUDAKernelImpl: beta = sqrt(2/pi)
+// and kappa = 0.044715 as float constants, x^3 as (x x) x, tanhf), rounded to T: the bits of
+// at::gelu(x, "tanh") on the GPU, which the test checks.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  constexpr float kKappa = 0.044715;
+  const float x_cube = x * x * x;
+  const float inner = kBeta * (x + kKappa * x_cube);
+  return 0.5f * x * (1.f + tanhf(inner));
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void gelu_in_place(VecT<T, V>& a) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) a.v[e] = from_f<T>(gelu_tanh(to_f(a.v[e])));
+}
+
 // The row's element block i * V .. i * V + V - 1: from the first source below k0, from the second
 // above (k0 a multiple of V).
+// Columns from gelu_from on (a multiple of V; >= k: none) are loaded as GELU of their values.
 template <typename T, int V>
 struct Sources {
   const T* x0;
   const T* x1;
-  int64_t ld0, ld1, k0;
+  int64_t ld0, ld1, k0, gelu_from;
   __device__ __forceinline__ const T* at(int64_t row, int64_t i) const {
     const int64_t col = i * V;
     return col < k0 ? x0 + row * ld0 + col : x1 + row * ld1 + (col - k0);
+  }
+  __device__ __forceinline__ VecT<T, V> load(int64_t row, int64_t i) const {
+    VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(at(row, i));
+    if (i * V >= gelu_from) gelu_in_place(a);
+    return a;
   }
 };
 
@@ -129,7 +157,8 @@ __device__ __forceinline__ float row_reciprocal(float amax, float* scales, int64
 // One block per row of the concatenation [x0 | x1], held in registers: every load of the row is
 // issued before the reduction (NV vectors of V elements per thread, 16 bytes each), then the
 // codes are written from the registers. Rows up to kRegThreads * kMaxRegVectors vectors.
-template <typename T, int V, int NV>
+// GELU: a compile-time switch, so that the plain quantiser keeps its registers (and occupancy).
+template <typename T, int V, int NV, bool GELU>
 __global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs,
                                                                          uint8_t* __restrict__ codes,
                                                                          float* __restrict__ scales) {
@@ -139,6 +168,13 @@ __global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources
   for (int j = 0; j < NV; ++j) {
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
     if (i < nv) a[j] = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
+  }
+  if constexpr (GELU) {  // after all loads are issued (they stay in flight together)
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+      if (i < nv && i * V >= src.gelu_from) gelu_in_place(a[j]);
+    }
   }
   float amax = 0.f;
 #pragma unroll
@@ -173,14 +209,14 @@ __global__ void __launch_bounds__(kRowThreads) quantise_rows_kernel(Sources<T, V
   float amax = 0.f;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
     float x[V];
-    scaled_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), cs, i, x);
+    scaled_floats(src.load(row, i), cs, i, x);
     amax = abs_max(x, amax);
   }
   const float r = row_reciprocal<kRowThreads>(amax, scales, row);
   uint8_t* cr = codes + row * k;
   for (int64_t i = threadIdx.x; i < nv; i += kRowThreads) {
     float x[V];
-    scaled_floats(*reinterpret_cast<const VecT<T, V>*>(src.at(row, i)), cs, i, x);
+    scaled_floats(src.load(row, i), cs, i, x);
     *reinterpret_cast<VecT<uint8_t, V>*>(cr + i * V) = codes_of(x, r);
   }
 }
@@ -189,11 +225,12 @@ bool aligned16(const at::Tensor& x, int64_t v) {
   return x.size(1) % v == 0 && x.stride(0) % v == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
 }
 
-// x1 undefined: x0 alone.
+// x1 undefined: x0 alone. gelu: the last block (x1, else x0) enters as its GELU.
 template <typename T>
 void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& col_scale,
-                          const at::Tensor& codes, const at::Tensor& scales) {
+                          const at::Tensor& codes, const at::Tensor& scales, bool gelu) {
   const int64_t m = x0.size(0), k0 = x0.size(1), k = codes.size(1);
+  const int64_t gelu_from = !gelu ? k : x1.defined() ? k0 : 0;
   constexpr int V16 = 16 / sizeof(T);
   const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16)) &&
                    (!col_scale.defined() || reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0);
@@ -206,13 +243,19 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   auto* sp = scales.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
   if (!vec) {
-    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0}, k, cs, cp, sp);
+    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0, gelu_from}, k, cs, cp, sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0};
+  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from};
   const int64_t per_thread = (k / V16 + kRegThreads - 1) / kRegThreads;
-#define FLUXTRAIN_QROWS(NV) quantise_rows_regs_kernel<T, V16, NV><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
+#define FLUXTRAIN_QROWS(NV)                                                                       \
+  do {                                                                                            \
+    if (gelu)                                                                                     \
+      quantise_rows_regs_kernel<T, V16, NV, true><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp);  \
+    else                                                                                          \
+      quantise_rows_regs_kernel<T, V16, NV, false><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp); \
+  } while (0)
   if (per_thread <= 4)
     FLUXTRAIN_QROWS(4);
   else if (per_thread <= 8)
@@ -263,7 +306,8 @@ __global__ void __launch_bounds__(256) transpose_codes_kernel(const uint8_t* __r
 
 }  // namespace
 
-Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale, const at::Tensor& x1) {
+Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale, const at::Tensor& x1,
+                               bool gelu_last) {
   const auto unit_cols = [](const at::Tensor& x) {
     return x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1);
   };
@@ -281,9 +325,9 @@ Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale
     return q;
   }
   switch (x0.scalar_type()) {
-    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x0, x1, col_scale, q.data, q.scale); break;
-    case at::kHalf: launch_quantise_rows<__half>(x0, x1, col_scale, q.data, q.scale); break;
-    case at::kFloat: launch_quantise_rows<float>(x0, x1, col_scale, q.data, q.scale); break;
+    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
+    case at::kHalf: launch_quantise_rows<__half>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
+    case at::kFloat: launch_quantise_rows<float>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
     default: TORCH_CHECK(false, "fp8_quantise_rows_cuda: unsupported dtype ", x0.scalar_type());
   }
   return q;

@@ -59,19 +59,23 @@ struct GeluLinearBackward : public torch::autograd::Node {
 
 void delete_node(torch::autograd::Node* n) { delete n; }
 
-// The forward values, as the unfused ops compute them: the first input's product with the bias,
-// then each further product accumulated by the same GEMM (addmm).
-at::Tensor forward_values(const std::vector<at::Tensor>& xs, const at::Tensor& act, const at::Tensor& w,
+// The forward values, as the unfused ops compute them: GELU of pre, the first input's product
+// with the bias, then each further product accumulated by the same GEMM (addmm). With an fp8
+// weight: one fp8 product of the concatenation, quantised as one matrix, GELU applied by the
+// quantiser as it reads pre (kernels::fp8_linear_forward_blocks; the same bits as at::gelu).
+at::Tensor forward_values(const std::vector<at::Tensor>& xs, const at::Tensor& pre, const at::Tensor& w,
                           const at::Tensor& b, const at::Tensor& w_scale) {
-  std::vector<at::Tensor> ins(xs);
-  ins.push_back(act);
-  if (w.scalar_type() == at::kFloat8_e4m3fn) {  // one fp8 product of the concatenation, quantised as one
+  if (w.scalar_type() == at::kFloat8_e4m3fn) {
     std::vector<at::Tensor> rows;
-    for (const auto& x : ins) rows.push_back(x.reshape({-1, x.size(-1)}));
-    auto sizes = act.sizes().vec();
+    for (const auto& x : xs) rows.push_back(x.reshape({-1, x.size(-1)}));
+    rows.push_back(pre.reshape({-1, pre.size(-1)}));
+    auto sizes = pre.sizes().vec();
     sizes.back() = w.size(0);
-    return kernels::fp8_linear_forward_blocks(rows, w, w_scale, b).view(sizes);
+    return kernels::fp8_linear_forward_blocks(rows, w, w_scale, b, kernels::Fp8Path::Auto, /*gelu_last=*/true)
+        .view(sizes);
   }
+  std::vector<at::Tensor> ins(xs);
+  ins.push_back(at::gelu(pre, "tanh"));
   at::Tensor y;
   int64_t c = 0;
   for (const auto& x : ins) {
@@ -101,7 +105,7 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
   {
     at::NoGradGuard ng;
     if (compute_output) {
-      y = forward_values(xs, at::gelu(pre, "tanh"), w, b, w_scale);
+      y = forward_values(xs, pre, w, b, w_scale);
     } else {
       auto sizes = pre.sizes().vec();
       sizes.back() = w.size(0);

@@ -11,8 +11,9 @@
 //
 // For linears without adapters on these tokens (the caller checks): w and b get no gradient.
 // w may be the fp8 stored form (e4m3 codes with float32 scales w_scale, --fp8_matmul): then the
-// concatenated input is quantised as one matrix without being concatenated, multiplied by one
-// scaled fp8 GEMM (kernels/fp8_matmul.h), and its gradient comes from one such GEMM too.
+// concatenated input is quantised as one matrix without being concatenated, GELU applied by the
+// quantiser as it reads pre (no activation is written), multiplied by one scaled fp8 GEMM
+// (kernels/fp8_matmul.h), and its gradient comes from one such GEMM too.
 // compute_output false: y is allocated but not computed, for a checkpointed block's replay
 // (model/recompute.h: nothing reads the output of the linear before a gated residual there),
 // which then skips GELU's forward as well; it counts as a skipped linear in recompute_stats().

@@ -131,6 +131,7 @@ std::string place_t5_low_memory(T5Encoder& t5, const dist::LowMemoryOptions& tra
   if (!transformer.fp8() && !transformer.streams()) return "";
   dist::LowMemoryOptions o = transformer;
   o.fp8_matmul = false;  // the T5 code multiplies dequantised layers; fp8 GEMMs are the transformer's
+  o.fp8_keep_transposed = false;
   o.max_gpu_memory.clear();
   o.blocks_to_swap = transformer.streams() ? -1 : 0;
   auto w = std::make_shared<EncoderLayerWeights>(t5.take_weights());

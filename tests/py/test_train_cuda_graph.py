@@ -79,7 +79,9 @@ def check_cuda(tmp, snap, data):
              ("bf16-ckpt-accum", ["--mixed_precision", "bf16", "--gradient_checkpointing", "1",
                                   "--gradient_accumulation_steps", "2"]),
              ("bf16-fp8", ["--mixed_precision", "bf16", "--base_precision", "fp8"]),
-             ("bf16-fp8-matmul", ["--mixed_precision", "bf16", "--base_precision", "fp8", "--fp8_matmul"])]
+             ("bf16-fp8-matmul", ["--mixed_precision", "bf16", "--base_precision", "fp8", "--fp8_matmul"]),
+             ("bf16-fp8-keep", ["--mixed_precision", "bf16", "--base_precision", "fp8", "--fp8_matmul",
+                                "--fp8_keep_transposed"])]
     for name, extra in cases:
         outs = {}
         for mode in ("off", "off2", "on", "off-step"):
@@ -103,6 +105,11 @@ def check_cuda(tmp, snap, data):
             assert diff <= 4 * noise, (name, diff, noise)
             assert max_rel(outs["off"], outs["off-step"]) <= 4 * noise, name
             print(f"cuda {name}: eager varies run to run ({noise:.1e}); CUDA graph vs eager {diff:.1e}")
+
+    # --fp8_keep_transposed multiplies the same codes, transposed once instead of per step.
+    keep, per_step = os.path.join(tmp, "bf16-fp8-keep-on"), os.path.join(tmp, "bf16-fp8-matmul-on")
+    assert lora_bytes(keep) == lora_bytes(per_step), "--fp8_keep_transposed changed the result"
+    print("cuda: --fp8_keep_transposed bit-identical to transposing per step (CUDA graphs)")
 
     # Resume: 3 updates, then resume to 6, graphs on; equal to the uninterrupted run.
     out = os.path.join(tmp, "resume")

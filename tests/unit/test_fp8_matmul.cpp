@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "dist/fp8_weights.h"
 #include "dist/low_memory_weights.h"
+#include "dist/offloaded_weights.h"
 #include "kernels/fp8.h"
 #include "kernels/fp8_matmul.h"
 #include "model/gelu_linear.h"
@@ -389,4 +390,127 @@ TEST(Fp8Matmul, TinyModelCloseToDequantisedFp8) {
       EXPECT_LT(e_lora_l2, 0.1);
     }
   }
+}
+
+// The MLP's down projection reads its pre-activation once (kernels/fp8_operands.cu): the last
+// block enters as its tanh-GELU. Reference: ATen's at::gelu(x, "tanh") (the op PyTorch users run)
+// on the same device, then the plain quantiser; exact. On CUDA that is the fused kernel against
+// ATen's GELU kernel: bf16, f16 and float32; one block, two blocks, a row with no 16-byte vectors
+// and a row longer than the registers hold (the two-pass kernel).
+TEST(Fp8Matmul, QuantiserAppliesGeluToTheLastBlockAsAtenDoes) {
+  std::vector<at::Device> devices{at::kCPU};
+#ifdef FLUXTRAIN_WITH_CUDA
+  if (at::hasCUDA()) devices.push_back(at::kCUDA);
+#endif
+  for (const auto& dev : devices) {
+    for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+      SCOPED_TRACE(std::string(dev.is_cuda() ? "cuda " : "cpu ") + c10::toString(dt));
+      // Pre-activations of FLUX's size range (|x| up to about 10) and the rows' extremes.
+      const at::Tensor x0 = (test_rows(6, 64, at::kDouble, 41) * 1e-2).to(dt).to(dev);
+      for (int64_t k1 : {3072, 200, 37, 25000}) {
+        SCOPED_TRACE(k1);
+        const at::Tensor pre = (test_rows(6, k1, at::kDouble, 42) * 1e-2).to(dt).to(dev);
+        const at::Tensor act = at::gelu(pre, "tanh");
+        for (bool two : {false, true}) {
+          if (two && k1 == 37) continue;  // a 37-wide first block is covered by the unaligned second
+          const kernels::Fp8Rows got =
+              two ? kernels::fp8_quantise_row_blocks({x0, pre}, true) : kernels::fp8_quantise_row_blocks({pre}, true);
+          const kernels::Fp8Rows want = kernels::fp8_quantise_rows(two ? at::cat({x0, act}, 1) : act);
+          EXPECT_TRUE(at::equal(got.scale.cpu(), want.scale.cpu())) << (two ? "two blocks" : "one block");
+          EXPECT_TRUE(at::equal(got.data.view(at::kByte).cpu(), want.data.view(at::kByte).cpu()))
+              << (two ? "two blocks" : "one block");
+        }
+      }
+    }
+  }
+}
+
+// --fp8_keep_transposed's registry (kernels/fp8_matmul.h): a registered weight's transposed codes
+// are made once per view and then handed out again; an unregistered weight's are made per call;
+// a freed weight's copies are dropped. Reference: ATen's transpose of the same codes, bit for bit.
+TEST(Fp8Matmul, KeptTransposesAreReusedPerViewAndDroppedWithTheirWeight) {
+  kernels::fp8_drop_kept_transposed();
+  at::manual_seed(43);
+  at::Tensor w8 = (at::randn({48, 32}) * 30).to(at::kFloat8_e4m3fn);
+  const at::Tensor other = (at::randn({48, 32}) * 30).to(at::kFloat8_e4m3fn);
+  const auto bytes_of = [](const at::Tensor& t) { return t.view(at::kByte); };
+  kernels::fp8_keep_transposed(w8);
+  kernels::fp8_keep_transposed(w8);  // twice: still one registration
+  const at::Tensor a = kernels::fp8_transposed_for_input_grad(w8);
+  const at::Tensor b = kernels::fp8_transposed_for_input_grad(w8);
+  EXPECT_TRUE(at::equal(bytes_of(a), bytes_of(w8.t().contiguous())));
+  EXPECT_EQ(a.data_ptr(), b.data_ptr());  // kept
+  at::Tensor rows = w8.narrow(0, 16, 16);  // a view: its own kept transpose
+  const at::Tensor r1 = kernels::fp8_transposed_for_input_grad(rows);
+  EXPECT_TRUE(at::equal(bytes_of(r1), bytes_of(rows.t().contiguous())));
+  EXPECT_EQ(r1.data_ptr(), kernels::fp8_transposed_for_input_grad(rows).data_ptr());
+  EXPECT_EQ(kernels::fp8_kept_transposed_bytes(), 48 * 32 + 16 * 32);
+  const at::Tensor o1 = kernels::fp8_transposed_for_input_grad(other);
+  EXPECT_NE(o1.data_ptr(), kernels::fp8_transposed_for_input_grad(other).data_ptr());  // not registered
+  EXPECT_TRUE(at::equal(bytes_of(o1), bytes_of(other.t().contiguous())));
+  // The weight freed (with its view): its copies no longer count, and a new tensor is never
+  // handed them.
+  w8 = at::Tensor();
+  rows = at::Tensor();
+  EXPECT_EQ(kernels::fp8_kept_transposed_bytes(), 0);
+  const at::Tensor fresh = (at::randn({48, 32}) * 30).to(at::kFloat8_e4m3fn);
+  EXPECT_TRUE(at::equal(bytes_of(kernels::fp8_transposed_for_input_grad(fresh)), bytes_of(fresh.t().contiguous())));
+  kernels::fp8_drop_kept_transposed();
+}
+
+// --fp8_keep_transposed through the provider stack: it needs --fp8_matmul; the plan counts the
+// resident blocks' codes once more (streamed blocks are not kept); a tiny model's output and
+// gradients are bit-identical with and without it (the same codes, transposed once or per step).
+TEST(Fp8Matmul, KeepTransposedTinyModelIsBitIdenticalAndCounted) {
+  dist::LowMemoryOptions bad;
+  bad.base_precision = "fp8";
+  bad.fp8_keep_transposed = true;
+  try {
+    bad.validate();
+    ADD_FAILURE() << "--fp8_keep_transposed without --fp8_matmul was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--fp8_keep_transposed"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--fp8_matmul"), std::string::npos) << e.what();
+  }
+  const FluxConfig cfg = deeper_tiny();
+  ResidentBlockWeights original(init_random_weights(cfg, 22, at::kFloat), cfg.depth, cfg.depth_single);
+  dist::WeightsSource src;
+  src.globals = original.globals();
+  src.num_blocks = original.num_blocks();
+  src.load_block = [&](int i) { return original.blocks()[i]; };
+  src.block_shapes = [&](int i) {
+    dist::BlockShapes s;
+    for (const auto& [name, t] : original.blocks()[i]) s.emplace_back(name, t.sizes().vec());
+    return s;
+  };
+  dist::LowMemoryOptions lo;
+  lo.base_precision = "fp8";
+  lo.fp8_matmul = true;
+  auto plain = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat);
+  const Result want = run(cfg, *plain, false, 100, at::kFloat);
+  for (int64_t swap : {0, 1}) {
+    SCOPED_TRACE(swap ? "one block streamed" : "all resident");
+    kernels::fp8_drop_kept_transposed();
+    lo.fp8_keep_transposed = true;
+    lo.blocks_to_swap = swap;
+    dist::LowMemoryPlan plan;
+    auto kept = dist::compose_low_memory_weights(src, lo, at::kCPU, at::kFloat, nullptr, 0, &plan);
+    int64_t codes = 0;
+    const std::vector<bool> streamed = dist::spread_streamed_blocks(src.num_blocks, static_cast<int>(swap));
+    dist::Fp8WeightsOptions fo;
+    for (int i = 0; i < src.num_blocks; ++i)
+      for (const auto& kv : original.blocks()[i])
+        if (!streamed[i] && dist::fp8_quantisable(kv.first, kv.second, fo)) codes += kv.second.numel();
+    EXPECT_EQ(plan.kept_transposed_bytes, codes);
+    EXPECT_NE(plan.describe().find("transposed codes kept"), std::string::npos) << plan.describe();
+    const Result got = run(cfg, *kept, false, 100, at::kFloat);
+    EXPECT_GT(kernels::fp8_kept_transposed_bytes(), 0);
+    EXPECT_LE(kernels::fp8_kept_transposed_bytes(), codes);
+    EXPECT_TRUE(at::equal(got.out, want.out));
+    EXPECT_TRUE(at::equal(got.txt_grad, want.txt_grad));
+    ASSERT_EQ(got.lora_grads.size(), want.lora_grads.size());
+    for (size_t k = 0; k < want.lora_grads.size(); ++k)
+      if (want.lora_grads[k].defined()) EXPECT_TRUE(at::equal(got.lora_grads[k], want.lora_grads[k])) << k;
+  }
+  kernels::fp8_drop_kept_transposed();
 }
