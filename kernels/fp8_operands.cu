@@ -35,6 +35,12 @@ namespace {
 constexpr int kRowThreads = 256;     // the two-pass kernel's block
 constexpr int kRegThreads = 128;     // the one-pass kernel's block
 constexpr int kMaxRegVectors = 24;   // per thread: rows up to 128 * 24 * 8 = 24576 bf16 elements
+// With GELU applied on the way (tanhf: a few dozen instructions per element), the row is spread
+// over 4x the threads with a quarter of the registers each, so that twice as many warps per SM
+// hide the arithmetic (at 128 threads and ~200 registers, the fused kernel ran slower than ATen's
+// GELU kernel followed by the plain quantiser: 8.8 vs about 6.9 ms per step at 512/1024/128).
+constexpr int kGeluThreads = 512;
+constexpr int kMaxGeluVectors = 8;   // rows up to 512 * 8 * 8 = 32768 bf16 elements
 
 __device__ __forceinline__ uint8_t e4m3_code(float v) {
   // Round to nearest even; SATFINITE is never reached (|v| <= 448 (+ a few ulp) by construction).
@@ -158,39 +164,39 @@ __device__ __forceinline__ float row_reciprocal(float amax, float* scales, int64
 // issued before the reduction (NV vectors of V elements per thread, 16 bytes each), then the
 // codes are written from the registers. Rows up to kRegThreads * kMaxRegVectors vectors.
 // GELU: a compile-time switch, so that the plain quantiser keeps its registers (and occupancy).
-template <typename T, int V, int NV, bool GELU>
-__global__ void __launch_bounds__(kRegThreads) quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs,
+template <typename T, int V, int NV, bool GELU, int THREADS>
+__global__ void __launch_bounds__(THREADS, GELU && NV <= 4 ? 2 : 1) quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs,
                                                                          uint8_t* __restrict__ codes,
                                                                          float* __restrict__ scales) {
   const int64_t row = blockIdx.x, nv = k / V;
   VecT<T, V> a[NV];
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
     if (i < nv) a[j] = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
   }
   if constexpr (GELU) {  // after all loads are issued (they stay in flight together)
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
       if (i < nv && i * V >= src.gelu_from) gelu_in_place(a[j]);
     }
   }
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
     if (i < nv) {
       float x[V];
       scaled_floats(a[j], cs, i, x);
       amax = abs_max(x, amax);
     }
   }
-  const float r = row_reciprocal<kRegThreads>(amax, scales, row);
+  const float r = row_reciprocal<THREADS>(amax, scales, row);
   uint8_t* cr = codes + row * k;
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * kRegThreads;
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
     if (i < nv) {
       float x[V];
       scaled_floats(a[j], cs, i, x);
@@ -249,14 +255,18 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   }
   const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from};
   const int64_t per_thread = (k / V16 + kRegThreads - 1) / kRegThreads;
-#define FLUXTRAIN_QROWS(NV)                                                                       \
-  do {                                                                                            \
-    if (gelu)                                                                                     \
-      quantise_rows_regs_kernel<T, V16, NV, true><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp);  \
-    else                                                                                          \
-      quantise_rows_regs_kernel<T, V16, NV, false><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp); \
-  } while (0)
-  if (per_thread <= 4)
+#define FLUXTRAIN_QROWS(NV) \
+  quantise_rows_regs_kernel<T, V16, NV, false, kRegThreads><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
+#define FLUXTRAIN_QROWS_GELU(NV) \
+  quantise_rows_regs_kernel<T, V16, NV, true, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, cp, sp)
+  const int64_t per_gelu_thread = (k / V16 + kGeluThreads - 1) / kGeluThreads;
+  if (gelu && per_gelu_thread <= 4)
+    FLUXTRAIN_QROWS_GELU(4);
+  else if (gelu && per_gelu_thread <= kMaxGeluVectors)
+    FLUXTRAIN_QROWS_GELU(kMaxGeluVectors);
+  else if (gelu)
+    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(src, k, cs, cp, sp);
+  else if (per_thread <= 4)
     FLUXTRAIN_QROWS(4);
   else if (per_thread <= 8)
     FLUXTRAIN_QROWS(8);
@@ -269,6 +279,7 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   else
     quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(src, k, cs, cp, sp);
 #undef FLUXTRAIN_QROWS
+#undef FLUXTRAIN_QROWS_GELU
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
