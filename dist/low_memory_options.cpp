@@ -66,42 +66,44 @@ void LowMemoryOptions::validate() const {
   }
 }
 
-namespace {
+namespace help {
 
-// Help texts shared by both option tables (bench/estimate and train).
-constexpr const char* kFp8MatmulHelp =
+// One text per flag, for both option tables (bench/estimate and train): a second copy drifted
+// once (--fp8_matmul's train help still called it slower than dequantising after it was faster).
+constexpr const char* kBasePrecision =
+    "frozen transformer weights: bf16 (the compute dtype) or fp8 (e4m3 with float32 scales, dequantised per block)";
+constexpr const char* kFp8Scaling = "fp8 scales: channel (one per output channel) or tensor";
+constexpr const char* kFp8Modulation = "also store the adaLN modulation linears in fp8";
+constexpr const char* kFp8Matmul =
     "with --base_precision fp8: multiply the frozen fp8 linears as scaled fp8 GEMMs (activations quantised per row) "
-    "instead of dequantising each block to the compute dtype: on an H200 26% faster than dequantising and 18-21% "
-    "faster than bf16 weights, at about 1 point more output error against bf16 (docs/memory.md)";
-constexpr const char* kFp8KeepTransposedHelp =
+    "instead of dequantising each block to the compute dtype: on an H200 the step takes 18% less time than with "
+    "bf16 weights and 21-26% less than dequantising, at about 1 point more output error against bf16 "
+    "(docs/memory.md)";
+constexpr const char* kFp8KeepTransposed =
     "with --fp8_matmul: keep the transposed codes of the blocks resident on the device for the input-gradient "
-    "GEMMs instead of transposing them every step (faster; costs the fp8 codes' bytes again, about 11 GiB for "
-    "FLUX.1-dev; streamed blocks still transpose per use; not with --shard_weights)";
+    "GEMMs instead of transposing them every step (2-4% faster on an H200; costs the fp8 codes' bytes again, "
+    "about 8 GiB for FLUX.1-dev; streamed blocks still transpose per use; not with --shard_weights)";
+constexpr const char* kOffloadPrefetch = "streamed blocks copied to the GPU ahead of use (side stream)";
+constexpr const char* kBlocksToSwap = "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all";
+constexpr const char* kMaxGpuMemory =
+    "GPU memory budget (e.g. 8GiB): the number of blocks to swap is chosen from the memory estimate";
 
-}  // namespace
+}  // namespace help
 
 void add_low_memory_options(boost::program_options::options_description& desc, LowMemoryOptions& o) {
   namespace po = boost::program_options;
+  const auto flag = [](bool* b) { return po::value<bool>(b)->default_value(*b)->implicit_value(true)->value_name("BOOL"); };
   desc.add_options()
-      ("base_precision", po::value<std::string>(&o.base_precision)->default_value(o.base_precision),
-       "frozen transformer weights: bf16 (the compute dtype) or fp8 (e4m3 with float32 scales, dequantised per block)")
-      ("fp8_scaling", po::value<std::string>(&o.fp8_scaling)->default_value(o.fp8_scaling),
-       "fp8 scales: channel (one per output channel) or tensor")
-      ("fp8_modulation", po::value<bool>(&o.fp8_modulation)->default_value(o.fp8_modulation)->implicit_value(true)
-                             ->value_name("BOOL"),
-       "also store the adaLN modulation linears in fp8")
-      ("fp8_matmul", po::value<bool>(&o.fp8_matmul)->default_value(o.fp8_matmul)->implicit_value(true)
-                         ->value_name("BOOL"),
-       kFp8MatmulHelp)
-      ("fp8_keep_transposed", po::value<bool>(&o.fp8_keep_transposed)->default_value(o.fp8_keep_transposed)
-                                  ->implicit_value(true)->value_name("BOOL"),
-       kFp8KeepTransposedHelp)
+      ("base_precision", po::value<std::string>(&o.base_precision)->default_value(o.base_precision), help::kBasePrecision)
+      ("fp8_scaling", po::value<std::string>(&o.fp8_scaling)->default_value(o.fp8_scaling), help::kFp8Scaling)
+      ("fp8_modulation", flag(&o.fp8_modulation), help::kFp8Modulation)
+      ("fp8_matmul", flag(&o.fp8_matmul), help::kFp8Matmul)
+      ("fp8_keep_transposed", flag(&o.fp8_keep_transposed), help::kFp8KeepTransposed)
       ("offload_prefetch", po::value<int64_t>(&o.offload_prefetch)->default_value(o.offload_prefetch),
-       "streamed blocks copied to the GPU ahead of use (side stream)")
-      ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap),
-       "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")
+       help::kOffloadPrefetch)
+      ("blocks_to_swap", po::value<int64_t>(&o.blocks_to_swap)->default_value(o.blocks_to_swap), help::kBlocksToSwap)
       ("max_gpu_memory", po::value<std::string>(&o.max_gpu_memory)->default_value(o.max_gpu_memory),
-       "GPU memory budget (e.g. 8GiB): the number of blocks to swap is chosen from the memory estimate");
+       help::kMaxGpuMemory);
 }
 
 }  // namespace fluxtrain::dist
@@ -109,21 +111,16 @@ void add_low_memory_options(boost::program_options::options_description& desc, L
 namespace fluxtrain {
 
 void declare_options(OptionSet& s, dist::LowMemoryOptions& o) {
+  namespace help = dist::help;
   s.group("Low memory (docs/memory.md)", "low_memory")
-      .add("base_precision", &o.base_precision,
-           "frozen transformer weights: bf16 (the compute dtype) or fp8 (e4m3 with float32 scales, dequantised per "
-           "block)",
-           rules::one_of({"bf16", "fp8"}))
-      .add("fp8_scaling", &o.fp8_scaling, "fp8 scales: channel (one per output channel) or tensor",
-           rules::one_of({"channel", "tensor"}))
-      .add("fp8_modulation", &o.fp8_modulation, "also store the adaLN modulation linears in fp8")
-      .add("fp8_matmul", &o.fp8_matmul, dist::kFp8MatmulHelp)
-      .add("fp8_keep_transposed", &o.fp8_keep_transposed, dist::kFp8KeepTransposedHelp)
-      .add("offload_prefetch", &o.offload_prefetch, "streamed blocks copied to the GPU ahead of use (side stream)")
-      .add("blocks_to_swap", &o.blocks_to_swap,
-           "transformer blocks kept in (pinned) host memory and streamed to the GPU; -1 = all")
-      .add("max_gpu_memory", &o.max_gpu_memory,
-           "GPU memory budget (e.g. 8GiB): the number of blocks to swap is chosen from the memory estimate");
+      .add("base_precision", &o.base_precision, help::kBasePrecision, rules::one_of({"bf16", "fp8"}))
+      .add("fp8_scaling", &o.fp8_scaling, help::kFp8Scaling, rules::one_of({"channel", "tensor"}))
+      .add("fp8_modulation", &o.fp8_modulation, help::kFp8Modulation)
+      .add("fp8_matmul", &o.fp8_matmul, help::kFp8Matmul)
+      .add("fp8_keep_transposed", &o.fp8_keep_transposed, help::kFp8KeepTransposed)
+      .add("offload_prefetch", &o.offload_prefetch, help::kOffloadPrefetch)
+      .add("blocks_to_swap", &o.blocks_to_swap, help::kBlocksToSwap)
+      .add("max_gpu_memory", &o.max_gpu_memory, help::kMaxGpuMemory);
 }
 
 }  // namespace fluxtrain

@@ -29,9 +29,11 @@
 // 0.17 ms for 3072x9216, so only wide forward products (out >= 2 * in) gained and dx dequantised.
 // FLUXTRAIN_FP8_OPERANDS=0 restores that: the ATen operands and that choice of paths (an A/B of
 // the kernels). The forward products use _scaled_mm's fast accumulation (H200, graph step at
-// 384/768/64 and 512/1024/128: 193.1 / 343.2 ms without, 187.0 / 335.6 with; FLUX.1-dev output
-// against bf16 3.90% rms without, 3.89% with); input gradients accumulate exactly.
-// FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off.
+// 384/768/64 and 512/1024/128: 193.1 / 343.2 ms without, 187.0 / 335.6 with, session 14; FLUX.1-dev
+// output against bf16 3.90% rms without, 3.89% with); input gradients accumulate exactly.
+// FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off. Session 15 (same GPU): 177.5 / 323.8 ms with the
+// GELU applied by the quantiser, 170.6 / 317.8 with the transposed codes kept (below); bf16
+// weights 217.5 / 394.1 (docs/benchmarks.md).
 #pragma once
 #include <vector>
 
@@ -106,7 +108,7 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
 
 // Transposed codes kept (--fp8_keep_transposed): dx = dy w needs w8 K-major along its rows, so
 // every input gradient transposes its weight's codes (7.8 ms per step at 512/1024/128 on the
-// H200, 340 transposes of 11 GiB of FLUX.1-dev codes). For weights registered here, the
+// H200: 340 transposes of the 8 GiB of FLUX.1-dev codes). For weights registered here, the
 // transpose of each view used is made at its first input gradient outside a CUDA-graph capture
 // and kept, at the cost of those codes' bytes again. Only weights that never change may be
 // registered (resident fp8 blocks: dist/fp8_weights.h); never a buffer that a provider refills

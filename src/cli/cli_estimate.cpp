@@ -221,6 +221,8 @@ int cmd_estimate(int argc, char** argv) {
               static_cast<long long>(in.batch));
   row("frozen weights", m.weights,
       !in.low_memory.fp8()       ? "compute dtype"
+      : in.low_memory.fp8_keep_transposed
+          ? "fp8 blocks as fp8 GEMMs, resident codes kept transposed too"
       : in.low_memory.fp8_matmul ? "fp8 blocks, multiplied as fp8 GEMMs (no dequantised block)"
                                  : "fp8 blocks, dequantised one at a time");
   row("LoRA + AdamW", m.lora, "float32 masters, gradients, two moments");
