@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "dist/low_memory_weights.h"
 #include "model/flux_transformer.h"
 #include "model/flux_weights.h"
 #include "model/position_ids.h"
@@ -84,6 +85,20 @@ inline Result run(const FluxConfig& cfg, BlockWeights& w, bool ckpt, uint64_t in
   Result res{out.detach(), in.txt.grad(), {}};
   for (const at::Tensor& p : lora.parameters()) res.lora_grads.push_back(p.grad());
   return res;
+}
+
+// A provider stack's source reading the blocks of r (which must outlive it), shapes included.
+inline dist::WeightsSource source_of(ResidentBlockWeights& r) {
+  dist::WeightsSource s;
+  s.globals = r.globals();
+  s.num_blocks = r.num_blocks();
+  s.load_block = [&r](int i) { return r.blocks()[i]; };
+  s.block_shapes = [&r](int i) {
+    dist::BlockShapes sh;
+    for (const auto& [k, v] : r.blocks()[i]) sh.emplace_back(k, v.sizes().vec());
+    return sh;
+  };
+  return s;
 }
 
 inline bool bits_equal(const at::Tensor& a, const at::Tensor& b) {

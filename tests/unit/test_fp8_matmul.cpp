@@ -67,6 +67,16 @@ void expect_formula(const at::Tensor& x, const at::Tensor& col) {
   EXPECT_FALSE(at::isnan(q.data.to(at::kFloat)).any().item<bool>());
 }
 
+// validate() refuses o with an error naming each of `names` (the flags involved).
+void expect_refused(const dist::LowMemoryOptions& o, std::initializer_list<const char*> names) {
+  try {
+    o.validate();
+    ADD_FAILURE() << "accepted, expected an error naming " << *names.begin();
+  } catch (const Error& e) {
+    for (const char* n : names) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 
 TEST(Fp8Matmul, QuantiseRowsMatchesFormulaExactly) {
@@ -284,13 +294,7 @@ TEST(Fp8Matmul, CudaScaledMmMatchesReference) {
 TEST(Fp8Matmul, FlagNeedsFp8BaseAndParses) {
   dist::LowMemoryOptions o;
   o.fp8_matmul = true;
-  try {
-    o.validate();
-    ADD_FAILURE() << "--fp8_matmul without --base_precision fp8 was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--fp8_matmul"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("--base_precision fp8"), std::string::npos) << e.what();
-  }
+  expect_refused(o, {"--fp8_matmul", "--base_precision fp8"});
   o.base_precision = "fp8";
   EXPECT_NO_THROW(o.validate());
 
@@ -465,24 +469,10 @@ TEST(Fp8Matmul, KeepTransposedTinyModelIsBitIdenticalAndCounted) {
   dist::LowMemoryOptions bad;
   bad.base_precision = "fp8";
   bad.fp8_keep_transposed = true;
-  try {
-    bad.validate();
-    ADD_FAILURE() << "--fp8_keep_transposed without --fp8_matmul was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--fp8_keep_transposed"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("--fp8_matmul"), std::string::npos) << e.what();
-  }
+  expect_refused(bad, {"--fp8_keep_transposed", "--fp8_matmul"});
   const FluxConfig cfg = deeper_tiny();
   ResidentBlockWeights original(init_random_weights(cfg, 22, at::kFloat), cfg.depth, cfg.depth_single);
-  dist::WeightsSource src;
-  src.globals = original.globals();
-  src.num_blocks = original.num_blocks();
-  src.load_block = [&](int i) { return original.blocks()[i]; };
-  src.block_shapes = [&](int i) {
-    dist::BlockShapes s;
-    for (const auto& [name, t] : original.blocks()[i]) s.emplace_back(name, t.sizes().vec());
-    return s;
-  };
+  const dist::WeightsSource src = source_of(original);
   dist::LowMemoryOptions lo;
   lo.base_precision = "fp8";
   lo.fp8_matmul = true;
@@ -506,11 +496,7 @@ TEST(Fp8Matmul, KeepTransposedTinyModelIsBitIdenticalAndCounted) {
     const Result got = run(cfg, *kept, false, 100, at::kFloat);
     EXPECT_GT(kernels::fp8_kept_transposed_bytes(), 0);
     EXPECT_LE(kernels::fp8_kept_transposed_bytes(), codes);
-    EXPECT_TRUE(at::equal(got.out, want.out));
-    EXPECT_TRUE(at::equal(got.txt_grad, want.txt_grad));
-    ASSERT_EQ(got.lora_grads.size(), want.lora_grads.size());
-    for (size_t k = 0; k < want.lora_grads.size(); ++k)
-      if (want.lora_grads[k].defined()) EXPECT_TRUE(at::equal(got.lora_grads[k], want.lora_grads[k])) << k;
+    expect_identical(got, want);
   }
   kernels::fp8_drop_kept_transposed();
 }

@@ -29,19 +29,6 @@ std::string error_of(const LowMemoryOptions& o) {
   return "";
 }
 
-dist::WeightsSource source_of(ResidentBlockWeights& r) {
-  dist::WeightsSource s;
-  s.globals = r.globals();
-  s.num_blocks = r.num_blocks();
-  s.load_block = [&r](int i) { return r.blocks()[i]; };
-  s.block_shapes = [&r](int i) {
-    dist::BlockShapes sh;
-    for (const auto& [k, v] : r.blocks()[i]) sh.emplace_back(k, v.sizes().vec());
-    return sh;
-  };
-  return s;
-}
-
 }  // namespace
 
 TEST(LowMemoryOptions, ValidateNamesTheFlag) {
