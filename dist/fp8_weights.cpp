@@ -4,6 +4,8 @@
 #include <ATen/core/grad_mode.h>
 
 #include "core/error.h"
+#include "dist/offloaded_weights.h"
+#include "kernels/fp8_matmul.h"
 
 namespace fluxtrain::dist {
 namespace {
@@ -102,7 +104,23 @@ Fp8BlockWeights::Fp8BlockWeights(std::unique_ptr<BlockWeights> inner, at::Scalar
   stats_.slot_bytes = num_slots * slots_->max_block_bytes();
 }
 
-Fp8BlockWeights::~Fp8BlockWeights() = default;
+Fp8BlockWeights::~Fp8BlockWeights() {
+  for (const auto& t : kept_transposed_) kernels::fp8_forget_transposed(t);
+}
+
+void Fp8BlockWeights::keep_transposed_codes() {
+  auto* off = dynamic_cast<OffloadedBlockWeights*>(inner_.get());
+  if (!hands_stored() || off == nullptr)
+    throw Error("--fp8_keep_transposed: needs the fp8 blocks handed as stored (--fp8_matmul) by an unsharded provider",
+                ErrorKind::Internal);
+  for (int i = 0; i < off->num_blocks(); ++i)
+    if (!off->streamed(i))
+      for (const auto& kv : off->resident_block(i))
+        if (kv.second.scalar_type() == at::kFloat8_e4m3fn) {
+          kernels::fp8_keep_transposed(kv.second);
+          kept_transposed_.push_back(kv.second);
+        }
+}
 
 void Fp8BlockWeights::forget_cached_blocks() {
   if (!slots_) return inner_->forget_cached_blocks();

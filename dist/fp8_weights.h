@@ -74,6 +74,11 @@ class Fp8BlockWeights : public BlockWeights {
   bool transient() const override { return true; }
 
   BlockWeights& inner() { return *inner_; }
+  // --fp8_keep_transposed (hand_stored, inner provider unsharded): registers the codes of the
+  // blocks the inner provider keeps resident with kernels::fp8_keep_transposed, so that their
+  // transposes are made once and kept; unregistered (copies freed) with this provider. Streamed
+  // blocks are left out: their slots are refilled with other blocks.
+  void keep_transposed_codes();
   bool hands_stored() const { return !slots_; }
   const Fp8WeightsStats& stats() const { return stats_; }
 
@@ -85,6 +90,7 @@ class Fp8BlockWeights : public BlockWeights {
   std::vector<int64_t> last_use_;
   int64_t tick_ = 0;
   Fp8WeightsStats stats_;
+  std::vector<at::Tensor> kept_transposed_;  // codes registered by keep_transposed_codes()
 };
 
 }  // namespace fluxtrain::dist

@@ -11,7 +11,6 @@
 #include "dist/fp8_weights.h"
 #include "dist/offloaded_weights.h"
 #include "dist/sharded_weights.h"
-#include "kernels/fp8_matmul.h"
 
 namespace fluxtrain::dist {
 namespace {
@@ -193,16 +192,9 @@ std::unique_ptr<BlockWeights> compose_low_memory_weights(const WeightsSource& sr
     inner = std::make_unique<OffloadedBlockWeights>(globals, n, stored_block, oo);
   }
   if (!plan.fp8) return inner;
-  if (opt.fp8_keep_transposed) {
-    // Resident blocks never change: their codes' transposes may be kept (kernels/fp8_matmul.h).
-    // Streamed blocks pass through slots that other blocks refill, so they are not registered.
-    auto* off = dynamic_cast<OffloadedBlockWeights*>(inner.get());
-    for (int i = 0; i < n; ++i)
-      if (!off->streamed(i))
-        for (const auto& kv : off->resident_block(i))
-          if (kv.second.scalar_type() == at::kFloat8_e4m3fn) kernels::fp8_keep_transposed(kv.second);
-  }
-  return std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs), 1, opt.fp8_matmul);
+  auto fp8 = std::make_unique<Fp8BlockWeights>(std::move(inner), dtype, device, std::move(specs), 1, opt.fp8_matmul);
+  if (opt.fp8_keep_transposed) fp8->keep_transposed_codes();
+  return fp8;
 }
 
 }  // namespace fluxtrain::dist

@@ -12,8 +12,8 @@
 //                              of a streamed block in (pinned) host memory, copied in before the gather
 //   sharded + fp8 + streaming  Fp8BlockWeights > the same, fp8 codes and scales streamed
 //   any fp8 row + fp8_matmul   the same stack; Fp8BlockWeights hands the stored blocks through
-//   + fp8_keep_transposed      unsharded: the resident blocks' codes are registered with
-//                              kernels::fp8_keep_transposed (their transposes made once, kept)
+//   + fp8_keep_transposed      unsharded: Fp8BlockWeights registers the resident blocks' codes
+//                              with kernels::fp8_keep_transposed (transposes made once, kept)
 //
 // --max_gpu_memory: the blocks to swap are the fewest (spread evenly) such that globals, the
 // fp8 dequantisation slot (with --fp8_matmul: the largest weight, dequantised per call), resident

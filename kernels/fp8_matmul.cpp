@@ -315,6 +315,13 @@ void fp8_keep_transposed(const at::Tensor& w8) {
   k.weights.emplace(impl, KeptTransposes::Weight{w8.storage().getWeakStorageImpl(), {}});
 }
 
+void fp8_forget_transposed(const at::Tensor& w8) {
+  if (!w8.defined() || !w8.has_storage()) return;
+  auto& k = kept_transposes();
+  const std::lock_guard<std::mutex> lock(k.mu);
+  k.weights.erase(w8.storage().unsafeGetStorageImpl());
+}
+
 void fp8_drop_kept_transposed() {
   auto& k = kept_transposes();
   const std::lock_guard<std::mutex> lock(k.mu);

@@ -115,6 +115,7 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
 // with other blocks. The registry holds the storages weakly: a freed weight's copies are dropped
 // at the next lookup of its storage, and fp8_drop_kept_transposed() drops all.
 void fp8_keep_transposed(const at::Tensor& w8);
+void fp8_forget_transposed(const at::Tensor& w8);  // w8's storage unregistered, its copies freed
 void fp8_drop_kept_transposed();
 int64_t fp8_kept_transposed_bytes();
 // The transposed codes [K, N] of w8 [N, K] for dx = dy w: the kept copy, or one made now.
