@@ -124,6 +124,14 @@ Fp8Path forward_path(const at::Tensor& x, int64_t m, int64_t k, int64_t n) {
   return scaled_mm_everywhere() || n >= 2 * k ? Fp8Path::ScaledMm : Fp8Path::Dequantise;
 }
 
+// cat(xs, 1) as one matrix, the last block as its tanh-GELU when gelu_last (the ATen form of
+// what the CUDA quantiser does on the fly).
+at::Tensor joined(const std::vector<at::Tensor>& xs, bool gelu_last) {
+  std::vector<at::Tensor> blocks(xs);
+  if (gelu_last) blocks.back() = at::gelu(blocks.back(), "tanh");
+  return blocks.size() == 1 ? blocks[0] : at::cat(blocks, 1);
+}
+
 at::Tensor add_bias(at::Tensor y, const at::Tensor& bias) {
   return bias.defined() ? y.add_(bias.to(y.scalar_type())) : y;
 }
@@ -172,9 +180,7 @@ Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_las
   if (xs.size() <= 2 && operand_kernels() && std::all_of(xs.begin(), xs.end(), in_place))
     return fp8_quantise_rows_cuda(xs[0], at::Tensor(), xs.size() == 2 ? xs[1] : at::Tensor(), gelu_last);
 #endif
-  std::vector<at::Tensor> blocks(xs);
-  if (gelu_last) blocks.back() = at::gelu(blocks.back(), "tanh");
-  return fp8_quantise_rows(blocks.size() == 1 ? blocks[0] : at::cat(blocks, 1));
+  return fp8_quantise_rows(joined(xs, gelu_last));
 }
 
 at::Tensor fp8_transpose_codes(const at::Tensor& w8) {
@@ -213,13 +219,8 @@ at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const a
     path = forward_path(x0, x0.size(0), k, w8.size(0));
   }
   const auto dt = x0.scalar_type();
-  if (path == Fp8Path::Dequantise) {
-    std::vector<at::Tensor> blocks(xs2);
-    if (gelu_last) blocks.back() = at::gelu(blocks.back(), "tanh");
-    return add_bias(at::mm(blocks.size() == 1 ? blocks[0] : at::cat(blocks, 1),
-                           fp8_dequantise(w8.contiguous(), w_scale, dt).t()),
-                    bias);
-  }
+  if (path == Fp8Path::Dequantise)
+    return add_bias(at::mm(joined(xs2, gelu_last), fp8_dequantise(w8.contiguous(), w_scale, dt).t()), bias);
   const Fp8Rows q = fp8_quantise_row_blocks(xs2, gelu_last);
   if (path == Fp8Path::Reference) return add_bias(fp8_scaled_mm_reference(q.data, q.scale, w8, w_scale, dt), bias);
   // mat2 = w8^T [K, N] column-major: the row-major codes transposed, no copy (a narrowed view's

@@ -112,8 +112,9 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
 // transpose of each view used is made at its first input gradient outside a CUDA-graph capture
 // and kept, at the cost of those codes' bytes again. Only weights that never change may be
 // registered (resident fp8 blocks: dist/fp8_weights.h); never a buffer that a provider refills
-// with other blocks. The registry holds the storages weakly: a freed weight's copies are dropped
-// at the next lookup of its storage, and fp8_drop_kept_transposed() drops all.
+// with other blocks. Whoever registers a weight unregisters it (fp8_forget_transposed) when it
+// goes; the registry also holds the storages weakly, so a freed weight's address never hands out
+// its copies to another tensor. fp8_drop_kept_transposed() drops all.
 void fp8_keep_transposed(const at::Tensor& w8);
 void fp8_forget_transposed(const at::Tensor& w8);  // w8's storage unregistered, its copies freed
 void fp8_drop_kept_transposed();
