@@ -1,6 +1,7 @@
 #include "model/blocks.h"
 
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -188,6 +189,27 @@ at::Tensor bias_of(const TensorMap& w, const std::string& linear) {
 // The MLP: GELU of the up projection, then the down projection. A plain frozen down projection
 // runs as gelu_linear (model/gelu_linear.h: its backward applies GELU's derivative in the GEMM);
 // skip_out: it is only given a backward (skip_terminal).
+// The main stream's adapters on a linear in the form gelu_linear takes (input-side, all rows);
+// nullopt when one of them reads the linear's output (then linear_with_lora applies them).
+// FLUXTRAIN_GELU_LINEAR_ADAPTERS=0 (an A/B switch, read once) gives nullopt for adapted linears:
+// cat(inputs, GELU(pre)) through lora_linear, the path before session 16.
+std::optional<InputAdapters> main_input_adapters(const BlockContext& c, const std::string& linear) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_GELU_LINEAR_ADAPTERS");
+    return !(e && e[0] == '0');
+  }();
+  InputAdapters a;
+  if (!c.lora) return a;
+  for (const LoraAdapter* ad : c.lora->find(c.block, linear, -1)) {
+    if (ad->on_output || !enabled) return std::nullopt;
+    a.downs.push_back(ad->down);
+    a.ups.push_back(ad->up);
+    a.offsets.push_back(ad->out_begin);
+    a.scales.push_back(ad->scale);
+  }
+  return a;
+}
+
 template <typename Lin>
 at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin,
                bool cond_stream, bool skip_out) {
@@ -195,6 +217,10 @@ at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, c
   const std::string down = prefix + ".2";
   if (skip_out || plain_frozen(c, down, cond_stream))
     return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), !skip_out, fp8_scale_of(w, down + ".weight"));
+  if (!cond_stream)
+    if (const auto a = main_input_adapters(c, down))
+      return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), true, fp8_scale_of(w, down + ".weight"),
+                         *a);
   return lin(at::gelu(pre, "tanh"), down);
 }
 
@@ -225,13 +251,18 @@ at::Tensor single_linear2(const BlockContext& c, const TensorMap& w, const at::T
 
 // A single block's linear2 over [attention, GELU(mlp_pre)] for the main stream (cond_stream
 // false) or the condition stream: gelu_linear when it is a plain frozen product (only its
-// backward in a replay, skip_terminal), single_linear2 otherwise.
+// backward in a replay, skip_terminal) or carries the main stream's input-side adapters,
+// single_linear2 otherwise.
 at::Tensor linear2_of(const BlockContext& c, const TensorMap& w, const at::Tensor& attn, const at::Tensor& mlp_pre,
                       const at::Tensor& gate, bool cond_stream) {
   const bool skip = skip_terminal(c, gate, "linear2", cond_stream);
   if (skip || plain_frozen(c, "linear2", cond_stream))
     return gelu_linear({attn}, mlp_pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
                        fp8_scale_of(w, "linear2.weight"));
+  if (!cond_stream)
+    if (const auto a = main_input_adapters(c, "linear2"))
+      return gelu_linear({attn}, mlp_pre, w.at("linear2.weight"), bias_of(w, "linear2"), true,
+                         fp8_scale_of(w, "linear2.weight"), *a);
   return single_linear2(c, w, attn, at::gelu(mlp_pre, "tanh"), cond_stream ? 0 : -1);
 }
 

@@ -13,15 +13,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// a @ b in dtype out: on CUDA a 16-bit product for float32 masters comes out of the GEMM in float32
-// (at::mm's out_dtype: no rounding to 16 bits and no cast kernel, two kernels fewer per adapter
-// and step); elsewhere the product cast.
-at::Tensor mm_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType out) {
-  const auto dt = a.scalar_type();
-  if (a.is_cuda() && out == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)) return at::mm(a, b, at::kFloat);
-  return at::mm(a, b).to(out);
-}
-
 // Forward: h = x D^T with the adapters' downs stacked (one GEMM), y = x w^T + b, then each up
 // product added into its rows of y by an in-place addmm (beta = 1). Backward: dh_i = s_i dy_i U_i
 // written into its columns of dh, dU_i = s_i dy_i^T h_i, dD = dh^T x (one GEMM), and
@@ -126,7 +117,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       const auto up_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i + 1]);
       if (ctx->needs_input_grad(3 + k + i)) {
         const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
-        at::Tensor g = mm_to(dyi.t(), h.narrow(1, r0, ranks[i]), up_dtype);
+        at::Tensor g = matmul_to(dyi.t(), h.narrow(1, r0, ranks[i]), up_dtype);
         result[3 + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
       }
       r0 += ranks[i];
@@ -137,7 +128,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
       bool one_dtype = true;
       for (int64_t i = 1; i < k; ++i) one_dtype = one_dtype && master_dtypes[2 * i] == master_dtypes[0];
       const auto first_dtype = static_cast<at::ScalarType>(master_dtypes[0]);
-      const at::Tensor dD = one_dtype ? mm_to(dh.t(), xa, first_dtype) : at::mm(dh.t(), xa);
+      const at::Tensor dD = one_dtype ? matmul_to(dh.t(), xa, first_dtype) : at::mm(dh.t(), xa);
       r0 = 0;
       for (int64_t i = 0; i < k; ++i) {
         const auto down_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i]);
@@ -185,13 +176,13 @@ struct OutputLoraFunction : public torch::autograd::Function<OutputLoraFunction>
     const auto sizes = grads[0].sizes().vec();
     const at::Tensor dout = grads[0].reshape({-1, sizes.back()});
     if (ctx->needs_input_grad(2)) {
-      at::Tensor g = mm_to(dout.t(), h, static_cast<at::ScalarType>(dtypes[1]));
+      at::Tensor g = matmul_to(dout.t(), h, static_cast<at::ScalarType>(dtypes[1]));
       result[2] = scale == 1.0 ? g : g.mul_(scale);
     }
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
       at::Tensor dh = at::empty({dout.size(0), U.size(1)}, dout.options());
       at::addmm_out(dh, dh, dout, U, 0.0, scale);  // beta 0: dh's contents unread
-      if (ctx->needs_input_grad(1)) result[1] = mm_to(dh.t(), y2, static_cast<at::ScalarType>(dtypes[0]));
+      if (ctx->needs_input_grad(1)) result[1] = matmul_to(dh.t(), y2, static_cast<at::ScalarType>(dtypes[0]));
       if (ctx->needs_input_grad(0)) result[0] = at::addmm(dout, dh, D).view(sizes);
     }
     return result;
@@ -217,6 +208,12 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return LoraLinearFunction::apply(x, w, b, at::TensorList(downs), at::TensorList(ups), offsets, scales,
                                    w_scale.defined() ? std::optional<at::Tensor>(w_scale) : std::nullopt, row_begin,
                                    row_end, rows_x.defined() ? std::optional<at::Tensor>(rows_x) : std::nullopt);
+}
+
+at::Tensor matmul_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType out) {
+  const auto dt = a.scalar_type();
+  if (a.is_cuda() && out == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)) return at::mm(a, b, at::kFloat);
+  return at::mm(a, b).to(out);
 }
 
 at::Tensor fp8_scale_rows(const at::Tensor& w_scale, int64_t begin, int64_t n) {

@@ -27,6 +27,21 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const at::Tensor& w_scale = {}, int64_t row_begin = 0, int64_t row_end = -1,
                        const at::Tensor& rows_x = {});
 
+// Input-side adapters of one linear on all rows, in lora_linear's form: downs[i] [r_i, in] and
+// ups[i] [n_i, r_i] trained masters, adding scales[i] * (x downs[i]^T) ups[i]^T to output columns
+// [offsets[i], offsets[i] + n_i). What model/gelu_linear.h takes.
+struct InputAdapters {
+  std::vector<at::Tensor> downs, ups;
+  std::vector<int64_t> offsets;
+  std::vector<double> scales;
+  bool empty() const { return downs.empty(); }
+};
+
+// a @ b in dtype out: on CUDA a 16-bit product for float32 masters comes out of the GEMM in float32
+// (at::mm's out_dtype: no rounding to 16 bits and no cast kernel); elsewhere the product cast.
+// How the adapters' gradients reach their masters.
+at::Tensor matmul_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType out);
+
 // y + scale * (y down^T) up^T: an adapter on the output of a linear (EasyControl's proj_loras,
 // h = h + w * lora(h)), as one autograd node; down [r, n], up [n, r] trained masters (any float
 // dtype, gradients in their own), y [..., n].

@@ -215,6 +215,29 @@ void check_gelu_linear_fp8(const at::TensorOptions& o, double tol) {
   kernels::fp8_linear(at::gelu(qr, "tanh"), w2.data, w2.scale, b).backward(dy);
   EXPECT_LT(max_rel(z.detach(), kernels::fp8_linear(at::gelu(p0, "tanh"), w2.data, w2.scale, b)), tol);
   EXPECT_LT(max_rel(q.grad(), qr.grad()), tol);
+  // With an input-side adapter on output columns [8, 28) (a standard-mode proj_out): the fp8 base
+  // product plus peft's s B A x on the concatenated input, float32 masters.
+  const at::Tensor down0 = at::randn({3, h + m}) * 0.3, up0 = at::randn({20, 3}) * 0.3;
+  at::Tensor dn = down0.clone().requires_grad_(), upa = up0.clone().requires_grad_();
+  at::Tensor dnr = down0.clone().requires_grad_(), upr = up0.clone().requires_grad_();
+  at::Tensor c = a0.clone().requires_grad_(), u = p0.clone().requires_grad_();
+  at::Tensor cr = a0.clone().requires_grad_(), ur = p0.clone().requires_grad_();
+  InputAdapters ad;
+  ad.downs = {dn};
+  ad.ups = {upa};
+  ad.offsets = {8};
+  ad.scales = {1.5};
+  const at::Tensor ya = gelu_linear({c}, u, wq.data, b, true, wq.scale, ad);
+  ya.backward(dy);
+  const at::Tensor xr = at::cat({cr, at::gelu(ur, "tanh")}, -1);
+  const at::Tensor lora = at::matmul(at::matmul(xr, dnr.to(xr.scalar_type()).t()), upr.to(xr.scalar_type()).t()) * 1.5;
+  const at::Tensor yar = kernels::fp8_linear(xr, wq.data, wq.scale, b) + at::constant_pad_nd(lora, {8, out - 28});
+  yar.backward(dy);
+  EXPECT_LT(max_rel(ya.detach(), yar.detach()), tol);
+  EXPECT_LT(max_rel(c.grad(), cr.grad()), tol);
+  EXPECT_LT(max_rel(u.grad(), ur.grad()), tol);
+  EXPECT_LT(max_rel(dn.grad(), dnr.grad()), tol);
+  EXPECT_LT(max_rel(upa.grad(), upr.grad()), tol);
 }
 
 }  // namespace

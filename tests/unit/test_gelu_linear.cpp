@@ -4,6 +4,8 @@
 //    GELU's own definition, x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in float64;
 //  - gelu_linear's forward and gradients against autograd through the unfused expression
 //    (cat, GELU, linear) in float64, with and without a second input, and with compute_output off;
+//  - with input-side LoRA adapters, against peft's formula y = W x + b + s B A x written out on
+//    the concatenated input with autograd (float64, float32 masters too);
 //  - on CUDA, cuBLASLt's DGELU epilogue against the float64 formula, and that its derivative is
 //    the tanh form's and not the erf form's.
 #include <gtest/gtest.h>
@@ -80,6 +82,54 @@ TEST(GeluLinear, MatchesAutogradThroughTheUnfusedOps) {
     EXPECT_EQ(recompute_stats().linears_skipped, skipped + 1);
     auto ge = torch::autograd::grad({empty}, ins, {gy});
     for (size_t i = 0; i < ins.size(); ++i) EXPECT_LT(rel_err(ge[i], gw[i]), 1e-12) << with_attn << " input " << i;
+  }
+}
+
+// Adapters on all rows (standard mode's proj_out / ff.net.2): peft's LoRA formula on the unfused
+// input, y = cat(xs, GELU(pre)) W^T + b, then y[:, off_i : off_i + n_i] += s_i (x A_i^T) B_i^T,
+// through autograd. Two adapters (one on every output column, one on a column range), with and
+// without a second input. float64 masters: forward and every gradient 1e-12 (the same formulas,
+// float64 on both sides). float32 masters: their gradients come back in float32 (1e-6).
+TEST(GeluLinear, AdaptersMatchPeftsFormulaThroughTheUnfusedOps) {
+  at::manual_seed(15);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 2, L = 3, H = 4, M = 6, O = 5;
+  for (bool with_attn : {false, true}) {
+    for (auto master : {at::kDouble, at::kFloat}) {
+      const std::string what = std::string(with_attn ? "attn+" : "") + c10::toString(master);
+      const int64_t in = (with_attn ? H : 0) + M;
+      at::Tensor attn = at::randn({B, L, H}, f64).set_requires_grad(true);
+      at::Tensor pre = (at::randn({B, L, M}, f64) * 2).set_requires_grad(true);
+      at::Tensor w = at::randn({O, in}, f64), b = at::randn({O}, f64), gy = at::randn({B, L, O}, f64);
+      InputAdapters a;
+      a.downs = {(at::randn({2, in}, f64) * 0.5).to(master).set_requires_grad(true),
+                 (at::randn({3, in}, f64) * 0.5).to(master).set_requires_grad(true)};
+      a.ups = {(at::randn({O, 2}, f64) * 0.5).to(master).set_requires_grad(true),
+               (at::randn({2, 3}, f64) * 0.5).to(master).set_requires_grad(true)};
+      a.offsets = {0, 2};
+      a.scales = {0.75, 2.0};
+      std::vector<at::Tensor> xs;
+      if (with_attn) xs.push_back(attn);
+      // peft's formula on the concatenated input.
+      at::Tensor x = with_attn ? at::cat({attn, at::gelu(pre, "tanh")}, -1) : at::gelu(pre, "tanh");
+      at::Tensor base = at::linear(x, w, b);
+      at::Tensor d0 = at::matmul(at::matmul(x, a.downs[0].to(at::kDouble).t()), a.ups[0].to(at::kDouble).t()) * 0.75;
+      at::Tensor d1 = at::matmul(at::matmul(x, a.downs[1].to(at::kDouble).t()), a.ups[1].to(at::kDouble).t()) * 2.0;
+      at::Tensor want = base + d0 + at::constant_pad_nd(d1, {2, O - 4});
+      std::vector<at::Tensor> ins = xs;
+      ins.push_back(pre);
+      ins.insert(ins.end(), a.downs.begin(), a.downs.end());
+      ins.insert(ins.end(), a.ups.begin(), a.ups.end());
+      auto gw = torch::autograd::grad({want}, ins, {gy});
+      at::Tensor got = gelu_linear(xs, pre, w, b, true, {}, a);
+      EXPECT_LT(rel_err(got, want), 1e-12) << what;
+      auto gg = torch::autograd::grad({got}, ins, {gy});
+      const double tol = master == at::kDouble ? 1e-12 : 1e-6;
+      for (size_t i = 0; i < ins.size(); ++i) {
+        EXPECT_EQ(gg[i].scalar_type(), ins[i].scalar_type()) << what << " input " << i;
+        EXPECT_LT(rel_err(gg[i].to(at::kDouble), gw[i].to(at::kDouble)), tol) << what << " input " << i;
+      }
+    }
   }
 }
 

@@ -452,6 +452,35 @@ TEST(StandardLora, EqualsMergedWeights) {
   EXPECT_TRUE(st.count("transformer.single_transformer_blocks.1.proj_out.lora_B.weight"));
 }
 
+// Standard mode's gradients by central differences (float64), with adapters on the linears after
+// GELU (ff.net.2, proj_out: model/gelu_linear.h's adapter path) beside the attention ones, and on
+// the text stream. Every adapter's up is non-zero, so that every down gets a gradient too.
+TEST(StandardLora, GradientsMatchFiniteDifferences) {
+  const FluxConfig cfg = tiny();
+  ResidentBlockWeights w(init_random_weights(cfg, 44, at::kDouble), cfg.depth, cfg.depth_single);
+  LoraConfig lc;
+  lc.mode = LoraMode::Standard;
+  lc.ranks = {3};
+  lc.alphas = {6};
+  lc.targets = {"to_q", "to_out.0", "add_v_proj", "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"};
+  LoraSet lora = LoraSet::create(cfg, lc, 45, at::kDouble);
+  at::manual_seed(46);
+  for (auto& a : lora.adapters()) {
+    at::NoGradGuard ng;
+    a.up.copy_(at::randn(a.up.sizes(), kF64) * 0.2);
+  }
+  FluxInputs in = make_inputs(cfg, 1, 3, {}, 47);
+  at::Tensor r = at::randn({1, 9, cfg.out_channels}, kF64);
+  (flux_forward(cfg, w, &lora, in) * r).sum().backward();
+  std::vector<LoraAdapter*> some;
+  for (auto& a : lora.adapters())
+    if (a.target == "ff.net.2" || a.target == "ff_context.net.2" || a.target == "proj_out" ||
+        (a.target == "to_q" && a.block == 0))
+      some.push_back(&a);
+  EXPECT_GE(some.size(), 4u);
+  EXPECT_GT(check_finite_differences(cfg, w, lora, in, r, some), 20);
+}
+
 // --- EasyControl's projection LoRA (issue 9) --------------------------------------------------
 namespace {
 
