@@ -7,6 +7,7 @@
 # AB_SWITCHES="FLUXTRAIN_MERGE_COND_GEMMS FLUXTRAIN_DGELU_EPILOGUE" adds, per variable, the four
 # configurations' graph step with that variable set to 0 (an A/B of one implementation choice,
 # in the same process environment as the default run; about 40 s each).
+# AB_STANDARD="FLUXTRAIN_GELU_LINEAR_ADAPTERS" does the same for the plain-LoRA configurations.
 # PROFILE="512/1024/128" and PROFILE_STANDARD="0/1024/128" add an eager kernel profile of those
 # configurations (EasyControl, plain LoRA; bench/gpu_profile_kernels.sh), printed per kernel class
 # with the top kernels (bench/profile_digest.py); about 30 s each. ATTR=gpu_memset,copy_cat traces
@@ -33,6 +34,11 @@ timeout 150 $B $G --gradient_checkpointing off --lora_mode standard --configs 0/
 for v in ${AB_SWITCHES:-}; do
   env "$v=0" timeout 150 $B $G --gradient_checkpointing off --configs $C > "$OUT/graph_$v.jsonl"
   show "$OUT/graph_$v.jsonl" "$v=0"
+done
+for v in ${AB_STANDARD:-}; do
+  env "$v=0" timeout 150 $B $G --gradient_checkpointing off --lora_mode standard --configs 0/512/32,0/768/64,0/1024/128 \
+    > "$OUT/graph_standard_$v.jsonl"
+  show "$OUT/graph_standard_$v.jsonl" "standard $v=0"
 done
 if [ -n "${PROFILE:-}" ]; then
   CONFIGS=$PROFILE TAG=ec ATTR=${ATTR:-} timeout 150 bash bench/gpu_profile_kernels.sh > /dev/null 2>&1
