@@ -21,8 +21,10 @@ using torch::autograd::variable_list;
 // product it took 0.24 ms per single block at 512/1024/128 against 0.04 dense).
 // With adapters: dh_i = s_i dy_i U_i (its columns of dh), dU_i = s_i dy_i^T h_i, dD = dh^T
 // [xs..., GELU(pre)] (one product per input block), and each input block's gradient gets dh D_j
-// added: by the same GEMM for pre ([dy | dh] [w_j ; D_j], K-concatenated, so the DGELU epilogue
-// still sees the whole sum), by an accumulating GEMM (beta = 1) for the others.
+// added by an accumulating GEMM (beta = 1); pre's then goes through a dense GELU backward. (The
+// DGELU epilogue over the K-concatenated [dy | dh] [w_j ; D_j] measured slower: the two
+// concatenations took 5.7 ms per step at 1024 px and cuBLASLt's epilogue kernel runs at about
+// 610 TFLOP/s against 700 for the plain product; docs/benchmarks.md, session 16.)
 struct GeluLinearBackward : public torch::autograd::Node {
   at::Tensor w, w_scale;
   torch::autograd::SavedVariable pre;
@@ -121,9 +123,15 @@ struct GeluLinearBackward : public torch::autograd::Node {
     if (should_compute_output(last)) {
       const at::Tensor p = pre.unpack(shared_from_this()).reshape({-1, width[last]});
       const at::Tensor wl = w.narrow(1, col0[last], width[last]);
-      out[last] = (dh.defined() ? kernels::matmul_dgelu(at::cat({dy, dh}, 1), at::cat({wl, Dj(last)}, 0), p)
-                                : kernels::matmul_dgelu(dy, wl, p))
-                      .view(sizes[last]);
+      at::Tensor dpre;
+      if (dh.defined()) {
+        at::Tensor dact = at::mm(dy, wl);
+        dact.addmm_(dh, Dj(last));
+        dpre = at::gelu_backward(dact, p, "tanh");
+      } else {
+        dpre = kernels::matmul_dgelu(dy, wl, p);
+      }
+      out[last] = dpre.view(sizes[last]);
     }
     return out;
   }

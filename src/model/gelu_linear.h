@@ -17,11 +17,11 @@
 // adapters (optional): input-side LoRA adapters on all rows of this linear (a standard-mode
 // proj_out or ff.net.2), y += scales[i] (cat(xs..., GELU(pre)) downs[i]^T) ups[i]^T, inside the same
 // node: the input is never concatenated (the adapters' down products run per input block, the
-// second accumulated into the first), and pre's gradient stays one GEMM with GELU's derivative in
-// its epilogue: over [dy | dh] and [w's columns ; the downs' columns] (K = out + rank). Without
-// this, an adapted linear took cat(xs, GELU(pre)) through lora_linear and GELU's backward ran on a
-// column view of its input gradient (8 ms of the 1024-px plain-LoRA step, docs/benchmarks.md,
-// session 16). GELU(pre) is kept for the downs' gradient, as lora_linear keeps its input.
+// second accumulated into the first), and each input's gradient is its own dense product, so
+// GELU's backward runs on a dense tensor. Without this, an adapted linear took cat(xs, GELU(pre))
+// through lora_linear and GELU's backward ran on a column view of its input gradient (8 ms of the
+// 1024-px plain-LoRA step, docs/benchmarks.md, session 16). GELU(pre) is kept for the downs'
+// gradient, as lora_linear keeps its input.
 // compute_output false: y is allocated but not computed, for a checkpointed block's replay
 // (model/recompute.h: nothing reads the output of the linear before a gated residual there),
 // which then skips GELU's forward as well; it counts as a skipped linear in recompute_stats().

@@ -217,7 +217,8 @@ void check_gelu_linear_fp8(const at::TensorOptions& o, double tol) {
   EXPECT_LT(max_rel(q.grad(), qr.grad()), tol);
   // With an input-side adapter on output columns [8, 28) (a standard-mode proj_out): the fp8 base
   // product plus peft's s B A x on the concatenated input, float32 masters.
-  const at::Tensor down0 = at::randn({3, h + m}) * 0.3, up0 = at::randn({20, 3}) * 0.3;
+  const at::Tensor down0 = at::randn({3, h + m}, o.dtype(at::kFloat)) * 0.3,
+                   up0 = at::randn({20, 3}, o.dtype(at::kFloat)) * 0.3;
   at::Tensor dn = down0.clone().requires_grad_(), upa = up0.clone().requires_grad_();
   at::Tensor dnr = down0.clone().requires_grad_(), upr = up0.clone().requires_grad_();
   at::Tensor c = a0.clone().requires_grad_(), u = p0.clone().requires_grad_();

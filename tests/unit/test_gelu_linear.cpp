@@ -133,10 +133,10 @@ TEST(GeluLinear, AdaptersMatchPeftsFormulaThroughTheUnfusedOps) {
   }
 }
 
-// The same on CUDA in bf16 (the DGELU epilogue over the K-concatenated [dy | dh]), float32
-// masters, at a size whose GEMMs take the cuBLASLt path (multiples of 8), against the float64
-// formula on the same rounded operands: 2e-2 of the largest magnitude (twice the epilogue test's
-// bf16 bound: the adapters' h and dh are rounded to bf16 as well). Measured errors are printed.
+// The same on CUDA in bf16, float32 masters, at a size whose GEMMs take the cuBLASLt path (multiples of 8), against the float64
+// formula on the same rounded operands: 2e-2 of the largest magnitude (twice the DGELU epilogue
+// test's bf16 bound: the adapters' h and dh are rounded to bf16 as well; measured on the H200:
+// 5.4e-3 at most). Measured errors are printed.
 TEST(GeluLinear, CudaAdaptersMatchFloat64) {
 #ifndef FLUXTRAIN_WITH_CUDA
   GTEST_SKIP() << "CPU build";
