@@ -183,6 +183,20 @@ Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_las
   return fp8_quantise_rows(joined(xs, gelu_last));
 }
 
+Fp8Rows fp8_quantise_gelu_grad_rows(const at::Tensor& dact, const at::Tensor& pre, const at::Tensor& col_scale) {
+  TORCH_CHECK(dact.dim() == 2 && pre.sizes() == dact.sizes() && pre.scalar_type() == dact.scalar_type(),
+              "fp8_quantise_gelu_grad_rows: GELU's input must match its output's gradient");
+#ifdef FLUXTRAIN_WITH_CUDA
+  const auto t = dact.scalar_type();
+  const auto unit_cols = [](const at::Tensor& x) { return x.is_cuda() && x.stride(1) == 1 && x.stride(0) >= x.size(1); };
+  if (operand_kernels() && (t == at::kBFloat16 || t == at::kHalf || t == at::kFloat) && unit_cols(dact) &&
+      unit_cols(pre))
+    return fp8_quantise_rows_cuda(dact, col_scale.defined() ? col_scale.to(at::kFloat).contiguous() : col_scale,
+                                  at::Tensor(), false, pre);
+#endif
+  return fp8_quantise_rows(at::gelu_backward(dact, pre, "tanh"), col_scale);
+}
+
 at::Tensor fp8_transpose_codes(const at::Tensor& w8) {
 #ifdef FLUXTRAIN_WITH_CUDA
   if (w8.is_cuda() && operand_kernels() && w8.dim() == 2) return fp8_transpose_codes_cuda(w8);
@@ -238,9 +252,12 @@ at::Tensor fp8_linear_forward(const at::Tensor& x2, const at::Tensor& w8, const 
   return fp8_linear_forward_blocks({x2}, w8, w_scale, bias, path);
 }
 
-std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, const at::Tensor& w8,
-                                                     const at::Tensor& w_scale, const std::vector<int64_t>& widths,
-                                                     Fp8Path path) {
+namespace {
+
+// fp8_linear_input_grad_blocks with dy2 = gelu_backward(dy2, gelu_in, "tanh") when gelu_in is
+// defined (taken by the quantiser on the fp8 paths, computed first on the dequantising one).
+std::vector<at::Tensor> input_grad_blocks(const at::Tensor& dy2, const at::Tensor& gelu_in, const at::Tensor& w8,
+                                          const at::Tensor& w_scale, const std::vector<int64_t>& widths, Fp8Path path) {
   check_weight(w8, w_scale);
   const int64_t k = w8.size(1);
   int64_t total = 0;
@@ -261,10 +278,12 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
     }
     return out;
   };
-  if (path == Fp8Path::Dequantise) return blocks_of(at::mm(dy2, fp8_dequantise(w8.contiguous(), w_scale, dt)));
+  if (path == Fp8Path::Dequantise)
+    return blocks_of(at::mm(gelu_in.defined() ? at::gelu_backward(dy2, gelu_in, "tanh") : dy2,
+                            fp8_dequantise(w8.contiguous(), w_scale, dt)));
   // The weight's scales sit on the contraction dimension: folded into dy, so that w8 enters as
   // its bare codes (scale 1 per output column of dx).
-  const Fp8Rows q = fp8_quantise_rows(dy2, w_scale);
+  const Fp8Rows q = gelu_in.defined() ? fp8_quantise_gelu_grad_rows(dy2, gelu_in, w_scale) : fp8_quantise_rows(dy2, w_scale);
   // w8 as [N, K] column-major: the transposed codes, kept or made per call (header).
   const at::Tensor wt = fp8_transposed_for_input_grad(w8);  // [K, N] row-major
   if (path == Fp8Path::Reference)
@@ -283,6 +302,20 @@ std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, cons
     c += wd;
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> fp8_linear_input_grad_blocks(const at::Tensor& dy2, const at::Tensor& w8,
+                                                     const at::Tensor& w_scale, const std::vector<int64_t>& widths,
+                                                     Fp8Path path) {
+  return input_grad_blocks(dy2, at::Tensor(), w8, w_scale, widths, path);
+}
+
+at::Tensor fp8_linear_input_grad_through_gelu(const at::Tensor& dact2, const at::Tensor& pre2, const at::Tensor& w8,
+                                              const at::Tensor& w_scale, Fp8Path path) {
+  TORCH_CHECK(pre2.sizes() == dact2.sizes(), "fp8_linear_input_grad_through_gelu: GELU's input and its gradient differ in shape");
+  return input_grad_blocks(dact2, pre2, w8, w_scale, {w8.size(1)}, path)[0];
 }
 
 namespace {

@@ -62,6 +62,13 @@ Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale = {})
 // the block's dtype); on CUDA made while quantising (same bits), elsewhere by at::gelu first.
 Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_last = false);
 
+// The rows of GELU's backward, at::gelu_backward(dact, pre, "tanh") (rounded to dact's dtype),
+// times col_scale along the columns, quantised as fp8_quantise_rows does: the input gradient of
+// an MLP's up projection from the gradient of GELU's output dact and its input pre (same shape
+// and dtype). On CUDA one pass over dact and pre (same bits as the composition), elsewhere the
+// composition.
+Fp8Rows fp8_quantise_gelu_grad_rows(const at::Tensor& dact, const at::Tensor& pre, const at::Tensor& col_scale = {});
+
 // The codes of w8 [N, K] transposed into a new contiguous [K, N] tensor.
 at::Tensor fp8_transpose_codes(const at::Tensor& w8);
 
@@ -70,8 +77,10 @@ at::Tensor fp8_transpose_codes(const at::Tensor& w8);
 // col_scale contiguous float32 [K] or [1] on x's device.
 // x1, when given, is concatenated after x0 (same rows and dtype); col_scale spans both.
 // gelu_last: the last block (x1, else x0) enters as its tanh-GELU rounded to its dtype.
+// gelu_grad_of (x0 alone, same shape and dtype): x0 enters as at::gelu_backward(x0, gelu_grad_of,
+// "tanh") rounded to its dtype.
 Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale = {}, const at::Tensor& x1 = {},
-                               bool gelu_last = false);
+                               bool gelu_last = false, const at::Tensor& gelu_grad_of = {});
 at::Tensor fp8_transpose_codes_cuda(const at::Tensor& w8);
 #endif
 
@@ -97,6 +106,14 @@ at::Tensor fp8_linear_forward_blocks(const std::vector<at::Tensor>& xs2, const a
                                      bool gelu_last = false);
 at::Tensor fp8_linear_input_grad(const at::Tensor& dy2, const at::Tensor& w8, const at::Tensor& w_scale,
                                  Fp8Path path = Fp8Path::Auto);
+
+// The input gradient of a linear whose output enters GELU, from the gradient of GELU's output:
+// dx = gelu_backward(dact2, pre2, "tanh") w, with GELU's backward applied by the quantiser of
+// the gradient (fp8_quantise_gelu_grad_rows), so the pre-activation's gradient is never written.
+// pre2: the linear's output [M, N] (GELU's input). Same numerics as at::gelu_backward followed
+// by fp8_linear_input_grad.
+at::Tensor fp8_linear_input_grad_through_gelu(const at::Tensor& dact2, const at::Tensor& pre2, const at::Tensor& w8,
+                                              const at::Tensor& w_scale, Fp8Path path = Fp8Path::Auto);
 
 // The input gradient of a product over concatenated inputs, per input: blocks of widths (adding
 // up to K) of dy2 w. dy2 is quantised and the codes transposed once; on the _scaled_mm path each

@@ -16,6 +16,12 @@
 //              on the fly: the forward of an MLP's down projection reads the pre-activation once
 //              and writes only codes, instead of a GELU kernel writing the activation and the
 //              quantiser reading it again.
+//              With an auxiliary matrix pre (gelu_grad_of), the row entering is GELU's backward,
+//              x * gelu_tanh'(pre) rounded to the input dtype (what at::gelu_backward(x, pre,
+//              "tanh") writes): the input gradient of an MLP's up projection reads the gradient
+//              of GELU's output and the pre-activation once and writes only codes, instead of a
+//              GELU backward kernel writing the pre-activation's gradient (6.6 ms per step at
+//              512/1024/128, session 15) and the quantiser reading it again.
 //   transpose: e4m3 codes [N, K] -> [K, N], through 64 x 64 byte tiles in shared memory with
 //              4-byte accesses; ATen's byte transpose moved about 0.17 GB/ms.
 #include <cfloat>
@@ -69,24 +75,65 @@ __device__ __forceinline__ void gelu_in_place(VecT<T, V>& a) {
   for (int e = 0; e < V; ++e) a.v[e] = from_f<T>(gelu_tanh(to_f(a.v[e])));
 }
 
+// dy * gelu_tanh'(x) in float32 as ATen's CUDA kernel evaluates it (GeluBackwardCUDAKernelImpl,
+// tanh: the derivative as 0.5 (1 + t) + 0.5 x (1 - t^2) beta (1 + 3 kappa x^2), with t the tanhf
+// of the forward's inner value and 3 kappa folded into one float constant), rounded to T: the
+// bits of at::gelu_backward(dy, x, "tanh") on the GPU, which the test checks.
+__device__ __forceinline__ float gelu_tanh_grad(float dy, float x) {
+  constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  constexpr float kKappa = 0.044715;
+  const float x_sq = x * x;
+  const float x_cube = x_sq * x;
+  const float inner = kBeta * (x + kKappa * x_cube);
+  const float t = tanhf(inner);
+  const float left = 0.5f * x;
+  const float right = 1.f + t;
+  const float left_derivative = 0.5f * right;
+  const float tanh_derivative = 1.f - t * t;
+  const float inner_derivative = kBeta * (1.f + 3.f * kKappa * x_sq);
+  const float right_derivative = left * tanh_derivative * inner_derivative;
+  return dy * (left_derivative + right_derivative);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void gelu_grad_in_place(VecT<T, V>& dy, const VecT<T, V>& x) {
+#pragma unroll
+  for (int e = 0; e < V; ++e) dy.v[e] = from_f<T>(gelu_tanh_grad(to_f(dy.v[e]), to_f(x.v[e])));
+}
+
 // The row's element block i * V .. i * V + V - 1: from the first source below k0, from the second
 // above (k0 a multiple of V).
 // Columns from gelu_from on (a multiple of V; >= k: none) are loaded as GELU of their values.
+// aux (GELU's input, one source only; nullptr: none): every column is loaded as GELU's backward
+// of its value (the gradient of GELU's output) at aux's value.
 template <typename T, int V>
 struct Sources {
   const T* x0;
   const T* x1;
   int64_t ld0, ld1, k0, gelu_from;
+  const T* aux = nullptr;
+  int64_t ld_aux = 0;
   __device__ __forceinline__ const T* at(int64_t row, int64_t i) const {
     const int64_t col = i * V;
     return col < k0 ? x0 + row * ld0 + col : x1 + row * ld1 + (col - k0);
   }
+  __device__ __forceinline__ VecT<T, V> aux_at(int64_t row, int64_t i) const {
+    return *reinterpret_cast<const VecT<T, V>*>(aux + row * ld_aux + i * V);
+  }
   __device__ __forceinline__ VecT<T, V> load(int64_t row, int64_t i) const {
     VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(at(row, i));
-    if (i * V >= gelu_from) gelu_in_place(a);
+    if (aux != nullptr)
+      gelu_grad_in_place(a, aux_at(row, i));
+    else if (i * V >= gelu_from)
+      gelu_in_place(a);
     return a;
   }
 };
+
+// What the one-pass kernel makes of the values it loads (a compile-time switch, so that the plain
+// quantiser keeps its registers and occupancy): as they are, GELU from gelu_from on, or GELU's
+// backward at aux.
+enum class Entry { Plain, Gelu, GeluGrad };
 
 // Column scales: none (cs nullptr), one value (n == 1) or one per column (vectors of V read at
 // once when V is a multiple of 4).
@@ -163,11 +210,11 @@ __device__ __forceinline__ float row_reciprocal(float amax, float* scales, int64
 // One block per row of the concatenation [x0 | x1], held in registers: every load of the row is
 // issued before the reduction (NV vectors of V elements per thread, 16 bytes each), then the
 // codes are written from the registers. Rows up to kRegThreads * kMaxRegVectors vectors.
-// GELU: a compile-time switch, so that the plain quantiser keeps its registers (and occupancy).
-template <typename T, int V, int NV, bool GELU, int THREADS>
-__global__ void __launch_bounds__(THREADS, GELU && NV <= 4 ? 2 : 1) quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs,
-                                                                         uint8_t* __restrict__ codes,
-                                                                         float* __restrict__ scales) {
+// E (Entry): what the loaded values enter as.
+template <typename T, int V, int NV, Entry E, int THREADS>
+__global__ void __launch_bounds__(THREADS, E != Entry::Plain && NV <= 4 ? 2 : 1)
+    quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs, uint8_t* __restrict__ codes,
+                              float* __restrict__ scales) {
   const int64_t row = blockIdx.x, nv = k / V;
   VecT<T, V> a[NV];
 #pragma unroll
@@ -175,7 +222,20 @@ __global__ void __launch_bounds__(THREADS, GELU && NV <= 4 ? 2 : 1) quantise_row
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
     if (i < nv) a[j] = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
   }
-  if constexpr (GELU) {  // after all loads are issued (they stay in flight together)
+  if constexpr (E == Entry::GeluGrad) {  // GELU's input loaded beside the gradient, all in flight
+    VecT<T, V> b[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
+      if (i < nv) b[j] = src.aux_at(row, i);
+    }
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
+      if (i < nv) gelu_grad_in_place(a[j], b[j]);
+    }
+  }
+  if constexpr (E == Entry::Gelu) {  // after all loads are issued (they stay in flight together)
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
@@ -231,15 +291,18 @@ bool aligned16(const at::Tensor& x, int64_t v) {
   return x.size(1) % v == 0 && x.stride(0) % v == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
 }
 
-// x1 undefined: x0 alone. gelu: the last block (x1, else x0) enters as its GELU.
+// x1 undefined: x0 alone. gelu: the last block (x1, else x0) enters as its GELU. aux defined
+// (x0 alone): x0 enters as GELU's backward at aux.
 template <typename T>
 void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& col_scale,
-                          const at::Tensor& codes, const at::Tensor& scales, bool gelu) {
+                          const at::Tensor& codes, const at::Tensor& scales, bool gelu, const at::Tensor& aux) {
   const int64_t m = x0.size(0), k0 = x0.size(1), k = codes.size(1);
   const int64_t gelu_from = !gelu ? k : x1.defined() ? k0 : 0;
   constexpr int V16 = 16 / sizeof(T);
-  const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16)) &&
+  const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16)) && (!aux.defined() || aligned16(aux, V16)) &&
                    (!col_scale.defined() || reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0);
+  const T* pa = aux.defined() ? reinterpret_cast<const T*>(aux.data_ptr()) : nullptr;
+  const int64_t lda = aux.defined() ? aux.stride(0) : 0;
   const ColScales cs{col_scale.defined() ? col_scale.data_ptr<float>() : nullptr,
                      col_scale.defined() ? static_cast<int>(col_scale.numel()) : 0};
   const T* p0 = reinterpret_cast<const T*>(x0.data_ptr());
@@ -249,18 +312,30 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   auto* sp = scales.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
   if (!vec) {
-    quantise_rows_kernel<T, 1><<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0, gelu_from}, k, cs, cp, sp);
+    quantise_rows_kernel<T, 1>
+        <<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda}, k, cs, cp, sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from};
+  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda};
   const int64_t per_thread = (k / V16 + kRegThreads - 1) / kRegThreads;
 #define FLUXTRAIN_QROWS(NV) \
-  quantise_rows_regs_kernel<T, V16, NV, false, kRegThreads><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
+  quantise_rows_regs_kernel<T, V16, NV, Entry::Plain, kRegThreads><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
 #define FLUXTRAIN_QROWS_GELU(NV) \
-  quantise_rows_regs_kernel<T, V16, NV, true, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, cp, sp)
+  quantise_rows_regs_kernel<T, V16, NV, Entry::Gelu, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, cp, sp)
+#define FLUXTRAIN_QROWS_GELU_GRAD(NV)                                                                    \
+  quantise_rows_regs_kernel<T, V16, NV, Entry::GeluGrad, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, \
+                                                                                                       cp, sp)
   const int64_t per_gelu_thread = (k / V16 + kGeluThreads - 1) / kGeluThreads;
-  if (gelu && per_gelu_thread <= 4)
+  // GELU's backward: its arithmetic (tanhf and a dozen more operations per element) spread like
+  // the GELU's, over kGeluThreads threads per row; two rows of registers (gradient and input).
+  if (pa != nullptr && per_gelu_thread <= 4)
+    FLUXTRAIN_QROWS_GELU_GRAD(4);
+  else if (pa != nullptr && per_gelu_thread <= kMaxGeluVectors)
+    FLUXTRAIN_QROWS_GELU_GRAD(kMaxGeluVectors);
+  else if (pa != nullptr)
+    quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(src, k, cs, cp, sp);
+  else if (gelu && per_gelu_thread <= 4)
     FLUXTRAIN_QROWS_GELU(4);
   else if (gelu && per_gelu_thread <= kMaxGeluVectors)
     FLUXTRAIN_QROWS_GELU(kMaxGeluVectors);
@@ -280,6 +355,7 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
     quantise_rows_kernel<T, V16><<<m, kRowThreads, 0, stream>>>(src, k, cs, cp, sp);
 #undef FLUXTRAIN_QROWS
 #undef FLUXTRAIN_QROWS_GELU
+#undef FLUXTRAIN_QROWS_GELU_GRAD
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -318,13 +394,17 @@ __global__ void __launch_bounds__(256) transpose_codes_kernel(const uint8_t* __r
 }  // namespace
 
 Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale, const at::Tensor& x1,
-                               bool gelu_last) {
+                               bool gelu_last, const at::Tensor& gelu_grad_of) {
   const auto unit_cols = [](const at::Tensor& x) {
     return x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) >= x.size(1);
   };
   TORCH_CHECK(unit_cols(x0) && (!x1.defined() || (unit_cols(x1) && x1.size(0) == x0.size(0) &&
                                                   x1.scalar_type() == x0.scalar_type())),
               "fp8_quantise_rows_cuda: CUDA matrices of the same rows and dtype with unit column stride expected");
+  TORCH_CHECK(!gelu_grad_of.defined() || (!x1.defined() && !gelu_last && unit_cols(gelu_grad_of) &&
+                                          gelu_grad_of.sizes() == x0.sizes() &&
+                                          gelu_grad_of.scalar_type() == x0.scalar_type()),
+              "fp8_quantise_rows_cuda: GELU's input must match its output's gradient (one block)");
   const int64_t m = x0.size(0), k = x0.size(1) + (x1.defined() ? x1.size(1) : 0);
   TORCH_CHECK(!col_scale.defined() || (col_scale.is_cuda() && col_scale.scalar_type() == at::kFloat &&
                                        col_scale.is_contiguous() && (col_scale.numel() == 1 || col_scale.numel() == k)),
@@ -336,9 +416,9 @@ Fp8Rows fp8_quantise_rows_cuda(const at::Tensor& x0, const at::Tensor& col_scale
     return q;
   }
   switch (x0.scalar_type()) {
-    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
-    case at::kHalf: launch_quantise_rows<__half>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
-    case at::kFloat: launch_quantise_rows<float>(x0, x1, col_scale, q.data, q.scale, gelu_last); break;
+    case at::kBFloat16: launch_quantise_rows<__nv_bfloat16>(x0, x1, col_scale, q.data, q.scale, gelu_last, gelu_grad_of); break;
+    case at::kHalf: launch_quantise_rows<__half>(x0, x1, col_scale, q.data, q.scale, gelu_last, gelu_grad_of); break;
+    case at::kFloat: launch_quantise_rows<float>(x0, x1, col_scale, q.data, q.scale, gelu_last, gelu_grad_of); break;
     default: TORCH_CHECK(false, "fp8_quantise_rows_cuda: unsupported dtype ", x0.scalar_type());
   }
   return q;

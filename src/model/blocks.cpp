@@ -210,10 +210,34 @@ std::optional<InputAdapters> main_input_adapters(const BlockContext& c, const st
   return a;
 }
 
+// Whether an MLP's up projection (output columns [begin, end) of linear up) and its down
+// projection run as one fp8_gelu_mlp node (model/gelu_linear.h): both weights in the fp8 stored
+// form and no adapter of these tokens on those columns or on the down projection.
+bool fp8_mlp(const BlockContext& c, const TensorMap& w, const std::string& up, int64_t begin, int64_t end,
+             const std::string& down, bool cond_stream) {
+  return fp8_gelu_mlp_enabled() && w.at(up + ".weight").scalar_type() == at::kFloat8_e4m3fn &&
+         w.at(down + ".weight").scalar_type() == at::kFloat8_e4m3fn && unadapted_columns(c, up, begin, end, cond_stream) &&
+         plain_frozen(c, down, cond_stream);
+}
+
+// fp8_gelu_mlp over columns [begin, begin + n) of linear up (its weight rows, bias and scales).
+at::Tensor fp8_mlp_of(const TensorMap& w, const at::Tensor& x, const std::string& up, int64_t begin, int64_t n,
+                      const std::vector<at::Tensor>& xs, const std::string& down, bool compute_output) {
+  const at::Tensor& Wu = w.at(up + ".weight");
+  const at::Tensor bu = bias_of(w, up);
+  const bool whole = begin == 0 && n == Wu.size(0);
+  return fp8_gelu_mlp(x, whole ? Wu : Wu.narrow(0, begin, n), bu.defined() && !whole ? bu.narrow(0, begin, n) : bu,
+                      fp8_scale_rows(fp8_scale_of(w, up + ".weight"), begin, n), xs, w.at(down + ".weight"),
+                      bias_of(w, down), fp8_scale_of(w, down + ".weight"), compute_output);
+}
+
 template <typename Lin>
 at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin,
                bool cond_stream, bool skip_out) {
-  at::Tensor pre = lin(x, prefix + ".0");
+  const std::string up = prefix + ".0";
+  const int64_t M = w.at(up + ".weight").size(0);
+  if (fp8_mlp(c, w, up, 0, M, prefix + ".2", cond_stream)) return fp8_mlp_of(w, x, up, 0, M, {}, prefix + ".2", !skip_out);
+  at::Tensor pre = lin(x, up);
   const std::string down = prefix + ".2";
   if (skip_out || plain_frozen(c, down, cond_stream))
     return gelu_linear({}, pre, w.at(down + ".weight"), bias_of(w, down), !skip_out, fp8_scale_of(w, down + ".weight"));
@@ -561,23 +585,34 @@ std::vector<at::Tensor> single_block(const BlockContext& c, const TensorMap& w, 
   }
   if (!cond_out_needed) ch.q = at::Tensor();  // the condition's queries only feed its own output
   if (has_cond && c.record) c.record->record(c.block, ch.k, ch.v);
-  at::Tensor mlp_in = merged ? at::Tensor() : main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
+  // The main stream's MLP as one fp8 node (fp8_mlp), when the block's rows are not merged.
+  const bool main_fp8_mlp = !merged && fp8_mlp(c, w, "linear1", 3 * H, 3 * H + M, "linear2", false);
+  at::Tensor mlp_in = merged || main_fp8_mlp ? at::Tensor() : main_linear(c, xn, w, "linear1", 3 * H, 3 * H + M);
   at::Tensor oc;
   at::Tensor* oc_out = cond_out_needed ? &oc : nullptr;
   at::Tensor om = joint ? joint_split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, oc_out)
                         : split_attention(h.q, h.k, h.v, ch.q, ch.k, ch.v, c.cond_lens, oc_out);
   if (merged) {
-    const at::Tensor b1 = bias_of(w, "linear1");
-    at::Tensor pre = frozen_linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M),
-                                   b1.defined() ? b1.narrow(0, 3 * H, M) : b1,
-                                   fp8_scale_rows(fp8_scale_of(w, "linear1.weight"), 3 * H, M));
     const bool skip = skip_terminal(c, m[2], "linear2", false);
-    at::Tensor y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
-                               fp8_scale_of(w, "linear2.weight"));
+    at::Tensor y;
+    if (fp8_mlp(c, w, "linear1", 3 * H, 3 * H + M, "linear2", false)) {  // (merged: no adapters there)
+      y = fp8_mlp_of(w, xin, "linear1", 3 * H, M, {at::cat({om, oc}, 1)}, "linear2", !skip);
+    } else {
+      const at::Tensor b1 = bias_of(w, "linear1");
+      at::Tensor pre = frozen_linear(xin, w.at("linear1.weight").narrow(0, 3 * H, M),
+                                     b1.defined() ? b1.narrow(0, 3 * H, M) : b1,
+                                     fp8_scale_rows(fp8_scale_of(w, "linear1.weight"), 3 * H, M));
+      y = gelu_linear({at::cat({om, oc}, 1)}, pre, w.at("linear2.weight"), bias_of(w, "linear2"), !skip,
+                      fp8_scale_of(w, "linear2.weight"));
+    }
     const auto ys = at::split_with_sizes(y, {Lm, y.size(1) - Lm}, 1);
     return {gated_residual(x_r, m[2], ys[0]), gated_residual(cond_r, cm[2], ys[1])};
   }
-  at::Tensor x_out = gated_residual(x_r, m[2], linear2_of(c, w, om, mlp_in, m[2], false));
+  at::Tensor x_out =
+      gated_residual(x_r, m[2],
+                     main_fp8_mlp ? fp8_mlp_of(w, xn, "linear1", 3 * H, M, {om}, "linear2",
+                                               !skip_terminal(c, m[2], "linear2", false))
+                                  : linear2_of(c, w, om, mlp_in, m[2], false));
   at::Tensor cond_out = cond;
   if (cond_out_needed)
     cond_out = gated_residual(cond_r, cm[2], linear2_of(c, w, oc, cond_linear(c, cn, w, "linear1", 3 * H, 3 * H + M),

@@ -1,5 +1,7 @@
 #include "model/gelu_linear.h"
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -273,6 +275,95 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
     ins.insert(ins.end(), adapters.downs.begin(), adapters.downs.end());
     ins.insert(ins.end(), adapters.ups.begin(), adapters.ups.end());
   }
+  node->set_next_edges(torch::autograd::collect_next_edges(ins));
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
+namespace {
+
+// dz = dy w_down per input block (the last: GELU's output); dx = gelu_backward(dz_last, pre) w_up
+// with GELU's backward taken by the quantiser; the other blocks' gradients as they come.
+struct Fp8GeluMlpBackward : public torch::autograd::Node {
+  at::Tensor w_up, ws_up, w_down, ws_down, pre;
+  std::vector<int64_t> width;               // of each x in xs, then of pre
+  std::vector<std::vector<int64_t>> sizes;  // of each x in xs, then of x
+  std::string name() const override { return "Fp8GeluMlpBackward"; }
+  void release_variables() override {
+    w_up.reset();
+    ws_up.reset();
+    w_down.reset();
+    ws_down.reset();
+    pre.reset();
+  }
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(sizes.size());
+    if (!grads[0].defined()) return out;
+    const at::Tensor dy = grads[0].reshape({-1, w_down.size(0)});
+    const std::vector<at::Tensor> dz = kernels::fp8_linear_input_grad_blocks(dy, w_down, ws_down, width);
+    const size_t last = sizes.size() - 1;
+    for (size_t i = 0; i < last; ++i)
+      if (should_compute_output(i)) out[i] = dz[i].view(sizes[i]);
+    if (should_compute_output(last))
+      out[last] = kernels::fp8_linear_input_grad_through_gelu(dz[last], pre, w_up, ws_up).view(sizes[last]);
+    return out;
+  }
+};
+
+}  // namespace
+
+bool fp8_gelu_mlp_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLUXTRAIN_FP8_MLP_NODE");
+    return !(e && e[0] == '0');
+  }();
+  return enabled;
+}
+
+at::Tensor fp8_gelu_mlp(const at::Tensor& x, const at::Tensor& w_up, const at::Tensor& b_up, const at::Tensor& ws_up,
+                        const std::vector<at::Tensor>& xs, const at::Tensor& w_down, const at::Tensor& b_down,
+                        const at::Tensor& ws_down, bool compute_output) {
+  TORCH_CHECK(w_up.scalar_type() == at::kFloat8_e4m3fn && w_down.scalar_type() == at::kFloat8_e4m3fn &&
+                  ws_up.defined() && ws_down.defined(),
+              "fp8_gelu_mlp: both weights in the fp8 stored form (e4m3 codes and their scales)");
+  int64_t in = w_up.size(0);
+  for (const auto& t : xs) in += t.size(-1);
+  TORCH_CHECK(x.size(-1) == w_up.size(1) && w_down.size(1) == in, "fp8_gelu_mlp: inputs do not match the weights");
+  bool any = x.requires_grad();
+  for (const auto& t : xs) any = any || t.requires_grad();
+  const bool track = at::GradMode::is_enabled() && any;
+  at::Tensor pre, y;
+  {
+    at::NoGradGuard ng;
+    pre = kernels::fp8_linear_forward(x.reshape({-1, x.size(-1)}), w_up, ws_up, b_up);
+    auto sizes = x.sizes().vec();
+    sizes.back() = w_down.size(0);
+    if (compute_output) {
+      std::vector<at::Tensor> rows;
+      for (const auto& t : xs) rows.push_back(t.reshape({-1, t.size(-1)}));
+      rows.push_back(pre);
+      y = kernels::fp8_linear_forward_blocks(rows, w_down, ws_down, b_down, kernels::Fp8Path::Auto, /*gelu_last=*/true)
+              .view(sizes);
+    } else {
+      y = at::empty(sizes, x.options());
+      note_linear_skipped();
+    }
+  }
+  if (!track) return y;
+  std::shared_ptr<Fp8GeluMlpBackward> node(new Fp8GeluMlpBackward(), delete_node);
+  node->w_up = w_up.detach();
+  node->ws_up = ws_up.detach();
+  node->w_down = w_down.detach();
+  node->ws_down = ws_down.detach();
+  node->pre = pre;
+  std::vector<at::Tensor> ins(xs);
+  ins.push_back(x);
+  for (const auto& t : xs) {
+    node->width.push_back(t.size(-1));
+    node->sizes.push_back(t.sizes().vec());
+  }
+  node->width.push_back(w_up.size(0));
+  node->sizes.push_back(x.sizes().vec());
   node->set_next_edges(torch::autograd::collect_next_edges(ins));
   torch::autograd::set_history(y, node);
   return y;

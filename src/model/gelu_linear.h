@@ -38,4 +38,22 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
                        const at::Tensor& b, bool compute_output, const at::Tensor& w_scale = {},
                        const InputAdapters& adapters = {});
 
+// The MLP with both linears frozen in the fp8 stored form (--fp8_matmul) as one autograd node:
+//
+//   pre = x w_up^T + b_up,   y = cat(xs..., gelu_tanh(pre), -1) w_down^T + b_down
+//
+// (a double block's MLP: xs empty; a single block's MLP columns of linear1 and its linear2:
+// xs = {attention}). The same products and numerics as frozen_linear followed by gelu_linear,
+// but GELU's backward is applied by the quantiser of the up projection's input gradient
+// (kernels::fp8_linear_input_grad_through_gelu): the pre-activation's gradient, the widest tensor
+// of the block, is never written nor read back. pre is kept for backward, as gelu_linear keeps it.
+// Only for linears without adapters on these tokens (the caller checks); compute_output false:
+// y is allocated but not computed (pre still is), as gelu_linear's.
+// FLUXTRAIN_FP8_MLP_NODE=0 (read once) makes fp8_gelu_mlp_enabled() false: the callers then
+// compose frozen_linear and gelu_linear (an A/B switch).
+at::Tensor fp8_gelu_mlp(const at::Tensor& x, const at::Tensor& w_up, const at::Tensor& b_up, const at::Tensor& ws_up,
+                        const std::vector<at::Tensor>& xs, const at::Tensor& w_down, const at::Tensor& b_down,
+                        const at::Tensor& ws_down, bool compute_output);
+bool fp8_gelu_mlp_enabled();
+
 }  // namespace fluxtrain

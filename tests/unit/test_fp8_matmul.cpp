@@ -453,6 +453,103 @@ TEST(Fp8Matmul, QuantiserAppliesGeluToTheLastBlockAsAtenDoes) {
   }
 }
 
+// GELU's backward applied by the quantiser (kernels::fp8_quantise_gelu_grad_rows), against an
+// independent reference: dact * GELU'(pre) with the derivative by central differences of GELU's
+// definition x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float64, times the column scales.
+// Each dequantised value (code * row scale) must lie within e4m3's rounding of it: 2^-4 of its
+// magnitude (3 mantissa bits, round to nearest), plus the smallest subnormal step of the row
+// (2^-9 * scale) and float32's rounding of the gradient. float32 activations (CPU).
+TEST(Fp8Matmul, GeluGradQuantiserMatchesGelusDerivative) {
+  at::manual_seed(44);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor pre = at::randn({5, 96}, f64) * 3, dact = at::randn({5, 96}, f64) * at::rand({5, 1}, f64);
+  const at::Tensor col = at::rand({96}, f64) + 0.5;
+  const kernels::Fp8Rows q = kernels::fp8_quantise_gelu_grad_rows(dact.to(at::kFloat), pre.to(at::kFloat), col.to(at::kFloat));
+  const double k = std::sqrt(2.0 / M_PI), h = 1e-5;
+  auto gelu = [&](const at::Tensor& x) { return 0.5 * x * (1.0 + at::tanh(k * (x + 0.044715 * x * x * x))); };
+  const at::Tensor p32 = pre.to(at::kFloat).to(at::kDouble), d32 = dact.to(at::kFloat).to(at::kDouble);
+  const at::Tensor exact = d32 * (gelu(p32 + h) - gelu(p32 - h)) / (2 * h) * col.to(at::kFloat).to(at::kDouble);
+  const at::Tensor deq = q.data.to(at::kDouble) * q.scale.to(at::kDouble);
+  const at::Tensor bound = exact.abs() * (0.0625 + 1e-6) + q.scale.to(at::kDouble) * std::ldexp(1.0, -9);
+  EXPECT_TRUE(((deq - exact).abs() <= bound).all().item<bool>()) << "max excess "
+      << ((deq - exact).abs() - bound).max().item<double>();
+  // The row scale is the row's largest magnitude over 448 (to e4m3's and float32's rounding).
+  const at::Tensor s_want = exact.abs().amax(1, true) / 448.0;
+  EXPECT_LT(((q.scale.to(at::kDouble) - s_want).abs() / s_want).max().item<double>(), 1e-5);
+}
+
+// On CUDA the one-pass kernel gives the bits of the composition, at::gelu_backward then the
+// quantiser (the CUDA kernel evaluates ATen's GeluBackwardCUDAKernelImpl formula): bf16, f16, f32;
+// rows of 12288 (the register kernel), 40000 (two passes) and 37 (unaligned, element by element);
+// per-column and single column scales, and none.
+TEST(Fp8Matmul, CudaGeluGradQuantiserMatchesAtensBackward) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t k : {12288, 40000, 37}) {
+      SCOPED_TRACE(std::string(c10::toString(dt)) + " k=" + std::to_string(k));
+      const at::Tensor pre = (test_rows(6, k, at::kDouble, 45) * 1e-2).to(dt).cuda();
+      const at::Tensor dact = test_rows(6, k, at::kDouble, 46).to(dt).cuda();
+      const at::Tensor dpre = at::gelu_backward(dact, pre, "tanh");
+      for (int cols : {0, 1, 2}) {
+        const at::Tensor col = cols == 0 ? at::Tensor()
+                               : cols == 1 ? at::rand({1}, at::kFloat).cuda() + 0.5
+                                           : at::rand({k}, at::kFloat).cuda() + 0.5;
+        const kernels::Fp8Rows got = kernels::fp8_quantise_gelu_grad_rows(dact, pre, col);
+        const kernels::Fp8Rows want = kernels::fp8_quantise_rows(dpre, col);
+        EXPECT_TRUE(at::equal(got.scale.cpu(), want.scale.cpu())) << cols;
+        const at::Tensor differ = got.data.view(at::kByte).cpu() != want.data.view(at::kByte).cpu();
+        EXPECT_EQ(differ.sum().item<int64_t>(), 0) << cols;
+      }
+    }
+  }
+#endif
+}
+
+// fp8_gelu_mlp (one node for the up projection, GELU and the down projection, model/gelu_linear.h)
+// against its composition, fp8_linear then gelu_linear, on the same fp8 weights: the same
+// products, so the outputs agree to rounding, and so do the gradients of x and of the second
+// input (GELU's backward by the quantiser instead of a kernel of its own). With the output left
+// uncomputed: the same gradients. CPU float32 (1e-6) and, on CUDA, bf16 (the same bits expected:
+// printed; 1e-2 asserted).
+void check_gelu_mlp(const at::TensorOptions& o, double tol) {
+  at::manual_seed(47);
+  const int64_t h = 32, m = 96, out = 48, rows = 40;
+  const kernels::Fp8Tensor wu = kernels::fp8_quantise(at::randn({m, h}, o.dtype(at::kFloat)) / 4, kernels::Fp8Scaling::PerChannel);
+  const kernels::Fp8Tensor wd = kernels::fp8_quantise(at::randn({out, h + m}, o.dtype(at::kFloat)) / 8, kernels::Fp8Scaling::PerChannel);
+  const at::Tensor bu = at::randn({m}, o), bd = at::randn({out}, o);
+  const at::Tensor x0 = at::randn({1, rows, h}, o), a0 = at::randn({1, rows, h}, o), dy = at::randn({1, rows, out}, o);
+  for (bool compute : {true, false}) {
+    at::Tensor x = x0.clone().requires_grad_(), a = a0.clone().requires_grad_();
+    const at::Tensor y = fp8_gelu_mlp(x, wu.data, bu, wu.scale, {a}, wd.data, bd, wd.scale, compute);
+    y.backward(dy);
+    at::Tensor xr = x0.clone().requires_grad_(), ar = a0.clone().requires_grad_();
+    const at::Tensor pre = kernels::fp8_linear(xr, wu.data, wu.scale, bu);
+    const at::Tensor yr = gelu_linear({ar}, pre, wd.data, bd, true, wd.scale);
+    yr.backward(dy);
+    if (compute) {
+      EXPECT_LT(max_rel(y.detach(), yr.detach()), tol);
+      std::printf("[fp8_gelu_mlp] %s: y %.3g, dx %.3g, da %.3g\n", o.device().is_cuda() ? "cuda" : "cpu",
+                  max_rel(y.detach(), yr.detach()), max_rel(x.grad(), xr.grad()), max_rel(a.grad(), ar.grad()));
+    }
+    EXPECT_LT(max_rel(x.grad(), xr.grad()), tol) << compute;
+    EXPECT_LT(max_rel(a.grad(), ar.grad()), tol) << compute;
+  }
+}
+
+TEST(Fp8Matmul, GeluMlpNodeMatchesComposition) { check_gelu_mlp(at::TensorOptions().dtype(at::kFloat), 1e-6); }
+
+TEST(Fp8Matmul, CudaGeluMlpNodeMatchesComposition) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  check_gelu_mlp(at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA), 1e-2);
+#endif
+}
+
 // --fp8_keep_transposed's registry (kernels/fp8_matmul.h): a registered weight's transposed codes
 // are made once per view and then handed out again; an unregistered weight's are made per call;
 // a freed weight's copies are dropped. Reference: ATen's transpose of the same codes, bit for bit.
