@@ -11,6 +11,8 @@
 #                   and its output error against bf16
 #   gemm_keep       --fp8_matmul --fp8_keep_transposed (the weights' transposed codes kept)
 #   gemm_exact      --fp8_matmul with exact accumulation in forward too (FLUXTRAIN_FP8_FAST_ACCUM=0)
+#   gemm_keep_nomlp gemm_keep with the MLP's linears as two nodes (FLUXTRAIN_FP8_MLP_NODE=0: GELU's
+#                   backward as its own kernel, not in the quantiser)
 # PROFILE=1 adds an eager kernel profile of --fp8_matmul at 512/1024/128 (PROFILE_EXTRA: more flags).
 # Usage: VARIANTS="bf16 gemm" bash bench/gpu_fp8_step.sh (carry .deps); all five: about 8 minutes.
 set -uo pipefail
@@ -37,6 +39,7 @@ for v in ${VARIANTS:-bf16 dequant gemm gemm_aten gemm_fast}; do
     gemm) timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_aten) FLUXTRAIN_FP8_OPERANDS=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_keep) timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
+    gemm_keep_nomlp) FLUXTRAIN_FP8_MLP_NODE=0 timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
     gemm_exact) FLUXTRAIN_FP8_FAST_ACCUM=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_fast)
       FLUXTRAIN_FP8_FAST_ACCUM=1 timeout 150 $B $G $F8 > "$OUT/$v.jsonl"
