@@ -33,7 +33,8 @@
 // output against bf16 3.90% rms without, 3.89% with); input gradients accumulate exactly.
 // FLUXTRAIN_FP8_FAST_ACCUM=0 turns it off. Session 15 (same GPU): 177.5 / 323.8 ms with the
 // GELU applied by the quantiser, 170.6 / 317.8 with the transposed codes kept (below); bf16
-// weights 217.5 / 394.1 (docs/benchmarks.md).
+// weights 217.5 / 394.1 (docs/benchmarks.md). Session 16: 168.1 / 315.2 ms with GELU's backward
+// in the up projection's gradient quantiser too (fp8_linear_input_grad_through_gelu).
 #pragma once
 #include <vector>
 
