@@ -418,20 +418,31 @@ TEST(CustomBackward, RopeAndRmsNormMatchPlainAutograd) {
 }
 
 // --- standard (diffusers/peft-style) LoRA: equal to merging scale * up @ down into the weights --
-TEST(StandardLora, EqualsMergedWeights) {
-  const FluxConfig cfg = tiny();
-  const TensorMap full = init_random_weights(cfg, 40, at::kDouble);
+namespace {
+
+// A float64 standard-mode set of rank 3 (alpha 6) on these targets, every up non-zero (so that
+// each adapter changes the output and each down gets a gradient).
+LoraSet standard_lora(const FluxConfig& cfg, std::vector<std::string> targets, uint64_t seed) {
   LoraConfig lc;
   lc.mode = LoraMode::Standard;
   lc.ranks = {3};
   lc.alphas = {6};
-  lc.targets = {"to_q", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_mlp", "proj_out"};
-  LoraSet lora = LoraSet::create(cfg, lc, 41, at::kDouble);
-  at::manual_seed(42);
+  lc.targets = std::move(targets);
+  LoraSet lora = LoraSet::create(cfg, lc, seed, at::kDouble);
+  at::manual_seed(seed + 1);
   for (auto& a : lora.adapters()) {
     at::NoGradGuard ng;
     a.up.copy_(at::randn(a.up.sizes(), kF64) * 0.2);
   }
+  return lora;
+}
+
+}  // namespace
+
+TEST(StandardLora, EqualsMergedWeights) {
+  const FluxConfig cfg = tiny();
+  const TensorMap full = init_random_weights(cfg, 40, at::kDouble);
+  LoraSet lora = standard_lora(cfg, {"to_q", "to_v", "to_out.0", "add_k_proj", "ff.net.2", "proj_mlp", "proj_out"}, 41);
   // Merge every adapter into a copy of the weights: W[rows] += scale * up @ down.
   TensorMap merged;
   for (const auto& kv : full) merged.emplace(kv.first, kv.second.clone());
@@ -458,17 +469,8 @@ TEST(StandardLora, EqualsMergedWeights) {
 TEST(StandardLora, GradientsMatchFiniteDifferences) {
   const FluxConfig cfg = tiny();
   ResidentBlockWeights w(init_random_weights(cfg, 44, at::kDouble), cfg.depth, cfg.depth_single);
-  LoraConfig lc;
-  lc.mode = LoraMode::Standard;
-  lc.ranks = {3};
-  lc.alphas = {6};
-  lc.targets = {"to_q", "to_out.0", "add_v_proj", "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"};
-  LoraSet lora = LoraSet::create(cfg, lc, 45, at::kDouble);
-  at::manual_seed(46);
-  for (auto& a : lora.adapters()) {
-    at::NoGradGuard ng;
-    a.up.copy_(at::randn(a.up.sizes(), kF64) * 0.2);
-  }
+  LoraSet lora =
+      standard_lora(cfg, {"to_q", "to_out.0", "add_v_proj", "ff.net.2", "ff_context.net.2", "proj_mlp", "proj_out"}, 45);
   FluxInputs in = make_inputs(cfg, 1, 3, {}, 47);
   at::Tensor r = at::randn({1, 9, cfg.out_channels}, kF64);
   (flux_forward(cfg, w, &lora, in) * r).sum().backward();
