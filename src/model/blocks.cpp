@@ -186,9 +186,6 @@ at::Tensor bias_of(const TensorMap& w, const std::string& linear) {
   return bi == w.end() ? at::Tensor() : bi->second;
 }
 
-// The MLP: GELU of the up projection, then the down projection. A plain frozen down projection
-// runs as gelu_linear (model/gelu_linear.h: its backward applies GELU's derivative in the GEMM);
-// skip_out: it is only given a backward (skip_terminal).
 // The main stream's adapters on a linear in the form gelu_linear takes (input-side, all rows);
 // nullopt when one of them reads the linear's output (then linear_with_lora applies them).
 // FLUXTRAIN_GELU_LINEAR_ADAPTERS=0 (an A/B switch, read once) gives nullopt for adapted linears:
@@ -231,6 +228,11 @@ at::Tensor fp8_mlp_of(const TensorMap& w, const at::Tensor& x, const std::string
                       bias_of(w, down), fp8_scale_of(w, down + ".weight"), compute_output);
 }
 
+// The MLP: GELU of the up projection, then the down projection. Both frozen in fp8 and
+// unadapted: one fp8_gelu_mlp node. Otherwise a plain frozen down projection, or one with the
+// main stream's input-side adapters, runs as gelu_linear (model/gelu_linear.h: no concatenation,
+// GELU's backward on a dense gradient or in the GEMM's epilogue); skip_out: it is only given a
+// backward (skip_terminal).
 template <typename Lin>
 at::Tensor mlp(const BlockContext& c, const at::Tensor& x, const TensorMap& w, const std::string& prefix, Lin&& lin,
                bool cond_stream, bool skip_out) {
