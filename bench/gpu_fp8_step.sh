@@ -13,6 +13,7 @@
 #   gemm_exact      --fp8_matmul with exact accumulation in forward too (FLUXTRAIN_FP8_FAST_ACCUM=0)
 #   gemm_keep_nomlp gemm_keep with the MLP's linears as two nodes (FLUXTRAIN_FP8_MLP_NODE=0: GELU's
 #                   backward as its own kernel, not in the quantiser)
+#   gemm_keep_fastgelu gemm_keep with the logistic forms of GELU in the quantisers (FLUXTRAIN_FP8_FAST_GELU=1)
 # PROFILE=1 adds an eager kernel profile of --fp8_matmul at 512/1024/128 (PROFILE_EXTRA: more flags).
 # Usage: VARIANTS="bf16 gemm" bash bench/gpu_fp8_step.sh (carry .deps); all five: about 8 minutes.
 set -uo pipefail
@@ -39,6 +40,7 @@ for v in ${VARIANTS:-bf16 dequant gemm gemm_aten gemm_fast}; do
     gemm) timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_aten) FLUXTRAIN_FP8_OPERANDS=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_keep) timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
+    gemm_keep_fastgelu) FLUXTRAIN_FP8_FAST_GELU=1 timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
     gemm_keep_nomlp) FLUXTRAIN_FP8_MLP_NODE=0 timeout 150 $B $G $F8 --fp8_keep_transposed > "$OUT/$v.jsonl" ;;
     gemm_exact) FLUXTRAIN_FP8_FAST_ACCUM=0 timeout 150 $B $G $F8 > "$OUT/$v.jsonl" ;;
     gemm_fast)

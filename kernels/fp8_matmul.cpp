@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cfloat>
 #include <cstdlib>
 #include <cstring>
@@ -144,6 +145,19 @@ bool epilogue_bias(const at::Tensor& bias, at::ScalarType out) {
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool>& fast_gelu_flag() {
+  static std::atomic<bool> flag([] {
+    const char* e = std::getenv("FLUXTRAIN_FP8_FAST_GELU");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }());
+  return flag;
+}
+}  // namespace
+
+void fp8_set_fast_gelu(bool fast) { fast_gelu_flag().store(fast); }
+bool fp8_fast_gelu() { return fast_gelu_flag().load(); }
 
 Fp8Rows fp8_quantise_rows(const at::Tensor& x, const at::Tensor& col_scale) {
   if (x.dim() != 2 || !at::isFloatingType(x.scalar_type()))

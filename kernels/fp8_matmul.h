@@ -70,6 +70,18 @@ Fp8Rows fp8_quantise_row_blocks(const std::vector<at::Tensor>& xs, bool gelu_las
 // composition.
 Fp8Rows fp8_quantise_gelu_grad_rows(const at::Tensor& dact, const at::Tensor& pre, const at::Tensor& col_scale = {});
 
+// How the CUDA quantisers evaluate GELU and its derivative (gelu_last, fp8_quantise_gelu_grad_rows).
+// Exact (the default): ATen's formulas with tanhf, the same bits as at::gelu / at::gelu_backward.
+// Fast: the same functions through the logistic function, 1 + tanh u = 2 / (1 + e^(-2u)), with
+// __expf and a reciprocal (kernels/fp8_operands.cu): within a few float32 ulp, so the rounded
+// values differ from ATen's by one ulp of the activation's dtype at most, before the e4m3
+// rounding (2^-4) that follows. Session 16 found the quantisers with tanhf bound by arithmetic
+// (the GELU-gradient quantiser gained 1 ms of the 6.6 that GELU's backward kernel took); the fast
+// forms are NOT yet measured on a GPU, so they are off unless FLUXTRAIN_FP8_FAST_GELU=1 (read
+// once; the tests switch it with fp8_set_fast_gelu). CPU runs compose ATen's ops either way.
+void fp8_set_fast_gelu(bool fast);
+bool fp8_fast_gelu();
+
 // The codes of w8 [N, K] transposed into a new contiguous [K, N] tensor.
 at::Tensor fp8_transpose_codes(const at::Tensor& w8);
 

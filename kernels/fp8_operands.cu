@@ -22,6 +22,8 @@
 //              of GELU's output and the pre-activation once and writes only codes, instead of a
 //              GELU backward kernel writing the pre-activation's gradient (6.6 ms per step at
 //              512/1024/128, session 15) and the quantiser reading it again.
+//              Both GELU entries evaluate ATen's formulas (tanhf) by default, the same bits as
+//              ATen's kernels; fp8_fast_gelu() switches them to the logistic forms (below).
 //   transpose: e4m3 codes [N, K] -> [K, N], through 64 x 64 byte tiles in shared memory with
 //              4-byte accesses; ATen's byte transpose moved about 0.17 GB/ms.
 #include <cfloat>
@@ -69,10 +71,38 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(inner));
 }
 
+// The logistic forms (fp8_fast_gelu(), kernels/fp8_matmul.h): 1 + tanh u = 2 / (1 + e^(-2u)), so
+// that gelu(x) = x s and gelu'(x) = s + 2 x s (1 - s) u'(x) = s (1 + 2 x e s u'(x)), with
+// e = e^(-2u), s = 1 / (1 + e) and 1 - s = e s: an __expf and an approximate reciprocal (a few
+// instructions) instead of tanhf (some twenty, which left both GELU quantisers bound by
+// arithmetic, not memory: session 16), and no cancellation in 1 + tanh u for negative u. The
+// exponent is clamped at 80 (e^80 < FLT_MAX, far below __fdividef's 2^126 limit), where s and
+// e s are already at their limits. (ptxas: no spills in the bf16 and float32 kernels; fp16's
+// 512-thread gradient kernels spill some 40-60 bytes at 64 registers.)
+__device__ __forceinline__ float gelu_fast(float x) {
+  constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  constexpr float kKappa = 0.044715;
+  const float u = kBeta * x * fmaf(kKappa, x * x, 1.f);
+  return __fdividef(x, 1.f + __expf(fminf(-2.f * u, 80.f)));
+}
+
+__device__ __forceinline__ float gelu_grad_fast(float dy, float x) {
+  constexpr float kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  constexpr float kKappa = 0.044715;
+  const float x2 = x * x;
+  const float e = __expf(fminf(-2.f * kBeta * x * fmaf(kKappa, x2, 1.f), 80.f));
+  const float s = __fdividef(1.f, 1.f + e);
+  const float du = kBeta * fmaf(3.f * kKappa, x2, 1.f);
+  return dy * s * fmaf(2.f * x * e * s, du, 1.f);
+}
+
 template <typename T, int V>
-__device__ __forceinline__ void gelu_in_place(VecT<T, V>& a) {
+__device__ __forceinline__ void gelu_in_place(VecT<T, V>& a, bool fast) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) a.v[e] = from_f<T>(gelu_tanh(to_f(a.v[e])));
+  for (int e = 0; e < V; ++e) {
+    const float x = to_f(a.v[e]);
+    a.v[e] = from_f<T>(fast ? gelu_fast(x) : gelu_tanh(x));
+  }
 }
 
 // dy * gelu_tanh'(x) in float32 as ATen's CUDA kernel evaluates it (GeluBackwardCUDAKernelImpl,
@@ -96,9 +126,12 @@ __device__ __forceinline__ float gelu_tanh_grad(float dy, float x) {
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void gelu_grad_in_place(VecT<T, V>& dy, const VecT<T, V>& x) {
+__device__ __forceinline__ void gelu_grad_in_place(VecT<T, V>& dy, const VecT<T, V>& x, bool fast) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) dy.v[e] = from_f<T>(gelu_tanh_grad(to_f(dy.v[e]), to_f(x.v[e])));
+  for (int e = 0; e < V; ++e) {
+    const float g = to_f(dy.v[e]), p = to_f(x.v[e]);
+    dy.v[e] = from_f<T>(fast ? gelu_grad_fast(g, p) : gelu_tanh_grad(g, p));
+  }
 }
 
 // The row's element block i * V .. i * V + V - 1: from the first source below k0, from the second
@@ -113,6 +146,7 @@ struct Sources {
   int64_t ld0, ld1, k0, gelu_from;
   const T* aux = nullptr;
   int64_t ld_aux = 0;
+  bool fast_gelu = false;  // the logistic forms of GELU and its derivative (fp8_fast_gelu())
   __device__ __forceinline__ const T* at(int64_t row, int64_t i) const {
     const int64_t col = i * V;
     return col < k0 ? x0 + row * ld0 + col : x1 + row * ld1 + (col - k0);
@@ -123,17 +157,18 @@ struct Sources {
   __device__ __forceinline__ VecT<T, V> load(int64_t row, int64_t i) const {
     VecT<T, V> a = *reinterpret_cast<const VecT<T, V>*>(at(row, i));
     if (aux != nullptr)
-      gelu_grad_in_place(a, aux_at(row, i));
+      gelu_grad_in_place(a, aux_at(row, i), fast_gelu);
     else if (i * V >= gelu_from)
-      gelu_in_place(a);
+      gelu_in_place(a, fast_gelu);
     return a;
   }
 };
 
 // What the one-pass kernel makes of the values it loads (a compile-time switch, so that the plain
 // quantiser keeps its registers and occupancy): as they are, GELU from gelu_from on, or GELU's
-// backward at aux.
-enum class Entry { Plain, Gelu, GeluGrad };
+// backward at aux; each GELU entry in ATen's form or the logistic one (a runtime choice there
+// spilled the 512-thread kernels' registers).
+enum class Entry { Plain, Gelu, GeluFast, GeluGrad, GeluGradFast };
 
 // Column scales: none (cs nullptr), one value (n == 1) or one per column (vectors of V read at
 // once when V is a multiple of 4).
@@ -215,6 +250,7 @@ template <typename T, int V, int NV, Entry E, int THREADS>
 __global__ void __launch_bounds__(THREADS, E != Entry::Plain && NV <= 4 ? 2 : 1)
     quantise_rows_regs_kernel(Sources<T, V> src, int64_t k, ColScales cs, uint8_t* __restrict__ codes,
                               float* __restrict__ scales) {
+  constexpr bool kFast = E == Entry::GeluFast || E == Entry::GeluGradFast;
   const int64_t row = blockIdx.x, nv = k / V;
   VecT<T, V> a[NV];
 #pragma unroll
@@ -222,7 +258,7 @@ __global__ void __launch_bounds__(THREADS, E != Entry::Plain && NV <= 4 ? 2 : 1)
     const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
     if (i < nv) a[j] = *reinterpret_cast<const VecT<T, V>*>(src.at(row, i));
   }
-  if constexpr (E == Entry::GeluGrad) {  // GELU's input loaded beside the gradient, all in flight
+  if constexpr (E == Entry::GeluGrad || E == Entry::GeluGradFast) {  // GELU's input beside, all in flight
     VecT<T, V> b[NV];
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
@@ -232,14 +268,14 @@ __global__ void __launch_bounds__(THREADS, E != Entry::Plain && NV <= 4 ? 2 : 1)
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
-      if (i < nv) gelu_grad_in_place(a[j], b[j]);
+      if (i < nv) gelu_grad_in_place(a[j], b[j], kFast);
     }
   }
-  if constexpr (E == Entry::Gelu) {  // after all loads are issued (they stay in flight together)
+  if constexpr (E == Entry::Gelu || E == Entry::GeluFast) {  // after all loads are issued (in flight together)
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(j) * THREADS;
-      if (i < nv && i * V >= src.gelu_from) gelu_in_place(a[j]);
+      if (i < nv && i * V >= src.gelu_from) gelu_in_place(a[j], kFast);
     }
   }
   float amax = 0.f;
@@ -301,6 +337,7 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   constexpr int V16 = 16 / sizeof(T);
   const bool vec = aligned16(x0, V16) && (!x1.defined() || aligned16(x1, V16)) && (!aux.defined() || aligned16(aux, V16)) &&
                    (!col_scale.defined() || reinterpret_cast<uintptr_t>(col_scale.data_ptr()) % 16 == 0);
+  const bool fast = fp8_fast_gelu();
   const T* pa = aux.defined() ? reinterpret_cast<const T*>(aux.data_ptr()) : nullptr;
   const int64_t lda = aux.defined() ? aux.stride(0) : 0;
   const ColScales cs{col_scale.defined() ? col_scale.data_ptr<float>() : nullptr,
@@ -313,19 +350,21 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
   auto stream = at::cuda::getCurrentCUDAStream();
   if (!vec) {
     quantise_rows_kernel<T, 1>
-        <<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda}, k, cs, cp, sp);
+        <<<m, kRowThreads, 0, stream>>>(Sources<T, 1>{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda, fast}, k, cs,
+                                        cp, sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda};
+  const Sources<T, V16> src{p0, p1, x0.stride(0), ld1, k0, gelu_from, pa, lda, fast};
   const int64_t per_thread = (k / V16 + kRegThreads - 1) / kRegThreads;
 #define FLUXTRAIN_QROWS(NV) \
   quantise_rows_regs_kernel<T, V16, NV, Entry::Plain, kRegThreads><<<m, kRegThreads, 0, stream>>>(src, k, cs, cp, sp)
+#define FLUXTRAIN_QROWS_E(E, NV) \
+  quantise_rows_regs_kernel<T, V16, NV, E, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, cp, sp)
 #define FLUXTRAIN_QROWS_GELU(NV) \
-  quantise_rows_regs_kernel<T, V16, NV, Entry::Gelu, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, cp, sp)
-#define FLUXTRAIN_QROWS_GELU_GRAD(NV)                                                                    \
-  quantise_rows_regs_kernel<T, V16, NV, Entry::GeluGrad, kGeluThreads><<<m, kGeluThreads, 0, stream>>>(src, k, cs, \
-                                                                                                       cp, sp)
+  fast ? FLUXTRAIN_QROWS_E(Entry::GeluFast, NV) : FLUXTRAIN_QROWS_E(Entry::Gelu, NV)
+#define FLUXTRAIN_QROWS_GELU_GRAD(NV) \
+  fast ? FLUXTRAIN_QROWS_E(Entry::GeluGradFast, NV) : FLUXTRAIN_QROWS_E(Entry::GeluGrad, NV)
   const int64_t per_gelu_thread = (k / V16 + kGeluThreads - 1) / kGeluThreads;
   // GELU's backward: its arithmetic (tanhf and a dozen more operations per element) spread like
   // the GELU's, over kGeluThreads threads per row; two rows of registers (gradient and input).
@@ -356,6 +395,7 @@ void launch_quantise_rows(const at::Tensor& x0, const at::Tensor& x1, const at::
 #undef FLUXTRAIN_QROWS
 #undef FLUXTRAIN_QROWS_GELU
 #undef FLUXTRAIN_QROWS_GELU_GRAD
+#undef FLUXTRAIN_QROWS_E
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

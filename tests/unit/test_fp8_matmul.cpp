@@ -508,6 +508,53 @@ TEST(Fp8Matmul, CudaGeluGradQuantiserMatchesAtensBackward) {
 #endif
 }
 
+// The fast (logistic) forms of GELU and its derivative in the CUDA quantisers (fp8_set_fast_gelu,
+// kernels/fp8_matmul.h), against GELU's definition in float64 (its derivative by central
+// differences): each dequantised value within e4m3's rounding (2^-4 of its magnitude, plus the
+// row's subnormal step 2^-9 * scale) of the exact one, plus 2^-8 of it for the rounding to the
+// activation's dtype and the fast forms' float32 error. Pre-activations from -90 (the clamped
+// exponent) to +90 and the usual range. Also prints how many codes equal the exact forms'.
+TEST(Fp8Matmul, CudaFastGeluFormsMatchGelusDefinition) {
+#ifndef FLUXTRAIN_WITH_CUDA
+  GTEST_SKIP() << "CPU build";
+#else
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const bool was = kernels::fp8_fast_gelu();
+  at::manual_seed(48);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t k = 12288;
+  at::Tensor pre64 = at::randn({4, k}, f64) * 3;
+  pre64[3] = at::linspace(-90, 90, k, f64);
+  const at::Tensor dact64 = at::randn({4, k}, f64);
+  const double kb = std::sqrt(2.0 / M_PI), h = 1e-5;
+  auto gelu = [&](const at::Tensor& x) { return 0.5 * x * (1.0 + at::tanh(kb * (x + 0.044715 * x * x * x))); };
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    SCOPED_TRACE(c10::toString(dt));
+    const at::Tensor pre = pre64.to(dt).cuda(), dact = dact64.to(dt).cuda();
+    const at::Tensor p = pre.cpu().to(at::kDouble), d = dact.cpu().to(at::kDouble);
+    const at::Tensor want_act = gelu(p), want_grad = d * (gelu(p + h) - gelu(p - h)) / (2 * h);
+    for (bool grad : {false, true}) {
+      kernels::fp8_set_fast_gelu(true);
+      const kernels::Fp8Rows fast = grad ? kernels::fp8_quantise_gelu_grad_rows(dact, pre)
+                                         : kernels::fp8_quantise_row_blocks({pre}, /*gelu_last=*/true);
+      kernels::fp8_set_fast_gelu(false);
+      const kernels::Fp8Rows exact = grad ? kernels::fp8_quantise_gelu_grad_rows(dact, pre)
+                                          : kernels::fp8_quantise_row_blocks({pre}, /*gelu_last=*/true);
+      const at::Tensor want = grad ? want_grad : want_act;
+      const at::Tensor scale = fast.scale.cpu().to(at::kDouble);
+      const at::Tensor deq = fast.data.cpu().to(at::kDouble) * scale;
+      const at::Tensor bound = want.abs() * (0.0625 + 0.0039) + scale * std::ldexp(1.0, -9);
+      EXPECT_TRUE(((deq - want).abs() <= bound).all().item<bool>())
+          << (grad ? "gradient" : "activation") << ": max excess " << ((deq - want).abs() - bound).max().item<double>();
+      const double same = (fast.data.view(at::kByte) == exact.data.view(at::kByte)).to(at::kDouble).mean().item<double>();
+      std::printf("[fast gelu] %s %s: %.4f of the codes equal the exact forms'\n", c10::toString(dt),
+                  grad ? "gradient" : "activation", same);
+    }
+  }
+  kernels::fp8_set_fast_gelu(was);
+#endif
+}
+
 // fp8_gelu_mlp (one node for the up projection, GELU and the down projection, model/gelu_linear.h)
 // against its composition, fp8_linear then gelu_linear, on the same fp8 weights: the same
 // products, so the outputs agree to rounding, and so do the gradients of x and of the second
