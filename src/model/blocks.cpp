@@ -195,16 +195,11 @@ std::optional<InputAdapters> main_input_adapters(const BlockContext& c, const st
     const char* e = std::getenv("FLUXTRAIN_GELU_LINEAR_ADAPTERS");
     return !(e && e[0] == '0');
   }();
-  InputAdapters a;
-  if (!c.lora) return a;
-  for (const LoraAdapter* ad : c.lora->find(c.block, linear, -1)) {
+  if (!c.lora) return InputAdapters{};
+  const std::vector<const LoraAdapter*> ads = c.lora->find(c.block, linear, -1);
+  for (const LoraAdapter* ad : ads)
     if (ad->on_output || !enabled) return std::nullopt;
-    a.downs.push_back(ad->down);
-    a.ups.push_back(ad->up);
-    a.offsets.push_back(ad->out_begin);
-    a.scales.push_back(ad->scale);
-  }
-  return a;
+  return input_adapters(ads);
 }
 
 // Whether an MLP's up projection (output columns [begin, end) of linear up) and its down
@@ -362,20 +357,10 @@ at::Tensor joint_qkv(const BlockContext& c, const TensorMap& w, const at::Tensor
   const at::Tensor W = w.at("linear1.weight").narrow(0, 0, n3);
   const at::Tensor b1 = bias_of(w, "linear1");
   const at::Tensor b = b1.defined() ? b1.narrow(0, 0, n3) : b1;
-  std::vector<at::Tensor> downs, ups;
-  std::vector<int64_t> offsets;
-  std::vector<double> scales;
-  if (c.lora) {
-    for (const LoraAdapter* a : c.lora->find(c.block, "linear1", 0)) {
-      downs.push_back(a->down);
-      ups.push_back(a->up);
-      offsets.push_back(a->out_begin);
-      scales.push_back(a->scale);
-    }
-  }
+  const InputAdapters a = c.lora ? input_adapters(c.lora->find(c.block, "linear1", 0)) : InputAdapters{};
   const at::Tensor ws = fp8_scale_rows(fp8_scale_of(w, "linear1.weight"), 0, n3);
-  if (downs.empty()) return frozen_linear(xin, W, b, ws);
-  return lora_linear(xin, W, b, downs, ups, offsets, scales, ws, Lm, Lm + cn.size(1), cn);
+  if (a.empty()) return frozen_linear(xin, W, b, ws);
+  return lora_linear(xin, W, b, a.downs, a.ups, a.offsets, a.scales, ws, Lm, Lm + cn.size(1), cn);
 }
 
 }  // namespace

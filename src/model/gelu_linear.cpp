@@ -61,22 +61,11 @@ struct GeluLinearBackward : public torch::autograd::Node {
     bool need_in = false, need_down = false;
     for (size_t i = 0; i < n_in; ++i) need_in = need_in || should_compute_output(i);
     for (size_t i = 0; i < k; ++i) need_down = need_down || should_compute_output(n_in + i);
-    at::Tensor dh;
-    if (need_in || need_down) {
-      dh = at::empty({dy.size(0), D.size(0)}, dy.options());
-      int64_t r0 = 0;
-      for (size_t i = 0; i < k; ++i) {
-        at::Tensor dhi = dh.narrow(1, r0, ranks[i]);
-        at::addmm_out(dhi, dhi, dy.narrow(1, offsets[i], U[i].size(0)), U[i], 0.0, scales[i]);  // beta 0
-        r0 += ranks[i];
-      }
-    }
+    const at::Tensor dh = need_in || need_down ? adapters_dh(dy, U, offsets, scales) : at::Tensor();
     int64_t r0 = 0;
     for (size_t i = 0; i < k; ++i) {
-      if (should_compute_output(n_in + k + i)) {
-        at::Tensor g = matmul_to(dy.narrow(1, offsets[i], U[i].size(0)).t(), h.narrow(1, r0, ranks[i]), up_dtypes[i]);
-        out[n_in + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
-      }
+      if (should_compute_output(n_in + k + i))
+        out[n_in + k + i] = adapter_up_grad(dy, h, r0, U[i], offsets[i], scales[i], up_dtypes[i]);
       r0 += ranks[i];
     }
     if (need_down) {

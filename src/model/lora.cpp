@@ -239,6 +239,17 @@ void LoraSet::to(const at::TensorOptions& opts) {
   }
 }
 
+InputAdapters input_adapters(const std::vector<const LoraAdapter*>& adapters, int64_t row_begin) {
+  InputAdapters a;
+  for (const LoraAdapter* ad : adapters) {
+    a.downs.push_back(ad->down);
+    a.ups.push_back(ad->up);
+    a.offsets.push_back(ad->out_begin - row_begin);
+    a.scales.push_back(ad->scale);
+  }
+  return a;
+}
+
 at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const LoraSet* lora, int block, const std::string& linear, int cond,
                             int64_t row_begin, int64_t row_end, const at::Tensor& weight_scale) {
@@ -258,16 +269,8 @@ at::Tensor linear_with_lora(const at::Tensor& x, const at::Tensor& weight, const
   if (!ads.empty()) {
     // All input-side adapters in one autograd node (model/lora_linear.h): their products go
     // straight into their rows of y, and their input gradient into the base's.
-    std::vector<at::Tensor> downs, ups;
-    std::vector<int64_t> offsets;
-    std::vector<double> scales;
-    for (const LoraAdapter* a : ads) {
-      downs.push_back(a->down);
-      ups.push_back(a->up);
-      offsets.push_back(a->out_begin - row_begin);
-      scales.push_back(a->scale);
-    }
-    y = lora_linear(x, w, b, downs, ups, offsets, scales, ws);
+    const InputAdapters a = input_adapters(ads, row_begin);
+    y = lora_linear(x, w, b, a.downs, a.ups, a.offsets, a.scales, ws);
   } else {
     y = frozen_linear(x, w, b, ws);
   }

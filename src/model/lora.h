@@ -24,6 +24,7 @@
 
 #include "core/tensor_map.h"
 #include "model/flux_config.h"
+#include "model/lora_linear.h"
 
 namespace fluxtrain {
 
@@ -104,6 +105,10 @@ class LoraSet {
   std::map<std::pair<int, std::string>, std::vector<size_t>> index_;
   void build_index();
 };
+
+// Input-side adapters in the form lora_linear and gelu_linear take (model/lora_linear.h): each
+// adapter's down, up and scale, its offset counted from output row row_begin of the linear.
+InputAdapters input_adapters(const std::vector<const LoraAdapter*>& adapters, int64_t row_begin = 0);
 
 // y = x W[rows]^T + b[rows], plus every matching adapter's scale * up(down(x)) on its rows.
 // rows = [row_begin, row_end) of the fused linear (row_end -1: all); adapters outside are skipped.

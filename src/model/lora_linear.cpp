@@ -101,25 +101,14 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     bool need_down = false;
     for (int64_t i = 0; i < k; ++i) need_down = need_down || ctx->needs_input_grad(3 + i);
 
+    const std::vector<at::Tensor> U(saved.begin() + 4, saved.begin() + 4 + k);
     at::Tensor dh;
-    if (need_x || need_down) {
-      dh = at::empty({rows, D.size(0)}, dy.options());
-      int64_t r0 = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        at::Tensor dhi = dh.narrow(1, r0, ranks[i]);
-        const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
-        at::addmm_out(dhi, dhi, dyi, saved[4 + i], 0.0, scales[i]);  // beta 0: dh's contents unread
-        r0 += ranks[i];
-      }
-    }
+    if (need_x || need_down) dh = adapters_dh(dya, U, offsets, scales);
     int64_t r0 = 0;
     for (int64_t i = 0; i < k; ++i) {
-      const auto up_dtype = static_cast<at::ScalarType>(master_dtypes[2 * i + 1]);
-      if (ctx->needs_input_grad(3 + k + i)) {
-        const at::Tensor dyi = dya.narrow(1, offsets[i], saved[4 + i].size(0));
-        at::Tensor g = matmul_to(dyi.t(), h.narrow(1, r0, ranks[i]), up_dtype);
-        result[3 + k + i] = scales[i] == 1.0 ? g : g.mul_(scales[i]);
-      }
+      if (ctx->needs_input_grad(3 + k + i))
+        result[3 + k + i] = adapter_up_grad(dya, h, r0, U[i], offsets[i], scales[i],
+                                            static_cast<at::ScalarType>(master_dtypes[2 * i + 1]));
       r0 += ranks[i];
     }
     if (need_down) {
@@ -214,6 +203,26 @@ at::Tensor matmul_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType ou
   const auto dt = a.scalar_type();
   if (a.is_cuda() && out == at::kFloat && (dt == at::kBFloat16 || dt == at::kHalf)) return at::mm(a, b, at::kFloat);
   return at::mm(a, b).to(out);
+}
+
+at::Tensor adapters_dh(const at::Tensor& dy, const std::vector<at::Tensor>& U, const std::vector<int64_t>& offsets,
+                       const std::vector<double>& scales) {
+  int64_t r = 0;
+  for (const auto& u : U) r += u.size(1);
+  at::Tensor dh = at::empty({dy.size(0), r}, dy.options());
+  int64_t r0 = 0;
+  for (size_t i = 0; i < U.size(); ++i) {
+    at::Tensor dhi = dh.narrow(1, r0, U[i].size(1));
+    at::addmm_out(dhi, dhi, dy.narrow(1, offsets[i], U[i].size(0)), U[i], 0.0, scales[i]);  // beta 0: unread
+    r0 += U[i].size(1);
+  }
+  return dh;
+}
+
+at::Tensor adapter_up_grad(const at::Tensor& dy, const at::Tensor& h, int64_t r0, const at::Tensor& U_i,
+                           int64_t offset, double scale, at::ScalarType dtype) {
+  at::Tensor g = matmul_to(dy.narrow(1, offset, U_i.size(0)).t(), h.narrow(1, r0, U_i.size(1)), dtype);
+  return scale == 1.0 ? g : g.mul_(scale);
 }
 
 at::Tensor fp8_scale_rows(const at::Tensor& w_scale, int64_t begin, int64_t n) {

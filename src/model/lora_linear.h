@@ -42,6 +42,15 @@ struct InputAdapters {
 // How the adapters' gradients reach their masters.
 at::Tensor matmul_to(const at::Tensor& a, const at::Tensor& b, at::ScalarType out);
 
+// The adapters' backward products that lora_linear and gelu_linear share, for adapters i with
+// ups U[i] [n_i, r_i] (in the activations' dtype) on output columns [offsets[i], + n_i) of dy:
+//   adapters_dh: dh [rows, sum r_i] with dh_i = scales[i] dy_i U[i] in its columns;
+//   adapter_up_grad: dU_i = scales[i] dy_i^T h_i (h's columns r0 .. r0 + r_i) in dtype.
+at::Tensor adapters_dh(const at::Tensor& dy, const std::vector<at::Tensor>& U, const std::vector<int64_t>& offsets,
+                       const std::vector<double>& scales);
+at::Tensor adapter_up_grad(const at::Tensor& dy, const at::Tensor& h, int64_t r0, const at::Tensor& U_i,
+                           int64_t offset, double scale, at::ScalarType dtype);
+
 // y + scale * (y down^T) up^T: an adapter on the output of a linear (EasyControl's proj_loras,
 // h = h + w * lora(h)), as one autograd node; down [r, n], up [n, r] trained masters (any float
 // dtype, gradients in their own), y [..., n].
