@@ -8,7 +8,8 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
-nvcc -O2 -std=c++17 -arch=sm_90 bench/probe_cublaslt_algos.cu -lcublasLt -o /tmp/probe_cublaslt 2>&1 | tail -3
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+$NVCC -O2 -std=c++17 -arch=sm_90 bench/probe_cublaslt_algos.cu -lcublasLt -o /tmp/probe_cublaslt 2>&1 | tail -3
 timeout 120 /tmp/probe_cublaslt > "$OUT/cublaslt_algos.jsonl"
 python3 - "$OUT/cublaslt_algos.jsonl" <<'PY'
 import json, sys
