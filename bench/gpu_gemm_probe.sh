@@ -3,11 +3,12 @@
 # heuristic against the best of its 16 candidates, per GEMM shape of the step; JSON lines in
 # $OUT/cublaslt_algos.jsonl, summary printed), then the graph step with LibTorch's BLAS backend
 # A/B: default against TORCH_BLAS_PREFER_CUBLASLT=1, plain LoRA (and EasyControl when EC=1).
-# Needs build-gpu (run after bench/gpu_kernel_tests.sh or gpu_fp8_step.sh). Usage: bash bench/gpu_gemm_probe.sh
+# PROBE=0 skips the probe. The A/B needs build-gpu (run after bench/gpu_kernel_tests.sh or gpu_fp8_step.sh). Usage: bash bench/gpu_gemm_probe.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
+if [ "${PROBE:-1}" = 1 ]; then
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 $NVCC -O2 -std=c++17 -arch=sm_90 bench/probe_cublaslt_algos.cu -lcublasLt -o /tmp/probe_cublaslt 2>&1 | tail -3
 timeout 120 /tmp/probe_cublaslt > "$OUT/cublaslt_algos.jsonl"
@@ -22,6 +23,7 @@ for x in rows:
     if x["workspace_mib"] == 32 and x["first_ms"] > 1.03 * x["best_ms"]:
         print(f'  {x["shape"]:28s} M={x["M"]:5d} first {x["first_ms"]:.3f} best {x["best_ms"]:.3f} (#{x["best_index"]}) {x["first_tflops"]}->{x["best_tflops"]} TFLOP/s')
 PY
+fi
 B=build-gpu/fluxtrain
 [ -x $B ] || exit 0
 show() { python3 -c '
