@@ -2,16 +2,18 @@
 // path itself is kernels/gemm_tuned.cu, built with CUDA only).
 #include "kernels/gemm_tuned.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
-
-#include "core/fs.h"
 
 namespace fluxtrain::kernels {
 namespace {
@@ -194,23 +196,33 @@ std::map<std::string, GemmAlgoWords> read_gemm_tuning(const std::string& path, c
 bool write_gemm_tuning(const std::string& path, const std::string& device,
                        const std::map<std::string, GemmAlgoWords>& choices) {
   if (path.empty()) return false;
-  std::string text;
+  std::vector<std::string> kept;
   {
     std::ifstream in(path);
     std::string line, dev, key;
     GemmAlgoWords w{};
     while (std::getline(in, line))
-      if (parse_line(line, dev, key, w) && dev != device) text += line + '\n';
+      if (parse_line(line, dev, key, w) && dev != device) kept.push_back(line);
   }
-  for (const auto& [key, w] : choices) text += device + '|' + key + '|' + hex_words(w) + '\n';
-  try {
-    const size_t slash = path.find_last_of('/');
-    if (slash != std::string::npos && slash > 0) make_directories(path.substr(0, slash));
-    write_text_file_atomic(path, text);
-    return true;
-  } catch (const std::exception&) {
-    return false;
+  std::error_code ec;
+  const std::filesystem::path p(path);
+  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) return false;
+    for (const auto& l : kept) out << l << '\n';
+    for (const auto& [key, w] : choices) out << device << '|' << key << '|' << hex_words(w) << '\n';
+    out.flush();
+    if (!out) {
+      std::filesystem::remove(tmp, ec);
+      return false;
+    }
   }
+  std::error_code renamed;
+  std::filesystem::rename(tmp, path, renamed);
+  if (renamed) std::filesystem::remove(tmp, ec);
+  return !renamed;
 }
 
 }  // namespace fluxtrain::kernels

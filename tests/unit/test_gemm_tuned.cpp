@@ -15,6 +15,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -26,7 +27,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
-#include "core/fs.h"
 #include "kernels/gemm_tuned.h"
 #include "support/test_util.h"
 
@@ -34,8 +34,9 @@ using namespace fluxtrain;
 
 namespace {
 
-// (POSIX paths, not std::filesystem: see core/fs.h.)
-std::string temp_path(const std::string& name) { return "/tmp/fluxtrain_" + name + "_" + std::to_string(::getpid()); }
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("fluxtrain_" + name + "_" + std::to_string(::getpid()))).string();
+}
 
 std::string slurp(const std::string& path) {
   std::ifstream in(path);
@@ -107,7 +108,7 @@ TEST(GemmTuned, TuningFileKeepsOtherDevicesAndSkipsMalformedLines) {
   const std::string before = slurp(path);
   EXPECT_FALSE(kernels::write_gemm_tuning(path + "/x.txt", "GPU B", {{"k", w1}}));
   EXPECT_EQ(slurp(path), before);
-  remove_tree(temp_path("gemm_tuning"));
+  std::filesystem::remove_all(temp_path("gemm_tuning"));
 }
 
 #ifdef FLUXTRAIN_WITH_CUDA
