@@ -8,7 +8,6 @@
 #include <torch/csrc/autograd/saved_variable.h>
 
 #include "kernels/fp8_matmul.h"
-#include "kernels/gemm_tuned.h"
 #include "kernels/matmul_dgelu.h"
 #include "model/recompute.h"
 
@@ -98,7 +97,7 @@ struct GeluLinearBackward : public torch::autograd::Node {
     if (w.scalar_type() == at::kFloat8_e4m3fn) {
       std::vector<at::Tensor> dz = kernels::fp8_linear_input_grad_blocks(dy, w, w_scale, width);
       for (size_t i = 0; i <= last; ++i)
-        if (dh.defined() && should_compute_output(i)) kernels::gemm_into(dz[i], dh, Dj(i), 1.0, 1.0);
+        if (dh.defined() && should_compute_output(i)) dz[i].addmm_(dh, Dj(i));
       for (size_t i = 0; i < last; ++i)
         if (should_compute_output(i)) out[i] = dz[i].view(sizes[i]);
       if (should_compute_output(last))
@@ -108,8 +107,8 @@ struct GeluLinearBackward : public torch::autograd::Node {
     }
     for (size_t i = 0; i < last; ++i) {
       if (!should_compute_output(i)) continue;
-      at::Tensor dx = kernels::gemm(dy, w.narrow(1, col0[i], width[i]));
-      if (dh.defined()) kernels::gemm_into(dx, dh, Dj(i), 1.0, 1.0);
+      at::Tensor dx = at::mm(dy, w.narrow(1, col0[i], width[i]));
+      if (dh.defined()) dx.addmm_(dh, Dj(i));
       out[i] = dx.view(sizes[i]);
     }
     if (should_compute_output(last)) {
@@ -117,8 +116,8 @@ struct GeluLinearBackward : public torch::autograd::Node {
       const at::Tensor wl = w.narrow(1, col0[last], width[last]);
       at::Tensor dpre;
       if (dh.defined()) {
-        at::Tensor dact = kernels::gemm(dy, wl);
-        kernels::gemm_into(dact, dh, Dj(last), 1.0, 1.0);
+        at::Tensor dact = at::mm(dy, wl);
+        dact.addmm_(dh, Dj(last));
         dpre = at::gelu_backward(dact, p, "tanh");
       } else {
         dpre = kernels::matmul_dgelu(dy, wl, p);
@@ -155,10 +154,10 @@ at::Tensor forward_values(const std::vector<at::Tensor>& xs, const at::Tensor& p
   for (const auto& x : ins) {
     const at::Tensor wc = w.narrow(1, c, x.size(-1));
     if (!y.defined()) {
-      y = kernels::linear_values(x, wc, b);
+      y = at::linear(x, wc, b);
     } else {
-      // y is this function's own: the further products accumulate into it in place.
-      kernels::gemm_into(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}), wc.t(), 1.0, 1.0);
+      auto sz = y.sizes().vec();
+      y = at::addmm(y.reshape({-1, sz.back()}), x.reshape({-1, x.size(-1)}), wc.t()).view(sz);
     }
     c += x.size(-1);
   }
@@ -217,9 +216,9 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
       for (const auto& x : ins) {
         const at::Tensor x2 = x.reshape({-1, x.size(-1)}), Dc = D.narrow(1, c, x.size(-1));
         if (!h.defined())
-          h = kernels::gemm(x2, Dc.t());
+          h = at::mm(x2, Dc.t());
         else
-          kernels::gemm_into(h, x2, Dc.t(), 1.0, 1.0);
+          h.addmm_(x2, Dc.t());
         c += x.size(-1);
       }
       const at::Tensor y2 = y.view({-1, w.size(0)});
@@ -228,8 +227,7 @@ at::Tensor gelu_linear(const std::vector<at::Tensor>& xs, const at::Tensor& pre,
         U.push_back(adapters.ups[i].to(dt));
         const int64_t r = adapters.downs[i].size(0);
         if (compute_output)
-          kernels::gemm_into(y2.narrow(1, adapters.offsets[i], U[i].size(0)), h.narrow(1, r0, r), U[i].t(), 1.0,
-                             adapters.scales[i]);
+          y2.narrow(1, adapters.offsets[i], U[i].size(0)).addmm_(h.narrow(1, r0, r), U[i].t(), 1.0, adapters.scales[i]);
         r0 += r;
       }
     }

@@ -6,7 +6,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "kernels/fp8_matmul.h"
-#include "kernels/gemm_tuned.h"
 
 namespace fluxtrain {
 namespace {
@@ -43,17 +42,16 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     std::vector<int64_t> ranks;
     for (const auto& d : downs) ranks.push_back(d.size(0));
     const at::Tensor D = (k == 1 ? downs[0] : at::cat(downs, 0)).to(dt);
-    const at::Tensor h = kernels::gemm(xa, D.t());
+    const at::Tensor h = at::mm(xa, D.t());
     const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
     at::Tensor y = fp8 ? kernels::fp8_linear_forward(x2, w, w_scale, b)
-                       : kernels::gemm(x2, w.t(), b);
+                       : (b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t()));
     std::vector<at::Tensor> U;
     const at::Tensor ya = y.narrow(0, row0, row1 - row0);
     int64_t r0 = 0;
     for (int64_t i = 0; i < k; ++i) {
       U.push_back(ups[i].to(dt));
-      kernels::gemm_into(ya.narrow(1, offsets[i], ups[i].size(0)), h.narrow(1, r0, ranks[i]), U[i].t(), 1.0,
-                         scales[i]);
+      ya.narrow(1, offsets[i], ups[i].size(0)).addmm_(h.narrow(1, r0, ranks[i]), U[i].t(), 1.0, scales[i]);
       r0 += ranks[i];
     }
     // Saved only where backward needs them, as autograd on the plain ops would: w for the input
@@ -129,8 +127,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     }
     if (need_x) {
       at::Tensor dx = w.scalar_type() == at::kFloat8_e4m3fn ? kernels::fp8_linear_input_grad(dy, w, saved[4 + k])
-                                                            : kernels::gemm(dy, w);
-      kernels::gemm_into(dx.narrow(0, ctx->saved_data["row0"].toInt(), rows), dh, D, 1.0, 1.0);
+                                                            : at::mm(dy, w);
+      dx.narrow(0, ctx->saved_data["row0"].toInt(), rows).addmm_(dh, D);
       result[0] = dx.view(x_sizes);
     }
     return result;
@@ -148,7 +146,7 @@ struct OutputLoraFunction : public torch::autograd::Function<OutputLoraFunction>
     const int64_t n = y.size(-1);
     const at::Tensor y2 = y.reshape({-1, n});
     const at::Tensor D = down.to(dt), U = up.to(dt);
-    const at::Tensor h = kernels::gemm(y2, D.t());
+    const at::Tensor h = at::mm(y2, D.t());
     at::Tensor out = at::addmm(y2, h, U.t(), 1.0, scale);
     ctx->save_for_backward({down.requires_grad() ? y2 : at::Tensor(), D, U, h});
     ctx->saved_data["scale"] = scale;
@@ -172,7 +170,7 @@ struct OutputLoraFunction : public torch::autograd::Function<OutputLoraFunction>
     }
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
       at::Tensor dh = at::empty({dout.size(0), U.size(1)}, dout.options());
-      kernels::gemm_into(dh, dout, U, 0.0, scale);  // beta 0: dh's contents unread
+      at::addmm_out(dh, dh, dout, U, 0.0, scale);  // beta 0: dh's contents unread
       if (ctx->needs_input_grad(1)) result[1] = matmul_to(dh.t(), y2, static_cast<at::ScalarType>(dtypes[0]));
       if (ctx->needs_input_grad(0)) result[0] = at::addmm(dout, dh, D).view(sizes);
     }
@@ -215,7 +213,7 @@ at::Tensor adapters_dh(const at::Tensor& dy, const std::vector<at::Tensor>& U, c
   int64_t r0 = 0;
   for (size_t i = 0; i < U.size(); ++i) {
     at::Tensor dhi = dh.narrow(1, r0, U[i].size(1));
-    kernels::gemm_into(dhi, dy.narrow(1, offsets[i], U[i].size(0)), U[i], 0.0, scales[i]);  // beta 0: unread
+    at::addmm_out(dhi, dhi, dy.narrow(1, offsets[i], U[i].size(0)), U[i], 0.0, scales[i]);  // beta 0: unread
     r0 += U[i].size(1);
   }
   return dh;
@@ -238,7 +236,7 @@ at::Tensor frozen_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
     TORCH_CHECK(w_scale.defined(), "frozen_linear: an e4m3 weight without its fp8 scales");
     return kernels::fp8_linear(x, w, w_scale, b);
   }
-  return kernels::frozen_linear_tuned(x, w, b);
+  return at::linear(x, w, b);
 }
 
 }  // namespace fluxtrain
