@@ -2,6 +2,8 @@
 // on the GEMMs of a FLUX LoRA step (issue 15). For each shape it asks cuBLASLt for up to 16
 // candidate algorithms, times each (CUDA events, mean of 20 runs after 3 warm-up runs) and prints a
 // JSON line: the first heuristic's time, the best time and which candidate it was.
+// Session 17 on the H200: 3.9% less over the base-weight shapes in isolation, none of it in the
+// step (docs/benchmarks.md).
 // Build and run on the device (no fluxtrain code involved):
 //   nvcc -O2 -std=c++17 -arch=sm_90 bench/probe_cublaslt_algos.cu -lcublasLt -o /tmp/probe && /tmp/probe
 // Shapes are named in row-major terms: "fwd" is y[M,N] = x[M,K] W[N,K]^T, "dx" is dx[M,K] = dy[M,N] W[N,K],
@@ -134,7 +136,7 @@ int main() {
       probe(lt, buf, std::string(w.name) + "_dx", M, w.in, w.out, CUBLAS_OP_N, CUBLAS_OP_N, w.in, M, w.out, f);
     }
   }
-  // The adapters' products at rank 128 on 4608 rows (plain LoRA at 1024 px).
+  // The adapters' products at ranks 32 and 128 on 4608 rows (plain LoRA at 1024 px).
   for (int r : {32, 128}) {
     const int M = 4608;
     for (int io : {3072, 12288}) {
