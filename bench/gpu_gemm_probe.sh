@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call's part on GEMM choice (issue 15): bench/probe_cublaslt_algos.cu (cuBLASLt's first
-# heuristic against the best of its 16 candidates, per GEMM shape of the step; JSON lines in
+# heuristic against the best of the candidates it offers (up to 16), per GEMM shape of the step; JSON lines in
 # $OUT/cublaslt_algos.jsonl, summary printed), then the graph step with LibTorch's BLAS backend
 # A/B: default against TORCH_BLAS_PREFER_CUBLASLT=1, plain LoRA (and EasyControl when EC=1).
-# PROBE=0 skips the probe. The A/B needs build-gpu (run after bench/gpu_kernel_tests.sh or gpu_fp8_step.sh). Usage: bash bench/gpu_gemm_probe.sh
+# PROBE=0 skips the probe. The A/B needs build-gpu (run after bench/gpu_kernel_tests.sh or
+# gpu_fp8_step.sh). Session 17's results: docs/benchmarks.md. Usage: bash bench/gpu_gemm_probe.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
