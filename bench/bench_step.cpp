@@ -18,6 +18,7 @@
 
 #include "core/device_info.h"
 #include "bench/flops.h"
+#include "bench/gpu_power.h"
 #include "bench/profile_trace.h"
 #include "bench/step_runner.h"
 #include "cli/cli_common.h"
@@ -393,6 +394,10 @@ int cmd_bench(int argc, char** argv) {
         }
       }
       sync(dev);
+      // The clocks the timed steps ran at (NVML, sampled every 20 ms; CUDA only).
+      std::unique_ptr<PowerSampler> power;
+      if (dev.is_cuda()) power = std::make_unique<PowerSampler>(dev.index() < 0 ? 0 : dev.index());
+      if (power) power->start();
       std::vector<double> ms, host_ms, resident_ms;
       for (int i = 0; i < iters; ++i) {
         if (compare_resident) {
@@ -413,6 +418,7 @@ int cmd_bench(int argc, char** argv) {
         sync(dev);
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
       }
+      const std::optional<PowerSummary> power_summary = power ? power->stop() : std::nullopt;
       std::sort(ms.begin(), ms.end());
       std::sort(host_ms.begin(), host_ms.end());
       const double med = ms[ms.size() / 2];
@@ -448,6 +454,17 @@ int cmd_bench(int argc, char** argv) {
         // issue 14's bound is those plus 4 GiB): getrusage's high-water mark, as train reports it.
         rusage ru{};
         if (getrusage(RUSAGE_SELF, &ru) == 0) j["peak_host_rss_gib"] = static_cast<double>(ru.ru_maxrss) / (1 << 20);
+      }
+      if (power_summary) {
+        const PowerSummary& p = *power_summary;
+        j["gpu_power"] = {{"samples", p.samples},
+                          {"sm_mhz_median", p.sm_mhz_median},
+                          {"sm_mhz_min", p.sm_mhz_min},
+                          {"sm_mhz_max_supported", p.sm_mhz_max_supported},
+                          {"power_w_median", p.power_w_median},
+                          {"power_limit_w", p.power_limit_w},
+                          {"power_capped_fraction", p.power_capped_fraction},
+                          {"slowdown_fraction", p.slowdown_fraction}};
       }
       if (low) j["low_memory"] = low_json;
       if (clip) {

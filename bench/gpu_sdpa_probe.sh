@@ -4,7 +4,8 @@
 # .deps/cudnn_frontend/include: `pip download --no-deps nvidia-cudnn-frontend` and unzip its
 # include/ there), runs it, keeps the JSON lines in $OUT/cudnn_sdpa.jsonl and prints a summary.
 # SKIP_PROBE / SKIP_STEP leave a part out (the step part needs build-gpu); PROBE_SKIP_SHAPES=1 runs
-# only the sustained loops. Usage: bash bench/gpu_sdpa_probe.sh
+# only the sustained loops; STEP_RUNS picks steps among "ec512 plain1024 fp8_512" (the bench's own
+# NVML summary, `gpu_power` in its JSON, is printed beside nvidia-smi's). Usage: bash bench/gpu_sdpa_probe.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -69,12 +70,22 @@ if [ -z "${SKIP_STEP:-}" ] && [ -x $B ]; then
     S=$(sample "$OUT/clocks_$name.csv")
     timeout 200 $B $G "$@" > "$OUT/step_$name.jsonl"
     kill $S
-    python3 -c 'import json,sys
+    python3 - "$OUT/step_$name.jsonl" "$name" <<'PY'
+import json, sys
 for l in open(sys.argv[1]):
-    d = json.loads(l); print(sys.argv[2], round(d["ms_per_step"], 1), "ms,", round(d["model_tflops"]), "TFLOP/s")' "$OUT/step_$name.jsonl" "$name"
+    d = json.loads(l)
+    p = d.get("gpu_power") or {}
+    nv = ("%d samples, SM %.0f MHz (min %.0f), %.0f W, capped %.2f" % (p["samples"], p["sm_mhz_median"], p["sm_mhz_min"],
+          p["power_w_median"], p["power_capped_fraction"])) if p else "none"
+    print(sys.argv[2], round(d["ms_per_step"], 1), "ms,", round(d["model_tflops"]), "TFLOP/s; bench's NVML samples:", nv)
+PY
     summarise "$OUT/clocks_$name.csv"
   }
-  run_sampled ec512 --configs 512/1024/128
-  run_sampled plain1024 --lora_mode standard --configs 0/1024/128
-  run_sampled fp8_512 --configs 512/1024/128 --base_precision fp8 --fp8_matmul --fp8_keep_transposed
+  for r in ${STEP_RUNS:-ec512 plain1024 fp8_512}; do
+    case $r in
+      ec512) run_sampled ec512 --configs 512/1024/128 ;;
+      plain1024) run_sampled plain1024 --lora_mode standard --configs 0/1024/128 ;;
+      fp8_512) run_sampled fp8_512 --configs 512/1024/128 --base_precision fp8 --fp8_matmul --fp8_keep_transposed ;;
+    esac
+  done
 fi
