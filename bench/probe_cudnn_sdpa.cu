@@ -92,6 +92,20 @@ void set_scalar_out(const TensorAttr& t, int64_t uid) {
   t->set_output(true).set_uid(uid).set_dim({1, 1, 1, 1}).set_stride({1, 1, 1, 1}).set_data_type(fe::DataType_t::FLOAT);
 }
 
+// A graph whose inputs/outputs are of type io, computing in float32.
+void set_types(Graph& g, fe::DataType_t io) {
+  g.set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT).set_compute_data_type(fe::DataType_t::FLOAT);
+}
+
+// The backward's tensor inputs (uids: Q 1, K 2, V 3, O 4, stats 5, dO 6).
+struct BackwardInputs {
+  TensorAttr q, k, v, o, d_o, stats;
+};
+BackwardInputs backward_inputs(Graph& g, int64_t lq, int64_t lkv, fe::DataType_t t) {
+  return {qkv_tensor(g, "Q", 1, lq, t),  qkv_tensor(g, "K", 2, lkv, t),  qkv_tensor(g, "V", 3, lkv, t),
+          qkv_tensor(g, "O", 4, lq, t),  qkv_tensor(g, "dO", 6, lq, t), stats_tensor(g, 5, lq)};
+}
+
 std::string esc(std::string s) {
   for (auto& c : s)
     if (c == '"' || c == '\n' || c == '\\') c = '\'';
@@ -201,9 +215,7 @@ void probe_shape(const Shape& sh, cudnnHandle_t h) {
     const std::string itag = impl == fe::AttentionImplementation_t::UNIFIED ? "unified" : "composite";
     {
       Graph g;
-      g.set_io_data_type(fe::DataType_t::BFLOAT16)
-          .set_intermediate_data_type(fe::DataType_t::FLOAT)
-          .set_compute_data_type(fe::DataType_t::FLOAT);
+      set_types(g, fe::DataType_t::BFLOAT16);
       auto Q = qkv_tensor(g, "Q", 1, lq, fe::DataType_t::BFLOAT16), K = qkv_tensor(g, "K", 2, lkv, fe::DataType_t::BFLOAT16),
            V = qkv_tensor(g, "V", 3, lkv, fe::DataType_t::BFLOAT16);
       auto attrs = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_attn_scale(scale).set_implementation(impl);
@@ -220,17 +232,12 @@ void probe_shape(const Shape& sh, cudnnHandle_t h) {
       }
     }
     {
-      Graph g;
-      g.set_io_data_type(fe::DataType_t::BFLOAT16)
-          .set_intermediate_data_type(fe::DataType_t::FLOAT)
-          .set_compute_data_type(fe::DataType_t::FLOAT);
-      auto Q = qkv_tensor(g, "Q", 1, lq, fe::DataType_t::BFLOAT16), K = qkv_tensor(g, "K", 2, lkv, fe::DataType_t::BFLOAT16),
-           V = qkv_tensor(g, "V", 3, lkv, fe::DataType_t::BFLOAT16), O = qkv_tensor(g, "O", 4, lq, fe::DataType_t::BFLOAT16),
-           dO = qkv_tensor(g, "dO", 6, lq, fe::DataType_t::BFLOAT16);
-      auto S = stats_tensor(g, 5, lq);
-      auto battrs = fe::graph::SDPA_backward_attributes().set_name("sdpa_bwd").set_attn_scale(scale);
       if (impl == fe::AttentionImplementation_t::UNIFIED) continue;  // backward has one implementation
-      auto [dQ, dK, dV] = g.sdpa_backward(Q, K, V, O, dO, S, battrs);
+      Graph g;
+      set_types(g, fe::DataType_t::BFLOAT16);
+      const BackwardInputs in = backward_inputs(g, lq, lkv, fe::DataType_t::BFLOAT16);
+      auto battrs = fe::graph::SDPA_backward_attributes().set_name("sdpa_bwd").set_attn_scale(scale);
+      auto [dQ, dK, dV] = g.sdpa_backward(in.q, in.k, in.v, in.o, in.d_o, in.stats, battrs);
       dQ->set_output(true).set_uid(7).set_dim({1, kHeads, lq, kDim}).set_stride(tm_stride(lq));
       dK->set_output(true).set_uid(8).set_dim({1, kHeads, lkv, kDim}).set_stride(tm_stride(lkv));
       dV->set_output(true).set_uid(9).set_dim({1, kHeads, lkv, kDim}).set_stride(tm_stride(lkv));
@@ -259,9 +266,7 @@ void probe_shape(const Shape& sh, cudnnHandle_t h) {
     const bool o_bf16 = o_type == fe::DataType_t::BFLOAT16;
     const std::string tag = base + " fe fwd fp8 o_" + (o_bf16 ? "bf16" : "e4m3");
     Graph g;
-    g.set_io_data_type(fe::DataType_t::FP8_E4M3)
-        .set_intermediate_data_type(fe::DataType_t::FLOAT)
-        .set_compute_data_type(fe::DataType_t::FLOAT);
+    set_types(g, fe::DataType_t::FP8_E4M3);
     auto Q = qkv_tensor(g, "Q", 1, lq, fe::DataType_t::FP8_E4M3), K = qkv_tensor(g, "K", 2, lkv, fe::DataType_t::FP8_E4M3),
          V = qkv_tensor(g, "V", 3, lkv, fe::DataType_t::FP8_E4M3);
     auto DQ = scalar_tensor(g, "dq", 10), DK = scalar_tensor(g, "dk", 11), DV = scalar_tensor(g, "dv", 12),
@@ -300,20 +305,15 @@ void probe_shape(const Shape& sh, cudnnHandle_t h) {
     for (int pass = 0; pass < 2; ++pass) {
       const std::string btag = base + " fe bwd fp8";
       Graph gb;
-      gb.set_io_data_type(fe::DataType_t::FP8_E4M3)
-          .set_intermediate_data_type(fe::DataType_t::FLOAT)
-          .set_compute_data_type(fe::DataType_t::FLOAT);
-      auto Q2 = qkv_tensor(gb, "Q", 1, lq, fe::DataType_t::FP8_E4M3), K2 = qkv_tensor(gb, "K", 2, lkv, fe::DataType_t::FP8_E4M3),
-           V2 = qkv_tensor(gb, "V", 3, lkv, fe::DataType_t::FP8_E4M3), O2 = qkv_tensor(gb, "O", 4, lq, fe::DataType_t::FP8_E4M3),
-           dO2 = qkv_tensor(gb, "dO", 6, lq, fe::DataType_t::FP8_E4M3);
-      auto S2 = stats_tensor(gb, 5, lq);
+      set_types(gb, fe::DataType_t::FP8_E4M3);
+      const BackwardInputs in = backward_inputs(gb, lq, lkv, fe::DataType_t::FP8_E4M3);
       auto dq2 = scalar_tensor(gb, "dsq", 10), dk2 = scalar_tensor(gb, "dsk", 11), dv2 = scalar_tensor(gb, "dsv", 12),
            do2 = scalar_tensor(gb, "dso", 18), ddo2 = scalar_tensor(gb, "dsdo", 19), ds2 = scalar_tensor(gb, "dss", 13),
            ddp2 = scalar_tensor(gb, "dsdp", 20), ss2 = scalar_tensor(gb, "ss", 14), sdq = scalar_tensor(gb, "sdq", 21),
            sdk = scalar_tensor(gb, "sdk", 22), sdv = scalar_tensor(gb, "sdv", 23), sdp = scalar_tensor(gb, "sdp", 24);
       auto battrs = fe::graph::SDPA_fp8_backward_attributes().set_name("sdpa_fp8_bwd").set_attn_scale(scale);
       auto [dQ, dK, dV, AdQ, AdK, AdV, AdP] =
-          gb.sdpa_fp8_backward(Q2, K2, V2, O2, dO2, S2, dq2, dk2, dv2, do2, ddo2, ds2, ddp2, ss2, sdq, sdk, sdv, sdp, battrs);
+          gb.sdpa_fp8_backward(in.q, in.k, in.v, in.o, in.d_o, in.stats, dq2, dk2, dv2, do2, ddo2, ds2, ddp2, ss2, sdq, sdk, sdv, sdp, battrs);
       dQ->set_output(true).set_uid(7).set_dim({1, kHeads, lq, kDim}).set_stride(tm_stride(lq)).set_data_type(fe::DataType_t::FP8_E4M3);
       dK->set_output(true).set_uid(8).set_dim({1, kHeads, lkv, kDim}).set_stride(tm_stride(lkv)).set_data_type(fe::DataType_t::FP8_E4M3);
       dV->set_output(true).set_uid(9).set_dim({1, kHeads, lkv, kDim}).set_stride(tm_stride(lkv)).set_data_type(fe::DataType_t::FP8_E4M3);
