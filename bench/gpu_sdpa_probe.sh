@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call's part on attention (issue 15): builds bench/probe_cudnn_sdpa.cu against the
-# installed LibTorch, its cuDNN and cuDNN's frontend headers (PyPI nvidia-cudnn-frontend, carried in
-# .deps/cudnn_frontend/include: `pip download --no-deps nvidia-cudnn-frontend` and unzip its
-# include/ there), runs it, keeps the JSON lines in $OUT/cudnn_sdpa.jsonl and prints a summary.
+# installed LibTorch, its cuDNN and cuDNN's frontend headers (PyPI nvidia-cudnn-frontend, 3 MB of
+# headers carried in .deps/cudnn_frontend/include; fetch them with
+#   pip download --no-deps -d /tmp/fe nvidia-cudnn-frontend && unzip -q /tmp/fe/*.whl 'include/*' -d .deps/cudnn_frontend
+# and run with carry [".deps"]), runs it, keeps the JSON lines in $OUT/cudnn_sdpa.jsonl and prints
+# a summary. Session 18's results: docs/benchmarks.md.
 # SKIP_PROBE / SKIP_STEP leave a part out (the step part needs build-gpu); PROBE_SKIP_SHAPES=1 runs
 # only the sustained loops; STEP_RUNS picks steps among "ec512 plain1024 fp8_512" (the bench's own
 # NVML summary, `gpu_power` in its JSON, is printed beside nvidia-smi's). Usage: bash bench/gpu_sdpa_probe.sh
