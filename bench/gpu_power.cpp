@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "core/median.h"
+
 namespace fluxtrain {
 namespace {
 
@@ -50,11 +52,6 @@ const Nvml& nvml() {
     return r;
   }();
   return n;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace

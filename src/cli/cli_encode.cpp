@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/limits.h"
 #include "core/fs.h"
+#include "core/median.h"
 #include "core/safetensors.h"
 #include "encoders/text_encoders.h"
 #include "encoders/tiny_text_encoders.h"
@@ -55,11 +56,6 @@ namespace {
 
 void sync(const c10::Device& d) {
   if (!d.is_cpu()) at::accelerator::synchronizeDevice(d.index() < 0 ? 0 : d.index());
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 // Encode time at real sizes (or tiny) with random weights: forward only, and forward + backward
